@@ -1,0 +1,2 @@
+//! Content-addressed cache: blake3 blob store, action records, stat cache,
+//! per-key locks, gc and verify.

@@ -1,0 +1,243 @@
+//! The Stage API: the only seam between the engine and stage kinds.
+//!
+//! A stage kind implements [`StageKind`] (typed params, declared inputs and
+//! outputs, resources, `run`). The engine only ever sees the type-erased
+//! [`DynStageKind`] / [`ConfiguredStage`] objects that [`Registry`](crate::Registry)
+//! hands out, so it never names a kind.
+
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::context::StageContext;
+use crate::params::{ParamError, parse_params};
+
+/// A named input of a stage kind. In a recipe, the stage table key `name`
+/// holds a reference `"stage"` (the whole output directory of that stage) or
+/// `"stage.output"` (one named output), or a list of such references when
+/// `many` is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputSpec {
+    pub name: &'static str,
+    pub doc: &'static str,
+    /// Accept a list of references (e.g. a report gathering many evals).
+    pub many: bool,
+    /// The key may be absent from the recipe.
+    pub optional: bool,
+}
+
+impl InputSpec {
+    pub const fn one(name: &'static str, doc: &'static str) -> Self {
+        Self { name, doc, many: false, optional: false }
+    }
+    pub const fn optional(name: &'static str, doc: &'static str) -> Self {
+        Self { name, doc, many: false, optional: true }
+    }
+    pub const fn many(name: &'static str, doc: &'static str) -> Self {
+        Self { name, doc, many: true, optional: false }
+    }
+}
+
+/// A named output: a sub-directory of the stage's output directory that
+/// downstream stages reference as `"stage.name"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputSpec {
+    pub name: String,
+    pub doc: String,
+}
+
+impl OutputSpec {
+    pub fn new(name: impl Into<String>, doc: impl Into<String>) -> Self {
+        Self { name: name.into(), doc: doc.into() }
+    }
+}
+
+/// Where a stage wants to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceRequest {
+    /// CPU only.
+    #[default]
+    Cpu,
+    /// A CUDA device if one exists, else the CPU.
+    Auto,
+    /// A CUDA device; an error when none exists (unless the recipe allows fallback).
+    Cuda,
+}
+
+/// What a stage needs from the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Resources {
+    /// CPU threads for the stage's rayon pool; 0 = all cores.
+    pub cpu: usize,
+    pub device: DeviceRequest,
+    /// Rough peak memory estimate in MiB (shown by `plan`, used to avoid
+    /// co-scheduling stages that would not fit).
+    pub memory_mb: u64,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self { cpu: 1, device: DeviceRequest::Cpu, memory_mb: 256 }
+    }
+}
+
+/// The device a stage was given. Stages that use tch convert it with
+/// `tch::Device::Cuda(i)` / `tch::Device::Cpu`; the engine itself has no tch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl Device {
+    /// Resource class recorded in the cache key when results depend on it.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda(_) => "cuda",
+        }
+    }
+}
+
+/// Documentation of a stage kind for `docs/recipes.md` and `--help`.
+#[derive(Debug, Clone)]
+pub struct StageDoc {
+    pub kind: &'static str,
+    pub version: u32,
+    pub summary: &'static str,
+    pub inputs: &'static [InputSpec],
+    /// JSON schema of the params (descriptions from doc comments, defaults).
+    pub params_schema: serde_json::Value,
+}
+
+/// A stage kind, written once per kind with typed params.
+///
+/// Params are deserialized with serde from the stage's recipe table minus
+/// `kind` and the input keys; use `#[serde(deny_unknown_fields, default)]`
+/// and doc comments on every field (they become the recipe reference).
+pub trait StageKind: Send + Sync + 'static {
+    type Params: DeserializeOwned + Serialize + JsonSchema + Send + Sync + 'static;
+
+    /// Name used as `kind = "..."` in recipes.
+    const KIND: &'static str;
+    /// Implementation version: bump whenever the outputs for the same inputs
+    /// and params would change. Part of the cache key.
+    const VERSION: u32;
+    /// One line for docs and `pipeline kinds`.
+    const SUMMARY: &'static str;
+
+    /// Named inputs (static: the engine must know them before params parse).
+    fn inputs() -> &'static [InputSpec] {
+        &[]
+    }
+
+    /// Named outputs produced under the output directory.
+    fn outputs(_params: &Self::Params) -> Vec<OutputSpec> {
+        Vec::new()
+    }
+
+    fn resources(_params: &Self::Params) -> Resources {
+        Resources::default()
+    }
+
+    /// Files or directories outside the cache that this stage reads (e.g. a
+    /// dataset root). Their content digests (stat-cached) enter the cache key,
+    /// so editing them re-runs the stage. Relative paths are resolved against
+    /// `recipe_dir`.
+    fn external_inputs(_params: &Self::Params, _recipe_dir: &Path) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
+    /// Extra checks on params after deserialization (ranges, consistency).
+    /// Return the offending key and a message.
+    fn validate(_params: &Self::Params) -> Result<(), ParamError> {
+        Ok(())
+    }
+
+    /// Do the work: read `ctx` inputs, write into `ctx.output_dir()`.
+    /// Anything written there is published atomically on success.
+    fn run(params: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()>;
+}
+
+/// Type-erased stage kind held by the registry.
+pub trait DynStageKind: Send + Sync {
+    fn kind(&self) -> &'static str;
+    fn version(&self) -> u32;
+    fn doc(&self) -> StageDoc;
+    fn inputs(&self) -> &'static [InputSpec];
+    /// Parse and validate params (the recipe table minus `kind` and inputs).
+    fn configure(&self, params: toml::Table) -> Result<Box<dyn ConfiguredStage>, ParamError>;
+}
+
+/// A stage kind with parsed params: what the engine plans and runs.
+pub trait ConfiguredStage: Send + Sync {
+    /// Params with defaults filled in, as canonical JSON (for the cache key,
+    /// `show` and provenance).
+    fn canonical_params(&self) -> serde_json::Value;
+    fn outputs(&self) -> Vec<OutputSpec>;
+    fn resources(&self) -> Resources;
+    fn external_inputs(&self, recipe_dir: &Path) -> Vec<PathBuf>;
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()>;
+}
+
+pub(crate) struct Erased<K: StageKind>(std::marker::PhantomData<K>);
+
+impl<K: StageKind> Erased<K> {
+    pub(crate) fn new() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+struct Configured<K: StageKind> {
+    params: K::Params,
+}
+
+impl<K: StageKind> DynStageKind for Erased<K> {
+    fn kind(&self) -> &'static str {
+        K::KIND
+    }
+    fn version(&self) -> u32 {
+        K::VERSION
+    }
+    fn doc(&self) -> StageDoc {
+        StageDoc {
+            kind: K::KIND,
+            version: K::VERSION,
+            summary: K::SUMMARY,
+            inputs: K::inputs(),
+            params_schema: crate::params::schema_of::<K::Params>(),
+        }
+    }
+    fn inputs(&self) -> &'static [InputSpec] {
+        K::inputs()
+    }
+    fn configure(&self, params: toml::Table) -> Result<Box<dyn ConfiguredStage>, ParamError> {
+        let params: K::Params = parse_params::<K::Params>(params)?;
+        K::validate(&params)?;
+        Ok(Box::new(Configured::<K> { params }))
+    }
+}
+
+impl<K: StageKind> ConfiguredStage for Configured<K> {
+    fn canonical_params(&self) -> serde_json::Value {
+        // Serializing our own typed params cannot fail for serde-derived
+        // structs; fall back to Null rather than panic.
+        serde_json::to_value(&self.params).unwrap_or(serde_json::Value::Null)
+    }
+    fn outputs(&self) -> Vec<OutputSpec> {
+        K::outputs(&self.params)
+    }
+    fn resources(&self) -> Resources {
+        K::resources(&self.params)
+    }
+    fn external_inputs(&self, recipe_dir: &Path) -> Vec<PathBuf> {
+        K::external_inputs(&self.params, recipe_dir)
+    }
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
+        K::run(&self.params, ctx)
+    }
+}
