@@ -1,1 +1,82 @@
-fn main() {}
+//! `pipeline`: parse the command line, set up logging, hand over to the
+//! engine (or to the model tools). Exit codes: 0 ok, 1 failure, 2 usage or
+//! recipe error, 130 interrupted.
+
+mod doctor;
+mod registry;
+mod torch_runtime;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{Layer as _, filter::LevelFilter};
+
+#[derive(Debug, Parser)]
+#[command(name = "pipeline", version, about = "Recipe-driven, cached pipeline reproducing MedReason-R1")]
+struct Cli {
+    /// More log output (-v: debug, -vv: trace). `RUST_LOG` overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only warnings and errors; no per-stage progress lines.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    #[command(flatten)]
+    Engine(pipeline_engine::Command),
+    /// Model tools: generate, convert, bench (Qwen2.5-VL on tch).
+    #[command(subcommand)]
+    Model(stages_vlm::cli::ModelCommand),
+    /// Check libtorch and every CUDA device with a small forward/backward pass.
+    Doctor,
+}
+
+fn init_tracing(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => LevelFilter::WARN,
+        (false, 0) => LevelFilter::INFO,
+        (false, 1) => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    };
+    let filter = EnvFilter::builder().with_default_directive(level.into()).from_env_lossy();
+    let console = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_filter(filter);
+    // Stage log files get info and above whatever the console shows.
+    let stage_logs = pipeline_engine::stage_log::StageLogLayer::global().with_filter(LevelFilter::INFO);
+    let _ = tracing_subscriber::registry().with(console).with(stage_logs).try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose, cli.quiet);
+    // A CUDA libtorch on the library path makes GPUs usable by this CPU-linked binary.
+    match torch_runtime::load_cuda_backend() {
+        Ok(lib) => tracing::debug!("loaded CUDA backend {lib}"),
+        Err(why) => tracing::debug!("no CUDA backend: {why}"),
+    }
+    let result = match cli.command {
+        Commands::Engine(cmd) => {
+            let mut env = pipeline_engine::EngineEnv::detect(tch::Cuda::device_count().max(0) as usize);
+            env.quiet = cli.quiet;
+            pipeline_engine::execute(cmd, &registry::registry(), &env)
+        }
+        Commands::Model(cmd) => stages_vlm::cli::model_main(&cmd).map(|()| ExitCode::SUCCESS),
+        Commands::Doctor => doctor::doctor().map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(pipeline_engine::exit_code_for(&err))
+        }
+    }
+}

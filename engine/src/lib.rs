@@ -3,6 +3,7 @@
 
 pub mod context;
 pub mod params;
+pub mod recipe;
 pub mod registry;
 pub mod stage;
 
@@ -15,3 +16,20 @@ pub use stage::{
 
 // Re-exported so stage crates derive params with the same versions.
 pub use schemars;
+
+pub mod canonical;
+pub mod cli;
+pub mod dag;
+pub mod env;
+pub mod executor;
+pub mod index;
+pub mod key;
+pub mod plan;
+pub mod progress;
+pub mod provenance;
+pub mod schedule;
+pub mod stage_log;
+pub mod workspace;
+
+pub use cli::{Command, exit_code_for, execute};
+pub use env::EngineEnv;

@@ -1,1 +1,12 @@
 //! stage kinds
+pub mod components;
+pub mod jsonl;
+pub mod split;
+pub mod vqa;
+pub mod nifti;
+pub mod phantom;
+pub mod rexgct;
+pub mod inspect;
+pub mod parquet_export;
+pub mod slices;
+pub mod render;

@@ -1,0 +1,452 @@
+//! Whole-cache maintenance: verify, gc and size.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::ErrorKind;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::digest::Digest;
+use crate::error::{CacheError, IoContext};
+use crate::hashing::{FileStat, hash_contents};
+use crate::store::Cache;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcOptions {
+    /// Report what would be deleted, delete nothing.
+    pub dry_run: bool,
+    /// After dropping unkept records, evict least-recently-used kept records
+    /// until the blob store is at most this many bytes.
+    pub max_size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    /// Records deleted (or that would be), including `evicted`.
+    pub records_removed: Vec<Digest>,
+    /// Kept records evicted to get under `max_size`, oldest use first.
+    pub evicted: Vec<Digest>,
+    /// Records spared because a live process holds their key lock.
+    pub skipped_locked: Vec<Digest>,
+    pub blobs_removed: usize,
+    pub bytes_freed: u64,
+    pub views_removed: usize,
+    pub tmp_removed: usize,
+    /// Blob bytes still referenced afterwards.
+    pub bytes_remaining: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CorruptBlob {
+    pub digest: Option<Digest>,
+    pub path: PathBuf,
+    pub quarantined_to: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    pub blobs_checked: usize,
+    pub bytes_checked: u64,
+    pub corrupt: Vec<CorruptBlob>,
+    /// Records dropped because a blob they need is corrupt or missing.
+    pub records_removed: Vec<Digest>,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.corrupt.is_empty() && self.records_removed.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CacheSize {
+    pub records: usize,
+    pub blobs: usize,
+    /// Bytes of file contents (views are hard links: no extra bytes).
+    pub blob_bytes: u64,
+    pub views: usize,
+    pub tmp_bytes: u64,
+    pub quarantine_bytes: u64,
+}
+
+/// A blob file on disk.
+struct BlobFile {
+    path: PathBuf,
+    /// `None` when the name is not a digest (stray file).
+    digest: Option<Digest>,
+    size: u64,
+    ctime: SystemTime,
+}
+
+fn ctime_of(meta: &std::fs::Metadata) -> SystemTime {
+    let secs = meta.ctime().max(0) as u64;
+    SystemTime::UNIX_EPOCH + Duration::new(secs, meta.ctime_nsec().clamp(0, 999_999_999) as u32)
+}
+
+/// Total size of the regular files under `dir` (0 if it does not exist).
+fn tree_bytes(dir: &Path) -> u64 {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+fn remove_any(path: &Path) -> Result<(), CacheError> {
+    let result = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(e).ctx("remove", path),
+        _ => Ok(()),
+    }
+}
+
+impl Cache {
+    fn list_blobs(&self) -> Result<Vec<BlobFile>, CacheError> {
+        let root = self.root.join("blobs");
+        let mut out = Vec::new();
+        for shard in std::fs::read_dir(&root).ctx("list", &root)? {
+            let shard = shard.ctx("list", &root)?;
+            let shard_name = shard.file_name().to_string_lossy().into_owned();
+            let shard_path = shard.path();
+            if !shard_path.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(&shard_path).ctx("list", &shard_path)? {
+                let f = f.ctx("list", &shard_path)?;
+                let Ok(meta) = f.metadata() else { continue };
+                if !meta.is_file() {
+                    continue;
+                }
+                let name = f.file_name().to_string_lossy().into_owned();
+                let hex = format!("{shard_name}{}", name.strip_suffix(".x").unwrap_or(&name));
+                out.push(BlobFile {
+                    path: f.path(),
+                    digest: hex.parse().ok(),
+                    size: meta.len(),
+                    ctime: ctime_of(&meta),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    /// Rehashes every blob (in parallel, ignoring the stat cache). Corrupt
+    /// blobs are quarantined and the records that need them removed.
+    pub fn verify(&self) -> Result<VerifyReport, CacheError> {
+        let blobs = self.list_blobs()?;
+        let mut report = VerifyReport {
+            blobs_checked: blobs.len(),
+            bytes_checked: blobs.iter().map(|b| b.size).sum(),
+            ..VerifyReport::default()
+        };
+        let results = blobs
+            .par_iter()
+            .map(|b| -> Result<bool, CacheError> {
+                let Some(expected) = b.digest else {
+                    return Ok(false);
+                };
+                let st = FileStat::read(&b.path)?;
+                let started = SystemTime::now();
+                let actual = hash_contents(&b.path, st.size)?;
+                self.stat.note_hashed();
+                if actual == expected {
+                    // A verified blob need not be rehashed by the next lookup.
+                    self.stat.insert(&b.path, &st, actual, started);
+                }
+                Ok(actual == expected)
+            })
+            .collect::<Result<Vec<bool>, CacheError>>()?;
+        for (b, ok) in blobs.iter().zip(results) {
+            if !ok {
+                let dest = self.quarantine(&b.path)?;
+                report.corrupt.push(CorruptBlob { digest: b.digest, path: b.path.clone(), quarantined_to: dest });
+            }
+        }
+        for record in self.records()? {
+            let complete = record.manifest.files.iter().all(|f| self.blob_path(&f.digest, f.executable).is_file());
+            if !complete {
+                self.remove_record(&record.key)?;
+                report.records_removed.push(record.key);
+            }
+        }
+        self.flush()?;
+        Ok(report)
+    }
+
+    /// Deletes records not in `keep` (and, with `max_size`, least-recently
+    /// used kept ones until the blobs fit), then blobs and views nothing
+    /// references and stale temp files. Records whose key is locked by a
+    /// live process are never deleted; unreferenced files younger than the
+    /// gc grace period are left alone (a publish may be in flight).
+    pub fn gc(&self, keep: &BTreeSet<Digest>, opts: &GcOptions) -> Result<GcReport, CacheError> {
+        let mut report = GcReport { dry_run: opts.dry_run, ..GcReport::default() };
+        let mut records = self.records_with_mtime()?;
+        // Oldest use first: the eviction order.
+        records.sort_by_key(|(r, used)| (*used, r.key));
+
+        let blob_size = |e: &crate::FileEntry| (self.blob_path(&e.digest, e.executable), e.size);
+        let mut refcount: HashMap<PathBuf, (usize, u64)> = HashMap::new();
+        let mut alive: Vec<bool> = Vec::with_capacity(records.len());
+        for (r, _) in &records {
+            let kept = keep.contains(&r.key);
+            alive.push(kept);
+            if kept {
+                for e in &r.manifest.files {
+                    let (p, size) = blob_size(e);
+                    refcount.entry(p).or_insert((0, size)).0 += 1;
+                }
+            }
+        }
+        let mut live_bytes: u64 = refcount.values().map(|(_, s)| s).sum();
+        if let Some(max) = opts.max_size {
+            for (i, (r, _)) in records.iter().enumerate() {
+                if live_bytes <= max {
+                    break;
+                }
+                if !alive[i] {
+                    continue;
+                }
+                alive[i] = false;
+                report.evicted.push(r.key);
+                for e in &r.manifest.files {
+                    let (p, _) = blob_size(e);
+                    if let Some((count, size)) = refcount.get_mut(&p) {
+                        *count -= 1;
+                        if *count == 0 {
+                            live_bytes -= *size;
+                        }
+                    }
+                }
+            }
+        }
+
+        // Delete (or, dry run, just list) the records that lost; a record in
+        // use by a running stage keeps its blobs.
+        for (i, (r, _)) in records.iter().enumerate() {
+            if alive[i] {
+                continue;
+            }
+            let lock = self.try_lock(&r.key)?;
+            if lock.is_none() {
+                report.skipped_locked.push(r.key);
+                report.evicted.retain(|k| *k != r.key);
+                alive[i] = true;
+                continue;
+            }
+            report.records_removed.push(r.key);
+            if !opts.dry_run {
+                self.remove_record(&r.key)?;
+            }
+        }
+
+        let mut referenced: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut live_keys: BTreeSet<String> = BTreeSet::new();
+        for (i, (r, _)) in records.iter().enumerate() {
+            if alive[i] {
+                live_keys.insert(r.key.hex());
+                referenced.extend(r.manifest.files.iter().map(|e| blob_size(e).0));
+            }
+        }
+        let now = SystemTime::now();
+        let older_than = |t: SystemTime, age: Duration| now.duration_since(t).is_ok_and(|a| a >= age);
+
+        for b in self.list_blobs()? {
+            if referenced.contains(&b.path) {
+                report.bytes_remaining += b.size;
+                continue;
+            }
+            if !older_than(b.ctime, self.opts.gc_grace) {
+                report.bytes_remaining += b.size;
+                continue;
+            }
+            report.blobs_removed += 1;
+            report.bytes_freed += b.size;
+            if !opts.dry_run {
+                remove_any(&b.path)?;
+            }
+        }
+
+        let views = self.root.join("artifacts");
+        for v in std::fs::read_dir(&views).ctx("list", &views)? {
+            let v = v.ctx("list", &views)?;
+            let name = v.file_name().to_string_lossy().into_owned();
+            if live_keys.contains(&name) {
+                continue;
+            }
+            // Views of removed records are gone already (or would be, in a
+            // dry run); this catches orphans from crashed publishes.
+            let removed_now = name.parse::<Digest>().is_ok_and(|k| report.records_removed.contains(&k));
+            let old = v.metadata().map(|m| older_than(ctime_of(&m), self.opts.gc_grace)).unwrap_or(false);
+            if removed_now || old {
+                report.views_removed += 1;
+                if !opts.dry_run {
+                    remove_any(&v.path())?;
+                }
+            }
+        }
+
+        let tmp = self.root.join("tmp");
+        for t in std::fs::read_dir(&tmp).ctx("list", &tmp)? {
+            let t = t.ctx("list", &tmp)?;
+            let old =
+                t.metadata().and_then(|m| m.modified()).map(|m| older_than(m, self.opts.tmp_max_age)).unwrap_or(false);
+            if old {
+                report.tmp_removed += 1;
+                if !opts.dry_run {
+                    remove_any(&t.path())?;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// What the cache holds and how big it is.
+    pub fn size(&self) -> Result<CacheSize, CacheError> {
+        let blobs = self.list_blobs()?;
+        let views_dir = self.root.join("artifacts");
+        let views = std::fs::read_dir(&views_dir).ctx("list", &views_dir)?.filter_map(Result::ok).count();
+        Ok(CacheSize {
+            records: self.records_with_mtime()?.len(),
+            blobs: blobs.len(),
+            blob_bytes: blobs.iter().map(|b| b.size).sum(),
+            views,
+            tmp_bytes: tree_bytes(&self.root.join("tmp")),
+            quarantine_bytes: tree_bytes(&self.root.join("quarantine")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::{File, Permissions};
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::store::CacheOptions;
+    use crate::store::tests::{count_blobs, fast_options, key, open_cache, publish_files};
+
+    fn set_last_used(cache: &Cache, k: &Digest, secs_ago: u64) {
+        let t = SystemTime::now() - Duration::from_secs(secs_ago);
+        File::options().write(true).open(cache.record_path(k)).unwrap().set_modified(t).unwrap();
+    }
+
+    #[test]
+    fn verify_finds_corrupt_blobs_and_drops_their_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open_cache(dir.path());
+        let rec = publish_files(&cache, &key("a"), &[("x", b"xxxx", false), ("y", b"yyyy", false)]);
+        publish_files(&cache, &key("b"), &[("y", b"yyyy", false)]);
+        let clean = cache.verify().unwrap();
+        assert!(clean.is_clean(), "{clean:?}");
+        assert_eq!(clean.blobs_checked, 2);
+        assert_eq!(clean.bytes_checked, 8);
+
+        let x = cache.blob_path(&rec.manifest.get("x").unwrap().digest, false);
+        std::fs::set_permissions(&x, Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&x, b"XXXX").unwrap();
+        let report = cache.verify().unwrap();
+        assert_eq!(report.corrupt.len(), 1);
+        assert_eq!(report.corrupt[0].path, x);
+        assert_eq!(std::fs::read(&report.corrupt[0].quarantined_to).unwrap(), b"XXXX");
+        assert_eq!(report.records_removed, vec![key("a")]);
+        assert!(cache.lookup(&key("a")).unwrap().is_none());
+        assert!(cache.lookup(&key("b")).unwrap().is_some(), "unaffected record survives");
+    }
+
+    #[test]
+    fn gc_deletes_unkept_records_and_their_unshared_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open_cache(dir.path());
+        publish_files(&cache, &key("keep"), &[("shared", b"s", false), ("own", b"keep-only", false)]);
+        publish_files(&cache, &key("drop"), &[("shared", b"s", false), ("own", b"drop-only!", false)]);
+        assert_eq!(count_blobs(&cache), 3);
+        let keep: BTreeSet<Digest> = [key("keep")].into();
+
+        let dry = cache.gc(&keep, &GcOptions { dry_run: true, max_size: None }).unwrap();
+        assert_eq!(dry.records_removed, vec![key("drop")]);
+        assert_eq!(dry.blobs_removed, 1);
+        assert_eq!(dry.bytes_freed, 10);
+        assert_eq!(dry.views_removed, 1);
+        assert_eq!(count_blobs(&cache), 3, "dry run deletes nothing");
+        assert!(cache.lookup(&key("drop")).unwrap().is_some());
+
+        let real = cache.gc(&keep, &GcOptions::default()).unwrap();
+        assert_eq!(real.records_removed, dry.records_removed);
+        assert_eq!((real.blobs_removed, real.bytes_freed), (1, 10));
+        assert_eq!(real.bytes_remaining, 1 + 9);
+        assert_eq!(count_blobs(&cache), 2);
+        assert!(cache.lookup(&key("drop")).unwrap().is_none());
+        assert!(!cache.artifact_dir(&key("drop")).exists());
+        let kept = cache.lookup(&key("keep")).unwrap().unwrap();
+        assert_eq!(std::fs::read(cache.artifact_dir(&kept.key).join("own")).unwrap(), b"keep-only");
+    }
+
+    #[test]
+    fn gc_max_size_evicts_least_recently_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open_cache(dir.path());
+        for (name, ago) in [("old", 300), ("mid", 200), ("new", 100)] {
+            publish_files(&cache, &key(name), &[("f", name.repeat(100).as_bytes(), false)]);
+            set_last_used(&cache, &key(name), ago);
+        }
+        // Using "old" now makes it the most recently used.
+        assert!(cache.lookup(&key("old")).unwrap().is_some());
+        let keep: BTreeSet<Digest> = ["old", "mid", "new"].iter().map(|n| key(n)).collect();
+        let opts = GcOptions { dry_run: false, max_size: Some(700) };
+        let report = cache.gc(&keep, &opts).unwrap();
+        // 300 + 300 + 300 bytes > 700: evict "mid" (oldest use) only.
+        assert_eq!(report.evicted, vec![key("mid")]);
+        assert_eq!(report.records_removed, vec![key("mid")]);
+        assert_eq!(report.bytes_remaining, 600);
+        assert!(cache.lookup(&key("old")).unwrap().is_some());
+        assert!(cache.lookup(&key("new")).unwrap().is_some());
+        assert!(cache.lookup(&key("mid")).unwrap().is_none());
+    }
+
+    #[test]
+    fn gc_spares_locked_records_and_young_orphans() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open_cache(dir.path());
+        publish_files(&cache, &key("busy"), &[("f", b"busy", false)]);
+        let _held = cache.lock(&key("busy"), None).unwrap();
+        let report = cache.gc(&BTreeSet::new(), &GcOptions::default()).unwrap();
+        assert_eq!(report.skipped_locked, vec![key("busy")]);
+        assert!(report.records_removed.is_empty());
+        assert_eq!(report.blobs_removed, 0);
+        assert!(cache.lookup(&key("busy")).unwrap().is_some());
+
+        // With a grace period, a blob that no record references yet (a
+        // publish in flight) is left alone.
+        let graceful =
+            Cache::open_with(cache.root(), CacheOptions { gc_grace: Duration::from_secs(3600), ..fast_options() })
+                .unwrap();
+        publish_files(&graceful, &key("fresh"), &[("f", b"fresh", false)]);
+        std::fs::remove_file(graceful.record_path(&key("fresh"))).unwrap();
+        let report = graceful.gc(&[key("busy")].into(), &GcOptions::default()).unwrap();
+        assert_eq!(report.blobs_removed, 0);
+        assert_eq!(report.views_removed, 0);
+        assert_eq!(count_blobs(&graceful), 2);
+    }
+
+    #[test]
+    fn size_counts_records_blobs_and_views() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open_cache(dir.path());
+        publish_files(&cache, &key("a"), &[("x", b"12345", false), ("y", b"12345", false)]);
+        publish_files(&cache, &key("b"), &[("z", b"abc", false)]);
+        let s = cache.size().unwrap();
+        assert_eq!((s.records, s.blobs, s.blob_bytes, s.views), (2, 2, 8, 2));
+        assert_eq!(s.tmp_bytes, 0);
+    }
+}

@@ -1,0 +1,426 @@
+//! The local executor: runs a [`Plan`] on this machine, independent stages
+//! in parallel within `--jobs`, cores, memory and CUDA devices, each stage
+//! in its own thread with its own cache lock, staging dir, rayon pool and
+//! log file.
+
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+use pipeline_cache::{ActionRecord, Cache};
+
+use crate::context::StageContext;
+use crate::dag::StageGraph;
+use crate::env::EngineEnv;
+use crate::index::{IndexEntry, RunIndex, now_unix_ms};
+use crate::key::KeyComponents;
+use crate::plan::{Action, Plan, PlannedStage, final_components, recipe_dir};
+use crate::progress::RunProgress;
+use crate::provenance::{Provenance, git_revision, host_name, rfc3339};
+use crate::recipe::{Recipe, StageDecl};
+use crate::schedule::{Capacity, Grant, ResourcePool};
+use crate::stage::DeviceRequest;
+use crate::stage_log::{StageLogs, stage_span};
+use crate::workspace::{RunStatus, RunSummary, StageStatus, StageSummary, Workspace};
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Maximum stages running at once.
+    pub jobs: usize,
+    /// Keep running independent branches after a failure.
+    pub keep_going: bool,
+}
+
+/// Everything a run needs besides the plan.
+pub struct Executor<'a> {
+    pub recipe: &'a Recipe,
+    pub graph: &'a StageGraph,
+    pub cache: &'a Cache,
+    pub env: &'a EngineEnv,
+    pub workspace: &'a Workspace,
+    pub progress: Arc<dyn RunProgress>,
+    /// Set on Ctrl-C / SIGTERM: no new stage starts, running ones are told.
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// The result of a run.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub summary: RunSummary,
+    pub summary_path: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+enum State {
+    Waiting,
+    Running,
+    Done { record: ActionRecord, status: StageStatus, duration_s: f64 },
+    Failed { error: String, duration_s: f64 },
+    Skipped(String),
+    NotSelected,
+}
+
+/// What a stage's worker thread reports.
+struct Finished {
+    record: ActionRecord,
+    components: KeyComponents,
+    status: StageStatus,
+}
+
+struct Job<'p> {
+    planned: &'p PlannedStage,
+    decl: &'p StageDecl,
+    grant: Grant,
+    /// Final records of the upstream stages this one reads.
+    upstream: HashMap<String, ActionRecord>,
+    log_path: PathBuf,
+}
+
+impl Executor<'_> {
+    pub fn run(&self, plan: &Plan, opts: &RunOptions) -> anyhow::Result<RunOutcome> {
+        let started = chrono::Utc::now();
+        let clock = Instant::now();
+        let (run_id, run_dir) = self
+            .workspace
+            .create_run_dir(&self.recipe.name)
+            .with_context(|| format!("creating a run directory under {}", self.workspace.root.join("runs").display()))?;
+        let logs_dir = self.cache.root().join("logs").join(&run_id);
+        let index = RunIndex::new(self.cache.root(), &self.recipe.name);
+        let git_rev = git_revision(&recipe_dir(self.recipe));
+        let decls: HashMap<&str, &StageDecl> = self.recipe.stages.iter().map(|s| (s.id.as_str(), s)).collect();
+
+        let n = plan.stages.len();
+        let pos: HashMap<&str, usize> = plan.stages.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+        let mut upstreams: Vec<Vec<usize>> = Vec::with_capacity(n);
+        for s in &plan.stages {
+            let ups = self.graph.upstream(&s.id)?;
+            upstreams.push(ups.iter().filter_map(|u| pos.get(u).copied()).collect());
+        }
+        let mut states: Vec<State> = plan
+            .stages
+            .iter()
+            .map(|s| match s.action {
+                Action::NotSelected => State::NotSelected,
+                _ => State::Waiting,
+            })
+            .collect();
+        let mut logs: Vec<Option<PathBuf>> = vec![None; n];
+
+        // Stages the plan found cached are done before anything starts.
+        for (i, s) in plan.stages.iter().enumerate() {
+            if let (Action::Cached, Some(record)) = (s.action, &s.record) {
+                self.finish_ok(&index, &run_id, s, record, &s.components);
+                self.progress.println(&format!("cached  {}", s.id));
+                states[i] = State::Done { record: record.clone(), status: StageStatus::Cached, duration_s: 0.0 };
+            }
+        }
+
+        let mut pool = ResourcePool::new(Capacity {
+            cores: self.env.cores,
+            memory_mb: self.env.memory_mb,
+            cuda_devices: self.env.cuda_devices,
+            jobs: opts.jobs,
+        });
+        let mut any_failed = false;
+        let (tx, rx) = mpsc::channel::<(usize, Grant, f64, anyhow::Result<Finished>)>();
+
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            loop {
+                let stopping = self.cancel.load(Ordering::SeqCst) || (any_failed && !opts.keep_going);
+                // Dependents of failed stages will never run.
+                for i in 0..n {
+                    if matches!(states[i], State::Waiting) {
+                        if let Some(&bad) = upstreams[i]
+                            .iter()
+                            .find(|&&u| matches!(states[u], State::Failed { .. } | State::Skipped(_)))
+                        {
+                            states[i] = State::Skipped(format!("upstream `{}` failed", plan.stages[bad].id));
+                        }
+                    }
+                }
+                if !stopping {
+                    for i in 0..n {
+                        if !matches!(states[i], State::Waiting)
+                            || !upstreams[i].iter().all(|&u| matches!(states[u], State::Done { .. }))
+                        {
+                            continue;
+                        }
+                        let planned = &plan.stages[i];
+                        let Some(decl) = decls.get(planned.id.as_str()).copied() else {
+                            bail!("stage `{}` is planned but not in the recipe", planned.id);
+                        };
+                        let device = match &planned.device {
+                            Ok(d) => *d,
+                            Err(e) => {
+                                states[i] = State::Failed { error: e.clone(), duration_s: 0.0 };
+                                any_failed = true;
+                                self.progress.println(&format!("FAILED  {}: {e}", planned.id));
+                                continue;
+                            }
+                        };
+                        let Some(grant) = pool.try_acquire(&planned.resources, device) else { continue };
+                        let mut upstream = HashMap::new();
+                        for &u in &upstreams[i] {
+                            if let State::Done { record, .. } = &states[u] {
+                                upstream.insert(plan.stages[u].id.clone(), record.clone());
+                            }
+                        }
+                        let log_path = logs_dir.join(format!("{}.log", crate::index::file_safe(&planned.id)));
+                        if let Err(e) = StageLogs::global().open(&planned.id, &log_path) {
+                            tracing::warn!("cannot open stage log {}: {e}", log_path.display());
+                        }
+                        logs[i] = Some(log_path.clone());
+                        states[i] = State::Running;
+                        self.progress.println(&format!("run     {}  ({})", planned.id, planned.reason));
+                        let job = Job { planned, decl, grant, upstream, log_path };
+                        let tx = tx.clone();
+                        let git_rev = git_rev.clone();
+                        let run_id = run_id.clone();
+                        scope.spawn(move || {
+                            let t0 = Instant::now();
+                            let result = self.run_stage(&job, &run_id, git_rev);
+                            let _ = tx.send((i, job.grant, t0.elapsed().as_secs_f64(), result));
+                        });
+                    }
+                }
+                if pool.running() == 0 {
+                    break;
+                }
+                let (i, grant, duration_s, result) = match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(msg) => msg,
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => bail!("stage worker channel closed"),
+                };
+                pool.release(&grant);
+                let planned = &plan.stages[i];
+                match result {
+                    Ok(done) => {
+                        self.finish_ok(&index, &run_id, planned, &done.record, &done.components);
+                        let verb = if done.status == StageStatus::Ran { "done  " } else { "cached" };
+                        self.progress.println(&format!("{verb}  {}  {:.1}s", planned.id, duration_s));
+                        states[i] = State::Done { record: done.record, status: done.status, duration_s };
+                    }
+                    Err(e) => {
+                        let chain = error_chain(&e);
+                        StageLogs::global().write_line(&planned.id, &format!("error: {chain}"));
+                        let log = logs[i].as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default();
+                        self.progress.println(&format!("FAILED  {}  (log: {log})\n  {}", planned.id, chain.replace('\n', "\n  ")));
+                        states[i] = State::Failed { error: chain, duration_s };
+                        any_failed = true;
+                    }
+                }
+                StageLogs::global().close(&planned.id);
+            }
+            Ok(())
+        })?;
+
+        let cancelled = self.cancel.load(Ordering::SeqCst);
+        let stages: Vec<StageSummary> = plan
+            .stages
+            .iter()
+            .zip(states)
+            .enumerate()
+            .map(|(i, (planned, state))| {
+                let mut s = StageSummary {
+                    id: planned.id.clone(),
+                    kind: planned.kind.clone(),
+                    status: StageStatus::NotRun,
+                    key: None,
+                    reason: planned.reason.clone(),
+                    duration_s: 0.0,
+                    log: logs[i].clone(),
+                    output: None,
+                    error: None,
+                };
+                match state {
+                    State::Done { record, status, duration_s } => {
+                        s.status = status;
+                        s.key = Some(record.key.hex());
+                        s.duration_s = duration_s;
+                        s.output = Some(self.cache.artifact_dir(&record.key));
+                    }
+                    State::Failed { error, duration_s } => {
+                        s.status = StageStatus::Failed;
+                        s.error = Some(error);
+                        s.duration_s = duration_s;
+                    }
+                    State::Skipped(why) => {
+                        s.status = StageStatus::Skipped;
+                        s.error = Some(why);
+                    }
+                    State::NotSelected => s.status = StageStatus::NotSelected,
+                    State::Waiting | State::Running => s.status = StageStatus::NotRun,
+                }
+                s
+            })
+            .collect();
+        let status = if cancelled {
+            RunStatus::Cancelled
+        } else if stages.iter().any(|s| matches!(s.status, StageStatus::Failed | StageStatus::Skipped | StageStatus::NotRun)) {
+            RunStatus::Failed
+        } else {
+            RunStatus::Succeeded
+        };
+        let summary = RunSummary {
+            run_id,
+            recipe: self.recipe.name.clone(),
+            recipe_path: self.recipe.path.clone(),
+            recipe_digest: self.recipe.digest.clone(),
+            started: rfc3339(started),
+            finished: rfc3339(chrono::Utc::now()),
+            duration_s: clock.elapsed().as_secs_f64(),
+            status,
+            stages,
+        };
+        let summary_path = summary.write(&run_dir).with_context(|| format!("writing the run summary in {}", run_dir.display()))?;
+        Ok(RunOutcome { summary, summary_path, run_dir })
+    }
+
+    /// Book-keeping for a stage whose outputs exist: the run index entry
+    /// and the `outputs/` link (both best effort: the outputs are safe in the cache).
+    fn finish_ok(&self, index: &RunIndex, run_id: &str, planned: &PlannedStage, record: &ActionRecord, comps: &KeyComponents) {
+        let entry = IndexEntry {
+            key: record.key,
+            components: comps.clone(),
+            recorded_unix_ms: now_unix_ms(),
+            run_id: run_id.to_string(),
+        };
+        if let Err(e) = index.put(&planned.id, &entry) {
+            tracing::warn!("cannot update the run index for `{}`: {e}", planned.id);
+        }
+        let target = self.cache.artifact_dir(&record.key);
+        if let Err(e) = self.workspace.link_output(&self.recipe.name, &planned.id, &target) {
+            tracing::warn!("cannot link outputs of `{}`: {e}", planned.id);
+        }
+    }
+
+    /// Runs in the stage's worker thread.
+    fn run_stage(&self, job: &Job<'_>, run_id: &str, git_rev: Option<String>) -> anyhow::Result<Finished> {
+        let id = &job.planned.id;
+        let span = stage_span(id);
+        let _entered = span.enter();
+        let components = final_components(self.recipe, job.decl, self.cache, self.env, &job.upstream)?;
+        let key = components.key();
+        // Another process may be producing the same key: wait for it, then reuse.
+        let _lock = self.cache.lock(&key, None).with_context(|| format!("locking cache key {} of stage `{id}`", key.short()))?;
+        if !job.planned.forced {
+            if let Some(record) = self.cache.lookup(&key)? {
+                tracing::info!("outputs already in the cache (key {})", key.short());
+                return Ok(Finished { record, components, status: StageStatus::Cached });
+            }
+        }
+        let staging = self.cache.staging_dir(id)?;
+        let scratch = self.cache.staging_dir(&format!("{id}.scratch"))?;
+
+        let span_for_pool = span.clone();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(job.grant.threads)
+            .spawn_handler(move |thread| {
+                let span = span_for_pool.clone();
+                std::thread::Builder::new()
+                    .name(format!("stage-worker-{}", thread.index()))
+                    .spawn(move || span.in_scope(|| thread.run()))?;
+                Ok(())
+            })
+            .build()
+            .context("building the stage thread pool")?;
+        let mut builder = StageContext::builder(id.clone(), staging.path())
+            .scratch_dir(scratch.path())
+            .recipe_dir(recipe_dir(self.recipe))
+            .seed(job.decl.seed)
+            .pool(Arc::new(pool))
+            .device(job.grant.device)
+            .progress(self.progress.stage_sink(id))
+            .cancel_flag(self.cancel.clone());
+        for (name, refs) in &job.decl.inputs {
+            for r in refs {
+                let record = job.upstream.get(&r.stage).ok_or_else(|| anyhow!("upstream `{}` has no output record", r.stage))?;
+                let mut path = self.cache.artifact_dir(&record.key);
+                if let Some(out) = &r.output {
+                    path = path.join(out);
+                }
+                builder = builder.input(name, &r.stage, r.output.as_deref(), path);
+            }
+        }
+        let mut ctx = builder.build()?;
+
+        let started = chrono::Utc::now();
+        let clock = Instant::now();
+        tracing::info!(key = %key.short(), threads = job.grant.threads, device = ?job.grant.device, "running {}", job.planned.kind);
+        let outcome = catch_unwind(AssertUnwindSafe(|| job.decl.stage.run(&mut ctx)));
+        ctx.progress().finish();
+        drop(ctx); // closes metrics.jsonl and joins the pool before publishing
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.context(format!("stage `{id}` ({}) failed", job.planned.kind))),
+            Err(panic) => bail!("stage `{id}` ({}) panicked: {}", job.planned.kind, panic_message(&*panic)),
+        }
+        let provenance = Provenance {
+            recipe_path: self.recipe.path.clone(),
+            recipe_digest: self.recipe.digest.clone(),
+            git_revision: git_rev,
+            stage_id: id.clone(),
+            kind: job.planned.kind.clone(),
+            version: components.version,
+            key: key.hex(),
+            params: components.params.clone(),
+            inputs: components.inputs.clone(),
+            external_inputs: components.external.clone(),
+            seed: components.seed,
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            host: host_name(),
+            threads: job.grant.threads,
+            device: match job.grant.device {
+                crate::stage::Device::Cpu => "cpu".to_string(),
+                crate::stage::Device::Cuda(i) => format!("cuda:{i}"),
+            },
+            memory_mb: job.grant.memory_mb,
+            started: rfc3339(started),
+            finished: rfc3339(chrono::Utc::now()),
+            duration_s: clock.elapsed().as_secs_f64(),
+            run_id: run_id.to_string(),
+        };
+        provenance.write(staging.path()).with_context(|| format!("writing provenance of stage `{id}`"))?;
+        let meta = serde_json::json!({
+            "recipe": self.recipe.name,
+            "stage": id,
+            "kind": job.planned.kind,
+            "log": job.log_path,
+        });
+        let record = self.cache.publish(&key, staging, meta).with_context(|| format!("publishing outputs of stage `{id}`"))?;
+        tracing::info!("published {} files ({} bytes)", record.manifest.files.len(), record.manifest.total_size());
+        Ok(Finished { record, components, status: StageStatus::Ran })
+    }
+}
+
+/// `error`, then one "caused by" line per source.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut lines = vec![e.to_string()];
+    lines.extend(e.chain().skip(1).map(|c| format!("caused by: {c}")));
+    lines.join("\n")
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// Device a stage was resolved to, for display.
+pub fn device_label(d: &Result<DeviceRequest, String>) -> String {
+    match d {
+        Ok(DeviceRequest::Cpu) => "cpu".into(),
+        Ok(DeviceRequest::Cuda) => "cuda".into(),
+        Ok(DeviceRequest::Auto) => "auto".into(),
+        Err(_) => "unavailable".into(),
+    }
+}

@@ -1,0 +1,179 @@
+//! Resource accounting for the local executor: which ready stage may start
+//! now without oversubscribing cores, CUDA devices or memory.
+
+use crate::stage::{Device, DeviceRequest, Resources};
+
+/// What the machine offers (computed once per run by the binary / engine).
+#[derive(Debug, Clone)]
+pub struct Capacity {
+    pub cores: usize,
+    pub memory_mb: u64,
+    pub cuda_devices: usize,
+    /// Maximum concurrently running stages (`--jobs`).
+    pub jobs: usize,
+}
+
+/// The resources granted to one running stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub threads: usize,
+    pub device: Device,
+    pub memory_mb: u64,
+}
+
+/// Why a stage cannot run on this machine at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    #[error(
+        "stage `{stage}` requests a CUDA device but none is available; set `allow_cpu_fallback = true` in [recipe] to run it on the CPU"
+    )]
+    NoCuda { stage: String },
+}
+
+/// Resolve a stage's device request against the machine.
+pub fn resolve_device(
+    stage: &str,
+    request: DeviceRequest,
+    cuda_devices: usize,
+    allow_cpu_fallback: bool,
+) -> Result<DeviceRequest, DeviceError> {
+    match request {
+        DeviceRequest::Cpu => Ok(DeviceRequest::Cpu),
+        DeviceRequest::Auto if cuda_devices > 0 => Ok(DeviceRequest::Cuda),
+        DeviceRequest::Auto => Ok(DeviceRequest::Cpu),
+        DeviceRequest::Cuda if cuda_devices > 0 => Ok(DeviceRequest::Cuda),
+        DeviceRequest::Cuda if allow_cpu_fallback => Ok(DeviceRequest::Cpu),
+        DeviceRequest::Cuda => Err(DeviceError::NoCuda { stage: stage.to_string() }),
+    }
+}
+
+/// Book-keeping of what running stages hold.
+#[derive(Debug)]
+pub struct ResourcePool {
+    cap: Capacity,
+    cores_used: usize,
+    memory_used: u64,
+    cuda_busy: Vec<bool>,
+    running: usize,
+}
+
+impl ResourcePool {
+    pub fn new(cap: Capacity) -> Self {
+        let cap = Capacity { cores: cap.cores.max(1), jobs: cap.jobs.max(1), ..cap };
+        Self { cuda_busy: vec![false; cap.cuda_devices], cap, cores_used: 0, memory_used: 0, running: 0 }
+    }
+
+    pub fn running(&self) -> usize {
+        self.running
+    }
+
+    /// Grant `res` (with the device already resolved to Cpu or Cuda) if it
+    /// fits next to what is running. A stage asking for more cores or memory
+    /// than the machine has gets the whole machine when it runs alone, so a
+    /// large estimate delays a stage instead of failing it.
+    pub fn try_acquire(&mut self, res: &Resources, device: DeviceRequest) -> Option<Grant> {
+        if self.running >= self.cap.jobs {
+            return None;
+        }
+        let wanted = if res.cpu == 0 { self.cap.cores } else { res.cpu.min(self.cap.cores) };
+        let memory = res.memory_mb.min(self.cap.memory_mb);
+        if self.running > 0 && (self.cores_used + wanted > self.cap.cores || self.memory_used + memory > self.cap.memory_mb)
+        {
+            return None;
+        }
+        let device = match device {
+            DeviceRequest::Cuda => {
+                let free = self.cuda_busy.iter().position(|busy| !busy)?;
+                self.cuda_busy[free] = true;
+                Device::Cuda(free)
+            }
+            DeviceRequest::Cpu | DeviceRequest::Auto => Device::Cpu,
+        };
+        self.cores_used += wanted;
+        self.memory_used += memory;
+        self.running += 1;
+        Some(Grant { threads: wanted, device, memory_mb: memory })
+    }
+
+    pub fn release(&mut self, grant: &Grant) {
+        self.cores_used = self.cores_used.saturating_sub(grant.threads);
+        self.memory_used = self.memory_used.saturating_sub(grant.memory_mb);
+        self.running = self.running.saturating_sub(1);
+        if let Device::Cuda(i) = grant.device {
+            if let Some(slot) = self.cuda_busy.get_mut(i) {
+                *slot = false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(cores: usize, memory_mb: u64, cuda: usize, jobs: usize) -> ResourcePool {
+        ResourcePool::new(Capacity { cores, memory_mb, cuda_devices: cuda, jobs })
+    }
+
+    fn cpu(n: usize, mem: u64) -> Resources {
+        Resources { cpu: n, device: DeviceRequest::Cpu, memory_mb: mem }
+    }
+
+    #[test]
+    fn cores_are_not_oversubscribed() {
+        let mut p = pool(4, 10_000, 0, 8);
+        let a = p.try_acquire(&cpu(3, 10), DeviceRequest::Cpu).unwrap();
+        assert_eq!(a.threads, 3);
+        assert!(p.try_acquire(&cpu(2, 10), DeviceRequest::Cpu).is_none());
+        let b = p.try_acquire(&cpu(1, 10), DeviceRequest::Cpu).unwrap();
+        p.release(&a);
+        assert!(p.try_acquire(&cpu(2, 10), DeviceRequest::Cpu).is_some());
+        p.release(&b);
+    }
+
+    #[test]
+    fn oversized_stage_gets_whole_machine_only_when_alone() {
+        let mut p = pool(2, 1000, 0, 4);
+        let small = p.try_acquire(&cpu(1, 10), DeviceRequest::Cpu).unwrap();
+        assert!(p.try_acquire(&cpu(16, 5000), DeviceRequest::Cpu).is_none());
+        p.release(&small);
+        let big = p.try_acquire(&cpu(16, 5000), DeviceRequest::Cpu).unwrap();
+        assert_eq!((big.threads, big.memory_mb), (2, 1000));
+        assert!(p.try_acquire(&cpu(1, 1), DeviceRequest::Cpu).is_none());
+        // cpu = 0 means "all cores"
+        p.release(&big);
+        assert_eq!(p.try_acquire(&cpu(0, 1), DeviceRequest::Cpu).unwrap().threads, 2);
+    }
+
+    #[test]
+    fn memory_and_jobs_limit_concurrency() {
+        let mut p = pool(8, 1000, 0, 2);
+        let a = p.try_acquire(&cpu(1, 600), DeviceRequest::Cpu).unwrap();
+        assert!(p.try_acquire(&cpu(1, 600), DeviceRequest::Cpu).is_none(), "memory");
+        let _b = p.try_acquire(&cpu(1, 100), DeviceRequest::Cpu).unwrap();
+        assert!(p.try_acquire(&cpu(1, 1), DeviceRequest::Cpu).is_none(), "jobs");
+        p.release(&a);
+        assert!(p.try_acquire(&cpu(1, 1), DeviceRequest::Cpu).is_some());
+    }
+
+    #[test]
+    fn each_cuda_device_is_held_by_one_stage() {
+        let mut p = pool(8, 10_000, 2, 8);
+        let res = Resources { cpu: 1, device: DeviceRequest::Cuda, memory_mb: 1 };
+        let a = p.try_acquire(&res, DeviceRequest::Cuda).unwrap();
+        let b = p.try_acquire(&res, DeviceRequest::Cuda).unwrap();
+        assert_eq!((a.device, b.device), (Device::Cuda(0), Device::Cuda(1)));
+        assert!(p.try_acquire(&res, DeviceRequest::Cuda).is_none());
+        p.release(&b);
+        assert_eq!(p.try_acquire(&res, DeviceRequest::Cuda).unwrap().device, Device::Cuda(1));
+    }
+
+    #[test]
+    fn device_resolution() {
+        assert_eq!(resolve_device("s", DeviceRequest::Auto, 0, false), Ok(DeviceRequest::Cpu));
+        assert_eq!(resolve_device("s", DeviceRequest::Auto, 1, false), Ok(DeviceRequest::Cuda));
+        assert_eq!(resolve_device("s", DeviceRequest::Cuda, 0, true), Ok(DeviceRequest::Cpu));
+        let err = resolve_device("train_sft", DeviceRequest::Cuda, 0, false).unwrap_err();
+        assert!(err.to_string().contains("stage `train_sft` requests a CUDA device"), "{err}");
+    }
+}

@@ -1,0 +1,16 @@
+//! Every stage kind the `pipeline` binary knows: one line per kind.
+//! (The engine never names a kind; this list is the only place that does.)
+
+use pipeline_engine::Registry;
+
+pub fn registry() -> Registry {
+    Registry::new()
+    // basic (engine exercise): files, concat, checksum, text
+        .register::<stages_basic::Files>()
+        .register::<stages_basic::Concat>()
+        .register::<stages_basic::Checksum>()
+        .register::<stages_basic::Text>()
+    // data: phantom, rexgct_index, lesion_slices, render, vqa, split, parquet_export
+    // model: init_model
+        .register::<stages_vlm::InitModel>()
+}

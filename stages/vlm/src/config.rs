@@ -1,0 +1,330 @@
+//! Qwen2.5-VL `config.json` as written by HF transformers.
+//!
+//! Two layouts exist: older checkpoints (e.g. the released 7B-Instruct) keep
+//! the text-model fields at the top level; transformers >= 4.52 also writes a
+//! `text_config` object. We read text fields from `text_config` when present,
+//! else from the top level. Extra keys are ignored (HF writes dozens of
+//! generation/bookkeeping keys); missing required keys and unsupported values
+//! are errors that name the file and the field.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not valid JSON: {source}")]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: field `{field}`: {message}")]
+    Field { path: PathBuf, field: String, message: String },
+}
+
+/// The language model half (Qwen2 decoder with multimodal RoPE).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    /// Rotary dims given to (temporal, height, width); sums to head_dim / 2.
+    pub mrope_section: [i64; 3],
+    pub max_position_embeddings: i64,
+    pub tie_word_embeddings: bool,
+}
+
+impl TextConfig {
+    pub fn head_dim(&self) -> i64 {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// The vision tower (ViT with window attention and a 2x2 patch merger).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VisionConfig {
+    pub depth: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_heads: i64,
+    pub in_chans: i64,
+    /// Output width of the merger = the text model's hidden size.
+    pub out_hidden_size: i64,
+    pub patch_size: i64,
+    pub spatial_merge_size: i64,
+    pub temporal_patch_size: i64,
+    /// Window side in pixels (112 = 4x4 merged tokens).
+    pub window_size: i64,
+    /// Blocks that attend over the whole image instead of windows.
+    pub fullatt_block_indexes: Vec<i64>,
+    pub tokens_per_second: i64,
+}
+
+impl VisionConfig {
+    pub fn head_dim(&self) -> i64 {
+        self.hidden_size / self.num_heads
+    }
+    /// Values per flattened patch: channels x temporal x patch x patch (1176).
+    pub fn patch_dim(&self) -> i64 {
+        self.in_chans * self.temporal_patch_size * self.patch_size * self.patch_size
+    }
+    pub fn merge_unit(&self) -> i64 {
+        self.spatial_merge_size * self.spatial_merge_size
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Qwen25VlConfig {
+    pub text: TextConfig,
+    pub vision: VisionConfig,
+    pub image_token_id: i64,
+    pub video_token_id: i64,
+    pub vision_start_token_id: i64,
+    pub vision_end_token_id: i64,
+    pub bos_token_id: Option<i64>,
+    pub eos_token_id: Vec<i64>,
+    /// The raw JSON, written back unchanged when saving a checkpoint.
+    #[serde(skip)]
+    pub raw: Value,
+}
+
+struct Reader<'a> {
+    path: &'a Path,
+}
+
+impl Reader<'_> {
+    fn err(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Field { path: self.path.to_path_buf(), field: field.to_string(), message: message.into() }
+    }
+    fn get<'v>(&self, obj: &'v Value, field: &str) -> Result<&'v Value, ConfigError> {
+        obj.get(field).filter(|v| !v.is_null()).ok_or_else(|| self.err(field, "missing"))
+    }
+    fn int(&self, obj: &Value, field: &str) -> Result<i64, ConfigError> {
+        self.get(obj, field)?.as_i64().ok_or_else(|| self.err(field, "expected an integer"))
+    }
+    fn int_or(&self, obj: &Value, field: &str, default: i64) -> Result<i64, ConfigError> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok(default),
+            Some(_) => self.int(obj, field),
+        }
+    }
+    fn float(&self, obj: &Value, field: &str) -> Result<f64, ConfigError> {
+        self.get(obj, field)?.as_f64().ok_or_else(|| self.err(field, "expected a number"))
+    }
+    fn positive(&self, obj: &Value, field: &str) -> Result<i64, ConfigError> {
+        let v = self.int(obj, field)?;
+        if v <= 0 {
+            return Err(self.err(field, format!("expected a positive integer, got {v}")));
+        }
+        Ok(v)
+    }
+}
+
+impl Qwen25VlConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
+        let raw: Value =
+            serde_json::from_str(&text).map_err(|source| ConfigError::Json { path: path.into(), source })?;
+        Self::from_value(raw, path)
+    }
+
+    /// Parse from JSON; `path` is only used in error messages.
+    pub fn from_value(raw: Value, path: &Path) -> Result<Self, ConfigError> {
+        let r = Reader { path };
+        if let Some(mt) = raw.get("model_type").and_then(Value::as_str)
+            && mt != "qwen2_5_vl"
+        {
+            return Err(r.err("model_type", format!("expected \"qwen2_5_vl\", got {mt:?}")));
+        }
+        // Text fields: `text_config` when present (newer transformers), else top level.
+        let t = match raw.get("text_config") {
+            Some(tc @ Value::Object(_)) => tc,
+            _ => &raw,
+        };
+        let act = t.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
+        if act != "silu" {
+            return Err(r.err("hidden_act", format!("only \"silu\" is supported, got {act:?}")));
+        }
+        let rope = t.get("rope_scaling").or_else(|| raw.get("rope_scaling")).or_else(|| t.get("rope_parameters"));
+        let rope = rope.ok_or_else(|| {
+            r.err("rope_scaling", "missing (expected {\"type\": \"mrope\", \"mrope_section\": [t, h, w]})")
+        })?;
+        let rope_type = rope.get("rope_type").or_else(|| rope.get("type")).and_then(Value::as_str).unwrap_or("default");
+        if !matches!(rope_type, "mrope" | "default") {
+            return Err(r.err("rope_scaling.type", format!("only mrope is supported, got {rope_type:?}")));
+        }
+        let section = rope
+            .get("mrope_section")
+            .and_then(Value::as_array)
+            .ok_or_else(|| r.err("rope_scaling.mrope_section", "missing (expected 3 integers)"))?;
+        let section: Vec<i64> = section.iter().filter_map(Value::as_i64).collect();
+        let mrope_section: [i64; 3] = section
+            .as_slice()
+            .try_into()
+            .map_err(|_| r.err("rope_scaling.mrope_section", "expected exactly 3 integers"))?;
+        let rope_theta = match t.get("rope_theta") {
+            Some(_) => r.float(t, "rope_theta")?,
+            None => rope.get("rope_theta").and_then(Value::as_f64).ok_or_else(|| r.err("rope_theta", "missing"))?,
+        };
+        let tie = raw
+            .get("tie_word_embeddings")
+            .or_else(|| t.get("tie_word_embeddings"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let text = TextConfig {
+            vocab_size: r.positive(t, "vocab_size")?,
+            hidden_size: r.positive(t, "hidden_size")?,
+            intermediate_size: r.positive(t, "intermediate_size")?,
+            num_hidden_layers: r.positive(t, "num_hidden_layers")?,
+            num_attention_heads: r.positive(t, "num_attention_heads")?,
+            num_key_value_heads: r.positive(t, "num_key_value_heads")?,
+            rms_norm_eps: r.float(t, "rms_norm_eps")?,
+            rope_theta,
+            mrope_section,
+            max_position_embeddings: r.int_or(t, "max_position_embeddings", 128_000)?,
+            tie_word_embeddings: tie,
+        };
+        if text.hidden_size % text.num_attention_heads != 0 {
+            return Err(r.err("num_attention_heads", "must divide hidden_size"));
+        }
+        if text.num_attention_heads % text.num_key_value_heads != 0 {
+            return Err(r.err("num_key_value_heads", "must divide num_attention_heads"));
+        }
+        if 2 * mrope_section.iter().sum::<i64>() != text.head_dim() {
+            return Err(r.err(
+                "rope_scaling.mrope_section",
+                format!("sections must sum to head_dim / 2 = {}", text.head_dim() / 2),
+            ));
+        }
+
+        let v = r.get(&raw, "vision_config")?;
+        let vr = Reader { path };
+        let vact = v.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
+        if vact != "silu" {
+            return Err(vr.err("vision_config.hidden_act", format!("only \"silu\" is supported, got {vact:?}")));
+        }
+        let fullatt = match v.get("fullatt_block_indexes") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_i64().ok_or_else(|| vr.err("vision_config.fullatt_block_indexes", "expected integers")))
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => {
+                return Err(vr.err("vision_config.fullatt_block_indexes", "missing (expected a list of block indexes)"));
+            }
+        };
+        let vf = |field: &str| -> Result<i64, ConfigError> {
+            vr.positive(v, field)
+                .map_err(|_| vr.err(&format!("vision_config.{field}"), "missing or not a positive integer"))
+        };
+        let vision = VisionConfig {
+            depth: vf("depth")?,
+            hidden_size: vf("hidden_size")?,
+            intermediate_size: vf("intermediate_size")?,
+            num_heads: vf("num_heads")?,
+            in_chans: vr.int_or(v, "in_chans", 3)?,
+            out_hidden_size: vf("out_hidden_size")?,
+            patch_size: vf("patch_size")?,
+            spatial_merge_size: vf("spatial_merge_size")?,
+            temporal_patch_size: vf("temporal_patch_size")?,
+            window_size: vf("window_size")?,
+            fullatt_block_indexes: fullatt,
+            tokens_per_second: vr.int_or(v, "tokens_per_second", 2)?,
+        };
+        if vision.out_hidden_size != text.hidden_size {
+            return Err(vr.err("vision_config.out_hidden_size", format!("must equal hidden_size {}", text.hidden_size)));
+        }
+        if vision.window_size % (vision.patch_size * vision.spatial_merge_size) != 0 {
+            return Err(vr.err("vision_config.window_size", "must be a multiple of patch_size * spatial_merge_size"));
+        }
+        if vision.hidden_size % vision.num_heads != 0 {
+            return Err(vr.err("vision_config.num_heads", "must divide vision hidden_size"));
+        }
+        let eos_token_id = match raw.get("eos_token_id").or_else(|| t.get("eos_token_id")) {
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
+            Some(x) => x.as_i64().into_iter().collect(),
+            None => Vec::new(),
+        };
+        let tok = |field: &str| -> Result<i64, ConfigError> {
+            raw.get(field)
+                .or_else(|| t.get(field))
+                .and_then(Value::as_i64)
+                .ok_or_else(|| r.err(field, "missing token id"))
+        };
+        Ok(Self {
+            image_token_id: tok("image_token_id")?,
+            video_token_id: tok("video_token_id")?,
+            vision_start_token_id: tok("vision_start_token_id")?,
+            vision_end_token_id: tok("vision_end_token_id")?,
+            bos_token_id: raw.get("bos_token_id").or_else(|| t.get("bos_token_id")).and_then(Value::as_i64),
+            eos_token_id,
+            text,
+            vision,
+            raw,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn tiny_json() -> Value {
+        serde_json::json!({
+            "model_type": "qwen2_5_vl",
+            "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]},
+            "tie_word_embeddings": true,
+            "image_token_id": 60, "video_token_id": 61, "vision_start_token_id": 58, "vision_end_token_id": 59,
+            "eos_token_id": 57,
+            "vision_config": {"depth": 2, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2,
+                "in_chans": 3, "out_hidden_size": 32, "patch_size": 14, "spatial_merge_size": 2,
+                "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1]}
+        })
+    }
+
+    #[test]
+    fn parses_top_level_and_text_config_layouts() {
+        let p = Path::new("config.json");
+        let c = Qwen25VlConfig::from_value(tiny_json(), p).unwrap();
+        assert_eq!(c.text.head_dim(), 8);
+        assert_eq!(c.vision.patch_dim(), 1176);
+        assert_eq!(c.eos_token_id, vec![57]);
+        assert!(c.text.tie_word_embeddings);
+        let mut nested = tiny_json();
+        let obj = nested.as_object_mut().unwrap();
+        let hidden = obj.remove("hidden_size").unwrap();
+        obj.insert(
+            "text_config".into(),
+            serde_json::json!({"hidden_size": hidden, "vocab_size": 64,
+            "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "rope_scaling": {"rope_type": "default", "type": "mrope", "mrope_section": [2, 1, 1]}}),
+        );
+        let c2 = Qwen25VlConfig::from_value(nested, p).unwrap();
+        assert_eq!(c2.text, c.text);
+    }
+
+    #[test]
+    fn missing_and_bad_fields_name_the_field() {
+        let p = Path::new("/ckpt/config.json");
+        let mut j = tiny_json();
+        j.as_object_mut().unwrap().remove("num_key_value_heads");
+        let e = Qwen25VlConfig::from_value(j, p).unwrap_err().to_string();
+        assert!(e.contains("/ckpt/config.json") && e.contains("num_key_value_heads") && e.contains("missing"), "{e}");
+        let mut j = tiny_json();
+        j["rope_scaling"]["mrope_section"] = serde_json::json!([2, 2, 2]);
+        let e = Qwen25VlConfig::from_value(j, p).unwrap_err().to_string();
+        assert!(e.contains("mrope_section"), "{e}");
+        let mut j = tiny_json();
+        j["vision_config"].as_object_mut().unwrap().remove("window_size");
+        let e = Qwen25VlConfig::from_value(j, p).unwrap_err().to_string();
+        assert!(e.contains("vision_config.window_size"), "{e}");
+    }
+}

@@ -1,0 +1,242 @@
+//! Qwen2.5-VL for conditional generation: vision tower + text decoder,
+//! parameters held by HF name so training can pick what to optimise.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, CheckpointError};
+use crate::config::{ConfigError, Qwen25VlConfig};
+use crate::rope_index::rope_index;
+use crate::text::{KvCache, TextModel};
+use crate::vision::VisionTower;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("parameter `{0}` missing")]
+    MissingParam(String),
+    #[error("invalid model input: {0}")]
+    Input(String),
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// One batch of model inputs (already tokenised and processed).
+pub struct Batch<'a> {
+    /// (batch, len) int64 token ids, left padded.
+    pub input_ids: &'a Tensor,
+    /// (batch, len) int64, 1 = real token, 0 = padding.
+    pub attention_mask: &'a Tensor,
+    /// (patches, 1176) processor output of every image in the batch, in order.
+    pub pixel_values: Option<&'a Tensor>,
+    /// (t, h, w) patch grid per image.
+    pub image_grid_thw: &'a [[i64; 3]],
+}
+
+/// State carried from prefill to decode steps.
+pub struct DecodeState {
+    pub cache: KvCache,
+    /// (batch, past) bool: which cached keys are real tokens.
+    pub key_valid: Tensor,
+    /// (batch,) mRoPE delta: decode position = cache length + delta.
+    pub rope_deltas: Tensor,
+}
+
+impl DecodeState {
+    /// Repeat each row `n` times (a group of sampled completions per prompt).
+    pub fn repeat_rows(&mut self, n: i64) {
+        self.cache.repeat_rows(n);
+        self.key_valid = self.key_valid.repeat_interleave_self_int(n, 0, None);
+        self.rope_deltas = self.rope_deltas.repeat_interleave_self_int(n, 0, None);
+    }
+}
+
+pub struct Qwen25Vl {
+    pub config: Qwen25VlConfig,
+    /// Every parameter by HF name (shared storage with the modules below).
+    pub params: BTreeMap<String, Tensor>,
+    pub vision: VisionTower,
+    pub text: TextModel,
+    pub device: Device,
+    pub kind: Kind,
+}
+
+/// Names and shapes of every parameter a config implies.
+pub fn param_shapes(config: &Qwen25VlConfig) -> BTreeMap<String, Vec<i64>> {
+    let mut out = BTreeMap::new();
+    VisionTower::param_shapes(&config.vision, &mut out);
+    TextModel::param_shapes(&config.text, &mut out);
+    out
+}
+
+fn to_rows(t: &Tensor) -> Result<Vec<Vec<i64>>, ModelError> {
+    let t = t.to_device(Device::Cpu).to_kind(Kind::Int64).contiguous();
+    Ok(Vec::<Vec<i64>>::try_from(&t)?)
+}
+
+impl Qwen25Vl {
+    /// Load `config.json` and the safetensors of an HF checkpoint directory.
+    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self, ModelError> {
+        let config = Qwen25VlConfig::from_file(&dir.join("config.json"))?;
+        let mut params = checkpoint::load_dir(dir, kind, device)?;
+        // Tied checkpoints may still carry lm_head (older exports): drop it.
+        if config.text.tie_word_embeddings {
+            params.remove("lm_head.weight");
+        }
+        checkpoint::check_keys(dir, &params, &param_shapes(&config))?;
+        Self::from_params(config, params)
+    }
+
+    pub fn from_params(config: Qwen25VlConfig, params: BTreeMap<String, Tensor>) -> Result<Self, ModelError> {
+        let any = params.values().next().ok_or_else(|| ModelError::MissingParam("(no parameters)".into()))?;
+        let (device, kind) = (any.device(), any.kind());
+        Ok(Self {
+            vision: VisionTower::load(&params, &config.vision)?,
+            text: TextModel::load(&params, &config.text)?,
+            config,
+            params,
+            device,
+            kind,
+        })
+    }
+
+    /// Random init like HF `_init_weights` (normal(0, initializer_range) for
+    /// matrices, zeros for biases, ones for norms), reproducible from `seed`.
+    pub fn random(config: Qwen25VlConfig, seed: i64, kind: Kind, device: Device) -> Result<Self, ModelError> {
+        tch::manual_seed(seed);
+        let std = config.raw.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
+        let mut params = BTreeMap::new();
+        for (name, shape) in param_shapes(&config) {
+            let t = if name.ends_with(".bias") {
+                Tensor::zeros(&shape, (Kind::Float, Device::Cpu))
+            } else if name.contains("norm") || name.contains("ln_q") {
+                Tensor::ones(&shape, (Kind::Float, Device::Cpu))
+            } else {
+                Tensor::randn(&shape, (Kind::Float, Device::Cpu)) * std
+            };
+            params.insert(name, t.to_kind(kind).to_device(device));
+        }
+        Self::from_params(config, params)
+    }
+
+    /// Save as an HF checkpoint (weights + config.json) into `dir`.
+    pub fn save(&self, dir: &Path, kind: Kind, max_shard_bytes: u64) -> Result<Vec<String>, ModelError> {
+        let mut files = checkpoint::save_dir(dir, &self.params, kind, max_shard_bytes)?;
+        let mut raw = self.config.raw.clone();
+        let dtype = match kind {
+            Kind::BFloat16 => "bfloat16",
+            Kind::Half => "float16",
+            _ => "float32",
+        };
+        if let Some(o) = raw.as_object_mut() {
+            o.insert("torch_dtype".into(), dtype.into());
+        }
+        let path = dir.join("config.json");
+        let text = serde_json::to_string_pretty(&raw).map_err(|e| ModelError::Input(e.to_string()))?;
+        std::fs::write(&path, text + "\n")
+            .map_err(|e| CheckpointError::File { path: path.clone(), message: e.to_string() })?;
+        files.push("config.json".into());
+        Ok(files)
+    }
+
+    /// Set `requires_grad` on parameters whose HF name matches `pattern`
+    /// (and clear it on the rest). Returns the selected names.
+    pub fn set_trainable(&self, pattern: &str) -> Result<Vec<String>, ModelError> {
+        let names = checkpoint::select_names(self.params.keys(), pattern)
+            .map_err(|e| ModelError::Input(format!("trainable pattern {pattern:?}: {e}")))?;
+        for (name, t) in &self.params {
+            let _ = t.set_requires_grad(names.binary_search(name).is_ok());
+        }
+        Ok(names)
+    }
+
+    fn check_batch(&self, batch: &Batch) -> Result<(), ModelError> {
+        let s = batch.input_ids.size();
+        if s.len() != 2 || batch.attention_mask.size() != s {
+            return Err(ModelError::Input(format!(
+                "input_ids {s:?} and attention_mask {:?} must both be (batch, len)",
+                batch.attention_mask.size()
+            )));
+        }
+        let vocab = self.config.text.vocab_size;
+        let (lo, hi) = (batch.input_ids.min().int64_value(&[]), batch.input_ids.max().int64_value(&[]));
+        if lo < 0 || hi >= vocab {
+            return Err(ModelError::Input(format!("token ids must be in 0..{vocab}, got range {lo}..={hi}")));
+        }
+        Ok(())
+    }
+
+    /// Input embeddings with image features scattered into the image pad
+    /// tokens, plus mRoPE positions and deltas.
+    fn prepare(&self, batch: &Batch) -> Result<(Tensor, Tensor, Tensor), ModelError> {
+        self.check_batch(batch)?;
+        let ids = batch.input_ids.to_device(self.device);
+        let mut embeds = self.text.embed(&ids);
+        let n_pad = ids.eq(self.config.image_token_id).sum(Kind::Int64).int64_value(&[]);
+        let ms = self.config.vision.spatial_merge_size;
+        let expected: i64 = batch.image_grid_thw.iter().map(|g| g[0] * g[1] * g[2] / (ms * ms)).sum();
+        if n_pad != expected {
+            return Err(ModelError::Input(format!(
+                "{n_pad} image pad tokens in input_ids but image_grid_thw {:?} needs {expected}",
+                batch.image_grid_thw
+            )));
+        }
+        if let Some(pv) = batch.pixel_values {
+            let feats = self.vision.forward(&pv.to_device(self.device), batch.image_grid_thw)?;
+            let mask = ids.eq(self.config.image_token_id).unsqueeze(-1).expand_as(&embeds);
+            embeds = embeds.masked_scatter(&mask, &feats.to_kind(embeds.kind()));
+        } else if expected > 0 {
+            return Err(ModelError::Input("image_grid_thw given without pixel_values".into()));
+        }
+        let rows = to_rows(batch.input_ids)?;
+        let mask = to_rows(batch.attention_mask)?;
+        let r = rope_index(
+            &rows,
+            &mask,
+            batch.image_grid_thw,
+            self.config.image_token_id,
+            self.config.vision_start_token_id,
+            ms,
+        )
+        .map_err(ModelError::Input)?;
+        let (b, l) = (rows.len() as i64, rows.first().map(Vec::len).unwrap_or(0) as i64);
+        let flat: Vec<i64> = r.ids.iter().flatten().flatten().copied().collect();
+        let pos = Tensor::from_slice(&flat).view([3, b, l]).to_device(self.device);
+        let deltas = Tensor::from_slice(&r.deltas).to_device(self.device);
+        Ok((embeds, pos, deltas))
+    }
+
+    /// Full-sequence logits (batch, len, vocab): the training / parity forward.
+    pub fn forward(&self, batch: &Batch) -> Result<Tensor, ModelError> {
+        let (logits, _) = self.prefill(batch, false)?;
+        Ok(logits)
+    }
+
+    /// Run the prompt; returns logits (all positions, or only the last when
+    /// `last_only`) and the state for decoding.
+    pub fn prefill(&self, batch: &Batch, last_only: bool) -> Result<(Tensor, DecodeState), ModelError> {
+        let (embeds, pos, deltas) = self.prepare(batch)?;
+        let key_valid = batch.attention_mask.to_device(self.device).ne(0);
+        let mut cache = KvCache::default();
+        let hidden = self.text.forward(&embeds, &pos, &key_valid, &mut cache);
+        let hidden = if last_only { hidden.narrow(1, hidden.size()[1] - 1, 1) } else { hidden };
+        let logits = self.text.logits(&hidden);
+        Ok((logits, DecodeState { cache, key_valid, rope_deltas: deltas }))
+    }
+
+    /// One decode step for `tokens` (batch,) -> logits (batch, vocab).
+    pub fn decode_step(&self, tokens: &Tensor, state: &mut DecodeState) -> Tensor {
+        let b = tokens.size()[0];
+        let past = state.cache.len();
+        let embeds = self.text.embed(&tokens.view([b, 1]).to_device(self.device));
+        let pos = (&state.rope_deltas + past).view([1, b, 1]).expand([3, b, 1], false);
+        state.key_valid = Tensor::cat(&[&state.key_valid, &Tensor::ones([b, 1], (Kind::Bool, self.device))], 1);
+        let hidden = self.text.forward(&embeds, &pos, &state.key_valid, &mut state.cache);
+        self.text.logits(&hidden).squeeze_dim(1)
+    }
+}
