@@ -22,7 +22,12 @@ pub fn doctor() -> Result<()> {
     println!("pipeline {}", env!("CARGO_PKG_VERSION"));
     println!("libtorch threads: {}", tch::get_num_threads());
     let cuda = tch::Cuda::device_count();
-    println!("cuda available: {} ({} device(s)), cudnn: {}", tch::Cuda::is_available(), cuda, tch::Cuda::cudnn_is_available());
+    println!(
+        "cuda available: {} ({} device(s)), cudnn: {}",
+        tch::Cuda::is_available(),
+        cuda,
+        tch::Cuda::cudnn_is_available()
+    );
     let mut devices = vec![Device::Cpu];
     devices.extend((0..cuda).map(|i| Device::Cuda(i as usize)));
     for device in devices {

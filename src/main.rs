@@ -6,6 +6,7 @@ mod doctor;
 mod registry;
 mod torch_runtime;
 
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -46,7 +47,22 @@ fn init_tracing(verbose: u8, quiet: bool) {
         _ => LevelFilter::TRACE,
     };
     let filter = EnvFilter::builder().with_default_directive(level.into()).from_env_lossy();
-    let console = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_filter(filter);
+    // What stages log goes to their log files; the console shows it only
+    // with -v (warnings and errors always).
+    let show_stage_info = verbose > 0;
+    let not_stage_chatter = tracing_subscriber::filter::dynamic_filter_fn(move |meta, cx| {
+        show_stage_info
+            || *meta.level() <= tracing::Level::WARN
+            || !cx
+                .lookup_current()
+                .is_some_and(|span| span.scope().any(|s| s.name() == pipeline_engine::stage_log::STAGE_SPAN))
+    });
+    let console = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .with_filter(filter)
+        .with_filter(not_stage_chatter);
     // Stage log files get info and above whatever the console shows.
     let stage_logs = pipeline_engine::stage_log::StageLogLayer::global().with_filter(LevelFilter::INFO);
     let _ = tracing_subscriber::registry().with(console).with(stage_logs).try_init();

@@ -5,12 +5,19 @@ use pipeline_engine::Registry;
 
 pub fn registry() -> Registry {
     Registry::new()
-    // basic (engine exercise): files, concat, checksum, text
+        // basic (engine exercise): files, concat, checksum, text
         .register::<stages_basic::Files>()
         .register::<stages_basic::Concat>()
         .register::<stages_basic::Checksum>()
         .register::<stages_basic::Text>()
-    // data: phantom, rexgct_index, lesion_slices, render, vqa, split, parquet_export
-    // model: init_model
+        // data: phantom, rexgct_index, lesion_slices, render, vqa, split, parquet_export
+        .register::<stages_data::Phantom>()
+        .register::<stages_data::RexgctIndex>()
+        .register::<stages_data::LesionSlices>()
+        .register::<stages_data::Render>()
+        .register::<stages_data::Vqa>()
+        .register::<stages_data::Split>()
+        .register::<stages_data::ParquetExport>()
+        // model: init_model
         .register::<stages_vlm::InitModel>()
 }

@@ -37,12 +37,8 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--dir" => args.dir = PathBuf::from(value()?),
             "--gb" => args.gb = value()?.parse().map_err(|e| format!("--gb: {e}"))?,
-            "--big-file-mb" => {
-                args.big_file_mb = value()?.parse().map_err(|e| format!("--big-file-mb: {e}"))?
-            }
-            "--small-files" => {
-                args.small_files = value()?.parse().map_err(|e| format!("--small-files: {e}"))?
-            }
+            "--big-file-mb" => args.big_file_mb = value()?.parse().map_err(|e| format!("--big-file-mb: {e}"))?,
+            "--small-files" => args.small_files = value()?.parse().map_err(|e| format!("--small-files: {e}"))?,
             "--keep" => args.keep = true,
             other => return Err(format!("unknown argument {other}")),
         }
@@ -105,11 +101,7 @@ fn generate(args: &Args, tree: &Path) -> std::io::Result<(usize, u64)> {
         write_file(&dir.join(format!("{i:05}.bin")), small_size, &mut state)?;
     }
     std::fs::write(&stamp, expected)?;
-    eprintln!(
-        "generated {files} files, {:.2} GiB in {:.1?}",
-        bytes as f64 / (1u64 << 30) as f64,
-        started.elapsed()
-    );
+    eprintln!("generated {files} files, {:.2} GiB in {:.1?}", bytes as f64 / (1u64 << 30) as f64, started.elapsed());
     Ok((files, bytes))
 }
 

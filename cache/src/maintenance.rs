@@ -245,6 +245,9 @@ impl Cache {
                 continue;
             }
             report.records_removed.push(r.key);
+            if self.artifact_dir(&r.key).exists() {
+                report.views_removed += 1;
+            }
             if !opts.dry_run {
                 self.remove_record(&r.key)?;
             }
@@ -281,14 +284,14 @@ impl Cache {
         for v in std::fs::read_dir(&views).ctx("list", &views)? {
             let v = v.ctx("list", &views)?;
             let name = v.file_name().to_string_lossy().into_owned();
-            if live_keys.contains(&name) {
+            // Views of removed records were counted above; what is left here
+            // are orphans from crashed publishes.
+            let removed_now = name.parse::<Digest>().is_ok_and(|k| report.records_removed.contains(&k));
+            if live_keys.contains(&name) || removed_now {
                 continue;
             }
-            // Views of removed records are gone already (or would be, in a
-            // dry run); this catches orphans from crashed publishes.
-            let removed_now = name.parse::<Digest>().is_ok_and(|k| report.records_removed.contains(&k));
             let old = v.metadata().map(|m| older_than(ctime_of(&m), self.opts.gc_grace)).unwrap_or(false);
-            if removed_now || old {
+            if old {
                 report.views_removed += 1;
                 if !opts.dry_run {
                     remove_any(&v.path())?;
@@ -296,9 +299,21 @@ impl Cache {
             }
         }
 
-        let tmp = self.root.join("tmp");
-        for t in std::fs::read_dir(&tmp).ctx("list", &tmp)? {
-            let t = t.ctx("list", &tmp)?;
+        // Leftovers of crashed processes: everything in tmp/, and the hidden
+        // temp files that records/ and locks/ use for atomic writes.
+        let mut leftovers = Vec::new();
+        for sub in ["tmp", "records", "locks"] {
+            let dir = self.root.join(sub);
+            for t in std::fs::read_dir(&dir).ctx("list", &dir)? {
+                let t = t.ctx("list", &dir)?;
+                let name = t.file_name().to_string_lossy().into_owned();
+                let temp_name = name.starts_with('.') || name.contains(".lock.stale-");
+                if sub == "tmp" || temp_name {
+                    leftovers.push(t);
+                }
+            }
+        }
+        for t in leftovers {
             let old =
                 t.metadata().and_then(|m| m.modified()).map(|m| older_than(m, self.opts.tmp_max_age)).unwrap_or(false);
             if old {
@@ -383,6 +398,7 @@ mod tests {
 
         let real = cache.gc(&keep, &GcOptions::default()).unwrap();
         assert_eq!(real.records_removed, dry.records_removed);
+        assert_eq!(real.views_removed, 1);
         assert_eq!((real.blobs_removed, real.bytes_freed), (1, 10));
         assert_eq!(real.bytes_remaining, 1 + 9);
         assert_eq!(count_blobs(&cache), 2);
@@ -437,6 +453,32 @@ mod tests {
         assert_eq!(report.blobs_removed, 0);
         assert_eq!(report.views_removed, 0);
         assert_eq!(count_blobs(&graceful), 2);
+    }
+
+    #[test]
+    fn gc_removes_old_crash_leftovers_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open_with(
+            &dir.path().join("cache"),
+            CacheOptions { tmp_max_age: Duration::from_secs(3600), ..fast_options() },
+        )
+        .unwrap();
+        let old = SystemTime::now() - Duration::from_secs(7200);
+        let staging = cache.staging_dir("running").unwrap();
+        let crashed = cache.root().join("tmp/stage-crashed-x");
+        std::fs::create_dir_all(&crashed).unwrap();
+        let torn_record = cache.root().join("records/.record-abc");
+        let lock_tmp = cache.root().join("locks/.lock-tmp-abc");
+        for p in [&torn_record, &lock_tmp] {
+            std::fs::write(p, b"partial").unwrap();
+            File::options().write(true).open(p).unwrap().set_modified(old).unwrap();
+        }
+        File::open(&crashed).unwrap().set_modified(old).unwrap();
+
+        let report = cache.gc(&BTreeSet::new(), &GcOptions::default()).unwrap();
+        assert_eq!(report.tmp_removed, 3);
+        assert!(!crashed.exists() && !torn_record.exists() && !lock_tmp.exists());
+        assert!(staging.path().exists(), "a live staging dir is young and kept");
     }
 
     #[test]

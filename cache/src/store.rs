@@ -135,6 +135,8 @@ impl Cache {
     }
 
     pub fn open_with(root: &Path, opts: CacheOptions) -> Result<Cache, CacheError> {
+        // Absolute, so stat-cache entries stay meaningful if the cwd changes.
+        let root = &std::path::absolute(root).ctx("resolve", root)?;
         for sub in ["blobs", "records", "artifacts", "locks", "stat", "tmp", "quarantine"] {
             let d = root.join(sub);
             std::fs::create_dir_all(&d).ctx("create directory", &d)?;

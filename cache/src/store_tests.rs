@@ -47,6 +47,13 @@ fn count_files(dir: &Path) -> usize {
 }
 
 #[test]
+fn cache_is_shareable_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Cache>();
+    assert_send_sync::<KeyLock>();
+}
+
+#[test]
 fn open_creates_layout_and_rejects_other_layout_versions() {
     let dir = tempfile::tempdir().unwrap();
     let cache = open_cache(dir.path());
@@ -91,6 +98,18 @@ fn publish_then_lookup_serves_identical_read_only_artifact() {
     // Staging is gone; nothing left behind in tmp/.
     assert_eq!(std::fs::read_dir(cache.root().join("tmp")).unwrap().count(), 0);
     assert!(cache.lookup(&key("other")).unwrap().is_none());
+}
+
+#[test]
+fn empty_outputs_publish_and_hit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open_cache(dir.path());
+    let staging = cache.staging_dir("empty").unwrap();
+    std::fs::create_dir_all(staging.path().join("only/dirs")).unwrap();
+    let rec = cache.publish(&key("e"), staging, serde_json::Value::Null).unwrap();
+    assert!(rec.manifest.files.is_empty());
+    assert_eq!(cache.lookup(&key("e")).unwrap(), Some(rec));
+    assert!(cache.artifact_dir(&key("e")).is_dir());
 }
 
 #[test]

@@ -208,11 +208,17 @@ pub fn execute(cmd: Command, registry: &Registry, env: &EngineEnv) -> anyhow::Re
                 println!("cache is clean");
                 Ok(ExitCode::SUCCESS)
             } else {
-                println!("{} corrupt blob(s), {} record(s) dropped", report.corrupt.len(), report.records_removed.len());
+                println!(
+                    "{} corrupt blob(s), {} record(s) dropped",
+                    report.corrupt.len(),
+                    report.records_removed.len()
+                );
                 Ok(ExitCode::FAILURE)
             }
         }
-        Command::Clean { recipe, stages, all, sets, cache } => cmd_clean(recipe, stages, all, &sets, &cache, registry, env),
+        Command::Clean { recipe, stages, all, sets, cache } => {
+            cmd_clean(recipe, stages, all, &sets, &cache, registry, env)
+        }
         Command::Kinds => {
             let width = registry.kinds().map(str::len).max().unwrap_or(0);
             for kind in registry.iter() {
@@ -358,7 +364,13 @@ pub fn render_plan(plan: &Plan) -> String {
         }
     }
     let count = |a: Action| plan.stages.iter().filter(|s| s.action == a).count();
-    let _ = writeln!(out, "{} to run, {} cached, {} not selected", count(Action::Run), count(Action::Cached), count(Action::NotSelected));
+    let _ = writeln!(
+        out,
+        "{} to run, {} cached, {} not selected",
+        count(Action::Run),
+        count(Action::Cached),
+        count(Action::NotSelected)
+    );
     out
 }
 
@@ -377,7 +389,8 @@ fn cmd_status(args: &RecipeArgs, registry: &Registry, env: &EngineEnv) -> anyhow
     for s in &plan.stages {
         let cached = if s.action == Action::Cached { "yes" } else { "no" };
         let last = index.get(&s.id).map(|e| unix_ms_label(e.recorded_unix_ms)).unwrap_or_else(|| "never".into());
-        let size = s.record.as_ref().map(|r| ByteSize(r.manifest.total_size()).to_string()).unwrap_or_else(|| "-".into());
+        let size =
+            s.record.as_ref().map(|r| ByteSize(r.manifest.total_size()).to_string()).unwrap_or_else(|| "-".into());
         let key = if s.components.has_pending_inputs() { format!("{}*", s.key.short()) } else { s.key.short() };
         println!("{:<width$}  {:<7} {:<16} {:<23} {:>10}", s.id, cached, key, last, size);
     }
@@ -400,7 +413,12 @@ fn cmd_why(args: &RecipeArgs, stage: &str, registry: &Registry, env: &EngineEnv)
         println!("{}: {} ({})", s.id, s.action.as_str(), s.reason);
         println!("  key {}{}", s.key.hex(), if s.components.has_pending_inputs() { " (provisional)" } else { "" });
         match index.get(&s.id) {
-            Some(prev) => println!("  last run {} with key {} ({})", unix_ms_label(prev.recorded_unix_ms), prev.key.short(), prev.run_id),
+            Some(prev) => println!(
+                "  last run {} with key {} ({})",
+                unix_ms_label(prev.recorded_unix_ms),
+                prev.key.short(),
+                prev.run_id
+            ),
             None => println!("  never run with this recipe name"),
         }
         for (name, refs) in &s.components.inputs {
@@ -446,7 +464,12 @@ fn cmd_show(args: &RecipeArgs, stage: &str, registry: &Registry, env: &EngineEnv
         match &s.record {
             Some(rec) => {
                 let dir = cache.artifact_dir(&rec.key);
-                println!("outputs: {} ({} files, {})", dir.display(), rec.manifest.files.len(), ByteSize(rec.manifest.total_size()));
+                println!(
+                    "outputs: {} ({} files, {})",
+                    dir.display(),
+                    rec.manifest.files.len(),
+                    ByteSize(rec.manifest.total_size())
+                );
                 for f in &rec.manifest.files {
                     println!("  {:>10}  {}", ByteSize(f.size).to_string(), f.path);
                 }
@@ -506,7 +529,11 @@ fn cmd_gc(
             Ok(r) => r,
             // A base file meant only for `extends` may not load on its own.
             Err(e) if !explicit => {
-                tracing::warn!("gc: skipping {} (does not load: {})", file.display(), e.to_string().lines().next().unwrap_or(""));
+                tracing::warn!(
+                    "gc: skipping {} (does not load: {})",
+                    file.display(),
+                    e.to_string().lines().next().unwrap_or("")
+                );
                 continue;
             }
             Err(e) => return Err(e.into()),
@@ -518,7 +545,8 @@ fn cmd_gc(
     }
     if loaded == 0 {
         return Err(UsageError(
-            "gc: no recipe loaded, so nothing would be kept; name the recipes to keep (or use `pipeline clean --all`)".into(),
+            "gc: no recipe loaded, so nothing would be kept; name the recipes to keep (or use `pipeline clean --all`)"
+                .into(),
         )
         .into());
     }

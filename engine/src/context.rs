@@ -50,12 +50,11 @@ impl ProgressSink for LogProgress {
     fn advance(&self, units: u64) {
         if let Ok(mut s) = self.state.lock() {
             s.2 += units;
-            if s.1 > 0 {
-                let decile = s.2 * 10 / s.1;
-                if decile > s.3 {
-                    s.3 = decile;
-                    tracing::info!(phase = %s.0, done = s.2, total = s.1, "progress");
-                }
+            if let Some(decile) = (s.2 * 10).checked_div(s.1)
+                && decile > s.3
+            {
+                s.3 = decile;
+                tracing::info!(phase = %s.0, done = s.2, total = s.1, "progress");
             }
         }
     }

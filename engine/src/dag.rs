@@ -46,8 +46,9 @@ impl StageGraph {
             let to = index[id];
             let mut seen = BTreeSet::new();
             for up in ups {
-                let from =
-                    *index.get(up).ok_or_else(|| DagError::UnknownUpstream { stage: id.clone(), upstream: up.clone() })?;
+                let from = *index
+                    .get(up)
+                    .ok_or_else(|| DagError::UnknownUpstream { stage: id.clone(), upstream: up.clone() })?;
                 // Two inputs from the same upstream are one dependency.
                 if seen.insert(up) {
                     graph.add_edge(from, to, ());

@@ -17,10 +17,8 @@ impl EngineEnv {
     /// `/proc/meminfo` (`MemAvailable`), with a conservative fallback.
     pub fn detect(cuda_devices: usize) -> Self {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let memory_mb = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|text| mem_available_mb(&text))
-            .unwrap_or(4096);
+        let memory_mb =
+            std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| mem_available_mb(&text)).unwrap_or(4096);
         Self { cuda_devices, cores, memory_mb, quiet: false }
     }
 }

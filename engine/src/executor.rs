@@ -85,10 +85,9 @@ impl Executor<'_> {
     pub fn run(&self, plan: &Plan, opts: &RunOptions) -> anyhow::Result<RunOutcome> {
         let started = chrono::Utc::now();
         let clock = Instant::now();
-        let (run_id, run_dir) = self
-            .workspace
-            .create_run_dir(&self.recipe.name)
-            .with_context(|| format!("creating a run directory under {}", self.workspace.root.join("runs").display()))?;
+        let (run_id, run_dir) = self.workspace.create_run_dir(&self.recipe.name).with_context(|| {
+            format!("creating a run directory under {}", self.workspace.root.join("runs").display())
+        })?;
         let logs_dir = self.cache.root().join("logs").join(&run_id);
         let index = RunIndex::new(self.cache.root(), &self.recipe.name);
         let git_rev = git_revision(&recipe_dir(self.recipe));
@@ -132,9 +131,10 @@ impl Executor<'_> {
         std::thread::scope(|scope| -> anyhow::Result<()> {
             loop {
                 let stopping = self.cancel.load(Ordering::SeqCst) || (any_failed && !opts.keep_going);
-                // Dependents of failed stages will never run.
+                // Dependents of failed stages will never run (after a
+                // cancellation they are simply not run).
                 for i in 0..n {
-                    if matches!(states[i], State::Waiting) {
+                    if !self.cancel.load(Ordering::SeqCst) && matches!(states[i], State::Waiting) {
                         if let Some(&bad) = upstreams[i]
                             .iter()
                             .find(|&&u| matches!(states[u], State::Failed { .. } | State::Skipped(_)))
@@ -209,7 +209,11 @@ impl Executor<'_> {
                         let chain = error_chain(&e);
                         StageLogs::global().write_line(&planned.id, &format!("error: {chain}"));
                         let log = logs[i].as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default();
-                        self.progress.println(&format!("FAILED  {}  (log: {log})\n  {}", planned.id, chain.replace('\n', "\n  ")));
+                        self.progress.println(&format!(
+                            "FAILED  {}  (log: {log})\n  {}",
+                            planned.id,
+                            chain.replace('\n', "\n  ")
+                        ));
                         states[i] = State::Failed { error: chain, duration_s };
                         any_failed = true;
                     }
@@ -261,7 +265,10 @@ impl Executor<'_> {
             .collect();
         let status = if cancelled {
             RunStatus::Cancelled
-        } else if stages.iter().any(|s| matches!(s.status, StageStatus::Failed | StageStatus::Skipped | StageStatus::NotRun)) {
+        } else if stages
+            .iter()
+            .any(|s| matches!(s.status, StageStatus::Failed | StageStatus::Skipped | StageStatus::NotRun))
+        {
             RunStatus::Failed
         } else {
             RunStatus::Succeeded
@@ -277,13 +284,21 @@ impl Executor<'_> {
             status,
             stages,
         };
-        let summary_path = summary.write(&run_dir).with_context(|| format!("writing the run summary in {}", run_dir.display()))?;
+        let summary_path =
+            summary.write(&run_dir).with_context(|| format!("writing the run summary in {}", run_dir.display()))?;
         Ok(RunOutcome { summary, summary_path, run_dir })
     }
 
     /// Book-keeping for a stage whose outputs exist: the run index entry
     /// and the `outputs/` link (both best effort: the outputs are safe in the cache).
-    fn finish_ok(&self, index: &RunIndex, run_id: &str, planned: &PlannedStage, record: &ActionRecord, comps: &KeyComponents) {
+    fn finish_ok(
+        &self,
+        index: &RunIndex,
+        run_id: &str,
+        planned: &PlannedStage,
+        record: &ActionRecord,
+        comps: &KeyComponents,
+    ) {
         let entry = IndexEntry {
             key: record.key,
             components: comps.clone(),
@@ -307,7 +322,10 @@ impl Executor<'_> {
         let components = final_components(self.recipe, job.decl, self.cache, self.env, &job.upstream)?;
         let key = components.key();
         // Another process may be producing the same key: wait for it, then reuse.
-        let _lock = self.cache.lock(&key, None).with_context(|| format!("locking cache key {} of stage `{id}`", key.short()))?;
+        let _lock = self
+            .cache
+            .lock(&key, None)
+            .with_context(|| format!("locking cache key {} of stage `{id}`", key.short()))?;
         if !job.planned.forced {
             if let Some(record) = self.cache.lookup(&key)? {
                 tracing::info!("outputs already in the cache (key {})", key.short());
@@ -339,7 +357,8 @@ impl Executor<'_> {
             .cancel_flag(self.cancel.clone());
         for (name, refs) in &job.decl.inputs {
             for r in refs {
-                let record = job.upstream.get(&r.stage).ok_or_else(|| anyhow!("upstream `{}` has no output record", r.stage))?;
+                let record =
+                    job.upstream.get(&r.stage).ok_or_else(|| anyhow!("upstream `{}` has no output record", r.stage))?;
                 let mut path = self.cache.artifact_dir(&record.key);
                 if let Some(out) = &r.output {
                     path = path.join(out);
@@ -392,7 +411,8 @@ impl Executor<'_> {
             "kind": job.planned.kind,
             "log": job.log_path,
         });
-        let record = self.cache.publish(&key, staging, meta).with_context(|| format!("publishing outputs of stage `{id}`"))?;
+        let record =
+            self.cache.publish(&key, staging, meta).with_context(|| format!("publishing outputs of stage `{id}`"))?;
         tracing::info!("published {} files ({} bytes)", record.manifest.files.len(), record.manifest.total_size());
         Ok(Finished { record, components, status: StageStatus::Ran })
     }
@@ -422,5 +442,97 @@ pub fn device_label(d: &Result<DeviceRequest, String>) -> String {
         Ok(DeviceRequest::Cuda) => "cuda".into(),
         Ok(DeviceRequest::Auto) => "auto".into(),
         Err(_) => "unavailable".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Selection, make_plan};
+    use crate::progress::PlainProgress;
+    use crate::registry::Registry;
+    use crate::stage::{InputSpec, StageKind};
+
+    struct Boom;
+    #[derive(Debug, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+    #[serde(deny_unknown_fields, default)]
+    struct BoomParams {
+        /// Panic instead of writing.
+        panic: bool,
+        /// Written to out.txt.
+        text: String,
+    }
+    impl StageKind for Boom {
+        type Params = BoomParams;
+        const KIND: &'static str = "boom";
+        const VERSION: u32 = 1;
+        const SUMMARY: &'static str = "test kind";
+        fn inputs() -> &'static [InputSpec] {
+            const I: &[InputSpec] = &[InputSpec::optional("up", "upstream")];
+            I
+        }
+        fn run(p: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()> {
+            assert!(!p.panic, "deliberate panic");
+            let upstream = match ctx.optional_input("up")? {
+                Some(dir) => std::fs::read_to_string(dir.join("out.txt"))?,
+                None => String::new(),
+            };
+            std::fs::write(ctx.output_dir().join("out.txt"), upstream + &p.text)?;
+            Ok(())
+        }
+    }
+
+    fn run(src: &str, dir: &Path) -> RunSummary {
+        let registry = Registry::new().register::<Boom>();
+        let recipe = crate::recipe::load_recipe_str(src, &dir.join("r.toml"), &[], &registry).unwrap();
+        let graph = StageGraph::from_recipe(&recipe).unwrap();
+        let cache = Cache::open(&dir.join("cache")).unwrap();
+        let env = EngineEnv { cuda_devices: 0, cores: 2, memory_mb: 1024, quiet: true };
+        let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), &env).unwrap();
+        let workspace = Workspace { root: dir.to_path_buf() };
+        let exec = Executor {
+            recipe: &recipe,
+            graph: &graph,
+            cache: &cache,
+            env: &env,
+            workspace: &workspace,
+            progress: Arc::new(PlainProgress { quiet: true }),
+            cancel: Arc::new(AtomicBool::new(false)),
+        };
+        exec.run(&plan, &RunOptions { jobs: 2, keep_going: true }).unwrap().summary
+    }
+
+    fn status(s: &RunSummary, id: &str) -> StageStatus {
+        s.stages.iter().find(|x| x.id == id).unwrap().status
+    }
+
+    #[test]
+    fn a_panicking_stage_is_a_failure_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = "[recipe]\nname = \"p\"\n[stage.bad]\nkind = \"boom\"\npanic = true\n[stage.after]\nkind = \"boom\"\nup = \"bad\"\n[stage.ok]\nkind = \"boom\"\ntext = \"hi\"\n";
+        let s = run(src, dir.path());
+        assert_eq!(s.status, RunStatus::Failed);
+        assert_eq!(status(&s, "bad"), StageStatus::Failed);
+        assert_eq!(status(&s, "after"), StageStatus::Skipped);
+        assert_eq!(status(&s, "ok"), StageStatus::Ran);
+        let bad = s.stages.iter().find(|x| x.id == "bad").unwrap();
+        assert!(bad.error.as_deref().unwrap().contains("panicked: deliberate panic"), "{bad:?}");
+    }
+
+    #[test]
+    fn identical_upstream_output_lets_downstream_reuse_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = "[recipe]\nname = \"c\"\n[stage.a]\nkind = \"boom\"\ntext = \"same\"\n[stage.b]\nkind = \"boom\"\nup = \"a\"\ntext = \"!\"\n";
+        let first = run(src, dir.path());
+        assert_eq!((status(&first, "a"), status(&first, "b")), (StageStatus::Ran, StageStatus::Ran));
+        // Drop a's record only: a reruns, produces the same bytes, and b is
+        // then found in the cache (its key depends on a's content, not on a's run).
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
+        let a_key: pipeline_cache::Digest = first.stages[0].key.as_deref().unwrap().parse().unwrap();
+        cache.remove_record(&a_key).unwrap();
+        let second = run(src, dir.path());
+        assert_eq!((status(&second, "a"), status(&second, "b")), (StageStatus::Ran, StageStatus::Cached));
+        let out = std::fs::read_to_string(second.stages[1].output.as_ref().unwrap().join("out.txt")).unwrap();
+        assert_eq!(out, "same!");
     }
 }

@@ -103,9 +103,8 @@ pub struct MissingOutput {
 /// output's subtree; `provenance.json` is left out so identical outputs
 /// produced at different times have the same digest.
 pub fn artifact_digest(stage: &str, record: &ActionRecord, output: Option<&str>) -> Result<Digest, MissingOutput> {
-    let content = Manifest::from_entries(
-        record.manifest.files.iter().filter(|f| f.path != PROVENANCE_FILE).cloned().collect(),
-    );
+    let content =
+        Manifest::from_entries(record.manifest.files.iter().filter(|f| f.path != PROVENANCE_FILE).cloned().collect());
     match output {
         None => Ok(content.tree_digest()),
         Some(name) => content
@@ -133,8 +132,15 @@ pub fn explain_change(stage_id: &str, prev: &KeyComponents, now: &KeyComponents)
     for (name, refs) in &now.inputs {
         let before = prev.inputs.get(name);
         if before.is_none_or(|b| b.len() != refs.len() || b.iter().zip(refs).any(|(x, y)| x.digest != y.digest)) {
-            let ups: Vec<&str> = refs.iter().map(|r| r.stage.as_str()).collect();
-            let verb = if refs.iter().any(|r| r.pending) { "will rerun" } else { "changed" };
+            // Name only the references whose digest moved (all of them if the list changed shape).
+            let changed: Vec<&InputDigest> = match before {
+                Some(b) if b.len() == refs.len() => {
+                    refs.iter().zip(b).filter(|(y, x)| x.digest != y.digest).map(|(y, _)| y).collect()
+                }
+                _ => refs.iter().collect(),
+            };
+            let ups: Vec<&str> = changed.iter().map(|r| r.stage.as_str()).collect();
+            let verb = if changed.iter().any(|r| r.pending) { "will rerun" } else { "changed" };
             return format!("input `{name}` changed (upstream `{}` {verb})", ups.join("`, `"));
         }
     }
@@ -170,7 +176,12 @@ mod tests {
         let mut inputs = BTreeMap::new();
         inputs.insert(
             "data".to_string(),
-            vec![InputDigest { stage: "split".into(), output: Some("train".into()), digest: Digest::of_bytes(b"d"), pending: false }],
+            vec![InputDigest {
+                stage: "split".into(),
+                output: Some("train".into()),
+                digest: Digest::of_bytes(b"d"),
+                pending: false,
+            }],
         );
         KeyComponents {
             kind: "grpo".into(),

@@ -31,5 +31,5 @@ pub mod schedule;
 pub mod stage_log;
 pub mod workspace;
 
-pub use cli::{Command, exit_code_for, execute};
+pub use cli::{Command, execute, exit_code_for};
 pub use env::EngineEnv;

@@ -196,11 +196,16 @@ fn input_digests(
 }
 
 /// Digests of external inputs (stat-cached by the cache, so free on rerun).
-pub fn external_digests(cache: &Cache, paths: &[PathBuf], warnings: &mut Vec<String>) -> anyhow::Result<Vec<ExternalDigest>> {
+pub fn external_digests(
+    cache: &Cache,
+    paths: &[PathBuf],
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<Vec<ExternalDigest>> {
     let mut out = Vec::with_capacity(paths.len());
     for path in paths {
         let digest = if path.exists() {
-            let manifest = cache.hash_path(path).with_context(|| format!("hashing external input {}", path.display()))?;
+            let manifest =
+                cache.hash_path(path).with_context(|| format!("hashing external input {}", path.display()))?;
             Some(manifest.tree_digest())
         } else {
             warnings.push(format!("external input {} does not exist", path.display()));
@@ -325,8 +330,9 @@ pub fn final_components(
     records: &HashMap<String, ActionRecord>,
 ) -> anyhow::Result<KeyComponents> {
     let mut warnings = Vec::new();
-    let lookup =
-        |up: &str, output: Option<&str>| -> Option<UpstreamDigest> { records.get(up).map(|r| digest_of(up, r, output)) };
+    let lookup = |up: &str, output: Option<&str>| -> Option<UpstreamDigest> {
+        records.get(up).map(|r| digest_of(up, r, output))
+    };
     let (comps, _) = components(recipe, decl, cache, env, &lookup, &mut warnings)?;
     if let Some(w) = warnings.iter().find(|w| w.starts_with("input `")) {
         anyhow::bail!("stage `{}`: {w}", decl.id);
@@ -338,4 +344,120 @@ pub fn final_components(
         anyhow::bail!("stage `{}` has an upstream without output", decl.id);
     }
     Ok(comps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::StageContext;
+    use crate::registry::Registry;
+    use crate::stage::{InputSpec, StageKind};
+    use std::path::Path;
+
+    /// A stage kind for planner tests: params only, one optional input.
+    struct Echo;
+
+    #[derive(Debug, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+    #[serde(deny_unknown_fields, default)]
+    struct EchoParams {
+        /// A number.
+        value: f64,
+        /// A word.
+        word: String,
+    }
+
+    impl StageKind for Echo {
+        type Params = EchoParams;
+        const KIND: &'static str = "echo";
+        const VERSION: u32 = 1;
+        const SUMMARY: &'static str = "test kind";
+        fn inputs() -> &'static [InputSpec] {
+            const I: &[InputSpec] = &[InputSpec::optional("up", "upstream")];
+            I
+        }
+        fn run(_p: &Self::Params, _ctx: &mut StageContext) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    const RECIPE: &str = r#"
+[recipe]
+name = "t"
+seed = 5
+[stage.a]
+kind = "echo"
+value = 1.5
+word = "x"
+[stage.b]
+kind = "echo"
+up = "a"
+[stage.c]
+kind = "echo"
+up = "b"
+[stage.d]
+kind = "echo"
+value = 2
+"#;
+
+    fn keys(src: &str, sets: &[&str], cache: &Cache) -> BTreeMap<String, Digest> {
+        let registry = Registry::new().register::<Echo>();
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let recipe = crate::recipe::load_recipe_str(src, Path::new("t.toml"), &sets, &registry).unwrap();
+        let graph = StageGraph::from_recipe(&recipe).unwrap();
+        let env = EngineEnv { cuda_devices: 0, cores: 2, memory_mb: 1024, quiet: true };
+        let plan = make_plan(&recipe, &graph, cache, &Selection::all(&graph), &env).unwrap();
+        assert!(plan.stages.iter().all(|s| s.action == Action::Run && s.reason == "new stage"));
+        plan.stages.iter().map(|s| (s.id.clone(), s.key)).collect()
+    }
+
+    #[test]
+    fn keys_are_stable_order_free_and_change_only_downstream() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let base = keys(RECIPE, &[], &cache);
+        assert_eq!(base, keys(RECIPE, &[], &cache));
+        // Param order and `2` vs `2.0` do not matter.
+        let reordered = RECIPE
+            .replace("value = 1.5\nword = \"x\"", "word = \"x\"\nvalue = 1.5")
+            .replace("value = 2\n", "value = 2.0\n");
+        assert_ne!(reordered, RECIPE);
+        assert_eq!(base, keys(&reordered, &[], &cache));
+        // Changing b's param changes b and c only.
+        let changed = keys(RECIPE, &["stage.b.word=y"], &cache);
+        let differs: Vec<&str> = base.keys().filter(|id| base[*id] != changed[*id]).map(String::as_str).collect();
+        assert_eq!(differs, vec!["b", "c"]);
+        // The recipe seed reaches every stage.
+        let reseeded = keys(RECIPE, &["recipe.seed=6"], &cache);
+        assert!(base.keys().all(|id| base[id] != reseeded[id]));
+    }
+
+    #[test]
+    fn selection_flags() {
+        let registry = Registry::new().register::<Echo>();
+        let recipe = crate::recipe::load_recipe_str(RECIPE, Path::new("t.toml"), &[], &registry).unwrap();
+        let graph = StageGraph::from_recipe(&recipe).unwrap();
+        let ids = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>();
+        let until = Selection::build(&recipe, &graph, &SelectOptions { until: vec!["b".into()], ..Default::default() })
+            .unwrap();
+        assert_eq!(ids(&until.included), vec!["a", "b"]);
+        assert!(until.forced.is_empty());
+        let from =
+            Selection::build(&recipe, &graph, &SelectOptions { from: vec!["b".into()], ..Default::default() }).unwrap();
+        assert_eq!(ids(&from.included), vec!["a", "b", "c"]);
+        assert_eq!(from.forced.keys().cloned().collect::<Vec<_>>(), vec!["b", "c"]);
+        let fd = Selection::build(
+            &recipe,
+            &graph,
+            &SelectOptions { force_downstream: vec!["a".into()], ..Default::default() },
+        )
+        .unwrap();
+        assert_eq!(fd.forced.keys().cloned().collect::<Vec<_>>(), vec!["a", "b", "c"]);
+        assert_eq!(fd.forced["c"], "forced (--force-downstream of a)");
+        let all =
+            Selection::build(&recipe, &graph, &SelectOptions { force: Some(None), ..Default::default() }).unwrap();
+        assert_eq!(all.forced.len(), 4);
+        let err = Selection::build(&recipe, &graph, &SelectOptions { until: vec!["zz".into()], ..Default::default() })
+            .unwrap_err();
+        assert!(err.is::<RecipeError>(), "{err}");
+    }
 }

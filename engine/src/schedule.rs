@@ -77,7 +77,8 @@ impl ResourcePool {
         }
         let wanted = if res.cpu == 0 { self.cap.cores } else { res.cpu.min(self.cap.cores) };
         let memory = res.memory_mb.min(self.cap.memory_mb);
-        if self.running > 0 && (self.cores_used + wanted > self.cap.cores || self.memory_used + memory > self.cap.memory_mb)
+        if self.running > 0
+            && (self.cores_used + wanted > self.cap.cores || self.memory_used + memory > self.cap.memory_mb)
         {
             return None;
         }

@@ -322,7 +322,8 @@ pub fn render_text(r: &InspectReport) -> String {
     if let Some(axis) = r.channel_axis {
         let _ = writeln!(s, "channels     axis {axis}, {} label channel(s)", r.channels.len());
         for c in &r.channels {
-            let labels: Vec<String> = c.labels.iter().filter(|(l, _)| **l != 0).map(|(l, n)| format!("{l}: {n}")).collect();
+            let labels: Vec<String> =
+                c.labels.iter().filter(|(l, _)| **l != 0).map(|(l, n)| format!("{l}: {n}")).collect();
             let labels = if labels.is_empty() { "empty".to_string() } else { labels.join(", ") };
             let _ = writeln!(s, "  channel {:<3} {labels}", c.channel);
         }

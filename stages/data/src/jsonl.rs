@@ -61,7 +61,11 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), JsonlError
 /// Read a JSON document.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, JsonlError> {
     let text = std::fs::read_to_string(path).map_err(|source| JsonlError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|source| JsonlError::Parse { path: path.to_path_buf(), line: source.line(), source })
+    serde_json::from_str(&text).map_err(|source| JsonlError::Parse {
+        path: path.to_path_buf(),
+        line: source.line(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -1,12 +1,20 @@
 //! stage kinds
 pub mod components;
+pub mod inspect;
 pub mod jsonl;
+pub mod nifti;
+pub mod parquet_export;
+pub mod phantom;
+pub mod render;
+pub mod rexgct;
+pub mod slices;
 pub mod split;
 pub mod vqa;
-pub mod nifti;
-pub mod phantom;
-pub mod rexgct;
-pub mod inspect;
-pub mod parquet_export;
-pub mod slices;
-pub mod render;
+pub use inspect::{InspectArgs, inspect};
+pub use parquet_export::ParquetExport;
+pub use phantom::Phantom;
+pub use render::Render;
+pub use rexgct::RexgctIndex;
+pub use slices::LesionSlices;
+pub use split::Split;
+pub use vqa::Vqa;

@@ -194,9 +194,8 @@ fn batch(schema: &SchemaRef, rows: &[Row], images_dir: &Path) -> anyhow::Result<
         let p = images_dir.join(&r.image);
         image_bytes.push(std::fs::read(&p).with_context(|| format!("reading image of `{}`: {}", r.id, p.display()))?);
     }
-    let strings = |f: &dyn Fn(&Row) -> &str| -> ArrayRef {
-        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
-    };
+    let strings =
+        |f: &dyn Fn(&Row) -> &str| -> ArrayRef { Arc::new(StringArray::from_iter_values(rows.iter().map(f))) };
     let image: ArrayRef = Arc::new(StructArray::try_new(
         image_fields(),
         vec![
@@ -285,10 +284,7 @@ fn find_split_sources(ctx: &StageContext) -> anyhow::Result<BTreeMap<String, Pat
 }
 
 fn yaml_features() -> String {
-    let mut y = String::new();
-    for (name, dtype) in [("id", "string")] {
-        y += &format!("  - name: {name}\n    dtype: {dtype}\n");
-    }
+    let mut y = String::from("  - name: id\n    dtype: string\n");
     y += "  - name: image\n    dtype: image\n";
     for name in ["problem", "solution", "answer"] {
         y += &format!("  - name: {name}\n    dtype: string\n");
@@ -363,7 +359,8 @@ impl StageKind for ParquetExport {
     type Params = ParquetExportParams;
     const KIND: &'static str = "parquet_export";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "Sharded zstd Parquet in the Hugging Face `datasets` layout (Image struct column) plus a dataset card";
+    const SUMMARY: &'static str =
+        "Sharded zstd Parquet in the Hugging Face `datasets` layout (Image struct column) plus a dataset card";
 
     fn inputs() -> &'static [InputSpec] {
         const INPUTS: &[InputSpec] = &[
@@ -385,7 +382,9 @@ impl StageKind for ParquetExport {
         if p.splits.is_empty() {
             return Err(ParamError::new(&["splits"], "at least one split is needed"));
         }
-        if let Some(bad) = p.splits.iter().find(|s| s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')) {
+        if let Some(bad) =
+            p.splits.iter().find(|s| s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        {
             return Err(ParamError::new(&["splits"], format!("split name `{bad}` must be [A-Za-z0-9_]+")));
         }
         for (key, v) in [("row_group_mb", p.row_group_mb), ("shard_mb", p.shard_mb)] {
@@ -449,7 +448,14 @@ impl StageKind for ParquetExport {
             let patients = rows.iter().map(|r| r.patient_id.as_str()).collect::<std::collections::BTreeSet<_>>().len();
             let bytes = names.iter().map(|n| std::fs::metadata(out_dir.join(n)).map(|m| m.len()).unwrap_or(0)).sum();
             tracing::info!(split, rows = rows.len(), shards = n, bytes, "parquet written");
-            summaries.push(SplitSummary { name: split.clone(), rows: rows.len(), bytes, shards: names, classes, patients });
+            summaries.push(SplitSummary {
+                name: split.clone(),
+                rows: rows.len(),
+                bytes,
+                shards: names,
+                classes,
+                patients,
+            });
         }
         let info = json!({
             "dataset_name": params.dataset_name,
@@ -480,7 +486,7 @@ pub(crate) mod tests {
         let plan = plan_shards(&sizes, 8, 16);
         assert_eq!(plan, vec![ShardPlan { groups: vec![0..2, 2..4] }, ShardPlan { groups: vec![4..6, 6..7] }]);
         assert_eq!(plan_shards(&[], 8, 16), vec![]);
-        assert_eq!(plan_shards(&[100], 8, 16), vec![ShardPlan { groups: vec![0..1] }]);
+        assert_eq!(plan_shards(&[100], 8, 16), vec![ShardPlan { groups: std::iter::once(0..1).collect() }]);
     }
 
     /// Write a split dir + images dir as `split`/`render` would.
@@ -528,7 +534,8 @@ pub(crate) mod tests {
     fn parquet_reads_back_with_the_parquet_crate() {
         let dir = tempfile::tempdir().unwrap();
         // Tiny row groups / shards to exercise the planner: ~3 rows per group.
-        let p = ParquetExportParams { row_group_mb: 400.0 / 1048576.0, shard_mb: 800.0 / 1048576.0, ..Default::default() };
+        let p =
+            ParquetExportParams { row_group_mb: 400.0 / 1048576.0, shard_mb: 800.0 / 1048576.0, ..Default::default() };
         let out = export(dir.path(), &p);
         let mut shards: Vec<_> = std::fs::read_dir(out.join("train")).unwrap().map(|e| e.unwrap().path()).collect();
         shards.sort();

@@ -179,7 +179,12 @@ impl StageKind for Phantom {
         if c.hint < 4.0 || c.hint * 8.0 > area * 0.08 {
             return Err(ParamError::new(
                 &["box_min_area_hint"],
-                format!("{}: expected 4 ..= {} px for a {}-px slice (lesions must fit in a lung)", c.hint, area * 0.01, c.size),
+                format!(
+                    "{}: expected 4 ..= {} px for a {}-px slice (lesions must fit in a lung)",
+                    c.hint,
+                    area * 0.01,
+                    c.size
+                ),
             ));
         }
         for (key, v) in [
@@ -210,7 +215,8 @@ impl StageKind for Phantom {
         let plans = plan_corpus(params, &cfg, seed);
         let root = ctx.output_dir().to_path_buf();
         for dir in ["images", "segmentations"] {
-            std::fs::create_dir_all(root.join(dir)).with_context(|| format!("creating {}", root.join(dir).display()))?;
+            std::fs::create_dir_all(root.join(dir))
+                .with_context(|| format!("creating {}", root.join(dir).display()))?;
         }
         ctx.progress().start("phantom", plans.len() as u64);
         let options = WriteOptions { gz_level: params.gz_level };
@@ -528,8 +534,7 @@ fn plan_finding(
             let cy = l.cy + rho * theta.sin() * l.ay * scale;
             let angle = rng.random_range(0.0..std::f64::consts::TAU);
             let plan = LesionPlan { lung, centre: [cx, cy, cz], radius, half_z, angle, small };
-            let clash = !is_pleural(kind)
-                && placed.iter().any(|(k, other)| !is_pleural(*k) && overlaps(&plan, other));
+            let clash = !is_pleural(kind) && placed.iter().any(|(k, other)| !is_pleural(*k) && overlaps(&plan, other));
             if !clash {
                 candidate = Some(plan);
                 break;
@@ -726,7 +731,7 @@ fn paint_lesion(
                 let idx = g.idx(x, y, z);
                 let nz = noise(tex_seed, idx as u64);
                 let value: Option<f64> = match kind {
-                    Kind::Nodule | Kind::Micronodules => (d <= rz).then(|| 50.0 + 12.0 * nz),
+                    Kind::Nodule | Kind::Micronodules => (d <= rz).then_some(50.0 + 12.0 * nz),
                     Kind::Ggo => {
                         let theta = dy.atan2(dx);
                         let lobulated = rz * (1.0 + 0.18 * (3.0 * theta + lesion.angle).sin());
@@ -745,9 +750,9 @@ fn paint_lesion(
                         let half_angle = (std::f64::consts::PI * r * r * taper / area_ring).min(1.2);
                         let dtheta = (theta - lesion.angle + std::f64::consts::PI).rem_euclid(std::f64::consts::TAU)
                             - std::f64::consts::PI;
-                        (rho_l >= 0.5 && dtheta.abs() <= half_angle).then(|| 35.0 + 8.0 * nz)
+                        (rho_l >= 0.5 && dtheta.abs() <= half_angle).then_some(35.0 + 8.0 * nz)
                     }
-                    Kind::Effusion => (fy >= level).then(|| 15.0 + 5.0 * nz),
+                    Kind::Effusion => (fy >= level).then_some(15.0 + 5.0 * nz),
                     Kind::Emphysema => (d <= rz).then(|| {
                         let cell = (r / 3.0).max(2.5);
                         let (ix, iy, iz) = ((fx / cell).floor(), (fy / cell).floor(), (z as f64 / cell).floor());
@@ -828,7 +833,8 @@ fn generate_case(plan: &CasePlan, cfg: &Config, root: &Path, options: WriteOptio
         let mut lesions = Vec::new();
         let mut voxels = 0u64;
         for (i, lesion) in finding.lesions.iter().enumerate() {
-            let t = paint_lesion(finding.kind, lesion, (i + 1) as u8, ch, channels, &mut hu, &mut mask, &g, cfg, plan.seed);
+            let t =
+                paint_lesion(finding.kind, lesion, (i + 1) as u8, ch, channels, &mut hu, &mut mask, &g, cfg, plan.seed);
             voxels += t.voxels;
             lesions.push(t.to_json(i + 1, lesion.small));
         }
@@ -949,8 +955,8 @@ mod tests {
         PhantomParams {
             preset: Preset::Mini,
             cases: Some(12),
-            slices: Some(32),
-            size: Some(160),
+            slices: Some(16),
+            size: Some(96),
             padding_fraction: 0.5,
             ..PhantomParams::default()
         }
@@ -999,7 +1005,6 @@ mod tests {
         let root = dir.path().join("volumes");
         let p = small_params();
         run_phantom(&p, &root, 2);
-        if let Ok(keep) = std::env::var("TMP_KEEP_PHANTOM") { let _ = std::process::Command::new("cp").arg("-r").arg(&root).arg(keep).status(); }
         let truth: Value = serde_json::from_slice(&std::fs::read(root.join("phantom.json")).unwrap()).unwrap();
         let hint = truth["box_min_area_hint"].as_f64().unwrap();
         let cases = truth["cases"].as_array().unwrap();
@@ -1038,8 +1043,8 @@ mod tests {
         let ct = nifti::read_f32(&root.join("images").join(name)).unwrap();
         assert_eq!(ct.dims, vec![96, 96, 16]);
         assert_eq!(nifti::orientation(&ct.header.affine), ['L', 'P', 'S']);
-        let mid = ct.data[nifti::AxialSlicer::new(&ct.header.affine, ct.dims3()).unwrap().stored_index(8) * 96 * 96
-            + 48 * 96 + 30];
+        let mid = ct.data
+            [nifti::AxialSlicer::new(&ct.header.affine, ct.dims3()).unwrap().stored_index(8) * 96 * 96 + 48 * 96 + 30];
         assert!((-1000.0..=100.0).contains(&mid), "lung/lesion HU {mid}");
         let min = ct.data.iter().cloned().fold(f32::INFINITY, f32::min);
         if case["padded"].as_bool().unwrap() {

@@ -257,17 +257,27 @@ fn zoom_crop(b: &BBox, margin: f64, rows: u32, cols: u32) -> BBox {
 }
 
 /// Window, resize, draw and paste (steps 1-4 of the module docs).
-pub fn compose(hu: &[f32], rows: usize, cols: usize, boxes: &[BBox], p: &RenderParams) -> Result<Composed, RenderError> {
+pub fn compose(
+    hu: &[f32],
+    rows: usize,
+    cols: usize,
+    boxes: &[BBox],
+    p: &RenderParams,
+) -> Result<Composed, RenderError> {
     if hu.len() != rows * cols {
         return Err(RenderError::Shape { len: hu.len(), rows, cols });
     }
-    if let Some(b) = boxes.iter().find(|b| b.x1 as usize > cols || b.y1 as usize > rows || b.x0 >= b.x1 || b.y0 >= b.y1) {
+    if let Some(b) = boxes.iter().find(|b| b.x1 as usize > cols || b.y1 as usize > rows || b.x0 >= b.x1 || b.y0 >= b.y1)
+    {
         return Err(RenderError::BoxOutside(*b, rows, cols));
     }
     let (lo, hi) = p.hu_range();
     let (r, c) = (rows as u32, cols as u32);
-    let native = GrayImage::from_raw(c, r, window_to_gray(hu, lo, hi))
-        .ok_or(RenderError::Shape { len: hu.len(), rows, cols })?;
+    let native = GrayImage::from_raw(c, r, window_to_gray(hu, lo, hi)).ok_or(RenderError::Shape {
+        len: hu.len(),
+        rows,
+        cols,
+    })?;
     let (h, w) = if p.resize { smart_resize(r, c, p.size_factor, p.min_pixels, p.max_pixels) } else { (r, c) };
     let filter: FilterType = p.filter.into();
     let base = if (h, w) == (r, c) { native.clone() } else { imageops::resize(&native, w, h, filter) };
@@ -279,34 +289,35 @@ pub fn compose(hu: &[f32], rows: usize, cols: usize, boxes: &[BBox], p: &RenderP
         ZoomBox::Largest => boxes.iter().rev().max_by_key(|b| b.area()).copied(),
         ZoomBox::Union => boxes.iter().copied().reduce(|a, b| a.union(&b)),
     };
-    if p.draw_box {
-        if let Some(zb) = zoom_box {
-            draw_outline(&mut img, &scale_box(&zb, sx, sy, w, h), p.box_width, p.box_color);
-        }
+    if let (true, Some(zb)) = (p.draw_box, zoom_box) {
+        draw_outline(&mut img, &scale_box(&zb, sx, sy, w, h), p.box_width, p.box_color);
     }
     let mut patch_region = None;
-    if p.zoom {
-        if let Some(zb) = zoom_box {
-            let crop = zoom_crop(&zb, p.zoom_margin, r, c);
-            let side = match p.patch_side {
-                PatchSide::Pixels(px) => px,
-                PatchSide::Fraction(f) => (f * h.min(w) as f64).round() as u32,
-            }
-            .clamp(1, h.min(w));
-            let cropped = imageops::crop_imm(&native, crop.x0, crop.y0, crop.width(), crop.height()).to_image();
-            let patch = if cropped.width() == side { cropped } else { imageops::resize(&cropped, side, side, filter) };
-            let mut patch = gray_to_rgb(&patch);
-            let bw = p.patch_border_width.min(side);
-            for (x, y, px) in patch.enumerate_pixels_mut() {
-                if x < bw || y < bw || x >= side - bw || y >= side - bw {
-                    *px = Rgb(p.patch_border_color);
-                }
-            }
-            imageops::replace(&mut img, &patch, 0, 0);
-            patch_region = Some(BBox { x0: 0, y0: 0, x1: side, y1: side });
+    if let (true, Some(zb)) = (p.zoom, zoom_box) {
+        let crop = zoom_crop(&zb, p.zoom_margin, r, c);
+        let side = match p.patch_side {
+            PatchSide::Pixels(px) => px,
+            PatchSide::Fraction(f) => (f * h.min(w) as f64).round() as u32,
         }
+        .clamp(1, h.min(w));
+        let cropped = imageops::crop_imm(&native, crop.x0, crop.y0, crop.width(), crop.height()).to_image();
+        let patch = if cropped.width() == side { cropped } else { imageops::resize(&cropped, side, side, filter) };
+        let mut patch = gray_to_rgb(&patch);
+        let bw = p.patch_border_width.min(side);
+        for (x, y, px) in patch.enumerate_pixels_mut() {
+            if x < bw || y < bw || x >= side - bw || y >= side - bw {
+                *px = Rgb(p.patch_border_color);
+            }
+        }
+        imageops::replace(&mut img, &patch, 0, 0);
+        patch_region = Some(BBox { x0: 0, y0: 0, x1: side, y1: side });
     }
-    Ok(Composed { image: img, image_boxes, zoom_box: if p.zoom || p.draw_box { zoom_box } else { None }, patch: patch_region })
+    Ok(Composed {
+        image: img,
+        image_boxes,
+        zoom_box: if p.zoom || p.draw_box { zoom_box } else { None },
+        patch: patch_region,
+    })
 }
 
 /// PNG bytes of an RGB image with fixed settings.
@@ -343,7 +354,12 @@ pub fn image_path(id: &str) -> String {
     format!("images/{}.png", id.replace('/', "__"))
 }
 
-fn render_case(items: &[SliceItem], ct_path: &Path, out_dir: &Path, p: &RenderParams) -> anyhow::Result<Vec<RenderedItem>> {
+fn render_case(
+    items: &[SliceItem],
+    ct_path: &Path,
+    out_dir: &Path,
+    p: &RenderParams,
+) -> anyhow::Result<Vec<RenderedItem>> {
     let vol = nifti::read_f32(ct_path)?;
     if vol.dims.iter().skip(3).any(|&d| d != 1) {
         bail!("{}: CT must be 3D, got dims {:?}", ct_path.display(), vol.dims);
@@ -389,7 +405,8 @@ impl StageKind for Render {
     type Params = RenderParams;
     const KIND: &'static str = "render";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "HU window, zoom-in patch at the upper-left, boxes, smart_resize, reproducible PNG per lesion slice";
+    const SUMMARY: &'static str =
+        "HU window, zoom-in patch at the upper-left, boxes, smart_resize, reproducible PNG per lesion slice";
 
     fn inputs() -> &'static [InputSpec] {
         const INPUTS: &[InputSpec] = &[
@@ -432,7 +449,8 @@ impl StageKind for Render {
 
     fn run(params: &RenderParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         let (index, base) = load_index(ctx)?;
-        let cases: BTreeMap<&str, &crate::slices::IndexCase> = index.cases.iter().map(|c| (c.name.as_str(), c)).collect();
+        let cases: BTreeMap<&str, &crate::slices::IndexCase> =
+            index.cases.iter().map(|c| (c.name.as_str(), c)).collect();
         let items_path = ctx.input("slices")?.join("items.jsonl");
         let items: Vec<SliceItem> = jsonl::read(&items_path)?;
         let mut by_case: BTreeMap<&str, Vec<SliceItem>> = BTreeMap::new();

@@ -232,12 +232,11 @@ fn build_index(params: &RexgctIndexParams, root: &Path, external: bool, ctx: &St
         serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", json_path.display()))?;
     let mut entries: Vec<(&str, &Value)> = Vec::new();
     for split in &params.splits {
-        let list = dataset.get(split).with_context(|| {
-            format!("{}: no partition `{split}` (has: {})", json_path.display(), keys_of(&dataset))
-        })?;
-        let list = list
-            .as_array()
-            .with_context(|| format!("{}: `{split}` must be a list of entries", json_path.display()))?;
+        let list = dataset
+            .get(split)
+            .with_context(|| format!("{}: no partition `{split}` (has: {})", json_path.display(), keys_of(&dataset)))?;
+        let list =
+            list.as_array().with_context(|| format!("{}: `{split}` must be a list of entries", json_path.display()))?;
         entries.extend(list.iter().map(|e| (split.as_str(), e)));
     }
     let code_to_class = params.code_to_class();
@@ -297,8 +296,10 @@ fn build_index(params: &RexgctIndexParams, root: &Path, external: bool, ctx: &St
         bail!("{}: no usable entries in {:?} ({} skipped)", json_path.display(), params.splits, skipped.len());
     }
     let classes = params.ordered_classes();
-    let class_names: serde_json::Map<String, Value> =
-        classes.iter().map(|c| (c.clone(), json!(params.class_names.get(c).cloned().unwrap_or_else(|| c.clone())))).collect();
+    let class_names: serde_json::Map<String, Value> = classes
+        .iter()
+        .map(|c| (c.clone(), json!(params.class_names.get(c).cloned().unwrap_or_else(|| c.clone()))))
+        .collect();
     tracing::info!(cases = cases.len(), skipped = skipped.len(), "dataset indexed");
     Ok(json!({
         "root": if external { json!(root.to_string_lossy()) } else { Value::Null },
@@ -470,11 +471,11 @@ mod tests {
         for name in ["train_12_a_1", "train_12_a_2", "valid_12_a_1", "train_5_b_1"] {
             nifti::write(&root.join(format!("images/{name}.nii.gz")), &[4, 3, 2], &ct, &aff, None).unwrap();
         }
-        nifti::write(&root.join("segmentations/train_12_a_1.nii.gz"), &[2, 4, 3, 2], &vec![0u8; 48], &aff, None).unwrap();
-        nifti::write(&root.join("segmentations/train_12_a_2.nii.gz"), &[4, 3, 2], &vec![0u8; 24], &aff, None).unwrap();
-        nifti::write(&root.join("segmentations/valid_12_a_1.nii.gz"), &[4, 3, 2, 1], &vec![0u8; 24], &aff, None).unwrap();
+        nifti::write(&root.join("segmentations/train_12_a_1.nii.gz"), &[2, 4, 3, 2], &[0u8; 48], &aff, None).unwrap();
+        nifti::write(&root.join("segmentations/train_12_a_2.nii.gz"), &[4, 3, 2], &[0u8; 24], &aff, None).unwrap();
+        nifti::write(&root.join("segmentations/valid_12_a_1.nii.gz"), &[4, 3, 2, 1], &[0u8; 24], &aff, None).unwrap();
         // Mask channel count disagrees with the findings (3 vs 1).
-        nifti::write(&root.join("segmentations/train_5_b_1.nii.gz"), &[3, 4, 3, 2], &vec![0u8; 72], &aff, None).unwrap();
+        nifti::write(&root.join("segmentations/train_5_b_1.nii.gz"), &[3, 4, 3, 2], &[0u8; 72], &aff, None).unwrap();
         let mut train = vec![
             json!({"name": "train_12_a_1.nii.gz", "findings": {"0": "Consolidation.", "1": "Micronodules."},
                    "categories": {"0": "2b", "1": "1e"}}),
@@ -517,7 +518,10 @@ mod tests {
         assert_eq!(cases[0]["patient_id"], "train_12");
         assert_eq!(cases[0]["ct"], "images/train_12_a_1.nii.gz");
         // The dropped micronodule finding is left out, the channel kept.
-        assert_eq!(cases[0]["findings"], json!([{"channel": 0, "category": "2b", "class": "consolidation_atelectasis", "sentence": "Consolidation."}]));
+        assert_eq!(
+            cases[0]["findings"],
+            json!([{"channel": 0, "category": "2b", "class": "consolidation_atelectasis", "sentence": "Consolidation."}])
+        );
         assert_eq!(cases[1]["patient_id"], "valid_12");
         assert_eq!(cases[1]["split"], "val");
         let skipped = index["skipped"].as_array().unwrap();
@@ -574,7 +578,10 @@ mod tests {
         p.class_map.insert("tumour".into(), vec!["2h".into()]);
         assert_eq!(RexgctIndex::validate(&p).unwrap_err().path, vec!["dropped_categories"]);
         // Parsing a recipe-style TOML table with a custom map.
-        let table: toml::Table = "class_map = { nodule_mass = [\"2d\", \"1e\"] }\ndropped_categories = []\non_invalid = \"skip\"".parse().unwrap();
+        let table: toml::Table =
+            "class_map = { nodule_mass = [\"2d\", \"1e\"] }\ndropped_categories = []\non_invalid = \"skip\""
+                .parse()
+                .unwrap();
         let p: RexgctIndexParams = pipeline_engine::params::parse_params(table).unwrap();
         assert_eq!(p.ordered_classes(), vec!["nodule_mass"]);
         RexgctIndex::validate(&p).unwrap();

@@ -394,7 +394,10 @@ impl StageKind for LesionSlices {
 
     fn validate(p: &LesionSlicesParams) -> Result<(), ParamError> {
         if !(p.max_box_fraction > 0.0 && p.max_box_fraction <= 1.0) {
-            return Err(ParamError::new(&["max_box_fraction"], format!("must be in (0, 1], got {}", p.max_box_fraction)));
+            return Err(ParamError::new(
+                &["max_box_fraction"],
+                format!("must be in (0, 1], got {}", p.max_box_fraction),
+            ));
         }
         if p.max_slices == 0 {
             return Err(ParamError::new(&["max_slices"], "must be at least 1"));

@@ -79,10 +79,12 @@ impl StageKind for Split {
     type Params = SplitParams;
     const KIND: &'static str = "split";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "Patient-level train/test split (seeded, optional class stratification, leakage-checked)";
+    const SUMMARY: &'static str =
+        "Patient-level train/test split (seeded, optional class stratification, leakage-checked)";
 
     fn inputs() -> &'static [InputSpec] {
-        const INPUTS: &[InputSpec] = &[InputSpec::one("items", "items.jsonl with patient_id and class (the `vqa` output)")];
+        const INPUTS: &[InputSpec] =
+            &[InputSpec::one("items", "items.jsonl with patient_id and class (the `vqa` output)")];
         INPUTS
     }
 
@@ -131,8 +133,7 @@ impl StageKind for Split {
             sides.entry(side).or_default().push(item);
         }
         let empty = BTreeSet::new();
-        let (train_p, test_p) =
-            (patients.get("train").unwrap_or(&empty), patients.get("test").unwrap_or(&empty));
+        let (train_p, test_p) = (patients.get("train").unwrap_or(&empty), patients.get("test").unwrap_or(&empty));
         let leaked: Vec<&String> = train_p.intersection(test_p).collect();
         if !leaked.is_empty() {
             bail!("patient-level split leaked {} patient(s) into both sides, e.g. {}", leaked.len(), leaked[0]);

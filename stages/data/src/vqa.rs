@@ -117,7 +117,8 @@ pub fn build_question(
         }
     }
     let answer = answer.ok_or_else(|| format!("class `{class}` is not one of the index classes {order:?}"))?;
-    let question = params.question_template.replace("{question}", &params.question).replace("{options}", &options.join("\n"));
+    let question =
+        params.question_template.replace("{question}", &params.question).replace("{options}", &options.join("\n"));
     let template = match params.prompt {
         PromptVariant::Think => &params.think_template,
         PromptVariant::NoThink => &params.no_think_template,
@@ -132,7 +133,8 @@ impl StageKind for Vqa {
     type Params = VqaParams;
     const KIND: &'static str = "vqa";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "Multiple-choice lesion-class questions (options A-G, think/no-think prompt) per rendered slice";
+    const SUMMARY: &'static str =
+        "Multiple-choice lesion-class questions (options A-G, think/no-think prompt) per rendered slice";
 
     fn inputs() -> &'static [InputSpec] {
         const INPUTS: &[InputSpec] = &[
@@ -254,7 +256,9 @@ mod tests {
         assert_eq!(items[3]["solution"], "<answer> D </answer>");
         assert_eq!(items[3]["class_name"], "nodule_mass name");
         let problem = first["problem"].as_str().unwrap();
-        assert!(problem.starts_with("Which type of lesion is marked in this chest CT slice?\nOptions:\nA. airway name\n"));
+        assert!(
+            problem.starts_with("Which type of lesion is marked in this chest CT slice?\nOptions:\nA. airway name\n")
+        );
         assert!(problem.contains("<think>...</think>"));
         // Every item of the same class gets the same letter in fixed order.
         assert_eq!(items[0]["options"], items[7]["options"]);

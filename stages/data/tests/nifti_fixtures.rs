@@ -39,7 +39,11 @@ fn nibabel_fixtures_read_back_exactly() {
             let row = f64s(&affine[i]);
             for j in 0..4 {
                 // nibabel computes the qform in f64 from f32 fields, as we do.
-                assert!((header.affine[i][j] - row[j]).abs() < 1e-5, "{name}: affine {:?} vs {affine:?}", header.affine);
+                assert!(
+                    (header.affine[i][j] - row[j]).abs() < 1e-5,
+                    "{name}: affine {:?} vs {affine:?}",
+                    header.affine
+                );
             }
         }
         let codes: String = nifti::orientation(&header.affine).iter().collect();
@@ -65,7 +69,8 @@ fn nibabel_fixtures_read_back_exactly() {
         if let Some(k) = e.get("display_k").and_then(Value::as_u64) {
             let v = nifti::read_f32(&path).unwrap();
             let slicer = AxialSlicer::new(&v.header.affine, v.dims3()).unwrap();
-            let dd: Vec<usize> = e["display_dims"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+            let dd: Vec<usize> =
+                e["display_dims"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
             assert_eq!(slicer.slice_dims(), (dd[0], dd[1]), "{name}: display dims");
             let mut out = Vec::new();
             slicer.slice(&v.data, k as usize, &mut out);

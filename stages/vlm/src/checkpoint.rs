@@ -125,6 +125,8 @@ pub fn load_file(path: &Path, float_kind: Kind, device: Device) -> Result<BTreeM
     // SAFETY: the mapping is read-only; a checkpoint modified while we read it
     // would give garbage values, which is the same contract as transformers.
     let mmap = unsafe { Mmap::map(&file) }.map_err(|e| file_err(path, e))?;
+    // Read-ahead: tensors are copied front to back.
+    let _ = mmap.advise(memmap2::Advice::Sequential);
     let st = SafeTensors::deserialize(&mmap).map_err(|e| file_err(path, format!("not a safetensors file: {e}")))?;
     let base = mmap.as_ptr() as usize;
     let mut out = BTreeMap::new();
@@ -133,23 +135,45 @@ pub fn load_file(path: &Path, float_kind: Kind, device: Device) -> Result<BTreeM
         let kind = kind_of(view.dtype()).ok_or_else(|| terr(format!("unsupported dtype {:?}", view.dtype())))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let data = view.data();
-        let src = Tensor::f_from_data_size(data, &shape, kind).map_err(|e| terr(e.to_string()))?;
-        let target = if is_float(kind) { float_kind } else { kind };
-        let t = src.f_to_device(device)?.f_to_kind(target)?;
-        // `to_kind`/`to_device` return the same storage when nothing changes;
-        // that storage is already an owned copy, so no extra copy is needed.
-        drop(src);
         let offset = data.as_ptr() as usize - base;
-        // SAFETY: DONTNEED on a read-only file mapping only drops cached
-        // pages; later reads fault them back in from the file.
-        unsafe {
-            let page = 4096;
-            let start = offset / page * page;
-            let _ = mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, offset + data.len() - start);
-        }
+        let owned = copy_out(&mmap, data, offset, &shape, kind).map_err(|e| terr(e.to_string()))?;
+        let target = if is_float(kind) { float_kind } else { kind };
+        // `to_device`/`to_kind` return the same tensor when nothing changes.
+        let t = owned.f_to_device(device)?.f_to_kind(target)?;
         out.insert(normalize_name(&name), t);
     }
     Ok(out)
+}
+
+/// Bytes copied per step when reading a tensor out of the mapping.
+const COPY_CHUNK_BYTES: usize = 64 << 20;
+
+/// Copy one tensor out of the mapping in chunks, dropping each chunk's pages
+/// from the resident set once copied: peak memory stays at the loaded tensors
+/// plus one chunk, even for the 1 GB embedding matrices of a 7B model.
+fn copy_out(mmap: &Mmap, data: &[u8], offset: usize, shape: &[i64], kind: Kind) -> Result<Tensor, tch::TchError> {
+    let dst = Tensor::f_empty(shape, (kind, Device::Cpu))?;
+    let elt = kind.elt_size_in_bytes();
+    let numel = data.len() / elt;
+    let flat = dst.f_view([numel as i64])?;
+    let chunk = (COPY_CHUNK_BYTES / elt).max(1);
+    let mut start = 0;
+    while start < numel {
+        let n = chunk.min(numel - start);
+        let bytes = &data[start * elt..(start + n) * elt];
+        let src = Tensor::f_from_data_size(bytes, &[n as i64], kind)?;
+        flat.f_narrow(0, start as i64, n as i64)?.f_copy_(&src)?;
+        // SAFETY: DONTNEED on a read-only file mapping only drops cached
+        // pages; a later read faults them back in from the file.
+        unsafe {
+            let page = 4096;
+            let from = (offset + start * elt) / page * page;
+            let to = offset + (start + n) * elt;
+            let _ = mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, from, to - from);
+        }
+        start += n;
+    }
+    Ok(dst)
 }
 
 /// Load all shards of a checkpoint directory.

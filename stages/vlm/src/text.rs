@@ -56,6 +56,23 @@ impl KvCache {
     }
 }
 
+/// Attention of one new token per row over the cache, written out as two
+/// matmuls. Decode steps change the key length every step; on CUDA the fused
+/// SDPA backends re-plan for each new shape (tens of ms per step), which
+/// dominates decoding, while this is a couple of small GEMMs.
+fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, kv_heads: i64, scale: f64) -> Tensor {
+    let (b, heads, _, d) = q.size4().unwrap_or((0, 0, 0, 0));
+    let groups = heads / kv_heads;
+    // Query heads h = kv * groups + g share key/value head kv (HF repeat_kv).
+    let q = q.reshape([b, kv_heads, groups, d]);
+    let kind = q.kind();
+    // Softmax in f32 like the fused kernels do for half precision.
+    let scores = q.matmul(&k.transpose(2, 3)).to_kind(Kind::Float) * scale; // (b, kv, groups, keys)
+    let scores = scores.masked_fill(&mask.logical_not(), f64::NEG_INFINITY);
+    let probs = scores.softmax(-1, Kind::Float).to_kind(kind);
+    probs.matmul(v).reshape([b, heads, 1, d])
+}
+
 impl TextModel {
     pub fn load(params: &BTreeMap<String, Tensor>, cfg: &TextConfig) -> Result<Self, ModelError> {
         let p = "model.language_model";
@@ -178,7 +195,11 @@ impl TextModel {
                 cache.layers[li] = (k.shallow_clone(), v.shallow_clone());
                 (k, v)
             };
-            let a = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, scale, kv_heads != heads);
+            let a = if len == 1 {
+                decode_attention(&q, &k, &v, &mask, kv_heads, scale)
+            } else {
+                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, scale, kv_heads != heads)
+            };
             let a = a.transpose(1, 2).reshape([b, len, heads * hd]);
             // Not `+=`: in-place adds would break autograd (x feeds the norm backward).
             x = &x + layer.o.forward(&a);

@@ -171,7 +171,8 @@ impl NiftiHeader {
     /// Parse the first [`HEADER_SIZE`] bytes of a file. `path` only names
     /// the file in errors.
     pub fn parse(bytes: &[u8], path: &Path) -> Result<Self, NiftiError> {
-        let bad = |field: &str, msg: String| NiftiError::Header { path: path.to_path_buf(), field: field.to_string(), msg };
+        let bad =
+            |field: &str, msg: String| NiftiError::Header { path: path.to_path_buf(), field: field.to_string(), msg };
         if bytes.len() < HEADER_SIZE {
             return Err(NiftiError::Truncated {
                 path: path.to_path_buf(),
@@ -229,9 +230,8 @@ impl NiftiHeader {
         }
 
         let code = r.i16(70);
-        let datatype = DataType::from_code(code).ok_or_else(|| {
-            bad("datatype", format!("{code} ({}) is not supported", unsupported_datatype_name(code)))
-        })?;
+        let datatype = DataType::from_code(code)
+            .ok_or_else(|| bad("datatype", format!("{code} ({}) is not supported", unsupported_datatype_name(code))))?;
         let bitpix = r.i16(72);
         if bitpix as usize != datatype.size() * 8 {
             tracing::warn!(
@@ -249,7 +249,10 @@ impl NiftiHeader {
         if bytes_total > MAX_DATA_BYTES {
             return Err(bad(
                 "dim",
-                format!("{dims:?} × {} bytes = {bytes_total} bytes exceeds the {MAX_DATA_BYTES}-byte limit", datatype.size()),
+                format!(
+                    "{dims:?} × {} bytes = {bytes_total} bytes exceeds the {MAX_DATA_BYTES}-byte limit",
+                    datatype.size()
+                ),
             ));
         }
 
@@ -487,7 +490,13 @@ pub fn affine_to_quatern(affine: &[[f64; 4]; 4]) -> ([f64; 3], [f32; 3], [f32; 3
         let n = (0..3).map(|i| affine[i][j] * affine[i][j]).sum::<f64>().sqrt();
         zooms[j] = if n > 0.0 { n } else { 1.0 };
         for i in 0..3 {
-            m[i][j] = if n > 0.0 { affine[i][j] / n } else if i == j { 1.0 } else { 0.0 };
+            m[i][j] = if n > 0.0 {
+                affine[i][j] / n
+            } else if i == j {
+                1.0
+            } else {
+                0.0
+            };
         }
     }
     let mut r = super::orient::nearest_rotation(m);

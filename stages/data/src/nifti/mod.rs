@@ -117,18 +117,18 @@ pub fn read_f32(path: &Path) -> Result<Volume<f32>, NiftiError> {
                 decode_chunk::<S>(bytes, be, |v| data.push(v.to_f32()));
             }
         });
-        if dt.is_float() || scaled {
-            if let Some(off) = data[start..].iter().position(|v| !v.is_finite()) {
-                let i = (start + off) as u64;
-                return Err(NiftiError::Value {
-                    path: path.to_path_buf(),
-                    msg: format!(
-                        "voxel {:?} (index {i}) is {} after scaling; CT intensities must be finite",
-                        coords(&header.dims, i),
-                        data[start + off]
-                    ),
-                });
-            }
+        if (dt.is_float() || scaled)
+            && let Some(off) = data[start..].iter().position(|v| !v.is_finite())
+        {
+            let i = (start + off) as u64;
+            return Err(NiftiError::Value {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "voxel {:?} (index {i}) is {} after scaling; CT intensities must be finite",
+                    coords(&header.dims, i),
+                    data[start + off]
+                ),
+            });
         }
         Ok(())
     })?;

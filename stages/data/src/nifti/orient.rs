@@ -202,7 +202,14 @@ impl AxialSlicer {
     /// Display slice `k` of one channel of a 4D label volume.
     /// Panics under the same conditions as [`slice`](Self::slice) or if
     /// `channel` is out of range.
-    pub fn slice_channel<T: Copy>(&self, data: &[T], layout: ChannelLayout, channel: usize, k: usize, out: &mut Vec<T>) {
+    pub fn slice_channel<T: Copy>(
+        &self,
+        data: &[T],
+        layout: ChannelLayout,
+        channel: usize,
+        k: usize,
+        out: &mut Vec<T>,
+    ) {
         let nvox = self.dims.iter().product::<usize>();
         match layout {
             ChannelLayout::First { channels } => {

@@ -92,7 +92,8 @@ impl VoxelReader {
 
         // Skip the extension block(s) up to vox_offset.
         let skip = header.vox_offset - HEADER_SIZE as u64;
-        let skipped = std::io::copy(&mut (&mut inner).take(skip), &mut std::io::sink()).map_err(|e| gz_error(path, e))?;
+        let skipped =
+            std::io::copy(&mut (&mut inner).take(skip), &mut std::io::sink()).map_err(|e| gz_error(path, e))?;
         if skipped < skip {
             return Err(NiftiError::Truncated {
                 path: path.to_path_buf(),
@@ -138,10 +139,9 @@ impl VoxelReader {
 
 fn gz_error(path: &Path, e: std::io::Error) -> NiftiError {
     match e.kind() {
-        ErrorKind::UnexpectedEof => NiftiError::Gzip {
-            path: path.to_path_buf(),
-            msg: "the gzip stream ends early (truncated file?)".into(),
-        },
+        ErrorKind::UnexpectedEof => {
+            NiftiError::Gzip { path: path.to_path_buf(), msg: "the gzip stream ends early (truncated file?)".into() }
+        }
         ErrorKind::InvalidInput | ErrorKind::InvalidData => {
             NiftiError::Gzip { path: path.to_path_buf(), msg: format!("corrupt gzip data: {e}") }
         }

@@ -70,11 +70,7 @@ pub fn write_with<T: NiftiScalar>(
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let file_name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{file_name}.tmp-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    let tmp = dir.join(format!(".{file_name}.tmp-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
     let io = |context: &str, p: &Path, source: std::io::Error| NiftiError::Io {
         path: p.to_path_buf(),
         context: context.to_string(),

@@ -180,7 +180,12 @@ fn rules_boxes_and_cap_on_a_planted_mask() {
     let ks: Vec<(String, usize)> = items_s.iter().map(|i| (i.class.clone(), i.slice)).collect();
     assert_eq!(
         ks,
-        vec![("effusion_thickening".into(), 37), ("nodule_mass".into(), 0), ("nodule_mass".into(), 14), ("nodule_mass".into(), 29)]
+        vec![
+            ("effusion_thickening".into(), 37),
+            ("nodule_mass".into(), 0),
+            ("nodule_mass".into(), 14),
+            ("nodule_mass".into(), 29)
+        ]
     );
 }
 

@@ -1,0 +1,1 @@
+//! Training stages: SFT and GRPO.
