@@ -1,4 +1,5 @@
-// The `pipeline` binary and its tests load libtorch at run time: bake the
+// The `pipeline` binary, and the tests of every crate that uses tch (they
+// point their `build` here), load libtorch at run time: bake the
 // directory torch-sys linked against into the rpath, so nobody has to export
 // LD_LIBRARY_PATH. (Cargo does not propagate rpaths from dependencies.)
 // torch-sys declares `links = "tch"`, so its `libtorch_lib` metadata arrives

@@ -202,3 +202,20 @@ fn gc_keeps_what_recipes_reference_and_clean_drops_stages() {
     let plan = ws.run(&["plan", r]).ok().stdout;
     assert!(plan.contains("1 to run, 3 cached"), "{plan}");
 }
+
+#[test]
+fn example_recipes_load_and_plan() {
+    let ws = Workspace::new();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let plan = ws.run(&["plan", path.to_str().unwrap()]).ok().stdout;
+            assert!(plan.contains("to run"), "{plan}");
+            assert!(!plan.contains("warning"), "{}: {plan}", path.display());
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2);
+}

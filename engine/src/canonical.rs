@@ -14,12 +14,12 @@ use serde_json::Value;
 pub fn normalize(value: &Value) -> Value {
     match value {
         Value::Number(n) => {
-            if n.is_f64() {
-                if let Some(f) = n.as_f64() {
-                    if f.fract() == 0.0 && f.abs() < 9.0e15 {
-                        return Value::from(f as i64);
-                    }
-                }
+            if n.is_f64()
+                && let Some(f) = n.as_f64()
+                && f.fract() == 0.0
+                && f.abs() < 9.0e15
+            {
+                return Value::from(f as i64);
             }
             Value::Number(n.clone())
         }

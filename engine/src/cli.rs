@@ -102,6 +102,11 @@ pub struct RunArgs {
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Run a recipe: reuse cached stages, run the rest.
+    #[command(after_help = "Leaves behind:\n  \
+        <workspace>/runs/<UTC time>-<recipe>/summary.json   every stage: status, key, reason, duration, log, error\n  \
+        <workspace>/outputs/<recipe>/<stage id>             link to the stage's (read-only) output directory\n  \
+        <cache>/logs/<run id>/<stage id>.log                 what each stage logged, and its error chain\n\
+        Exit code: 0 all stages ok, 1 a stage failed, 2 recipe or usage error, 130 interrupted.")]
     Run(RunArgs),
     /// Show what `run` would do and why.
     Plan {
@@ -511,14 +516,7 @@ fn cmd_gc(
     registry: &Registry,
     env: &EngineEnv,
 ) -> anyhow::Result<ExitCode> {
-    let max_size = match max_size {
-        None => None,
-        Some(s) => Some(
-            s.parse::<ByteSize>()
-                .map_err(|e| UsageError(format!("--max-size `{s}`: expected a size like 10G or 500MiB ({e})")))?
-                .as_u64(),
-        ),
-    };
+    let max_size = max_size.as_deref().map(parse_size).transpose()?;
     let explicit = !recipes.is_empty();
     let files = if explicit { recipes } else { recipe_files(Path::new("recipes")) };
     let cache = open_cache(&cache_args.cache_dir)?;
@@ -615,4 +613,50 @@ fn cmd_clean(
     }
     println!("removed {removed} record(s); run `pipeline gc` to free their blobs");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--max-size` values: `10G`, `500MiB`, `1.5 TB`, or plain bytes.
+fn parse_size(text: &str) -> Result<u64, UsageError> {
+    text.trim()
+        .parse::<ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| UsageError(format!("--max-size `{text}`: expected a size like 10G or 500MiB ({e})")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: Command,
+    }
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from(std::iter::once("pipeline").chain(args.iter().copied())).unwrap().cmd
+    }
+
+    #[test]
+    fn force_with_and_without_a_stage() {
+        let Command::Run(all) = parse(&["run", "r.toml", "--force"]) else { panic!("not run") };
+        assert_eq!(all.select.options().force, Some(None));
+        let Command::Run(one) = parse(&["run", "r.toml", "--force", "sft", "--jobs", "3"]) else { panic!("not run") };
+        assert_eq!(one.select.options().force, Some(Some("sft".to_string())));
+        assert_eq!(one.jobs, Some(3));
+        let Command::Run(none) = parse(&["run", "r.toml", "--set", "a.b=1", "--set", "c=2"]) else { panic!("not run") };
+        assert_eq!(none.select.options().force, None);
+        assert_eq!(none.recipe.sets, vec!["a.b=1", "c=2"]);
+    }
+
+    #[test]
+    fn sizes_and_exit_codes() {
+        assert_eq!(parse_size("10G").unwrap(), 10_000_000_000);
+        assert_eq!(parse_size("500MiB").unwrap(), 500 * 1024 * 1024);
+        assert!(parse_size("lots").unwrap_err().to_string().contains("--max-size `lots`"));
+        assert_eq!(exit_code_for(&anyhow::Error::new(UsageError("x".into()))), 2);
+        assert_eq!(exit_code_for(&anyhow::Error::new(DagError::UnknownStage("x".into())).context("while planning")), 2);
+        assert_eq!(exit_code_for(&anyhow::anyhow!("disk full")), 1);
+    }
 }

@@ -61,12 +61,9 @@ impl StageGraph {
 
     /// Build from a parsed recipe: one edge per input reference and `after`.
     pub fn from_recipe(recipe: &crate::recipe::Recipe) -> Result<Self, DagError> {
-        Self::new(recipe.stages.iter().map(|s| {
-            let mut ups: Vec<String> =
-                s.inputs.values().flat_map(|refs| refs.iter().map(|r| r.stage.clone())).collect();
-            ups.extend(s.after.iter().cloned());
-            (s.id.clone(), ups)
-        }))
+        Self::new(
+            recipe.stages.iter().map(|s| (s.id.clone(), s.dependencies().into_iter().map(str::to_string).collect())),
+        )
     }
 
     pub fn len(&self) -> usize {

@@ -134,13 +134,13 @@ impl Executor<'_> {
                 // Dependents of failed stages will never run (after a
                 // cancellation they are simply not run).
                 for i in 0..n {
-                    if !self.cancel.load(Ordering::SeqCst) && matches!(states[i], State::Waiting) {
-                        if let Some(&bad) = upstreams[i]
+                    if !self.cancel.load(Ordering::SeqCst)
+                        && matches!(states[i], State::Waiting)
+                        && let Some(&bad) = upstreams[i]
                             .iter()
                             .find(|&&u| matches!(states[u], State::Failed { .. } | State::Skipped(_)))
-                        {
-                            states[i] = State::Skipped(format!("upstream `{}` failed", plan.stages[bad].id));
-                        }
+                    {
+                        states[i] = State::Skipped(format!("upstream `{}` failed", plan.stages[bad].id));
                     }
                 }
                 if !stopping {
@@ -322,15 +322,22 @@ impl Executor<'_> {
         let components = final_components(self.recipe, job.decl, self.cache, self.env, &job.upstream)?;
         let key = components.key();
         // Another process may be producing the same key: wait for it, then reuse.
-        let _lock = self
-            .cache
-            .lock(&key, None)
-            .with_context(|| format!("locking cache key {} of stage `{id}`", key.short()))?;
-        if !job.planned.forced {
-            if let Some(record) = self.cache.lookup(&key)? {
-                tracing::info!("outputs already in the cache (key {})", key.short());
-                return Ok(Finished { record, components, status: StageStatus::Cached });
+        let _lock = match self.cache.try_lock(&key)? {
+            Some(lock) => lock,
+            None => {
+                let holder = self.cache.lock_holder(&key).ok().flatten();
+                let who = holder.map(|h| h.to_string()).unwrap_or_else(|| "another process".to_string());
+                self.progress.println(&format!("wait    {id}  (key {} is being produced by {who})", key.short()));
+                self.cache
+                    .lock(&key, None)
+                    .with_context(|| format!("locking cache key {} of stage `{id}`", key.short()))?
             }
+        };
+        if !job.planned.forced
+            && let Some(record) = self.cache.lookup(&key)?
+        {
+            tracing::info!("outputs already in the cache (key {})", key.short());
+            return Ok(Finished { record, components, status: StageStatus::Cached });
         }
         let staging = self.cache.staging_dir(id)?;
         let scratch = self.cache.staging_dir(&format!("{id}.scratch"))?;
@@ -534,5 +541,17 @@ mod tests {
         assert_eq!((status(&second, "a"), status(&second, "b")), (StageStatus::Ran, StageStatus::Cached));
         let out = std::fs::read_to_string(second.stages[1].output.as_ref().unwrap().join("out.txt")).unwrap();
         assert_eq!(out, "same!");
+    }
+
+    #[test]
+    fn a_missing_named_output_fails_the_reader_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = "[recipe]\nname = \"m\"\n[stage.a]\nkind = \"boom\"\n[stage.b]\nkind = \"boom\"\nup = \"a.train\"\n";
+        let s = run(src, dir.path());
+        assert_eq!(status(&s, "a"), StageStatus::Ran);
+        let b = s.stages.iter().find(|x| x.id == "b").unwrap();
+        assert_eq!(b.status, StageStatus::Failed);
+        let err = b.error.as_deref().unwrap();
+        assert!(err.contains("stage `b`: input `up`") && err.contains("stage `a` has no output `train`"), "{err}");
     }
 }

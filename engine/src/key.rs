@@ -202,7 +202,8 @@ mod tests {
         reordered.params = serde_json::from_str(r#"{"steps": 10.0, "beta": 0.04}"#).unwrap();
         assert_eq!(base.key(), reordered.key(), "param order and 10 vs 10.0 are irrelevant");
 
-        let mutations: Vec<Box<dyn Fn(&mut KeyComponents)>> = vec![
+        type Mutation = Box<dyn Fn(&mut KeyComponents)>;
+        let mutations: Vec<Mutation> = vec![
             Box::new(|c| c.version = 3),
             Box::new(|c| c.params = json!({"beta": 0.1, "steps": 10})),
             Box::new(|c| c.inputs.get_mut("data").unwrap()[0].digest = Digest::of_bytes(b"e")),

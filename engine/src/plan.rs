@@ -329,14 +329,21 @@ pub fn final_components(
     env: &EngineEnv,
     records: &HashMap<String, ActionRecord>,
 ) -> anyhow::Result<KeyComponents> {
+    // Every referenced upstream output must exist before the stage may start.
+    for (name, refs) in &decl.inputs {
+        for r in refs {
+            let record = records
+                .get(&r.stage)
+                .with_context(|| format!("stage `{}`: upstream `{}` has no output record", decl.id, r.stage))?;
+            artifact_digest(&r.stage, record, r.output.as_deref())
+                .with_context(|| format!("stage `{}`: input `{name}`", decl.id))?;
+        }
+    }
     let mut warnings = Vec::new();
     let lookup = |up: &str, output: Option<&str>| -> Option<UpstreamDigest> {
         records.get(up).map(|r| digest_of(up, r, output))
     };
     let (comps, _) = components(recipe, decl, cache, env, &lookup, &mut warnings)?;
-    if let Some(w) = warnings.iter().find(|w| w.starts_with("input `")) {
-        anyhow::bail!("stage `{}`: {w}", decl.id);
-    }
     if let Some(missing) = comps.missing_external().next() {
         anyhow::bail!("stage `{}`: external input {} does not exist", decl.id, missing.display());
     }

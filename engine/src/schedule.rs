@@ -100,10 +100,10 @@ impl ResourcePool {
         self.cores_used = self.cores_used.saturating_sub(grant.threads);
         self.memory_used = self.memory_used.saturating_sub(grant.memory_mb);
         self.running = self.running.saturating_sub(1);
-        if let Device::Cuda(i) = grant.device {
-            if let Some(slot) = self.cuda_busy.get_mut(i) {
-                *slot = false;
-            }
+        if let Device::Cuda(i) = grant.device
+            && let Some(slot) = self.cuda_busy.get_mut(i)
+        {
+            *slot = false;
         }
     }
 }

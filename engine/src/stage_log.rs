@@ -55,10 +55,10 @@ impl StageLogs {
     /// Append a line directly (e.g. the error chain of a failed stage).
     pub fn write_line(&self, stage_id: &str, line: &str) {
         let file = self.files.lock().ok().and_then(|f| f.get(stage_id).cloned());
-        if let Some(file) = file {
-            if let Ok(mut f) = file.lock() {
-                let _ = writeln!(f, "{line}");
-            }
+        if let Some(file) = file
+            && let Ok(mut f) = file.lock()
+        {
+            let _ = writeln!(f, "{line}");
         }
     }
 

@@ -42,6 +42,24 @@ fn main() -> anyhow::Result<()> {
         eprintln!("phantom: {cases} bench cases in {t:.1}s");
         run::<RexgctIndex>(&RexgctIndexParams::default(), &index, &[("dataset", &volumes)], 1)?;
     }
+    if std::env::var_os("BENCH_READS").is_some() {
+        // Where the time goes: decoding alone, per case.
+        for e in std::fs::read_dir(volumes.join("images"))? {
+            let ct = e?.path();
+            let mask = volumes.join("segmentations").join(ct.file_name().context("file name")?);
+            let t = Instant::now();
+            let v = stages_data::nifti::read_f32(&ct)?;
+            let t_ct = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let m = stages_data::nifti::read_labels(&mask)?;
+            let t_mask = t.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                serde_json::json!({"ct": ct.display().to_string(), "ct_dims": v.dims, "read_f32_s": t_ct,
+                                              "mask_dims": m.dims, "read_labels_s": t_mask})
+            );
+        }
+    }
     for &n in &threads {
         let slices = dir.join(format!("slices-{n}"));
         let ts = run::<LesionSlices>(&Default::default(), &slices, &[("index", &index), ("dataset", &volumes)], n)?;

@@ -249,6 +249,18 @@ impl Presence {
     }
 }
 
+/// The smallest box holding every non-zero pixel of a row-major mask.
+fn foreground_bounds(mask: &[u8], rows: usize, cols: usize) -> Option<BBox> {
+    let mut b: Option<BBox> = None;
+    for (y, row) in mask.chunks_exact(cols).take(rows).enumerate() {
+        let Some(first) = row.iter().position(|&v| v != 0) else { continue };
+        let last = row.iter().rposition(|&v| v != 0).unwrap_or(first);
+        let r = BBox { x0: first as u32, y0: y as u32, x1: last as u32 + 1, y1: y as u32 + 1 };
+        b = Some(b.map_or(r, |b| b.union(&r)));
+    }
+    b
+}
+
 /// The stored axis display slices run along (probed through the slicer).
 fn slice_axis(slicer: &AxialSlicer) -> Option<usize> {
     let n = slicer.num_slices();
@@ -303,7 +315,7 @@ fn process_case(
     let (rows, cols) = slicer.slice_dims();
     let rules = BoxRules { min_area: params.box_min_area, max_fraction: params.max_box_fraction };
     let mut labeler = ComponentLabeler::new();
-    let (mut acc, mut one) = (Vec::<u8>::new(), Vec::<u16>::new());
+    let (mut acc, mut one, mut crop) = (Vec::<u8>::new(), Vec::<u16>::new(), Vec::<u8>::new());
     let mut stats = SliceStats { cases: 1, ..Default::default() };
     let mut kept: Vec<SliceItem> = vec![];
     for (class, chans) in &class_channels {
@@ -322,9 +334,17 @@ fn process_case(
                     *a |= u8::from(l != 0);
                 }
             }
-            let comps = labeler.components(&acc, rows, cols, params.connectivity)?;
-            if comps.is_empty() {
-                continue;
+            // Lesions are small: label only the rectangle holding foreground.
+            let Some(fg) = foreground_bounds(&acc, rows, cols) else { continue };
+            let (cw, ch) = (fg.width() as usize, fg.height() as usize);
+            crop.clear();
+            for y in fg.y0 as usize..fg.y1 as usize {
+                crop.extend_from_slice(&acc[y * cols + fg.x0 as usize..][..cw]);
+            }
+            let mut comps = labeler.components(&crop, ch, cw, params.connectivity)?;
+            for c in &mut comps {
+                c.bbox =
+                    BBox { x0: c.bbox.x0 + fg.x0, y0: c.bbox.y0 + fg.y0, x1: c.bbox.x1 + fg.x0, y1: c.bbox.y1 + fg.y0 };
             }
             stats.slices_with_foreground += 1;
             let f = rules.apply(&comps, rows, cols);
@@ -442,3 +462,17 @@ impl StageKind for LesionSlices {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod bounds_tests {
+    use super::*;
+
+    #[test]
+    fn foreground_bounds_cover_all_pixels() {
+        let mut m = vec![0u8; 5 * 6];
+        assert_eq!(foreground_bounds(&m, 5, 6), None);
+        m[6 + 4] = 1; // row 1, col 4
+        m[3 * 6 + 1] = 1; // row 3, col 1
+        assert_eq!(foreground_bounds(&m, 5, 6), Some(BBox { x0: 1, y0: 1, x1: 5, y1: 4 }));
+    }
+}

@@ -35,12 +35,11 @@ fn nibabel_fixtures_read_back_exactly() {
             assert!((*z as f64 - want).abs() < 1e-6, "{name}: zooms {:?}", header.pixdim);
         }
         let affine = e["affine"].as_array().unwrap();
-        for i in 0..4 {
-            let row = f64s(&affine[i]);
-            for j in 0..4 {
+        for (got_row, want_row) in header.affine.iter().zip(affine) {
+            for (got, want) in got_row.iter().zip(f64s(want_row)) {
                 // nibabel computes the qform in f64 from f32 fields, as we do.
                 assert!(
-                    (header.affine[i][j] - row[j]).abs() < 1e-5,
+                    (got - want).abs() < 1e-5,
                     "{name}: affine {:?} vs {affine:?}",
                     header.affine
                 );

@@ -284,4 +284,19 @@ mod tests {
         // Row 4 = block (0,1), in-block (0,0): x starts at 28.
         assert_eq!(v[4 * 1176], 28.0);
     }
+
+    #[test]
+    fn preprocessor_config_reads_size_and_rejects_unsupported_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("preprocessor_config.json");
+        std::fs::write(&path, r#"{"size": {"shortest_edge": 3136, "longest_edge": 401408}, "resample": 3}"#).unwrap();
+        let p = ImageProcessor::from_file(&path).unwrap();
+        assert_eq!((p.min_pixels, p.max_pixels), (3136, 401_408));
+        std::fs::write(&path, r#"{"resample": 2}"#).unwrap();
+        let e = ImageProcessor::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("preprocessor_config.json") && e.contains("`resample`"), "{e}");
+        std::fs::write(&path, r#"{"image_mean": [0.5, 0.5]}"#).unwrap();
+        let e = ImageProcessor::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("`image_mean`") && e.contains("3 numbers"), "{e}");
+    }
 }

@@ -154,6 +154,18 @@ pub fn read_labels(path: &Path) -> Result<Volume<u16>, NiftiError> {
     let (dt, be) = (header.datatype, header.big_endian);
     reader.for_each_chunk(|bytes| {
         let mut bad: Option<(usize, f64)> = None;
+        // Fast paths: u8/u16 masks need no checks (the common case).
+        match dt {
+            DataType::U8 => {
+                decode_chunk::<u8>(bytes, be, |v| data.push(v as u16));
+                return Ok(());
+            }
+            DataType::U16 => {
+                decode_chunk::<u16>(bytes, be, |v| data.push(v));
+                return Ok(());
+            }
+            _ => {}
+        }
         dispatch_datatype!(dt, S => {
             decode_chunk::<S>(bytes, be, |v| {
                 let f = v.to_f64();

@@ -1,0 +1,1 @@
+//! Evaluation, consistency judge and report stages.
