@@ -35,6 +35,8 @@ enum Commands {
     /// Model tools: generate, convert, bench (Qwen2.5-VL on tch).
     #[command(subcommand)]
     Model(stages_vlm::cli::ModelCommand),
+    /// Show a NIfTI file's header, orientation and value statistics.
+    Inspect(stages_data::InspectArgs),
     /// Check libtorch and every CUDA device with a small forward/backward pass.
     Doctor,
 }
@@ -83,6 +85,7 @@ fn main() -> ExitCode {
             pipeline_engine::execute(cmd, &registry::registry(), &env)
         }
         Commands::Model(cmd) => stages_vlm::cli::model_main(&cmd).map(|()| ExitCode::SUCCESS),
+        Commands::Inspect(args) => stages_data::inspect(&args).map(|()| ExitCode::SUCCESS),
         Commands::Doctor => doctor::doctor().map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -154,6 +154,8 @@ input = "good"
     let log = summary["stages"].as_array().unwrap().iter().find(|s| s["id"] == "bad").unwrap()["log"].clone();
     let log = std::fs::read_to_string(log.as_str().unwrap()).unwrap();
     assert!(log.contains("error: stage `bad` (text) failed"), "{log}");
+    // Events the stage's span emitted were routed to its file too.
+    assert!(log.contains("INFO") && log.contains("running text"), "{log}");
 }
 
 #[test]

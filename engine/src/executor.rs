@@ -25,7 +25,7 @@ use crate::provenance::{Provenance, git_revision, host_name, rfc3339};
 use crate::recipe::{Recipe, StageDecl};
 use crate::schedule::{Capacity, Grant, ResourcePool};
 use crate::stage::DeviceRequest;
-use crate::stage_log::{StageLogs, stage_span};
+use crate::stage_log::{StageLogs, log_key, stage_span};
 use crate::workspace::{RunStatus, RunSummary, StageStatus, StageSummary, Workspace};
 
 #[derive(Debug, Clone)]
@@ -171,7 +171,7 @@ impl Executor<'_> {
                             }
                         }
                         let log_path = logs_dir.join(format!("{}.log", crate::index::file_safe(&planned.id)));
-                        if let Err(e) = StageLogs::global().open(&planned.id, &log_path) {
+                        if let Err(e) = StageLogs::global().open(&log_key(&run_id, &planned.id), &log_path) {
                             tracing::warn!("cannot open stage log {}: {e}", log_path.display());
                         }
                         logs[i] = Some(log_path.clone());
@@ -207,7 +207,7 @@ impl Executor<'_> {
                     }
                     Err(e) => {
                         let chain = error_chain(&e);
-                        StageLogs::global().write_line(&planned.id, &format!("error: {chain}"));
+                        StageLogs::global().write_line(&log_key(&run_id, &planned.id), &format!("error: {chain}"));
                         let log = logs[i].as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default();
                         self.progress.println(&format!(
                             "FAILED  {}  (log: {log})\n  {}",
@@ -218,7 +218,7 @@ impl Executor<'_> {
                         any_failed = true;
                     }
                 }
-                StageLogs::global().close(&planned.id);
+                StageLogs::global().close(&log_key(&run_id, &planned.id));
             }
             Ok(())
         })?;
@@ -317,7 +317,7 @@ impl Executor<'_> {
     /// Runs in the stage's worker thread.
     fn run_stage(&self, job: &Job<'_>, run_id: &str, git_rev: Option<String>) -> anyhow::Result<Finished> {
         let id = &job.planned.id;
-        let span = stage_span(id);
+        let span = stage_span(run_id, id);
         let _entered = span.enter();
         let components = final_components(self.recipe, job.decl, self.cache, self.env, &job.upstream)?;
         let key = components.key();
@@ -553,5 +553,57 @@ mod tests {
         assert_eq!(b.status, StageStatus::Failed);
         let err = b.error.as_deref().unwrap();
         assert!(err.contains("stage `b`: input `up`") && err.contains("stage `a` has no output `train`"), "{err}");
+    }
+
+    /// Asks for a CUDA device; records which device it got.
+    struct Gpu;
+    impl StageKind for Gpu {
+        type Params = BoomParams;
+        const KIND: &'static str = "gpu";
+        const VERSION: u32 = 1;
+        const SUMMARY: &'static str = "test kind";
+        fn resources(_p: &Self::Params) -> crate::stage::Resources {
+            crate::stage::Resources { cpu: 1, device: DeviceRequest::Cuda, memory_mb: 1 }
+        }
+        fn run(_p: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()> {
+            std::fs::write(ctx.output_dir().join("device.txt"), format!("{:?}", ctx.device()))?;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn cuda_without_a_gpu_fails_the_stage_unless_cpu_fallback_is_allowed() {
+        let registry = Registry::new().register::<Gpu>();
+        let env = EngineEnv { cuda_devices: 0, cores: 2, memory_mb: 1024, quiet: true };
+        for (fallback, expect) in [(false, StageStatus::Failed), (true, StageStatus::Ran)] {
+            let dir = tempfile::tempdir().unwrap();
+            let src =
+                format!("[recipe]\nname = \"g\"\nallow_cpu_fallback = {fallback}\n[stage.train]\nkind = \"gpu\"\n");
+            let recipe = crate::recipe::load_recipe_str(&src, &dir.path().join("r.toml"), &[], &registry).unwrap();
+            let graph = StageGraph::from_recipe(&recipe).unwrap();
+            let cache = Cache::open(&dir.path().join("cache")).unwrap();
+            let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), &env).unwrap();
+            let warning = plan.stages[0].warnings.join("; ");
+            let workspace = Workspace { root: dir.path().to_path_buf() };
+            let exec = Executor {
+                recipe: &recipe,
+                graph: &graph,
+                cache: &cache,
+                env: &env,
+                workspace: &workspace,
+                progress: Arc::new(PlainProgress { quiet: true }),
+                cancel: Arc::new(AtomicBool::new(false)),
+            };
+            let summary = exec.run(&plan, &RunOptions { jobs: 1, keep_going: false }).unwrap().summary;
+            assert_eq!(summary.stages[0].status, expect, "{summary:?}");
+            if fallback {
+                assert!(warning.contains("running on the CPU"), "{warning}");
+                let out = summary.stages[0].output.as_ref().unwrap().join("device.txt");
+                assert_eq!(std::fs::read_to_string(out).unwrap(), "Cpu");
+            } else {
+                assert!(warning.contains("stage `train` requests a CUDA device"), "{warning}");
+                assert!(summary.stages[0].error.as_deref().unwrap().contains("stage `train` requests a CUDA device"));
+            }
+        }
     }
 }

@@ -19,15 +19,22 @@ use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
-/// Name of the span the executor opens around a stage; its `stage` field is the stage id.
+/// Name of the span the executor opens around a stage; its `stage` field is
+/// the stage id and its `run` field the run id.
 pub const STAGE_SPAN: &str = "stage";
 
 /// The span that routes a stage's events to its log file.
-pub fn stage_span(stage_id: &str) -> tracing::Span {
-    tracing::info_span!(STAGE_SPAN, stage = %stage_id)
+pub fn stage_span(run_id: &str, stage_id: &str) -> tracing::Span {
+    tracing::info_span!(STAGE_SPAN, stage = %stage_id, run = %run_id)
 }
 
-/// Open log files by stage id (stage ids are unique within a run).
+/// Key of a stage's log file in [`StageLogs`]: stage ids repeat across runs,
+/// and runs may share a process (tests, a future server).
+pub fn log_key(run_id: &str, stage_id: &str) -> String {
+    format!("{run_id}/{stage_id}")
+}
+
+/// Open log files by [`log_key`].
 #[derive(Default)]
 pub struct StageLogs {
     files: Mutex<HashMap<String, Arc<Mutex<File>>>>,
@@ -40,21 +47,21 @@ impl StageLogs {
         LOGS.get_or_init(StageLogs::default)
     }
 
-    /// Start routing `stage_id`'s events to `path` (created, truncated).
-    pub fn open(&self, stage_id: &str, path: &Path) -> std::io::Result<()> {
+    /// Start routing the events of the stage with log key `key` to `path` (created, truncated).
+    pub fn open(&self, key: &str, path: &Path) -> std::io::Result<()> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
         let file = File::create(path)?;
         if let Ok(mut files) = self.files.lock() {
-            files.insert(stage_id.to_string(), Arc::new(Mutex::new(file)));
+            files.insert(key.to_string(), Arc::new(Mutex::new(file)));
         }
         Ok(())
     }
 
     /// Append a line directly (e.g. the error chain of a failed stage).
-    pub fn write_line(&self, stage_id: &str, line: &str) {
-        let file = self.files.lock().ok().and_then(|f| f.get(stage_id).cloned());
+    pub fn write_line(&self, key: &str, line: &str) {
+        let file = self.files.lock().ok().and_then(|f| f.get(key).cloned());
         if let Some(file) = file
             && let Ok(mut f) = file.lock()
         {
@@ -63,14 +70,14 @@ impl StageLogs {
     }
 
     /// Stop routing and close the file.
-    pub fn close(&self, stage_id: &str) {
+    pub fn close(&self, key: &str) {
         if let Ok(mut files) = self.files.lock() {
-            files.remove(stage_id);
+            files.remove(key);
         }
     }
 }
 
-/// Stage id stored in a stage span's extensions.
+/// Log key stored in a stage span's extensions.
 struct StageOfSpan(String);
 
 /// The layer; install it with `tracing_subscriber::registry().with(StageLogLayer::global())`.
@@ -87,6 +94,7 @@ impl StageLogLayer {
 #[derive(Default)]
 struct FieldText {
     stage: Option<String>,
+    run: Option<String>,
     message: String,
     rest: String,
 }
@@ -96,6 +104,7 @@ impl Visit for FieldText {
         match field.name() {
             "message" => self.message.push_str(value),
             "stage" => self.stage = Some(value.to_string()),
+            "run" => self.run = Some(value.to_string()),
             name => {
                 let _ = write!(self.rest, " {name}={value}");
             }
@@ -107,6 +116,7 @@ impl Visit for FieldText {
                 let _ = write!(self.message, "{value:?}");
             }
             "stage" => self.stage = Some(format!("{value:?}")),
+            "run" => self.run = Some(format!("{value:?}")),
             name => {
                 let _ = write!(self.rest, " {name}={value:?}");
             }
@@ -124,8 +134,8 @@ where
         }
         let mut fields = FieldText::default();
         attrs.record(&mut fields);
-        if let (Some(stage), Some(span)) = (fields.stage, ctx.span(id)) {
-            span.extensions_mut().insert(StageOfSpan(stage));
+        if let (Some(stage), Some(run), Some(span)) = (fields.stage, fields.run, ctx.span(id)) {
+            span.extensions_mut().insert(StageOfSpan(log_key(&run, &stage)));
         }
     }
 
@@ -155,14 +165,14 @@ mod tests {
         let logs: &'static StageLogs = Box::leak(Box::default());
         let subscriber = tracing_subscriber::registry().with(StageLogLayer { logs });
         let (a, b) = (dir.path().join("a.log"), dir.path().join("b.log"));
-        logs.open("a", &a).unwrap();
-        logs.open("b", &b).unwrap();
+        logs.open("r/a", &a).unwrap();
+        logs.open("r/b", &b).unwrap();
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!("outside any stage");
-            stage_span("a").in_scope(|| {
+            stage_span("r", "a").in_scope(|| {
                 tracing::info_span!("inner").in_scope(|| tracing::warn!(step = 3, "hello from a"));
             });
-            let span = stage_span("b");
+            let span = stage_span("r", "b");
             // Like a stage's pool thread: another thread entering the stage span
             // (the scoped test subscriber must be carried over by hand).
             let dispatch = tracing::dispatcher::get_default(|d| d.clone());
@@ -172,9 +182,9 @@ mod tests {
                 });
             });
         });
-        logs.write_line("a", "error: boom");
-        logs.close("a");
-        logs.write_line("a", "after close");
+        logs.write_line("r/a", "error: boom");
+        logs.close("r/a");
+        logs.write_line("r/a", "after close");
         let a = std::fs::read_to_string(&a).unwrap();
         let b = std::fs::read_to_string(&b).unwrap();
         assert!(a.contains("WARN") && a.contains("hello from a step=3"), "{a}");

@@ -85,8 +85,6 @@ pub struct PhantomParams {
     pub slices: Option<usize>,
     /// In-plane size in pixels, square (mini 160, bench 512).
     pub size: Option<usize>,
-    /// Seed of the corpus; the recipe seed when absent.
-    pub seed: Option<u64>,
     /// Fraction of patients put in the `val` partition (named `valid_*`).
     pub val_fraction: f64,
     /// The box-area threshold (px) the lesion sizes are planted around;
@@ -113,7 +111,6 @@ impl Default for PhantomParams {
             cases: None,
             slices: None,
             size: None,
-            seed: None,
             val_fraction: 0.1,
             box_min_area_hint: None,
             small_fraction: 0.25,
@@ -211,7 +208,8 @@ impl StageKind for Phantom {
 
     fn run(params: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()> {
         let cfg = params.config();
-        let seed = params.seed.unwrap_or(ctx.seed());
+        // The stage's `seed` key (or the recipe seed) reaches us as ctx.seed().
+        let seed = ctx.seed();
         let plans = plan_corpus(params, &cfg, seed);
         let root = ctx.output_dir().to_path_buf();
         for dir in ["images", "segmentations"] {
@@ -963,8 +961,12 @@ mod tests {
     }
 
     fn run_phantom(params: &PhantomParams, out: &Path, threads: usize) {
+        run_phantom_seeded(params, out, threads, 17);
+    }
+
+    fn run_phantom_seeded(params: &PhantomParams, out: &Path, threads: usize, seed: u64) {
         Phantom::validate(params).unwrap();
-        let mut ctx = StageContext::builder("volumes", out).seed(17).threads(threads).build().unwrap();
+        let mut ctx = StageContext::builder("volumes", out).seed(seed).threads(threads).build().unwrap();
         Phantom::run(params, &mut ctx).unwrap();
     }
 
@@ -994,8 +996,7 @@ mod tests {
             assert!(v == &b[k], "{k} differs between runs");
         }
         // A different seed gives a different corpus.
-        let other = PhantomParams { seed: Some(99), ..p };
-        run_phantom(&other, &dir.path().join("c"), 2);
+        run_phantom_seeded(&p, &dir.path().join("c"), 2, 99);
         assert_ne!(files(&dir.path().join("c"))["dataset.json"], a["dataset.json"]);
     }
 
