@@ -5,10 +5,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 require_tools
 setup_libtorch
 cd "$repo"
-# Python only serves reference/loader checks in tests; tests find it here.
-if [ -f tools/requirements-data.txt ]; then
-  MEDREASON_DATA_PYTHON=$(venv_for tools/requirements-data.txt) && export MEDREASON_DATA_PYTHON
-fi
 step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy -D warnings"

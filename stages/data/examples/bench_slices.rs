@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
     let volumes = dir.join("volumes");
     let index = dir.join("index");
     if !index.join("index.json").exists() {
-        let p = PhantomParams { preset: Preset::Bench, cases: Some(cases), seed: Some(1), ..Default::default() };
+        let p = PhantomParams { preset: Preset::Bench, cases: Some(cases), ..Default::default() };
         let t = run::<Phantom>(&p, &volumes, &[], 2)?;
         eprintln!("phantom: {cases} bench cases in {t:.1}s");
         run::<RexgctIndex>(&RexgctIndexParams::default(), &index, &[("dataset", &volumes)], 1)?;

@@ -38,11 +38,7 @@ fn nibabel_fixtures_read_back_exactly() {
         for (got_row, want_row) in header.affine.iter().zip(affine) {
             for (got, want) in got_row.iter().zip(f64s(want_row)) {
                 // nibabel computes the qform in f64 from f32 fields, as we do.
-                assert!(
-                    (got - want).abs() < 1e-5,
-                    "{name}: affine {:?} vs {affine:?}",
-                    header.affine
-                );
+                assert!((got - want).abs() < 1e-5, "{name}: affine {:?} vs {affine:?}", header.affine);
             }
         }
         let codes: String = nifti::orientation(&header.affine).iter().collect();

@@ -31,7 +31,6 @@ fn build_dataset(dir: &Path) -> PathBuf {
         cases: Some(8),
         slices: Some(16),
         size: Some(SIZE),
-        seed: Some(5),
         ..Default::default()
     };
     let volumes = run::<Phantom>(&phantom, &dir.join("volumes"), &[]);

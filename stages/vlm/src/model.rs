@@ -4,6 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use pipeline_engine::context::derive_seed;
+use rand::{Rng as _, SeedableRng as _};
+use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, CheckpointError};
@@ -74,6 +77,24 @@ pub fn param_shapes(config: &Qwen25VlConfig) -> BTreeMap<String, Vec<i64>> {
     out
 }
 
+/// A CPU f32 tensor of N(0, std²) samples (Box–Muller over a ChaCha8 stream).
+fn normal_tensor(shape: &[i64], std: f64, seed: u64) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut values = Vec::with_capacity(n as usize);
+    while values.len() < n as usize {
+        // u1 in (0, 1] keeps ln finite.
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let theta = std::f64::consts::TAU * u2;
+        values.push((r * theta.cos()) as f32);
+        values.push((r * theta.sin()) as f32);
+    }
+    values.truncate(n as usize);
+    Tensor::from_slice(&values).reshape(shape)
+}
+
 fn to_rows(t: &Tensor) -> Result<Vec<Vec<i64>>, ModelError> {
     let t = t.to_device(Device::Cpu).to_kind(Kind::Int64).contiguous();
     Ok(Vec::<Vec<i64>>::try_from(&t)?)
@@ -107,8 +128,10 @@ impl Qwen25Vl {
 
     /// Random init like HF `_init_weights` (normal(0, initializer_range) for
     /// matrices, zeros for biases, ones for norms), reproducible from `seed`.
+    /// Each tensor draws from its own ChaCha stream keyed by (seed, name), not
+    /// from libtorch's process-global generator, so concurrent users of that
+    /// generator (other threads, other stages) cannot change the weights.
     pub fn random(config: Qwen25VlConfig, seed: i64, kind: Kind, device: Device) -> Result<Self, ModelError> {
-        tch::manual_seed(seed);
         let std = config.raw.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
         let mut params = BTreeMap::new();
         for (name, shape) in param_shapes(&config) {
@@ -117,7 +140,7 @@ impl Qwen25Vl {
             } else if name.contains("norm") || name.contains("ln_q") {
                 Tensor::ones(&shape, (Kind::Float, Device::Cpu))
             } else {
-                Tensor::randn(&shape, (Kind::Float, Device::Cpu)) * std
+                normal_tensor(&shape, std, derive_seed(seed as u64, &name))
             };
             params.insert(name, t.to_kind(kind).to_device(device));
         }
