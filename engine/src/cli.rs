@@ -172,8 +172,19 @@ pub enum Command {
         #[command(flatten)]
         cache: CacheArgs,
     },
-    /// List the registered stage kinds.
-    Kinds,
+    /// List the registered stage kinds (or their full recipe reference).
+    Kinds {
+        /// Print the generated stage reference (Markdown) instead of the list.
+        #[arg(long)]
+        reference: bool,
+        /// Check that FILE's generated stage-reference section matches the
+        /// registry (exit 1 if it drifted); with --write, rewrite it instead.
+        #[arg(long, value_name = "FILE")]
+        doc: Option<PathBuf>,
+        /// With --doc: rewrite the section in place.
+        #[arg(long, requires = "doc")]
+        write: bool,
+    },
 }
 
 /// Run one engine command.
@@ -224,13 +235,49 @@ pub fn execute(cmd: Command, registry: &Registry, env: &EngineEnv) -> anyhow::Re
         Command::Clean { recipe, stages, all, sets, cache } => {
             cmd_clean(recipe, stages, all, &sets, &cache, registry, env)
         }
-        Command::Kinds => {
+        Command::Kinds { reference: true, .. } => {
+            print!("{}", crate::recipe::docs::render_stage_reference(registry));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kinds { doc: Some(path), write, .. } => cmd_kinds_doc(&path, write, registry),
+        Command::Kinds { .. } => {
             let width = registry.kinds().map(str::len).max().unwrap_or(0);
             for kind in registry.iter() {
                 println!("{:<width$}  v{:<3} {}", kind.kind(), kind.version(), kind.doc().summary);
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Keep the generated part of the recipe reference in step with the registry.
+fn cmd_kinds_doc(path: &Path, write: bool, registry: &Registry) -> anyhow::Result<ExitCode> {
+    use crate::recipe::docs::{generated_section, render_stage_reference, update_stage_reference};
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let Some(current) = generated_section(&text) else {
+        anyhow::bail!(
+            "{} has no generated stage-reference section (BEGIN/END GENERATED STAGE REFERENCE markers)",
+            path.display()
+        );
+    };
+    if current == render_stage_reference(registry) {
+        println!("{}: stage reference up to date", path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if write {
+        let updated = update_stage_reference(&text, registry);
+        let tmp = path.with_extension("md.tmp");
+        std::fs::write(&tmp, updated).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+        println!("{}: stage reference rewritten", path.display());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "{}: the stage reference drifted from the registry; run `pipeline kinds --doc {} --write`",
+            path.display(),
+            path.display()
+        );
+        Ok(ExitCode::FAILURE)
     }
 }
 
