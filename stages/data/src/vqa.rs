@@ -205,15 +205,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const CLASSES: [&str; 7] = [
-        "airway",
-        "emphysema",
-        "fibrosis",
-        "nodule_mass",
-        "consolidation_atelectasis",
-        "ground_glass_opacity",
-        "effusion_thickening",
-    ];
+    use crate::rexgct::CLASSES;
 
     fn setup(dir: &std::path::Path, n: usize) -> (std::path::PathBuf, std::path::PathBuf) {
         let index = dir.join("index");
