@@ -20,4 +20,9 @@ pub fn registry() -> Registry {
         .register::<stages_data::ParquetExport>()
         // model: init_model
         .register::<stages_vlm::InitModel>()
+        // eval: eval, judge, report, general_vqa
+        .register::<stages_eval::Eval>()
+        .register::<stages_eval::Judge>()
+        .register::<stages_eval::ReportStage>()
+        .register::<stages_eval::GeneralVqa>()
 }

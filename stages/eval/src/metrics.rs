@@ -1,0 +1,516 @@
+//! Scoring of model completions: answer extraction with a configurable
+//! regex, per-item format / validity / correctness, and the aggregate
+//! metrics of `metrics.json` (accuracy overall, per class and macro, rates,
+//! confusion matrix) with 95% confidence intervals.
+//!
+//! Pure Rust (no tch) so the judge and report stages and their tests use it
+//! without a model.
+
+use std::collections::BTreeMap;
+
+use rand::Rng;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use regex::Regex;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Answer extraction of the closest public code (domain notes §4).
+pub const DEFAULT_ANSWER_REGEX: &str = r"<answer>\s*(\w+)\s*</answer>";
+/// Format reward of the think prompt: the whole completion is think + answer.
+pub const THINK_FORMAT_REGEX: &str = r"(?s)^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$";
+/// Format of the no-think prompt: only an answer tag.
+pub const ANSWER_FORMAT_REGEX: &str = r"(?s)^\s*<answer>.*?</answer>\s*$";
+
+/// Two-sided 95% normal quantile.
+const Z95: f64 = 1.959_963_984_540_054;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("regex `{field}` ({pattern:?}) is invalid: {message}")]
+    Regex { field: &'static str, pattern: String, message: String },
+    #[error("regex `{field}` ({pattern:?}) has no capture group: expected one group around the answer")]
+    NoGroup { field: &'static str, pattern: String },
+}
+
+/// Why no answer could be read from a completion (every case counts as wrong).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExtractFailure {
+    /// Nothing (or only whitespace) was generated.
+    Empty,
+    /// No `<answer>` tag at all.
+    NoAnswerTag,
+    /// `<answer>` opened but never closed (typically truncated at max_new_tokens).
+    Unclosed,
+    /// The tags are there but the content does not match the regex
+    /// (empty, several words, punctuation...).
+    Unmatched,
+}
+
+/// What a completion led to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Correct,
+    /// A valid option, but not the gold one.
+    Wrong,
+    /// An answer was extracted but it is not one of the offered options.
+    Invalid,
+    /// No answer could be extracted.
+    Unparseable,
+}
+
+/// How a free-form answer is compared to the gold answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerMatch {
+    /// Multiple choice: the extracted text must equal the gold letter and be
+    /// one of the item's option letters to be valid.
+    #[default]
+    Choice,
+    /// Free form: case-, space- and trailing-punctuation-insensitive equality.
+    Exact,
+    /// Free form, ChartQA style: numbers within 5% relative error match,
+    /// anything else falls back to `exact`.
+    Relaxed,
+}
+
+/// Compiled extraction and format rules.
+#[derive(Debug, Clone)]
+pub struct Scorer {
+    answer: Regex,
+    format: Regex,
+    matching: AnswerMatch,
+}
+
+/// The score of one completion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemScore {
+    pub extracted: Option<String>,
+    pub failure: Option<ExtractFailure>,
+    pub format_ok: bool,
+    pub valid: bool,
+    pub correct: bool,
+    pub outcome: Outcome,
+}
+
+fn compile(field: &'static str, pattern: &str) -> Result<Regex, MetricsError> {
+    Regex::new(pattern).map_err(|e| MetricsError::Regex { field, pattern: pattern.into(), message: e.to_string() })
+}
+
+impl Scorer {
+    pub fn new(answer_regex: &str, format_regex: &str, matching: AnswerMatch) -> Result<Self, MetricsError> {
+        let answer = compile("answer_regex", answer_regex)?;
+        if answer.captures_len() < 2 {
+            return Err(MetricsError::NoGroup { field: "answer_regex", pattern: answer_regex.into() });
+        }
+        Ok(Self { answer, format: compile("format_regex", format_regex)?, matching })
+    }
+
+    /// The first capture group of the first match, trimmed; or why there is none.
+    pub fn extract(&self, completion: &str) -> Result<String, ExtractFailure> {
+        if completion.trim().is_empty() {
+            return Err(ExtractFailure::Empty);
+        }
+        if let Some(c) = self.answer.captures(completion)
+            && let Some(g) = c.get(1)
+        {
+            return Ok(g.as_str().trim().to_string());
+        }
+        match (completion.find("<answer>"), completion.rfind("</answer>")) {
+            (None, _) => Err(ExtractFailure::NoAnswerTag),
+            (Some(open), close) if close.is_none_or(|c| c < open) => Err(ExtractFailure::Unclosed),
+            _ => Err(ExtractFailure::Unmatched),
+        }
+    }
+
+    /// Score one completion against its gold answer and the offered option
+    /// letters (ignored for free-form matching).
+    pub fn score(&self, completion: &str, gold: &str, options: &[String]) -> ItemScore {
+        let format_ok = self.format.is_match(completion);
+        let (extracted, failure) = match self.extract(completion) {
+            Ok(a) => (Some(a), None),
+            Err(f) => (None, Some(f)),
+        };
+        let (valid, correct) = match (&extracted, self.matching) {
+            (None, _) => (false, false),
+            (Some(a), AnswerMatch::Choice) => {
+                let valid = options.iter().any(|o| o == a);
+                (valid, valid && a == gold.trim())
+            }
+            (Some(a), AnswerMatch::Exact) => (!a.is_empty(), exact_match(a, gold)),
+            (Some(a), AnswerMatch::Relaxed) => (!a.is_empty(), relaxed_match(a, gold)),
+        };
+        let outcome = match (&extracted, valid, correct) {
+            (None, _, _) => Outcome::Unparseable,
+            (_, _, true) => Outcome::Correct,
+            (_, false, _) => Outcome::Invalid,
+            _ => Outcome::Wrong,
+        };
+        ItemScore { extracted, failure, format_ok, valid, correct, outcome }
+    }
+}
+
+/// Option letters of option strings such as `"A. emphysema"` (the text
+/// before the first `.`; the whole string when there is none).
+pub fn option_letters(options: &[String]) -> Vec<String> {
+    options.iter().map(|o| o.split_once('.').map_or(o.as_str(), |(l, _)| l).trim().to_string()).collect()
+}
+
+fn normalise(s: &str) -> String {
+    let lower = s.trim().to_lowercase();
+    let stripped = lower.trim_end_matches(['.', '!', '?', ',', ';', ':']);
+    stripped.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Case-, whitespace- and trailing-punctuation-insensitive equality.
+pub fn exact_match(prediction: &str, gold: &str) -> bool {
+    normalise(prediction) == normalise(gold)
+}
+
+fn parse_number(s: &str) -> Option<f64> {
+    let t = normalise(s).replace(',', "");
+    let (t, scale) = match t.strip_suffix('%') {
+        Some(p) => (p.trim().to_string(), 0.01),
+        None => (t, 1.0),
+    };
+    t.parse::<f64>().ok().filter(|v| v.is_finite()).map(|v| v * scale)
+}
+
+/// ChartQA's relaxed accuracy: numbers within 5% of the gold value match
+/// (exact when the gold is 0); non-numbers use [`exact_match`].
+pub fn relaxed_match(prediction: &str, gold: &str) -> bool {
+    match (parse_number(prediction), parse_number(gold)) {
+        (Some(p), Some(0.0)) => p == 0.0,
+        (Some(p), Some(g)) => ((p - g) / g).abs() <= 0.05,
+        _ => exact_match(prediction, gold),
+    }
+}
+
+/// How confidence intervals are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case", tag = "method")]
+pub enum CiMethod {
+    /// Wilson score interval (closed form; good for small n and p near 0/1).
+    #[default]
+    Wilson,
+    /// Percentile bootstrap over items, seeded.
+    Bootstrap { resamples: u32, seed: u64 },
+}
+
+/// A proportion with its 95% confidence interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Rate {
+    pub k: u64,
+    pub n: u64,
+    pub value: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+/// Wilson score interval for `k` successes out of `n`; (0, 1) when n = 0.
+pub fn wilson(k: u64, n: u64) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (k, n) = (k as f64, n as f64);
+    let p = k / n;
+    let z2 = Z95 * Z95;
+    let denom = 1.0 + z2 / n;
+    let centre = (p + z2 / (2.0 * n)) / denom;
+    let half = Z95 / denom * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
+/// Percentile bootstrap interval of the mean of 0/1 outcomes.
+pub fn bootstrap(outcomes: &[bool], resamples: u32, seed: u64) -> (f64, f64) {
+    let n = outcomes.len();
+    if n == 0 || resamples == 0 {
+        return (0.0, 1.0);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut means: Vec<f64> =
+        (0..resamples).map(|_| (0..n).filter(|_| outcomes[rng.random_range(0..n)]).count() as f64 / n as f64).collect();
+    means.sort_by(f64::total_cmp);
+    let at = |q: f64| means[((q * (means.len() - 1) as f64).round() as usize).min(means.len() - 1)];
+    (at(0.025), at(0.975))
+}
+
+impl CiMethod {
+    pub fn rate(&self, outcomes: &[bool]) -> Rate {
+        let n = outcomes.len() as u64;
+        let k = outcomes.iter().filter(|&&b| b).count() as u64;
+        let (lo, hi) = match *self {
+            CiMethod::Wilson => wilson(k, n),
+            CiMethod::Bootstrap { resamples, seed } => bootstrap(outcomes, resamples, seed),
+        };
+        Rate { k, n, value: if n == 0 { 0.0 } else { k as f64 / n as f64 }, lo, hi }
+    }
+}
+
+/// What the aggregate needs of one scored item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredItem {
+    pub class: String,
+    /// The class the extracted answer names (through the item's options);
+    /// None when invalid or unparseable.
+    pub predicted_class: Option<String>,
+    pub score: ItemScore,
+    pub completion_tokens: usize,
+    pub completion_chars: usize,
+}
+
+/// Rows are gold classes, columns predicted classes then `invalid` and
+/// `unparseable`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Confusion {
+    pub classes: Vec<String>,
+    pub columns: Vec<String>,
+    pub counts: Vec<Vec<u64>>,
+}
+
+/// The contents of `metrics.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub n: u64,
+    pub accuracy: Rate,
+    pub per_class: BTreeMap<String, Rate>,
+    /// Mean of the per-class accuracies (classes with at least one item).
+    pub macro_accuracy: f64,
+    pub format_rate: Rate,
+    pub validity_rate: Rate,
+    /// Extracted but not an offered option.
+    pub invalid_rate: Rate,
+    /// No answer could be extracted.
+    pub unparseable_rate: Rate,
+    /// Counts of each extraction failure mode.
+    pub failures: BTreeMap<String, u64>,
+    pub mean_completion_tokens: f64,
+    pub mean_completion_chars: f64,
+    pub confusion: Confusion,
+    pub ci: CiMethod,
+}
+
+/// Aggregate scored items. `classes` fixes the confusion-matrix order
+/// (classes seen in the items but missing from it are appended, sorted).
+pub fn aggregate(items: &[ScoredItem], classes: &[String], ci: CiMethod) -> Metrics {
+    let rate = |f: &dyn Fn(&ScoredItem) -> bool| ci.rate(&items.iter().map(f).collect::<Vec<_>>());
+    let mut order: Vec<String> = classes.to_vec();
+    let mut extra: Vec<String> = items
+        .iter()
+        .flat_map(|i| std::iter::once(&i.class).chain(i.predicted_class.as_ref()))
+        .filter(|c| !order.contains(c))
+        .cloned()
+        .collect();
+    extra.sort();
+    extra.dedup();
+    order.extend(extra);
+    let mut per_class = BTreeMap::new();
+    for c in &order {
+        let outcomes: Vec<bool> = items.iter().filter(|i| &i.class == c).map(|i| i.score.correct).collect();
+        if !outcomes.is_empty() {
+            per_class.insert(c.clone(), ci.rate(&outcomes));
+        }
+    }
+    let macro_accuracy = if per_class.is_empty() {
+        0.0
+    } else {
+        per_class.values().map(|r| r.value).sum::<f64>() / per_class.len() as f64
+    };
+    let mut columns = order.clone();
+    columns.extend(["invalid".to_string(), "unparseable".to_string()]);
+    let mut counts = vec![vec![0u64; columns.len()]; order.len()];
+    let mut failures = BTreeMap::new();
+    for i in items {
+        let row = order.iter().position(|c| c == &i.class).unwrap_or(0);
+        let col = match (&i.predicted_class, i.score.outcome) {
+            (_, Outcome::Unparseable) => columns.len() - 1,
+            (Some(p), _) => order.iter().position(|c| c == p).unwrap_or(columns.len() - 2),
+            (None, _) => columns.len() - 2,
+        };
+        if let Some(r) = counts.get_mut(row) {
+            r[col] += 1;
+        }
+        if let Some(f) = i.score.failure {
+            let key = serde_json::to_value(f).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            *failures.entry(key).or_insert(0) += 1;
+        }
+    }
+    let n = items.len();
+    let mean = |f: &dyn Fn(&ScoredItem) -> usize| {
+        if n == 0 { 0.0 } else { items.iter().map(f).sum::<usize>() as f64 / n as f64 }
+    };
+    Metrics {
+        n: n as u64,
+        accuracy: rate(&|i| i.score.correct),
+        per_class,
+        macro_accuracy,
+        format_rate: rate(&|i| i.score.format_ok),
+        validity_rate: rate(&|i| i.score.valid),
+        invalid_rate: rate(&|i| i.score.outcome == Outcome::Invalid),
+        unparseable_rate: rate(&|i| i.score.outcome == Outcome::Unparseable),
+        failures,
+        mean_completion_tokens: mean(&|i| i.completion_tokens),
+        mean_completion_chars: mean(&|i| i.completion_chars),
+        confusion: Confusion { classes: order, columns, counts },
+        ci,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn choice() -> Scorer {
+        Scorer::new(DEFAULT_ANSWER_REGEX, THINK_FORMAT_REGEX, AnswerMatch::Choice).unwrap()
+    }
+    fn letters() -> Vec<String> {
+        ["A", "B", "C"].map(String::from).to_vec()
+    }
+
+    #[test]
+    fn extraction_failure_modes_are_named() {
+        let s = choice();
+        let cases: &[(&str, Result<&str, ExtractFailure>)] = &[
+            ("<think>x</think><answer>B</answer>", Ok("B")),
+            ("<answer>\n  C \n</answer>", Ok("C")),
+            ("<answer>A</answer> then <answer>B</answer>", Ok("A")),
+            ("", Err(ExtractFailure::Empty)),
+            ("  \n ", Err(ExtractFailure::Empty)),
+            ("The answer is B.", Err(ExtractFailure::NoAnswerTag)),
+            ("<think>long reasoning</think><answer>B", Err(ExtractFailure::Unclosed)),
+            ("</answer> B <answer>", Err(ExtractFailure::Unclosed)),
+            ("<answer></answer>", Err(ExtractFailure::Unmatched)),
+            ("<answer>A or B</answer>", Err(ExtractFailure::Unmatched)),
+            ("<answer>(B)</answer>", Err(ExtractFailure::Unmatched)),
+        ];
+        for (text, want) in cases {
+            let got = s.extract(text);
+            assert_eq!(got.as_deref().map_err(|e| *e), want.map_err(|e| e), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn scoring_separates_correct_wrong_invalid_unparseable_and_format() {
+        let s = choice();
+        let opts = letters();
+        let ok = s.score("<think>r</think>\n<answer>B</answer>", "B", &opts);
+        assert_eq!((ok.format_ok, ok.valid, ok.correct, ok.outcome), (true, true, true, Outcome::Correct));
+        let wrong = s.score("<answer>A</answer>", "B", &opts);
+        assert_eq!((wrong.format_ok, wrong.valid, wrong.correct, wrong.outcome), (false, true, false, Outcome::Wrong));
+        let invalid = s.score("<think>r</think><answer>Z</answer>", "B", &opts);
+        assert_eq!((invalid.valid, invalid.outcome), (false, Outcome::Invalid));
+        // Lower case is not the letter: invalid, never silently correct.
+        assert_eq!(s.score("<answer>b</answer>", "B", &opts).outcome, Outcome::Invalid);
+        let none = s.score("B", "B", &opts);
+        assert_eq!(
+            (none.correct, none.outcome, none.failure),
+            (false, Outcome::Unparseable, Some(ExtractFailure::NoAnswerTag))
+        );
+        // Text outside the tags breaks the format but not the extraction.
+        let chatty = s.score("Sure! <think>r</think><answer>B</answer>", "B", &opts);
+        assert_eq!((chatty.format_ok, chatty.correct), (false, true));
+    }
+
+    #[test]
+    fn regex_errors_name_the_field() {
+        let e = Scorer::new("<answer>(", THINK_FORMAT_REGEX, AnswerMatch::Choice).unwrap_err().to_string();
+        assert!(e.contains("answer_regex"), "{e}");
+        let e = Scorer::new("<answer>\\w+</answer>", THINK_FORMAT_REGEX, AnswerMatch::Choice).unwrap_err().to_string();
+        assert!(e.contains("no capture group"), "{e}");
+    }
+
+    #[test]
+    fn free_form_exact_and_relaxed_matching() {
+        assert!(exact_match(" Paris. ", "paris"));
+        assert!(!exact_match("Paris France", "paris"));
+        assert!(relaxed_match("104", "100"));
+        assert!(relaxed_match("1,000", "1020"));
+        assert!(relaxed_match("45%", "0.46"));
+        assert!(!relaxed_match("106", "100"));
+        assert!(relaxed_match("0", "0") && !relaxed_match("0.01", "0"));
+        assert!(relaxed_match("Yes", "yes"));
+        let s = Scorer::new(r"<answer>\s*(.*?)\s*</answer>", ANSWER_FORMAT_REGEX, AnswerMatch::Relaxed).unwrap();
+        let r = s.score("<answer>12.1</answer>", "12", &[]);
+        assert_eq!((r.valid, r.correct, r.format_ok), (true, true, true));
+    }
+
+    #[test]
+    fn option_letters_come_from_option_strings() {
+        let o = ["A. airway", "B. emphysema", "C"].map(String::from);
+        assert_eq!(option_letters(&o), vec!["A", "B", "C"]);
+    }
+
+    #[test]
+    fn wilson_matches_known_values() {
+        // Reference values: roots of the score-test quadratic (p - x)^2 = z^2 x (1 - x) / n
+        // (what statsmodels' proportion_confint(method="wilson") returns).
+        let (lo, hi) = wilson(8, 10);
+        assert!((lo - 0.490_162).abs() < 1e-5 && (hi - 0.943_318).abs() < 1e-5, "{lo} {hi}");
+        let (lo, hi) = wilson(0, 10);
+        assert!(lo == 0.0 && (hi - 0.277_533).abs() < 1e-5, "{hi}");
+        let (lo, hi) = wilson(52, 100);
+        assert!((lo - 0.423_166).abs() < 1e-5 && (hi - 0.615_354).abs() < 1e-5, "{lo} {hi}");
+        assert_eq!(wilson(0, 0), (0.0, 1.0));
+    }
+
+    #[test]
+    fn bootstrap_is_seeded_and_brackets_the_mean() {
+        let outcomes: Vec<bool> = (0..200).map(|i| i % 4 != 0).collect();
+        let a = bootstrap(&outcomes, 2000, 7);
+        assert_eq!(a, bootstrap(&outcomes, 2000, 7));
+        assert!(a.0 < 0.75 && a.1 > 0.75, "{a:?}");
+        // Close to the normal approximation 0.75 +- 1.96 * sqrt(.75*.25/200) = +-0.060.
+        assert!((a.1 - a.0 - 0.12).abs() < 0.03, "{a:?}");
+        let all = bootstrap(&[true; 10], 100, 1);
+        assert_eq!(all, (1.0, 1.0));
+    }
+
+    #[test]
+    fn aggregate_counts_classes_rates_and_confusion() {
+        let s = choice();
+        let opts = letters();
+        let class_of = |l: &str| match l {
+            "A" => Some("air".to_string()),
+            "B" => Some("emph".to_string()),
+            "C" => Some("ggo".to_string()),
+            _ => None,
+        };
+        let rows = [
+            ("air", "A", "<think>t</think><answer>A</answer>"),
+            ("air", "A", "<think>t</think><answer>B</answer>"),
+            ("emph", "B", "<answer>B</answer>"),
+            ("emph", "B", "<answer>Q</answer>"),
+            ("ggo", "C", "no tags"),
+        ];
+        let items: Vec<ScoredItem> = rows
+            .iter()
+            .map(|(class, gold, text)| {
+                let score = s.score(text, gold, &opts);
+                let predicted_class = if score.valid { score.extracted.as_deref().and_then(class_of) } else { None };
+                ScoredItem {
+                    class: class.to_string(),
+                    predicted_class,
+                    score,
+                    completion_tokens: 10,
+                    completion_chars: text.len(),
+                }
+            })
+            .collect();
+        let classes = ["air", "emph", "ggo"].map(String::from);
+        let m = aggregate(&items, &classes, CiMethod::Wilson);
+        assert_eq!((m.n, m.accuracy.k), (5, 2));
+        assert!((m.accuracy.value - 0.4).abs() < 1e-12);
+        assert_eq!(m.per_class["air"].k, 1);
+        assert_eq!(m.per_class["ggo"].k, 0);
+        assert!((m.macro_accuracy - (0.5 + 0.5 + 0.0) / 3.0).abs() < 1e-12);
+        assert_eq!((m.format_rate.k, m.validity_rate.k, m.invalid_rate.k, m.unparseable_rate.k), (2, 3, 1, 1));
+        assert_eq!(m.failures.get("no_answer_tag"), Some(&1));
+        assert_eq!(m.mean_completion_tokens, 10.0);
+        assert_eq!(m.confusion.columns, vec!["air", "emph", "ggo", "invalid", "unparseable"]);
+        assert_eq!(m.confusion.counts, vec![vec![1, 1, 0, 0, 0], vec![0, 1, 0, 1, 0], vec![0, 0, 0, 0, 1]]);
+        let (lo, hi) = wilson(2, 5);
+        assert_eq!((m.accuracy.lo, m.accuracy.hi), (lo, hi));
+    }
+}
