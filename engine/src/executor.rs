@@ -489,13 +489,15 @@ mod tests {
         }
     }
 
-    fn run(src: &str, dir: &Path) -> RunSummary {
-        let registry = Registry::new().register::<Boom>();
-        let recipe = crate::recipe::load_recipe_str(src, &dir.join("r.toml"), &[], &registry).unwrap();
+    /// Plan and run `src` on a CPU-only machine; returns the first stage's
+    /// plan warnings and the run summary.
+    fn run_recipe(registry: &Registry, src: &str, dir: &Path, opts: &RunOptions) -> (String, RunSummary) {
+        let recipe = crate::recipe::load_recipe_str(src, &dir.join("r.toml"), &[], registry).unwrap();
         let graph = StageGraph::from_recipe(&recipe).unwrap();
         let cache = Cache::open(&dir.join("cache")).unwrap();
         let env = EngineEnv { cuda_devices: 0, cores: 2, memory_mb: 1024, quiet: true };
         let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), &env).unwrap();
+        let warnings = plan.stages[0].warnings.join("; ");
         let workspace = Workspace { root: dir.to_path_buf() };
         let exec = Executor {
             recipe: &recipe,
@@ -506,7 +508,12 @@ mod tests {
             progress: Arc::new(PlainProgress { quiet: true }),
             cancel: Arc::new(AtomicBool::new(false)),
         };
-        exec.run(&plan, &RunOptions { jobs: 2, keep_going: true }).unwrap().summary
+        (warnings, exec.run(&plan, opts).unwrap().summary)
+    }
+
+    fn run(src: &str, dir: &Path) -> RunSummary {
+        let registry = Registry::new().register::<Boom>();
+        run_recipe(&registry, src, dir, &RunOptions { jobs: 2, keep_going: true }).1
     }
 
     fn status(s: &RunSummary, id: &str) -> StageStatus {
@@ -574,27 +581,12 @@ mod tests {
     #[test]
     fn cuda_without_a_gpu_fails_the_stage_unless_cpu_fallback_is_allowed() {
         let registry = Registry::new().register::<Gpu>();
-        let env = EngineEnv { cuda_devices: 0, cores: 2, memory_mb: 1024, quiet: true };
         for (fallback, expect) in [(false, StageStatus::Failed), (true, StageStatus::Ran)] {
             let dir = tempfile::tempdir().unwrap();
             let src =
                 format!("[recipe]\nname = \"g\"\nallow_cpu_fallback = {fallback}\n[stage.train]\nkind = \"gpu\"\n");
-            let recipe = crate::recipe::load_recipe_str(&src, &dir.path().join("r.toml"), &[], &registry).unwrap();
-            let graph = StageGraph::from_recipe(&recipe).unwrap();
-            let cache = Cache::open(&dir.path().join("cache")).unwrap();
-            let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), &env).unwrap();
-            let warning = plan.stages[0].warnings.join("; ");
-            let workspace = Workspace { root: dir.path().to_path_buf() };
-            let exec = Executor {
-                recipe: &recipe,
-                graph: &graph,
-                cache: &cache,
-                env: &env,
-                workspace: &workspace,
-                progress: Arc::new(PlainProgress { quiet: true }),
-                cancel: Arc::new(AtomicBool::new(false)),
-            };
-            let summary = exec.run(&plan, &RunOptions { jobs: 1, keep_going: false }).unwrap().summary;
+            let opts = RunOptions { jobs: 1, keep_going: false };
+            let (warning, summary) = run_recipe(&registry, &src, dir.path(), &opts);
             assert_eq!(summary.stages[0].status, expect, "{summary:?}");
             if fallback {
                 assert!(warning.contains("running on the CPU"), "{warning}");
