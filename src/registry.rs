@@ -20,6 +20,8 @@ pub fn registry() -> Registry {
         .register::<stages_data::ParquetExport>()
         // model: init_model
         .register::<stages_vlm::InitModel>()
+        // train: sft
+        .register::<stages_train::Sft>()
         // eval: eval, judge, report, general_vqa
         .register::<stages_eval::Eval>()
         .register::<stages_eval::Judge>()

@@ -1,0 +1,151 @@
+//! AdamW over an explicit list of trainable tensors, the warmup + cosine
+//! schedule and global-norm gradient clipping. Frozen tensors never appear
+//! here, so they hold no optimizer state.
+
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// AdamW (Loshchilov & Hutter) with bias correction, as torch.optim.AdamW.
+pub struct AdamW {
+    params: Vec<(String, Tensor)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    cfg: AdamWConfig,
+    t: i32,
+}
+
+impl AdamW {
+    pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Self {
+        // Moments in f32 whatever the parameter dtype (bf16 moments lose updates).
+        let zeros = |p: &Tensor| Tensor::zeros(p.size(), (Kind::Float, p.device()));
+        let m = params.iter().map(|(_, p)| zeros(p)).collect();
+        let v = params.iter().map(|(_, p)| zeros(p)).collect();
+        Self { params, m, v, cfg, t: 0 }
+    }
+
+    pub fn params(&self) -> impl Iterator<Item = &Tensor> {
+        self.params.iter().map(|(_, p)| p)
+    }
+
+    /// One update with learning rate `lr`, then clear the gradients.
+    pub fn step(&mut self, lr: f64) {
+        self.t += 1;
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
+        let bc1 = 1.0 - beta1.powi(self.t);
+        let bc2 = 1.0 - beta2.powi(self.t);
+        tch::no_grad(|| {
+            for (i, (_, p)) in self.params.iter_mut().enumerate() {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let g = g.to_kind(Kind::Float);
+                let m = &mut self.m[i];
+                let v = &mut self.v[i];
+                *m = &*m * beta1 + &g * (1.0 - beta1);
+                *v = &*v * beta2 + (&g * &g) * (1.0 - beta2);
+                let denom = (&*v / bc2).sqrt() + eps;
+                let mut update = (&*m / bc1) / denom;
+                let pf = p.to_kind(Kind::Float);
+                if weight_decay != 0.0 {
+                    update += &pf * weight_decay;
+                }
+                let new = pf - update * lr;
+                p.copy_(&new.to_kind(p.kind()));
+                let _ = p.grad().zero_();
+            }
+        });
+    }
+}
+
+/// Scale gradients so their global L2 norm is at most `max_norm` (0 = no
+/// clipping); returns the norm before clipping.
+pub fn clip_grad_norm<'a>(params: impl Iterator<Item = &'a Tensor>, max_norm: f64) -> f64 {
+    let grads: Vec<Tensor> = params.map(|p| p.grad()).filter(|g| g.defined()).collect();
+    let total: f64 = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float).double_value(&[])).sum();
+    let norm = total.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        tch::no_grad(|| {
+            for g in &grads {
+                let mut g = g.shallow_clone();
+                let _ = g.f_mul_scalar_(scale);
+            }
+        });
+    }
+    norm
+}
+
+/// Linear warmup to `peak`, then cosine decay to 0 at `total` steps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LrSchedule {
+    peak: f64,
+    warmup: usize,
+    total: usize,
+}
+
+impl LrSchedule {
+    pub fn cosine(peak: f64, warmup: usize, total: usize) -> Self {
+        Self { peak, warmup: warmup.min(total), total: total.max(1) }
+    }
+
+    /// Learning rate of optimizer step `step` (0-based), as HF's
+    /// `get_cosine_schedule_with_warmup`.
+    pub fn at(&self, step: usize) -> f64 {
+        if step < self.warmup {
+            return self.peak * step as f64 / self.warmup.max(1) as f64;
+        }
+        let progress = (step - self.warmup) as f64 / (self.total - self.warmup).max(1) as f64;
+        self.peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        let s = LrSchedule::cosine(1.0, 2, 6);
+        let lrs: Vec<f64> = (0..7).map(|i| s.at(i)).collect();
+        assert_eq!(lrs[0], 0.0);
+        assert_eq!(lrs[1], 0.5);
+        assert_eq!(lrs[2], 1.0);
+        assert!((lrs[4] - 0.5).abs() < 1e-12, "{lrs:?}");
+        assert!(lrs[6].abs() < 1e-12, "{lrs:?}");
+    }
+
+    #[test]
+    fn adamw_first_step_matches_the_closed_form() {
+        // After one step m̂ = g and v̂ = g², so the update is lr·g/(|g|+eps) + lr·wd·p.
+        let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
+        let loss = (&p * Tensor::from_slice(&[3.0f32, 0.5])).sum(Kind::Float);
+        loss.backward();
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let mut opt = AdamW::new(vec![("p".into(), p.shallow_clone())], cfg);
+        opt.step(0.01);
+        let got = Vec::<f32>::try_from(&p.detach()).unwrap();
+        let expect = [1.0 - 0.01 * (1.0 + 0.1 * 1.0), -2.0 - 0.01 * (1.0 + 0.1 * -2.0)];
+        for (g, e) in got.iter().zip(expect) {
+            assert!((f64::from(*g) - e).abs() < 1e-6, "{got:?} vs {expect:?}");
+        }
+        assert_eq!(p.grad().abs().sum(Kind::Float).double_value(&[]), 0.0, "grads cleared");
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm() {
+        let p = Tensor::from_slice(&[0.0f32, 0.0]).set_requires_grad(true);
+        (&p * Tensor::from_slice(&[3.0f32, 4.0])).sum(Kind::Float).backward();
+        let norm = clip_grad_norm([&p].into_iter(), 1.0);
+        assert!((norm - 5.0).abs() < 1e-6);
+        let g = Vec::<f32>::try_from(&p.grad()).unwrap();
+        assert!((g[0] - 0.6).abs() < 1e-5 && (g[1] - 0.8).abs() < 1e-5, "{g:?}");
+    }
+}

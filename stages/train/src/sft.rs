@@ -1,0 +1,476 @@
+//! Supervised fine-tuning (`kind = "sft"`): the paper's first training stage.
+//!
+//! Each item becomes one chat turn: the user message holds the image and the
+//! question (rebuilt for the chosen prompt variant), the assistant message the
+//! target (`<answer> X </answer>`, optionally after a short `<think>` text).
+//! The loss is the token cross-entropy on the assistant tokens only: prompt
+//! and image tokens get label -100 (the Med-R1 lineage pitfall of unmasked
+//! prompts is avoided). Only parameters matching `trainable` get gradients
+//! and AdamW state (paper default: the language model's MLP layers).
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use pipeline_engine::schemars::{self, JsonSchema};
+use pipeline_engine::{InputSpec, OutputSpec, ParamError, Resources, StageContext, StageKind};
+use rand::seq::SliceRandom as _;
+use serde::{Deserialize, Serialize};
+use stages_eval::dataset::{VqaRow, read_split};
+use stages_eval::eval::{DeviceChoice, device_and_kind};
+use stages_eval::prompt::{NO_THINK_TEMPLATE, PromptVariant, THINK_TEMPLATE, user_text};
+use stages_vlm::chat::{ChatTokenizer, Message};
+use stages_vlm::checkpoint::copy_aux_files;
+use stages_vlm::processor::ImageProcessor;
+use stages_vlm::{Batch, Qwen25Vl};
+use tch::{Kind, Reduction, Tensor};
+
+use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
+
+/// Label of tokens that carry no loss (prompt, image, padding).
+pub const IGNORE: i64 = -100;
+
+/// What the assistant turn is trained to say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// `<answer> X </answer>` only.
+    Answer,
+    /// `<think>{think_text}</think>\n<answer> X </answer>` (teaches the GRPO format).
+    ThinkAnswer,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftParams {
+    /// Passes over the training split (paper: 2).
+    pub epochs: usize,
+    /// Peak learning rate (paper: 1e-5).
+    pub lr: f64,
+    /// Fraction of the optimizer steps spent warming up linearly (paper: 0.1); cosine decay after.
+    pub warmup_ratio: f64,
+    /// AdamW betas.
+    pub betas: [f64; 2],
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Items per forward pass.
+    pub batch_size: usize,
+    /// Forward passes per optimizer step (effective batch = batch_size × this).
+    pub grad_accum: usize,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    pub max_grad_norm: f64,
+    /// Regexes over HF parameter names; a parameter trains if any matches
+    /// (paper: only the language model's MLP layers).
+    pub trainable: Vec<String>,
+    /// Assistant target: `answer` or `think_answer`.
+    pub target: Target,
+    /// Reasoning text of the `think_answer` target; `{class_name}` is replaced.
+    pub think_text: String,
+    /// Prompt variant of the user turn (`think`, `no_think` or `dataset`).
+    pub prompt: PromptVariant,
+    /// Stop after this many optimizer steps (quick looks); all epochs when absent.
+    pub max_steps: Option<usize>,
+    /// Log a metrics row every this many optimizer steps.
+    pub log_every: usize,
+    /// `cpu`, `auto` (CUDA when present) or `cuda`.
+    pub device: DeviceChoice,
+    /// `auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16`.
+    pub dtype: String,
+    /// Largest safetensors shard of the saved checkpoint, in MiB.
+    pub max_shard_mb: u64,
+}
+
+impl Default for SftParams {
+    fn default() -> Self {
+        Self {
+            epochs: 2,
+            lr: 1e-5,
+            warmup_ratio: 0.1,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.0,
+            batch_size: 4,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+            trainable: vec![r"^model\.language_model\.layers\.\d+\.mlp\.".into()],
+            target: Target::Answer,
+            think_text: "The highlighted region and its magnified view show {class_name}.".into(),
+            prompt: PromptVariant::Think,
+            max_steps: None,
+            log_every: 1,
+            device: DeviceChoice::Cpu,
+            dtype: "auto".into(),
+            max_shard_mb: 2048,
+        }
+    }
+}
+
+pub struct Sft;
+
+impl StageKind for Sft {
+    type Params = SftParams;
+    const KIND: &'static str = "sft";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "Supervised fine-tuning of a Qwen2.5-VL checkpoint on a VQA split (loss on assistant tokens only)";
+
+    fn inputs() -> &'static [InputSpec] {
+        const I: &[InputSpec] = &[
+            InputSpec::one("model", "HF Qwen2.5-VL checkpoint directory (e.g. an init_model stage)"),
+            InputSpec::one("data", "Parquet training split (e.g. `export.train`)"),
+        ];
+        I
+    }
+
+    fn outputs(_: &SftParams) -> Vec<OutputSpec> {
+        Vec::new()
+    }
+
+    fn resources(p: &SftParams) -> Resources {
+        Resources { cpu: 0, device: p.device.request(), memory_mb: 4096 }
+    }
+
+    fn validate(p: &SftParams) -> Result<(), ParamError> {
+        let positive = [("epochs", p.epochs), ("batch_size", p.batch_size), ("grad_accum", p.grad_accum)];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(ParamError::new(&[key], "must be at least 1"));
+            }
+        }
+        if !(p.lr > 0.0 && p.lr.is_finite()) {
+            return Err(ParamError::new(&["lr"], format!("must be a positive number, got {}", p.lr)));
+        }
+        if !(0.0..1.0).contains(&p.warmup_ratio) {
+            return Err(ParamError::new(&["warmup_ratio"], "must be in [0, 1)"));
+        }
+        if p.trainable.is_empty() {
+            return Err(ParamError::new(&["trainable"], "give at least one regex (nothing would train)"));
+        }
+        if let Err(e) = regex_union(&p.trainable) {
+            return Err(ParamError::new(&["trainable"], e));
+        }
+        if p.prompt == PromptVariant::CotForcing {
+            return Err(ParamError::new(&["prompt"], "cot_forcing is an evaluation variant; use think or no_think"));
+        }
+        Ok(())
+    }
+
+    fn run(p: &SftParams, ctx: &mut StageContext) -> anyhow::Result<()> {
+        let model_dir = ctx.input("model")?.to_path_buf();
+        let rows = read_split(ctx.input("data")?).context("reading the training split")?;
+        if rows.is_empty() {
+            bail!("the training split is empty");
+        }
+        let (device, kind) = device_and_kind(ctx, &p.dtype)?;
+        let _threads = ThreadsGuard::set(ctx.threads());
+        let model = Qwen25Vl::load(&model_dir, kind, device)
+            .with_context(|| format!("loading checkpoint {}", model_dir.display()))?;
+        let tokenizer = ChatTokenizer::load(&model_dir, &model.config.eos_token_id)
+            .with_context(|| format!("loading the tokenizer of {}", model_dir.display()))?;
+        let pp = model_dir.join("preprocessor_config.json");
+        let processor = if pp.exists() { ImageProcessor::from_file(&pp)? } else { ImageProcessor::default() };
+
+        let pattern = regex_union(&p.trainable).map_err(anyhow::Error::msg)?;
+        let trainable = model.set_trainable(&pattern)?;
+        if trainable.is_empty() {
+            bail!("param `trainable`: no parameter name matches {:?}", p.trainable);
+        }
+        let n_train: i64 = trainable.iter().map(|n| model.params[n].numel() as i64).sum();
+        let n_all: i64 = model.params.values().map(|t| t.numel() as i64).sum();
+        tracing::info!("{} tensors trainable: {n_train} of {n_all} parameters", trainable.len());
+
+        let encoder = Encoder { tokenizer: &tokenizer, processor: &processor, params: p };
+        let examples: Vec<Example> =
+            rows.iter().map(|r| encoder.encode(r)).collect::<anyhow::Result<_>>().context("building examples")?;
+
+        let steps_per_epoch = examples.len().div_ceil(p.batch_size * p.grad_accum);
+        let total = p.max_steps.unwrap_or(usize::MAX).min(steps_per_epoch * p.epochs).max(1);
+        let schedule = LrSchedule::cosine(p.lr, (p.warmup_ratio * total as f64).ceil() as usize, total);
+        let params: Vec<(String, Tensor)> =
+            trainable.iter().map(|n| (n.clone(), model.params[n].shallow_clone())).collect();
+        let mut opt = AdamW::new(
+            params,
+            AdamWConfig { beta1: p.betas[0], beta2: p.betas[1], eps: p.eps, weight_decay: p.weight_decay },
+        );
+
+        ctx.progress().start("sft steps", total as u64);
+        let mut step = 0;
+        let (mut tokens, mut t0) = (0usize, Instant::now());
+        'epochs: for epoch in 0..p.epochs {
+            let mut order: Vec<usize> = (0..examples.len()).collect();
+            order.shuffle(&mut ctx.rng(&format!("sft/order/{epoch}")));
+            for group in order.chunks(p.batch_size * p.grad_accum) {
+                ctx.check_cancelled()?;
+                let mut loss_sum = 0.0;
+                let micro: Vec<&[usize]> = group.chunks(p.batch_size).collect();
+                for idx in &micro {
+                    let batch: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
+                    let loss = batch_loss(&model, &batch)?;
+                    (&loss / micro.len() as f64).backward();
+                    loss_sum += loss.double_value(&[]) / micro.len() as f64;
+                    tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
+                }
+                let grad_norm = clip_grad_norm(opt.params(), p.max_grad_norm);
+                let lr = schedule.at(step);
+                opt.step(lr);
+                step += 1;
+                ctx.progress().advance(1);
+                if step % p.log_every.max(1) == 0 || step == total {
+                    let secs = t0.elapsed().as_secs_f64().max(1e-9);
+                    ctx.metrics().record(&serde_json::json!({
+                        "step": step, "epoch": epoch, "loss": loss_sum, "lr": lr,
+                        "grad_norm": grad_norm, "tokens_per_s": tokens as f64 / secs,
+                    }))?;
+                    (tokens, t0) = (0, Instant::now());
+                }
+                if step >= total {
+                    break 'epochs;
+                }
+            }
+        }
+        ctx.progress().finish();
+
+        let out = ctx.output_dir();
+        model.save(out, kind, p.max_shard_mb * 1024 * 1024)?;
+        copy_aux_files(&model_dir, out)?;
+        std::fs::write(
+            out.join("trainable.json"),
+            serde_json::to_vec_pretty(&serde_json::json!({
+                "patterns": p.trainable, "tensors": trainable, "parameters": n_train, "total_parameters": n_all,
+                "optimizer_steps": step, "examples": examples.len(),
+            }))?,
+        )?;
+        Ok(())
+    }
+}
+
+/// `(?:a)|(?:b)` of the given regexes, checked to compile.
+fn regex_union(patterns: &[String]) -> Result<String, String> {
+    let union = patterns.iter().map(|p| format!("(?:{p})")).collect::<Vec<_>>().join("|");
+    regex::Regex::new(&union).map_err(|e| format!("invalid regex: {e}"))?;
+    Ok(union)
+}
+
+/// Sets libtorch's intra-op threads to the stage's share for its lifetime.
+struct ThreadsGuard(i32);
+impl ThreadsGuard {
+    fn set(n: usize) -> Self {
+        let prev = tch::get_num_threads();
+        tch::set_num_threads(n.max(1) as i32);
+        Self(prev)
+    }
+}
+impl Drop for ThreadsGuard {
+    fn drop(&mut self) {
+        tch::set_num_threads(self.0);
+    }
+}
+
+/// One tokenized training example.
+pub struct Example {
+    pub ids: Vec<i64>,
+    /// Same length as `ids`; IGNORE except on the assistant tokens.
+    pub labels: Vec<i64>,
+    pub pixel_values: Option<Tensor>,
+    pub grid: Vec<[i64; 3]>,
+}
+
+/// Turns a dataset row into prompt + target tokens with masked labels.
+pub struct Encoder<'a> {
+    pub tokenizer: &'a ChatTokenizer,
+    pub processor: &'a ImageProcessor,
+    pub params: &'a SftParams,
+}
+
+impl Encoder<'_> {
+    /// The assistant text the model learns to produce for `row`.
+    pub fn target(&self, row: &VqaRow) -> String {
+        let answer = format!("<answer> {} </answer>", row.answer);
+        match self.params.target {
+            Target::Answer => answer,
+            Target::ThinkAnswer => {
+                format!("<think>{}</think>\n{answer}", self.params.think_text.replace("{class_name}", &row.class_name))
+            }
+        }
+    }
+
+    pub fn encode(&self, row: &VqaRow) -> anyhow::Result<Example> {
+        let user = user_text(&row.problem, self.params.prompt, THINK_TEMPLATE, NO_THINK_TEMPLATE)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("item `{}`", row.id))?;
+        let n_images = usize::from(row.image.is_some());
+        let mut prompt = self.tokenizer.render(&[Message::user_with_images(n_images, &user)], true)?;
+        let (pixel_values, grid) = match &row.image {
+            Some(bytes) => {
+                let img = image::load_from_memory(bytes)
+                    .with_context(|| format!("item `{}`: column `image.bytes` is not a decodable image", row.id))?;
+                let vis = self.processor.process(&[img])?;
+                let counts = vis.tokens_per_image(self.processor.merge_size);
+                prompt = ChatTokenizer::expand_image_pads(&prompt, &counts)?;
+                (Some(vis.pixel_values), vis.grid_thw)
+            }
+            None => (None, Vec::new()),
+        };
+        // Prompt and target are tokenized separately, exactly as generation
+        // sees them: the model continues right after the prompt's tokens.
+        let prompt_ids = self.tokenizer.encode(&prompt)?;
+        let target_ids = self.tokenizer.encode(&format!("{}<|im_end|>", self.target(row)))?;
+        let ids: Vec<i64> = prompt_ids.iter().chain(&target_ids).map(|&t| i64::from(t)).collect();
+        let labels: Vec<i64> =
+            std::iter::repeat_n(IGNORE, prompt_ids.len()).chain(target_ids.iter().map(|&t| i64::from(t))).collect();
+        Ok(Example { ids, labels, pixel_values, grid })
+    }
+}
+
+/// Mean cross-entropy over the assistant tokens of a left-padded batch.
+pub fn batch_loss(model: &Qwen25Vl, batch: &[&Example]) -> anyhow::Result<Tensor> {
+    let len = batch.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    let (mut ids, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+    for e in batch {
+        let pad = len - e.ids.len();
+        ids.extend(std::iter::repeat_n(0i64, pad).chain(e.ids.iter().copied()));
+        mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, e.ids.len())));
+        labels.extend(std::iter::repeat_n(IGNORE, pad).chain(e.labels.iter().copied()));
+    }
+    let shape = [batch.len() as i64, len as i64];
+    let device = model.device;
+    let input_ids = Tensor::from_slice(&ids).reshape(shape).to_device(device);
+    let attention_mask = Tensor::from_slice(&mask).reshape(shape).to_device(device);
+    let labels = Tensor::from_slice(&labels).reshape(shape).to_device(device);
+    let pv: Vec<&Tensor> = batch.iter().filter_map(|e| e.pixel_values.as_ref()).collect();
+    let pixel_values =
+        if pv.is_empty() { None } else { Some(Tensor::cat(&pv, 0).to_device(device).to_kind(model.kind)) };
+    let grid: Vec<[i64; 3]> = batch.iter().flat_map(|e| e.grid.iter().copied()).collect();
+    let logits = model.forward(&Batch {
+        input_ids: &input_ids,
+        attention_mask: &attention_mask,
+        pixel_values: pixel_values.as_ref(),
+        image_grid_thw: &grid,
+    })?;
+    // Token t predicts token t+1.
+    let vocab = logits.size()[2];
+    let shifted = logits.narrow(1, 0, len as i64 - 1).to_kind(Kind::Float).reshape([-1, vocab]);
+    let targets = labels.narrow(1, 1, len as i64 - 1).reshape([-1]);
+    Ok(shifted.cross_entropy_loss::<Tensor>(&targets, None, Reduction::Mean, IGNORE, 0.0))
+}
+
+/// For tests and tools: the model, tokenizer and processor of a checkpoint dir.
+pub fn load_parts(dir: &Path) -> anyhow::Result<(Qwen25Vl, ChatTokenizer, ImageProcessor)> {
+    let model = Qwen25Vl::load(dir, Kind::Float, tch::Device::Cpu)?;
+    let tokenizer = ChatTokenizer::load(dir, &model.config.eos_token_id)?;
+    let processor = ImageProcessor::from_file(&dir.join("preprocessor_config.json"))?;
+    Ok((model, tokenizer, processor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stages_vlm::InitModel;
+    use stages_vlm::init_model::InitModelParams;
+
+    /// A tiny checkpoint from the real init_model stage.
+    fn tiny_checkpoint(dir: &Path) -> std::path::PathBuf {
+        let corpus = dir.join("corpus");
+        std::fs::create_dir_all(&corpus).unwrap();
+        std::fs::write(
+            corpus.join("qa.txt"),
+            format!("{THINK_TEMPLATE} Which lesion? A. airway B. emphysema\n").repeat(4),
+        )
+        .unwrap();
+        let out = dir.join("model");
+        let mut ctx = StageContext::builder("tiny", &out).input("corpus", "c", None, &corpus).seed(3).build().unwrap();
+        InitModel::run(&InitModelParams { vocab_size: 300, ..Default::default() }, &mut ctx).unwrap();
+        out
+    }
+
+    fn png(w: u32, h: u32, shade: u8) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([shade, (x * 7) as u8, (y * 5) as u8]));
+        let mut bytes = Vec::new();
+        image::DynamicImage::ImageRgb8(img)
+            .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+            .unwrap();
+        bytes
+    }
+
+    fn row(i: usize, answer: &str) -> VqaRow {
+        VqaRow {
+            id: format!("case{i}"),
+            image: Some(png(56, 56, (i * 60) as u8)),
+            problem: THINK_TEMPLATE.replace("{Question}", "Which lesion? A. airway B. emphysema"),
+            answer: answer.into(),
+            options: vec!["A. airway".into(), "B. emphysema".into()],
+            class: "airway".into(),
+            class_name: "airway abnormalities".into(),
+        }
+    }
+
+    #[test]
+    fn labels_cover_exactly_the_assistant_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, tokenizer, processor) = load_parts(&tiny_checkpoint(dir.path())).unwrap();
+        let params = SftParams { target: Target::ThinkAnswer, ..Default::default() };
+        let enc = Encoder { tokenizer: &tokenizer, processor: &processor, params: &params };
+        let ex = enc.encode(&row(0, "B")).unwrap();
+        assert_eq!(ex.ids.len(), ex.labels.len());
+        let first = ex.labels.iter().position(|&l| l != IGNORE).unwrap();
+        assert!(ex.labels[first..].iter().all(|&l| l != IGNORE), "no hole in the target");
+        assert_eq!(&ex.ids[first..], &ex.labels[first..]);
+        let target: Vec<u32> = ex.labels[first..].iter().map(|&t| t as u32).collect();
+        let text = tokenizer.decode(&target, false).unwrap();
+        assert!(text.contains("<answer>") && text.contains("</answer>") && text.contains("<think>"), "{text}");
+        assert!(text.contains("airway abnormalities"), "{text}");
+        // The prompt part holds the image pads and the question, all masked.
+        let prompt: Vec<u32> = ex.ids[..first].iter().map(|&t| t as u32).collect();
+        let prompt_text = tokenizer.decode(&prompt, false).unwrap();
+        assert!(prompt_text.contains("<|image_pad|>") && prompt_text.ends_with("assistant\n"), "{prompt_text}");
+        assert_eq!(ex.grid, vec![[1, 4, 4]]);
+    }
+
+    #[test]
+    fn mlp_only_training_lowers_the_loss_and_leaves_everything_else_bit_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, tokenizer, processor) = load_parts(&tiny_checkpoint(dir.path())).unwrap();
+        let params = SftParams::default();
+        let names = model.set_trainable(&regex_union(&params.trainable).unwrap()).unwrap();
+        assert!(!names.is_empty() && names.iter().all(|n| n.contains(".mlp.") && n.contains("language_model")));
+        let before: Vec<(String, Tensor)> = model.params.iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect();
+
+        let enc = Encoder { tokenizer: &tokenizer, processor: &processor, params: &params };
+        let examples: Vec<Example> = (0..4).map(|i| enc.encode(&row(i, ["A", "B"][i % 2])).unwrap()).collect();
+        let batch: Vec<&Example> = examples.iter().collect();
+        let trainable: Vec<(String, Tensor)> =
+            names.iter().map(|n| (n.clone(), model.params[n].shallow_clone())).collect();
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let mut opt = AdamW::new(trainable, cfg);
+        let first = batch_loss(&model, &batch).unwrap().double_value(&[]);
+        for _ in 0..30 {
+            let loss = batch_loss(&model, &batch).unwrap();
+            loss.backward();
+            clip_grad_norm(opt.params(), 1.0);
+            opt.step(1e-2);
+        }
+        let last = tch::no_grad(|| batch_loss(&model, &batch)).unwrap().double_value(&[]);
+        assert!(last < first - 0.5, "loss {first} -> {last}");
+        for (name, old) in &before {
+            let same = model.params[name].equal(old);
+            if names.contains(name) {
+                assert!(!same, "{name} should have trained");
+            } else {
+                assert!(same, "{name} is frozen but changed");
+                assert!(!model.params[name].grad().defined(), "{name} got a gradient");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_params_name_the_key() {
+        let e = Sft::validate(&SftParams { trainable: vec!["(".into()], ..Default::default() }).unwrap_err();
+        assert_eq!(e.path, vec!["trainable"]);
+        let e = Sft::validate(&SftParams { batch_size: 0, ..Default::default() }).unwrap_err();
+        assert_eq!(e.path, vec!["batch_size"]);
+        let e = Sft::validate(&SftParams { prompt: PromptVariant::CotForcing, ..Default::default() }).unwrap_err();
+        assert_eq!(e.path, vec!["prompt"]);
+    }
+}
