@@ -91,7 +91,13 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err}");
+            // Recipe errors render themselves rustc-style, "error:" included.
+            let text = err.to_string();
+            if text.starts_with("error:") {
+                eprintln!("{text}");
+            } else {
+                eprintln!("error: {text}");
+            }
             for cause in err.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
