@@ -8,6 +8,17 @@ export MEDREASON_CACHE=${MEDREASON_CACHE:-$HOME/.cache/medreason-pipeline}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$MEDREASON_CACHE/target}
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 mkdir -p "$MEDREASON_CACHE"
+# Build against libtorch by its resolved path, not the clone-relative
+# `.libtorch` of .cargo/config.toml: torch-sys rebuilds (and with it every
+# crate above it) whenever LIBTORCH changes, so clones and worktrees sharing
+# the target dir must all name the same directory.
+# A LIBTORCH the user exported (e.g. a CUDA build) wins.
+user_libtorch=${MEDREASON_USER_LIBTORCH-${LIBTORCH:-}}
+export MEDREASON_USER_LIBTORCH=$user_libtorch
+if [ -e "$repo/.libtorch" ]; then
+  export LIBTORCH
+  LIBTORCH=$(readlink -f "$repo/.libtorch")
+fi
 
 step() { echo "==> $*" >&2; }
 
@@ -19,7 +30,9 @@ require_tools() {
 
 setup_libtorch() {
   step "libtorch (PyPI torch wheel, CPU part)"
-  bash "$repo/tools/setup-libtorch.sh"
+  LIBTORCH=$user_libtorch bash "$repo/tools/setup-libtorch.sh"
+  export LIBTORCH
+  LIBTORCH=$(readlink -f "$repo/.libtorch")
 }
 
 # Python venv for reference/loader scripts, keyed by the requirements file.
