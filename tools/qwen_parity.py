@@ -8,6 +8,12 @@ Modes:
       special tokens, two non-square images of different sizes; save the HF
       checkpoint and dump processor outputs, prefill logits and greedy
       generations into DIR (default stages/vlm/tests/fixtures/parity).
+  qwen_parity.py generate-text [--out DIR]
+      The same for a plain Qwen2 causal LM (`Qwen2ForCausalLM`, the judge's
+      text-only model): tiny random checkpoint with untied lm_head, a
+      Qwen2.5-Instruct-style chat template, two left-padded chat prompts;
+      dumps prefill logits and greedy generations into DIR (default
+      stages/vlm/tests/fixtures/parity_text).
   qwen_parity.py check-rust-checkpoint DIR [--fixtures DIR]
       Load a checkpoint written by the Rust side with `from_pretrained`, run the
       fixture batch and compare logits with the fixture (max abs diff).
@@ -36,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REQS = ROOT / "tools" / "requirements-parity.txt"
 DEFAULT_FIXTURES = ROOT / "stages" / "vlm" / "tests" / "fixtures" / "parity"
+DEFAULT_TEXT_FIXTURES = ROOT / "stages" / "vlm" / "tests" / "fixtures" / "parity_text"
 
 
 def ensure_venv():
@@ -76,6 +83,30 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# ChatML in the style of the Qwen2.5-Instruct release template (its default
+# system prompt and `{%- -%}` whitespace control; the tool-call branches are
+# left out): what a text-only judge checkpoint renders.
+TEXT_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "{%- else %}\n"
+    "    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or (message.role == 'assistant') %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+TEXT_CHATS = [
+    [{"role": "user", "content": "Reasoning: hazy ground-glass opacity in the right lobe.\nOptions:\nA. emphysema\nB. ground-glass opacity\nWhich option? Reply with the letter."}],
+    [{"role": "system", "content": "You judge radiology reasoning."}, {"role": "user", "content": "Nodule or effusion?"}],
+]
+
 CORPUS = [
     "What abnormality is visible in the lung slice? Options: A. emphysema B. nodule C. effusion D. fibrosis",
     "The chest CT shows a ground-glass opacity in the right upper lobe.",
@@ -95,7 +126,7 @@ PROMPTS = [
 MAX_NEW_TOKENS = 12
 
 
-def build_tokenizer(out: Path):
+def build_tokenizer(out: Path, template: str = CHAT_TEMPLATE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers, AddedToken
 
     tok = Tokenizer(models.BPE())
@@ -116,10 +147,10 @@ def build_tokenizer(out: Path):
         "unk_token": None,
         "model_max_length": 32768,
         "padding_side": "left",
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": template,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
     return tok
 
 
@@ -267,14 +298,7 @@ def cmd_generate(out: Path):
     make_images(out)
     cfg = tiny_config(tok)
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    # HF init (std 0.02, norms 1, biases 0) gives near-uniform logits and a
-    # degenerate greedy path; larger random weights make every term matter.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "ln_q" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            else:
-                p.normal_(0.0, 0.15)
+    perturb(model)
     model.save_pretrained(str(ckpt), safe_serialization=True)
     Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(str(ckpt))
 
@@ -308,15 +332,118 @@ def cmd_generate(out: Path):
     print(f"wrote fixtures to {out} ({total / 1e6:.2f} MB); grids {batch['image_grid_thw'].tolist()}; greedy {gen}")
 
 
+def perturb(model):
+    """HF init (std 0.02, norms 1, biases 0) gives near-uniform logits and a
+    degenerate greedy path; larger random weights make every term matter."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_q" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            else:
+                p.normal_(0.0, 0.15)
+
+
+def text_positions(mask):
+    """What `generate` feeds Qwen2 for left-padded rows (and what HF
+    `get_rope_index` gives Qwen2.5-VL for text): cumsum(mask) - 1, pads at 1."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def is_text_checkpoint(ckpt: Path) -> bool:
+    return json.loads((ckpt / "config.json").read_text()).get("model_type") == "qwen2"
+
+
+def load_hf(ckpt: Path, dtype):
+    """Qwen2ForCausalLM for `model_type = "qwen2"`, else Qwen2.5-VL."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
+
+    cls = Qwen2ForCausalLM if is_text_checkpoint(ckpt) else Qwen2_5_VLForConditionalGeneration
+    return cls.from_pretrained(str(ckpt), torch_dtype=dtype).eval()
+
+
+def run_text_model(model, input_ids, attention_mask):
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=text_positions(attention_mask))
+    return out.logits.float()
+
+
+def cmd_generate_text(out: Path):
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint"
+    ckpt.mkdir(exist_ok=True)
+    tok = build_tokenizer(ckpt, TEXT_CHAT_TEMPLATE)
+    ids = {s: tok.token_to_id(s) for s in SPECIALS}
+    cfg = Qwen2Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        hidden_act="silu",
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    model = Qwen2ForCausalLM(cfg).eval()
+    perturb(model)
+    model.save_pretrained(str(ckpt), safe_serialization=True)
+
+    hf_tok = PreTrainedTokenizerFast.from_pretrained(str(ckpt))
+    texts = [hf_tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in TEXT_CHATS]
+    enc = hf_tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    logits = run_text_model(model, enc["input_ids"], enc["attention_mask"])
+    eos = cfg.eos_token_id
+    gen = greedy(model, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, eos)
+    save_file(
+        {
+            "input_ids": enc["input_ids"].contiguous(),
+            "attention_mask": enc["attention_mask"].contiguous(),
+            "logits": logits.contiguous(),
+        },
+        str(out / "expected.safetensors"),
+    )
+    meta = {
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "chats": TEXT_CHATS,
+        "texts": texts,
+        "greedy_tokens": gen,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "eos_token_id": eos,
+    }
+    (out / "expected.json").write_text(json.dumps(meta, indent=1) + "\n")
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote text fixtures to {out} ({total / 1e6:.2f} MB); greedy {gen}")
+
+
 def cmd_check(rust_ckpt: Path, fixtures: Path):
     import torch
     from safetensors.torch import load_file
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     exp = load_file(str(fixtures / "expected.safetensors"))
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(rust_ckpt), torch_dtype=torch.float32).eval()
-    batch = {k: exp[k] for k in ["input_ids", "attention_mask", "pixel_values", "image_grid_thw"]}
-    logits = run_model(model, batch)
+    model = load_hf(rust_ckpt, torch.float32)
+    if is_text_checkpoint(rust_ckpt):
+        logits = run_text_model(model, exp["input_ids"], exp["attention_mask"])
+    else:
+        batch = {k: exp[k] for k in ["input_ids", "attention_mask", "pixel_values", "image_grid_thw"]}
+        logits = run_model(model, batch)
     mask = exp["attention_mask"].bool()
     diff = (logits - exp["logits"]).abs()[mask].max().item()
     print(f"checkpoint {rust_ckpt}: loaded by transformers; logits max abs diff vs fixture = {diff:.3e}")
@@ -331,13 +458,18 @@ def cmd_compare_dump(ckpt: Path, dump: Path, tol: float, hf_bf16_cuda: bool):
     from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration
 
     d = load_file(str(dump))
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(ckpt), torch_dtype=torch.float32).eval()
+    model = load_hf(ckpt, torch.float32)
     tok = PreTrainedTokenizerFast.from_pretrained(str(ckpt))
-    image_processor(ckpt)  # must load too
     batch = {k: d[k] for k in ["input_ids", "attention_mask"]}
-    batch["pixel_values"] = d.get("pixel_values")
-    batch["image_grid_thw"] = d.get("image_grid_thw")
-    logits = run_model(model, batch)
+    if is_text_checkpoint(ckpt):
+        if hf_bf16_cuda:
+            sys.exit("--hf-bf16-cuda is only implemented for Qwen2.5-VL checkpoints")
+        logits = run_text_model(model, batch["input_ids"], batch["attention_mask"])
+    else:
+        image_processor(ckpt)  # must load too
+        batch["pixel_values"] = d.get("pixel_values")
+        batch["image_grid_thw"] = d.get("image_grid_thw")
+        logits = run_model(model, batch)
     mask = d["attention_mask"].bool()
     diff = (logits - d["logits"]).abs()[mask].max().item()
     text = tok.decode(d["input_ids"][0][mask[0]].tolist())
@@ -532,6 +664,8 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate")
     g.add_argument("--out", type=Path, default=DEFAULT_FIXTURES)
+    gt = sub.add_parser("generate-text")
+    gt.add_argument("--out", type=Path, default=DEFAULT_TEXT_FIXTURES)
     c = sub.add_parser("check-rust-checkpoint")
     c.add_argument("dir", type=Path)
     c.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
@@ -554,6 +688,8 @@ def main():
     args = ap.parse_args()
     if args.cmd == "generate":
         cmd_generate(args.out)
+    elif args.cmd == "generate-text":
+        cmd_generate_text(args.out)
     elif args.cmd == "check-rust-checkpoint":
         cmd_check(args.dir, args.fixtures)
     elif args.cmd == "make-7b-shaped":

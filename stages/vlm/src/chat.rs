@@ -41,7 +41,13 @@ pub struct Message {
 
 impl Message {
     /// A user turn with `images` image placeholders followed by `text`.
+    /// Without images the content is a plain string: text-only chat
+    /// templates (Qwen2.5-Instruct) concatenate `message.content` as a
+    /// string, and the Qwen2.5-VL template renders both forms the same.
     pub fn user_with_images(images: usize, text: &str) -> Self {
+        if images == 0 {
+            return Self::text("user", text);
+        }
         let mut parts: Vec<Value> = (0..images).map(|_| serde_json::json!({"type": "image"})).collect();
         parts.push(serde_json::json!({"type": "text", "text": text}));
         Self { role: "user".into(), content: Value::Array(parts) }
@@ -211,6 +217,21 @@ mod tests {
         assert_eq!(out, format!("a{IMAGE_PAD}{IMAGE_PAD}b{IMAGE_PAD}c"));
         let e = ChatTokenizer::expand_image_pads(&t, &[2]).unwrap_err().to_string();
         assert!(e.contains("2 image placeholders but 1 images"), "{e}");
+    }
+
+    #[test]
+    fn text_only_user_turns_render_the_same_under_the_vl_template() {
+        let tok = ChatTokenizer {
+            tokenizer: Tokenizer::new(tokenizers::models::bpe::BPE::default()),
+            template: QWEN25_VL_CHAT_TEMPLATE.into(),
+            pad_id: 0,
+            eos_ids: vec![],
+        };
+        let as_parts =
+            Message { role: "user".into(), content: serde_json::json!([{"type": "text", "text": "Which lesion?"}]) };
+        let plain = Message::user_with_images(0, "Which lesion?");
+        assert_eq!(plain.content, Value::String("Which lesion?".into()));
+        assert_eq!(tok.render(&[plain], true).unwrap(), tok.render(&[as_parts], true).unwrap());
     }
 
     #[test]

@@ -47,6 +47,15 @@ pub fn normalize_name(name: &str) -> String {
     name.to_string()
 }
 
+/// The `Qwen2ForCausalLM` name of a normalised parameter name
+/// (`model.language_model.X` -> `model.X`), for saving text-only models.
+pub fn text_only_name(name: &str) -> String {
+    match name.strip_prefix("model.language_model.") {
+        Some(rest) => format!("model.{rest}"),
+        None => name.to_string(),
+    }
+}
+
 /// The shard files of a checkpoint directory, in a stable order.
 pub fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
     let index = dir.join(INDEX_FILE);
@@ -406,6 +415,9 @@ mod tests {
             "model.language_model.layers.3.mlp.up_proj.weight"
         );
         assert_eq!(normalize_name("lm_head.weight"), "lm_head.weight");
+        for name in ["model.layers.3.mlp.up_proj.weight", "model.norm.weight", "lm_head.weight"] {
+            assert_eq!(text_only_name(&normalize_name(name)), name, "text-only names round-trip");
+        }
         let loaded = sample();
         let mut expected: BTreeMap<String, Vec<i64>> = loaded.iter().map(|(k, v)| (k.clone(), v.size())).collect();
         expected.insert("lm_head.weight".into(), vec![4, 4]);

@@ -1,6 +1,8 @@
-//! Qwen2.5-VL `config.json` as written by HF transformers.
+//! Qwen2.5-VL `config.json` as written by HF transformers, and plain Qwen2 /
+//! Qwen2.5 causal-LM configs (`model_type = "qwen2"`, no `vision_config`):
+//! the same decoder without a vision tower (the judge's text-only models).
 //!
-//! Two layouts exist: older checkpoints (e.g. the released 7B-Instruct) keep
+//! Two Qwen2.5-VL layouts exist: older checkpoints (e.g. the released 7B-Instruct) keep
 //! the text-model fields at the top level; transformers >= 4.52 also writes a
 //! `text_config` object. We read text fields from `text_config` when present,
 //! else from the top level. Extra keys are ignored (HF writes dozens of
@@ -78,14 +80,22 @@ impl VisionConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Qwen25VlConfig {
-    pub text: TextConfig,
-    pub vision: VisionConfig,
+/// The special tokens that place images in the text (VL checkpoints only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VisionTokens {
     pub image_token_id: i64,
     pub video_token_id: i64,
     pub vision_start_token_id: i64,
     pub vision_end_token_id: i64,
+}
+
+/// A Qwen2.5-VL config, or a Qwen2 text config (`vision` and `tokens` None).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Qwen25VlConfig {
+    pub text: TextConfig,
+    /// None for a text-only Qwen2 causal LM.
+    pub vision: Option<VisionConfig>,
+    pub tokens: Option<VisionTokens>,
     pub bos_token_id: Option<i64>,
     pub eos_token_id: Vec<i64>,
     /// The raw JSON, written back unchanged when saving a checkpoint.
@@ -125,7 +135,19 @@ impl Reader<'_> {
     }
 }
 
+/// What `model_type` (and the presence of `vision_config`) says the checkpoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arch {
+    VisionLanguage,
+    Text,
+}
+
 impl Qwen25VlConfig {
+    /// True for a plain Qwen2 causal LM (no vision tower).
+    pub fn is_text_only(&self) -> bool {
+        self.vision.is_none()
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
         let raw: Value =
@@ -136,10 +158,15 @@ impl Qwen25VlConfig {
     /// Parse from JSON; `path` is only used in error messages.
     pub fn from_value(raw: Value, path: &Path) -> Result<Self, ConfigError> {
         let r = Reader { path };
-        if let Some(mt) = raw.get("model_type").and_then(Value::as_str)
-            && mt != "qwen2_5_vl"
-        {
-            return Err(r.err("model_type", format!("expected \"qwen2_5_vl\", got {mt:?}")));
+        let arch = match raw.get("model_type").and_then(Value::as_str) {
+            Some("qwen2_5_vl") => Arch::VisionLanguage,
+            Some("qwen2") => Arch::Text,
+            Some(mt) => return Err(r.err("model_type", format!("expected \"qwen2_5_vl\" or \"qwen2\", got {mt:?}"))),
+            None if raw.get("vision_config").is_some() => Arch::VisionLanguage,
+            None => Arch::Text,
+        };
+        if arch == Arch::Text {
+            return Self::text_only(raw, path);
         }
         // Text fields: `text_config` when present (newer transformers), else top level.
         let t = match raw.get("text_config") {
@@ -244,11 +271,6 @@ impl Qwen25VlConfig {
         if vision.hidden_size % vision.num_heads != 0 {
             return Err(vr.err("vision_config.num_heads", "must divide vision hidden_size"));
         }
-        let eos_token_id = match raw.get("eos_token_id").or_else(|| t.get("eos_token_id")) {
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
-            Some(x) => x.as_i64().into_iter().collect(),
-            None => Vec::new(),
-        };
         let tok = |field: &str| -> Result<i64, ConfigError> {
             raw.get(field)
                 .or_else(|| t.get(field))
@@ -256,16 +278,105 @@ impl Qwen25VlConfig {
                 .ok_or_else(|| r.err(field, "missing token id"))
         };
         Ok(Self {
-            image_token_id: tok("image_token_id")?,
-            video_token_id: tok("video_token_id")?,
-            vision_start_token_id: tok("vision_start_token_id")?,
-            vision_end_token_id: tok("vision_end_token_id")?,
+            tokens: Some(VisionTokens {
+                image_token_id: tok("image_token_id")?,
+                video_token_id: tok("video_token_id")?,
+                vision_start_token_id: tok("vision_start_token_id")?,
+                vision_end_token_id: tok("vision_end_token_id")?,
+            }),
             bos_token_id: raw.get("bos_token_id").or_else(|| t.get("bos_token_id")).and_then(Value::as_i64),
-            eos_token_id,
+            eos_token_id: eos_ids(&raw, t),
             text,
-            vision,
+            vision: Some(vision),
             raw,
         })
+    }
+
+    /// A plain Qwen2 / Qwen2.5 causal-LM config (HF `Qwen2Config`): every
+    /// field at the top level, 1D RoPE, no vision tower.
+    ///
+    /// The decoder is the VL one: with text-only positions the three mRoPE
+    /// axes carry the same position (HF `get_rope_index` expands the 1D
+    /// `cumsum(mask) - 1` to 3 rows when there are no images), so
+    /// `apply_multimodal_rotary_pos_emb` picks every frequency from identical
+    /// rows and equals `apply_rotary_pos_emb` of `Qwen2Model`. The section
+    /// `[head_dim / 2, 0, 0]` therefore loses nothing.
+    fn text_only(raw: Value, path: &Path) -> Result<Self, ConfigError> {
+        let r = Reader { path };
+        let t = &raw;
+        let act = t.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
+        if act != "silu" {
+            return Err(r.err("hidden_act", format!("only \"silu\" is supported, got {act:?}")));
+        }
+        if let Some(rope) = t.get("rope_scaling").filter(|v| !v.is_null()) {
+            let rope_type =
+                rope.get("rope_type").or_else(|| rope.get("type")).and_then(Value::as_str).unwrap_or("default");
+            if rope_type != "default" {
+                return Err(r.err(
+                    "rope_scaling",
+                    format!("only the default RoPE is supported for Qwen2 text checkpoints, got {rope_type:?}"),
+                ));
+            }
+        }
+        if t.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+            return Err(r.err("use_sliding_window", "sliding-window attention is not supported (expected false)"));
+        }
+        let hidden_size = r.positive(t, "hidden_size")?;
+        let heads = r.positive(t, "num_attention_heads")?;
+        if hidden_size % heads != 0 {
+            return Err(r.err("num_attention_heads", "must divide hidden_size"));
+        }
+        if let Some(hd) = t.get("head_dim").and_then(Value::as_i64)
+            && hd != hidden_size / heads
+        {
+            return Err(r.err(
+                "head_dim",
+                format!(
+                    "only head_dim = hidden_size / num_attention_heads = {} is supported, got {hd}",
+                    hidden_size / heads
+                ),
+            ));
+        }
+        let head_dim = hidden_size / heads;
+        if head_dim % 2 != 0 {
+            return Err(r.err("num_attention_heads", "hidden_size / num_attention_heads must be even (RoPE)"));
+        }
+        let text = TextConfig {
+            vocab_size: r.positive(t, "vocab_size")?,
+            hidden_size,
+            intermediate_size: r.positive(t, "intermediate_size")?,
+            num_hidden_layers: r.positive(t, "num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: r.int_or(t, "num_key_value_heads", heads)?,
+            rms_norm_eps: r.float(t, "rms_norm_eps")?,
+            rope_theta: match t.get("rope_theta") {
+                None | Some(Value::Null) => 10_000.0,
+                Some(_) => r.float(t, "rope_theta")?,
+            },
+            mrope_section: [head_dim / 2, 0, 0],
+            max_position_embeddings: r.int_or(t, "max_position_embeddings", 32_768)?,
+            tie_word_embeddings: t.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+        };
+        if text.num_key_value_heads <= 0 || text.num_attention_heads % text.num_key_value_heads != 0 {
+            return Err(r.err("num_key_value_heads", "must be positive and divide num_attention_heads"));
+        }
+        Ok(Self {
+            text,
+            vision: None,
+            tokens: None,
+            bos_token_id: raw.get("bos_token_id").and_then(Value::as_i64),
+            eos_token_id: eos_ids(&raw, &raw),
+            raw,
+        })
+    }
+}
+
+/// `eos_token_id` as a list (HF writes one id or several).
+fn eos_ids(raw: &Value, text: &Value) -> Vec<i64> {
+    match raw.get("eos_token_id").or_else(|| text.get("eos_token_id")) {
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
+        Some(x) => x.as_i64().into_iter().collect(),
+        None => Vec::new(),
     }
 }
 
@@ -294,7 +405,7 @@ mod tests {
         let p = Path::new("config.json");
         let c = Qwen25VlConfig::from_value(tiny_json(), p).unwrap();
         assert_eq!(c.text.head_dim(), 8);
-        assert_eq!(c.vision.patch_dim(), 1176);
+        assert_eq!(c.vision.as_ref().map(VisionConfig::patch_dim), Some(1176));
         assert_eq!(c.eos_token_id, vec![57]);
         assert!(c.text.tie_word_embeddings);
         let mut nested = tiny_json();
@@ -309,6 +420,43 @@ mod tests {
         );
         let c2 = Qwen25VlConfig::from_value(nested, p).unwrap();
         assert_eq!(c2.text, c.text);
+    }
+
+    pub(crate) fn tiny_text_json() -> Value {
+        serde_json::json!({
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+            "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", "rope_scaling": null,
+            "use_sliding_window": false, "sliding_window": 4096, "tie_word_embeddings": false,
+            "bos_token_id": 60, "eos_token_id": 61
+        })
+    }
+
+    #[test]
+    fn qwen2_text_configs_have_no_vision_and_1d_rope() {
+        let p = Path::new("config.json");
+        let c = Qwen25VlConfig::from_value(tiny_text_json(), p).unwrap();
+        assert!(c.is_text_only() && c.tokens.is_none());
+        assert_eq!(c.text.mrope_section, [4, 0, 0]);
+        assert_eq!((c.text.head_dim(), c.eos_token_id.clone(), c.text.tie_word_embeddings), (8, vec![61], false));
+        // No model_type and no vision_config reads as a text model too.
+        let mut j = tiny_text_json();
+        j.as_object_mut().unwrap().remove("model_type");
+        assert!(Qwen25VlConfig::from_value(j, p).unwrap().is_text_only());
+        for (key, value, needle) in [
+            ("rope_scaling", serde_json::json!({"rope_type": "yarn", "factor": 4.0}), "yarn"),
+            ("use_sliding_window", serde_json::json!(true), "sliding-window"),
+            ("head_dim", serde_json::json!(16), "head_dim"),
+            ("model_type", serde_json::json!("llama"), "qwen2"),
+        ] {
+            let mut j = tiny_text_json();
+            j[key] = value;
+            let e = Qwen25VlConfig::from_value(j, p).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(needle), "{e}");
+        }
+        let vl = Qwen25VlConfig::from_value(tiny_json(), p).unwrap();
+        assert!(!vl.is_text_only() && vl.tokens.is_some_and(|t| t.image_token_id == 60));
     }
 
     #[test]

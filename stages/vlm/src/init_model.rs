@@ -236,6 +236,38 @@ pub fn model_config(p: &InitModelParams, tok: &Tokenizer) -> anyhow::Result<Valu
     }))
 }
 
+/// The HF `config.json` of a plain Qwen2 causal LM (`Qwen2ForCausalLM`)
+/// with the text half of `p`: what a text-only judge checkpoint carries.
+pub fn text_model_config(p: &InitModelParams, tok: &Tokenizer) -> anyhow::Result<Value> {
+    let id = |t: &str| tok.token_to_id(t).map(i64::from).with_context(|| format!("tokenizer lacks {t}"));
+    Ok(json!({
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": tok.get_vocab_size(true),
+        "hidden_size": p.hidden_size,
+        "intermediate_size": p.intermediate_size,
+        "num_hidden_layers": p.num_hidden_layers,
+        "num_attention_heads": p.num_attention_heads,
+        "num_key_value_heads": p.num_key_value_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": p.rms_norm_eps,
+        "rope_theta": p.rope_theta,
+        "rope_scaling": null,
+        "tie_word_embeddings": p.tie_word_embeddings,
+        "initializer_range": p.initializer_range,
+        "attention_dropout": 0.0,
+        "use_sliding_window": false,
+        "sliding_window": 32768,
+        "max_window_layers": p.num_hidden_layers,
+        "use_cache": true,
+        "torch_dtype": p.dtype,
+        "bos_token_id": id("<|endoftext|>")?,
+        "eos_token_id": id("<|im_end|>")?,
+        "pad_token_id": id("<|endoftext|>")?,
+    }))
+}
+
 fn write_json(path: &Path, v: &Value) -> anyhow::Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(v)? + "\n").with_context(|| format!("writing {}", path.display()))
 }
@@ -336,32 +368,48 @@ impl StageKind for InitModel {
             None => BUILTIN_CORPUS.lines().map(str::to_string).collect(),
         };
         ctx.progress().message(&format!("training a {}-token BPE on {} texts", p.vocab_size, texts.len()));
-        let tok = train_tokenizer(&texts, p.vocab_size)?;
         let out: PathBuf = ctx.output_dir().to_path_buf();
-        let raw = model_config(p, &tok)?;
-        let config = Qwen25VlConfig::from_value(raw, &out.join("config.json")).context("building the model config")?;
         // The seed of the stage fixes the weights (tch's generator is global,
         // so the seed is derived per stage rather than drawn from it).
         let seed = pipeline_engine::context::derive_seed(ctx.seed(), "init_model.weights") as i64 & i64::MAX;
-        let model = Qwen25Vl::random(config, seed, Kind::Float, Device::Cpu)?;
-        let kind = storage_kind(&p.dtype).context("dtype")?;
-        model.save(&out, kind, p.max_shard_mb * 1024 * 1024)?;
-        write_tokenizer_files(&out, &tok)?;
-        let proc = ImageProcessor { min_pixels: p.min_pixels, max_pixels: p.max_pixels, ..Default::default() };
-        write_json(&out.join("preprocessor_config.json"), &proc.to_json())?;
-        let id = |t: &str| tok.token_to_id(t).map(i64::from);
-        write_json(
-            &out.join("generation_config.json"),
-            &json!({
-                "bos_token_id": id("<|endoftext|>"),
-                "eos_token_id": [id("<|im_end|>"), id("<|endoftext|>")],
-                "pad_token_id": id("<|endoftext|>"),
-                "do_sample": false,
-            }),
-        )?;
+        let model = write_checkpoint(p, &texts, seed, false, &out)?;
         tracing::info!(params = model.params.values().map(|t| t.numel()).sum::<usize>(), dir = %out.display(), "init_model wrote checkpoint");
         Ok(())
     }
+}
+
+/// Train the tokenizer on `texts`, draw random weights from `seed` and write
+/// a checkpoint into `out`: Qwen2.5-VL, or with `text_only` a plain Qwen2
+/// causal LM of the same text half (no vision tower, no image processor).
+pub fn write_checkpoint(
+    p: &InitModelParams,
+    texts: &[String],
+    seed: i64,
+    text_only: bool,
+    out: &Path,
+) -> anyhow::Result<Qwen25Vl> {
+    let tok = train_tokenizer(texts, p.vocab_size)?;
+    let raw = if text_only { text_model_config(p, &tok)? } else { model_config(p, &tok)? };
+    let config = Qwen25VlConfig::from_value(raw, &out.join("config.json")).context("building the model config")?;
+    let model = Qwen25Vl::random(config, seed, Kind::Float, Device::Cpu)?;
+    let kind = storage_kind(&p.dtype).context("dtype")?;
+    model.save(out, kind, p.max_shard_mb * 1024 * 1024)?;
+    write_tokenizer_files(out, &tok)?;
+    if !text_only {
+        let proc = ImageProcessor { min_pixels: p.min_pixels, max_pixels: p.max_pixels, ..Default::default() };
+        write_json(&out.join("preprocessor_config.json"), &proc.to_json())?;
+    }
+    let id = |t: &str| tok.token_to_id(t).map(i64::from);
+    write_json(
+        &out.join("generation_config.json"),
+        &json!({
+            "bos_token_id": id("<|endoftext|>"),
+            "eos_token_id": [id("<|im_end|>"), id("<|endoftext|>")],
+            "pad_token_id": id("<|endoftext|>"),
+            "do_sample": false,
+        }),
+    )?;
+    Ok(model)
 }
 
 #[cfg(test)]
@@ -423,6 +471,50 @@ mod tests {
         let a = std::fs::read(out.join("model.safetensors")).unwrap();
         let b = std::fs::read(out2.join("model.safetensors")).unwrap();
         assert!(a == b, "init_model is not reproducible");
+    }
+
+    #[test]
+    fn text_only_checkpoint_has_qwen2_names_and_generates() {
+        use crate::generate::{GenerationConfig, generate};
+        let dir = tempfile::tempdir().unwrap();
+        let texts: Vec<String> = BUILTIN_CORPUS.lines().map(str::to_string).collect();
+        let p = InitModelParams { vocab_size: 300, tie_word_embeddings: false, ..Default::default() };
+        write_checkpoint(&p, &texts, 11, true, dir.path()).unwrap();
+        let cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+        assert_eq!((cfg["model_type"].as_str(), cfg.get("vision_config")), (Some("qwen2"), None));
+        assert!(!dir.path().join("preprocessor_config.json").exists());
+        // Stored with HF Qwen2ForCausalLM names, no vision weights.
+        let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+        let raw: Vec<String> =
+            safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(str::to_string).collect();
+        assert!(raw.contains(&"model.embed_tokens.weight".to_string()) && raw.contains(&"lm_head.weight".to_string()));
+        assert!(raw.iter().all(|n| !n.contains("visual") && !n.contains("language_model")), "{raw:?}");
+
+        let model = Qwen25Vl::load(dir.path(), Kind::Float, Device::Cpu).unwrap();
+        assert!(model.vision.is_none() && model.config.is_text_only());
+        let tok = ChatTokenizer::load(dir.path(), &model.config.eos_token_id).unwrap();
+        let texts = [
+            tok.render(&[Message::text("user", "Which lesion?")], true).unwrap(),
+            tok.render(&[Message::text("user", "Is there an effusion in the left lung?")], true).unwrap(),
+        ];
+        let enc = tok.encode_batch(&texts).unwrap();
+        let batch = Batch {
+            input_ids: &enc.input_ids,
+            attention_mask: &enc.attention_mask,
+            pixel_values: None,
+            image_grid_thw: &[],
+        };
+        let cfg = GenerationConfig { max_new_tokens: 5, stop_strings: vec![], ..Default::default() };
+        let out = generate(&model, Some(&tok), &batch, &cfg).unwrap();
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|c| c.token_ids.len() == 5));
+        // Images are refused with a clear error, not a shape panic.
+        let grid = [[1i64, 2, 2]];
+        let pv = tch::Tensor::zeros([4, 1176], (Kind::Float, Device::Cpu));
+        let with_image = Batch { pixel_values: Some(&pv), image_grid_thw: &grid, ..batch };
+        let e = model.forward(&with_image).err().unwrap().to_string();
+        assert!(e.contains("text-only"), "{e}");
     }
 
     #[test]

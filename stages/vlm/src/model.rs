@@ -1,5 +1,6 @@
 //! Qwen2.5-VL for conditional generation: vision tower + text decoder,
-//! parameters held by HF name so training can pick what to optimise.
+//! parameters held by HF name so training can pick what to optimise. A plain
+//! Qwen2 causal-LM checkpoint loads as the same model without a vision tower.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -63,7 +64,8 @@ pub struct Qwen25Vl {
     pub config: Qwen25VlConfig,
     /// Every parameter by HF name (shared storage with the modules below).
     pub params: BTreeMap<String, Tensor>,
-    pub vision: VisionTower,
+    /// None for a text-only (Qwen2 causal LM) checkpoint.
+    pub vision: Option<VisionTower>,
     pub text: TextModel,
     pub device: Device,
     pub kind: Kind,
@@ -72,7 +74,9 @@ pub struct Qwen25Vl {
 /// Names and shapes of every parameter a config implies.
 pub fn param_shapes(config: &Qwen25VlConfig) -> BTreeMap<String, Vec<i64>> {
     let mut out = BTreeMap::new();
-    VisionTower::param_shapes(&config.vision, &mut out);
+    if let Some(v) = &config.vision {
+        VisionTower::param_shapes(v, &mut out);
+    }
     TextModel::param_shapes(&config.text, &mut out);
     out
 }
@@ -117,7 +121,7 @@ impl Qwen25Vl {
         let any = params.values().next().ok_or_else(|| ModelError::MissingParam("(no parameters)".into()))?;
         let (device, kind) = (any.device(), any.kind());
         Ok(Self {
-            vision: VisionTower::load(&params, &config.vision)?,
+            vision: config.vision.as_ref().map(|v| VisionTower::load(&params, v)).transpose()?,
             text: TextModel::load(&params, &config.text)?,
             config,
             params,
@@ -147,9 +151,16 @@ impl Qwen25Vl {
         Self::from_params(config, params)
     }
 
-    /// Save as an HF checkpoint (weights + config.json) into `dir`.
+    /// Save as an HF checkpoint (weights + config.json) into `dir`. Text-only
+    /// models get `Qwen2ForCausalLM` names (`model.layers.*`) back.
     pub fn save(&self, dir: &Path, kind: Kind, max_shard_bytes: u64) -> Result<Vec<String>, ModelError> {
-        let mut files = checkpoint::save_dir(dir, &self.params, kind, max_shard_bytes)?;
+        let mut files = if self.config.is_text_only() {
+            let renamed: BTreeMap<String, Tensor> =
+                self.params.iter().map(|(k, v)| (checkpoint::text_only_name(k), v.shallow_clone())).collect();
+            checkpoint::save_dir(dir, &renamed, kind, max_shard_bytes)?
+        } else {
+            checkpoint::save_dir(dir, &self.params, kind, max_shard_bytes)?
+        };
         let mut raw = self.config.raw.clone();
         let dtype = match kind {
             Kind::BFloat16 => "bfloat16",
@@ -200,32 +211,39 @@ impl Qwen25Vl {
         self.check_batch(batch)?;
         let ids = batch.input_ids.to_device(self.device);
         let mut embeds = self.text.embed(&ids);
-        let n_pad = ids.eq(self.config.image_token_id).sum(Kind::Int64).int64_value(&[]);
-        let ms = self.config.vision.spatial_merge_size;
-        let expected: i64 = batch.image_grid_thw.iter().map(|g| g[0] * g[1] * g[2] / (ms * ms)).sum();
-        if n_pad != expected {
-            return Err(ModelError::Input(format!(
-                "{n_pad} image pad tokens in input_ids but image_grid_thw {:?} needs {expected}",
-                batch.image_grid_thw
-            )));
-        }
-        if let Some(pv) = batch.pixel_values {
-            let feats = self.vision.forward(&pv.to_device(self.device), batch.image_grid_thw)?;
-            let mask = ids.eq(self.config.image_token_id).unsqueeze(-1).expand_as(&embeds);
-            embeds = embeds.masked_scatter(&mask, &feats.to_kind(embeds.kind()));
-        } else if expected > 0 {
-            return Err(ModelError::Input("image_grid_thw given without pixel_values".into()));
-        }
         let rows = to_rows(batch.input_ids)?;
         let mask = to_rows(batch.attention_mask)?;
-        let r = rope_index(
-            &rows,
-            &mask,
-            batch.image_grid_thw,
-            self.config.image_token_id,
-            self.config.vision_start_token_id,
-            ms,
-        )
+        let r = match (&self.vision, &self.config.vision, &self.config.tokens) {
+            (Some(vision), Some(vcfg), Some(tokens)) => {
+                let n_pad = ids.eq(tokens.image_token_id).sum(Kind::Int64).int64_value(&[]);
+                let ms = vcfg.spatial_merge_size;
+                let expected: i64 = batch.image_grid_thw.iter().map(|g| g[0] * g[1] * g[2] / (ms * ms)).sum();
+                if n_pad != expected {
+                    return Err(ModelError::Input(format!(
+                        "{n_pad} image pad tokens in input_ids but image_grid_thw {:?} needs {expected}",
+                        batch.image_grid_thw
+                    )));
+                }
+                if let Some(pv) = batch.pixel_values {
+                    let feats = vision.forward(&pv.to_device(self.device), batch.image_grid_thw)?;
+                    let mask = ids.eq(tokens.image_token_id).unsqueeze(-1).expand_as(&embeds);
+                    embeds = embeds.masked_scatter(&mask, &feats.to_kind(embeds.kind()));
+                } else if expected > 0 {
+                    return Err(ModelError::Input("image_grid_thw given without pixel_values".into()));
+                }
+                rope_index(&rows, &mask, batch.image_grid_thw, tokens.image_token_id, tokens.vision_start_token_id, ms)
+            }
+            _ => {
+                if batch.pixel_values.is_some() || !batch.image_grid_thw.is_empty() {
+                    return Err(ModelError::Input(
+                        "this is a text-only checkpoint (no vision tower): it cannot take images".into(),
+                    ));
+                }
+                // Token ids are >= 0 (checked above): -1 never marks an image,
+                // so every position is the 1D `cumsum(mask) - 1` of HF.
+                rope_index(&rows, &mask, &[], -1, -1, 1)
+            }
+        }
         .map_err(ModelError::Input)?;
         let (b, l) = (rows.len() as i64, rows.first().map(Vec::len).unwrap_or(0) as i64);
         let flat: Vec<i64> = r.ids.iter().flatten().flatten().copied().collect();

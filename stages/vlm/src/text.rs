@@ -1,4 +1,5 @@
-//! The Qwen2 text decoder with multimodal RoPE and a KV cache.
+//! The Qwen2 text decoder with multimodal RoPE and a KV cache (plain 1D RoPE
+//! when all three position rows are equal, as for text-only inputs).
 
 use std::collections::BTreeMap;
 
@@ -141,7 +142,8 @@ impl TextModel {
         let pick = |t: &Tensor| {
             let mut parts = Vec::with_capacity(6);
             let mut start = 0;
-            for (i, &len) in sections.iter().enumerate() {
+            // Text-only configs use [head_dim / 2, 0, 0]: skip the empty sections.
+            for (i, &len) in sections.iter().enumerate().filter(|(_, l)| **l > 0) {
                 parts.push(t.get(i as i64 % 3).narrow(-1, start, len));
                 start += len;
             }
