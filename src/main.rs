@@ -37,6 +37,9 @@ enum Commands {
     Model(stages_vlm::cli::ModelCommand),
     /// Show a NIfTI file's header, orientation and value statistics.
     Inspect(stages_data::InspectArgs),
+    /// Compare runs side by side: one report.html / report.md from the evals,
+    /// judges and training curves of several runs (runs/<time>-<recipe>/).
+    Report(stages_eval::ReportArgs),
     /// Check libtorch and every CUDA device with a small forward/backward pass.
     Doctor,
 }
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         }
         Commands::Model(cmd) => stages_vlm::cli::model_main(&cmd).map(|()| ExitCode::SUCCESS),
         Commands::Inspect(args) => stages_data::inspect(&args).map(|()| ExitCode::SUCCESS),
+        Commands::Report(args) => stages_eval::report_main(&args).map(|()| ExitCode::SUCCESS),
         Commands::Doctor => doctor::doctor().map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -19,10 +19,10 @@ use stages_vlm::processor::ImageProcessor;
 use stages_vlm::{Batch, Qwen25Vl};
 use tch::Kind;
 
-use crate::dataset::{VqaRow, read_split};
+use crate::dataset::{VqaRow, parquet_files, read_split};
 use crate::metrics::{
-    ANSWER_FORMAT_REGEX, AnswerMatch, CiMethod, DEFAULT_ANSWER_REGEX, Outcome, ScoredItem, Scorer, THINK_FORMAT_REGEX,
-    aggregate, option_letters,
+    ANSWER_FORMAT_REGEX, AnswerMatch, CiMethod, DEFAULT_ANSWER_REGEX, EvalSource, Outcome, ScoredItem, Scorer,
+    THINK_FORMAT_REGEX, aggregate, option_letters,
 };
 use crate::predictions::{PREDICTIONS_JSONL, PREDICTIONS_PARQUET, Prediction, write_jsonl, write_parquet};
 use crate::prompt::{NO_THINK_TEMPLATE, PromptVariant, THINK_TEMPLATE, user_text};
@@ -334,6 +334,21 @@ fn generate_batch(
         .collect())
 }
 
+/// The split an eval scores: the data input's output name (`export.train` ->
+/// `train`), else the prefix of HF-style shard names (`test-00000-of-00001.parquet`).
+pub fn split_name(output: Option<&str>, data: &Path) -> Option<String> {
+    if let Some(o) = output {
+        return Some(o.to_string());
+    }
+    let files = parquet_files(data).ok()?;
+    let name = files.first()?.file_stem()?.to_str()?;
+    let (prefix, rest) = name.split_once('-')?;
+    let shard = rest
+        .split_once("-of-")
+        .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit()));
+    (shard && !prefix.is_empty()).then(|| prefix.to_string())
+}
+
 /// File-name-safe version of an item id.
 pub fn safe_name(id: &str) -> String {
     id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
@@ -362,7 +377,8 @@ pub struct Eval;
 impl StageKind for Eval {
     type Params = EvalParams;
     const KIND: &'static str = "eval";
-    const VERSION: u32 = 1;
+    // v2: metrics.json records its `source` (model, data, split, prompt).
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "Score a Qwen2.5-VL checkpoint on a Parquet VQA split: predictions, accuracy (overall, per class, CI), format/validity";
 
     fn inputs() -> &'static [InputSpec] {
@@ -462,7 +478,15 @@ impl StageKind for Eval {
             ctx.progress().advance(chunk_rows.len() as u64);
         }
         ctx.progress().finish();
-        let metrics = metrics_of(&predictions, params.ci);
+        let mut metrics = metrics_of(&predictions, params.ci);
+        let data_input = ctx.inputs("data").first().context("input `data` is missing")?;
+        let model_input = ctx.inputs("model").first().context("input `model` is missing")?;
+        metrics.source = Some(EvalSource {
+            model: crate::report::artifact_id(model_input),
+            data: crate::report::artifact_id(data_input),
+            split: split_name(data_input.output.as_deref(), &data),
+            prompt: serde_json::to_value(params.prompt)?.as_str().unwrap_or_default().to_string(),
+        });
         let out = ctx.output_dir().to_path_buf();
         write_jsonl(&out.join(PREDICTIONS_JSONL), &predictions)?;
         write_parquet(&out.join(PREDICTIONS_PARQUET), &predictions)?;
@@ -519,6 +543,19 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn split_names_come_from_the_output_or_the_shard_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(split_name(Some("train"), dir.path()).as_deref(), Some("train"));
+        assert_eq!(split_name(None, dir.path()), None, "no parquet files");
+        std::fs::write(dir.path().join("val-00000-of-00002.parquet"), b"").unwrap();
+        assert_eq!(split_name(None, dir.path()).as_deref(), Some("val"));
+        let other = dir.path().join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("chartqa.parquet"), b"").unwrap();
+        assert_eq!(split_name(None, &other), None);
+    }
+
+    #[test]
     fn validate_names_bad_keys() {
         let bad = EvalParams { answer_regex: "(".into(), ..Default::default() };
         assert!(format!("{:?}", Eval::validate(&bad).unwrap_err()).contains("answer_regex"));
@@ -570,6 +607,10 @@ pub(crate) mod tests {
         let m: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join(METRICS_JSON)).unwrap()).unwrap();
         assert_eq!(m["n"], 3);
+        assert_eq!(
+            m["source"],
+            serde_json::json!({"model": "tiny", "data": "export.test", "split": "test", "prompt": "cot_forcing"})
+        );
         assert_eq!(m["accuracy"]["k"], preds.iter().filter(|p| p.correct).count() as u64);
         assert!(m["confusion"]["counts"].as_array().unwrap().len() >= 3);
         assert!(out.join(PREDICTIONS_PARQUET).is_file());

@@ -5,8 +5,10 @@
 //! (`<think>...</think>`, else the text before `<answer>`) and a valid answer,
 //! a backend names the class the reasoning supports; the verdict is
 //! consistent when it equals the class of the extracted answer.
-//! Backends: `rules` (offline synonym matching) and `http` (an
-//! OpenAI-compatible chat endpoint, e.g. vLLM / llama.cpp serving gpt-oss-20b).
+//! Backends: `rules` (offline synonym matching), `http` (an
+//! OpenAI-compatible chat endpoint, e.g. vLLM / llama.cpp serving gpt-oss-20b)
+//! and `model` (a local checkpoint run by our own stack: any Qwen2 / Qwen2.5
+//! text checkpoint, `Qwen2ForCausalLM`, or a Qwen2.5-VL one, asked text only).
 //!
 //! Outputs: `verdicts.jsonl` (one row per prediction: nothing is dropped,
 //! skipped items and endpoint failures are rows too) and `consistency.json`
@@ -43,7 +45,8 @@ pub enum Backend {
     Rules,
     /// An OpenAI-compatible `/chat/completions` endpoint.
     Http,
-    /// A local checkpoint (input `judge_model`) run by our own stack, text only.
+    /// A local checkpoint (input `judge_model`) run by our own stack, text
+    /// only: a Qwen2/Qwen2.5 causal LM or a Qwen2.5-VL checkpoint.
     Model,
 }
 
@@ -559,13 +562,15 @@ impl StageKind for Judge {
     type Params = JudgeParams;
     const KIND: &'static str = "judge";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str =
-        "Reasoning-answer consistency of an eval's completions (rules offline, or an OpenAI-compatible endpoint)";
+    const SUMMARY: &'static str = "Reasoning-answer consistency of an eval's completions (rules offline, a local Qwen2/Qwen2.5 checkpoint, or an OpenAI-compatible endpoint)";
 
     fn inputs() -> &'static [InputSpec] {
         const INPUTS: &[InputSpec] = &[
             InputSpec::one("eval", "`eval` output (predictions.jsonl)"),
-            InputSpec::optional("judge_model", "checkpoint directory for backend `model`"),
+            InputSpec::optional(
+                "judge_model",
+                "checkpoint directory for backend `model` (HF Qwen2/Qwen2.5 text or Qwen2.5-VL)",
+            ),
         ];
         INPUTS
     }
@@ -849,5 +854,54 @@ mod tests {
             StageContext::builder("judge", dir.path().join("out")).input("eval", "eval", None, &eval).build().unwrap();
         let e = Judge::run(&params, &mut ctx).unwrap_err().to_string();
         assert!(e.contains("judge_model"), "{e}");
+    }
+
+    /// The `model` backend on a plain Qwen2 causal LM (no vision tower), run
+    /// as a stage: the mechanism, not the quality (random weights).
+    #[test]
+    fn model_backend_runs_a_text_only_qwen2_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("qwen2");
+        let corpus: Vec<String> = DEFAULT_JUDGE_PROMPT.lines().map(str::to_string).collect();
+        let p = stages_vlm::init_model::InitModelParams { vocab_size: 300, ..Default::default() };
+        stages_vlm::init_model::write_checkpoint(&p, &corpus, 5, true, &ckpt).unwrap();
+        let cfg = std::fs::read_to_string(ckpt.join("config.json")).unwrap();
+        assert!(cfg.contains("\"Qwen2ForCausalLM\"") && !cfg.contains("vision_config"));
+        let eval = dir.path().join("eval");
+        std::fs::create_dir_all(&eval).unwrap();
+        crate::predictions::write_jsonl(&eval.join(PREDICTIONS_JSONL), &preds()).unwrap();
+        let out = dir.path().join("judge");
+        let mut ctx = StageContext::builder("judge", &out)
+            .input("eval", "eval@grpo", None, &eval)
+            .input("judge_model", "judge_lm", None, &ckpt)
+            .build()
+            .unwrap();
+        let params = JudgeParams {
+            backend: Backend::Model,
+            prompt: "Reasoning: {reasoning}\nOptions:\n{options}\nAnswer with one letter.".into(),
+            model: LocalModelParams { max_new_tokens: 3, batch_size: 3, ..Default::default() },
+            ..Default::default()
+        };
+        Judge::validate(&params).unwrap();
+        Judge::run(&params, &mut ctx).unwrap();
+        let verdicts: Vec<Verdict> = std::fs::read_to_string(out.join(VERDICTS_JSONL))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(verdicts.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(), ["a", "b", "c", "d"]);
+        for v in [&verdicts[0], &verdicts[1], &verdicts[3]] {
+            assert_eq!(v.attempts, 1, "{v:?}");
+            assert!(matches!(v.status, Status::Consistent | Status::Inconsistent | Status::Undetermined), "{v:?}");
+            assert_eq!(v.answer_class.as_deref(), Some("emphysema"));
+        }
+        assert_eq!(verdicts[2].status, Status::Skipped);
+        let c: Consistency =
+            serde_json::from_str(&std::fs::read_to_string(out.join(CONSISTENCY_JSON)).unwrap()).unwrap();
+        assert_eq!(
+            (c.backend, c.n, c.skipped, c.errors, c.eval_stage.as_str()),
+            (Backend::Model, 4, 1, 0, "eval@grpo")
+        );
+        assert_eq!(c.consistent + c.inconsistent + c.undetermined, 3);
     }
 }

@@ -4,8 +4,10 @@
 //!   predictions + metrics ([`metrics`] holds the pure scoring logic).
 //! - [`Judge`] (`kind = "judge"`): reasoning-answer consistency.
 //! - [`ReportStage`] (`kind = "report"`): tables, plots and examples of many
-//!   evals side by side.
+//!   evals side by side; [`compare`] renders the same report for several
+//!   runs (`pipeline report RUN_A RUN_B ...`).
 
+pub mod compare;
 pub mod dataset;
 pub mod eval;
 pub mod general;
@@ -16,6 +18,7 @@ pub mod predictions;
 pub mod prompt;
 pub mod report;
 
+pub use compare::{ReportArgs, report_main};
 pub use eval::Eval;
 pub use general::GeneralVqa;
 pub use judge::Judge;

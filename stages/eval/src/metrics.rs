@@ -270,6 +270,20 @@ pub struct Confusion {
     pub counts: Vec<Vec<u64>>,
 }
 
+/// What an eval scored: its model and data inputs (stage ids, `stage.output`
+/// for named outputs), the split name and the prompt variant. The report
+/// uses it to put an eval on the training split next to the test eval of the
+/// same model and prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvalSource {
+    pub model: String,
+    pub data: String,
+    /// `train`, `test`, ...: the data input's output name (`export.train`),
+    /// else the HF shard prefix of its Parquet files (`train-00000-of-00001`).
+    pub split: Option<String>,
+    pub prompt: String,
+}
+
 /// The contents of `metrics.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
@@ -290,6 +304,9 @@ pub struct Metrics {
     pub mean_completion_chars: f64,
     pub confusion: Confusion,
     pub ci: CiMethod,
+    /// Absent in metrics.json written before eval v2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<EvalSource>,
 }
 
 /// Aggregate scored items. `classes` fixes the confusion-matrix order
@@ -355,6 +372,7 @@ pub fn aggregate(items: &[ScoredItem], classes: &[String], ci: CiMethod) -> Metr
         mean_completion_chars: mean(&|i| i.completion_chars),
         confusion: Confusion { classes: order, columns, counts },
         ci,
+        source: None,
     }
 }
 

@@ -174,11 +174,23 @@ pub fn heatmap(title: &str, rows: &[String], cols: &[String], counts: &[Vec<u64>
     })
 }
 
+/// One line of a curve plot, optionally with a shaded band (x, lo, hi)
+/// around it (e.g. reward ± its std over the group).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Line {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+    /// Empty: no band.
+    pub band: Vec<(f64, f64, f64)>,
+}
+
 /// Lines of (x, y) points, one per series (a training metric over steps).
-pub fn lines(title: &str, x_desc: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<Vec<u8>, PlotError> {
-    let pts = series.iter().flat_map(|(_, p)| p.iter());
+pub fn lines(title: &str, x_desc: &str, series: &[Line]) -> Result<Vec<u8>, PlotError> {
+    let pts = series
+        .iter()
+        .flat_map(|l| l.points.iter().copied().chain(l.band.iter().flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)])));
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in pts {
+    for (x, y) in pts.filter(|(x, y)| x.is_finite() && y.is_finite()) {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y0 = y0.min(y);
@@ -207,15 +219,28 @@ pub fn lines(title: &str, x_desc: &str, series: &[(String, Vec<(f64, f64)>)]) ->
             .y_labels(6)
             .draw()
             .map_err(|e| draw_err(title, e))?;
-        for (s, (name, points)) in series.iter().enumerate() {
+        // Bands first so every line stays visible on top of them.
+        for (s, line) in series.iter().enumerate().filter(|(_, l)| l.band.len() > 1) {
+            let color = Palette99::pick(s).to_rgba();
+            let outline: Vec<(f64, f64)> = line
+                .band
+                .iter()
+                .map(|&(x, _, hi)| (x, hi))
+                .chain(line.band.iter().rev().map(|&(x, lo, _)| (x, lo)))
+                .collect();
+            chart
+                .draw_series(std::iter::once(Polygon::new(outline, color.mix(0.18).filled())))
+                .map_err(|e| draw_err(title, e))?;
+        }
+        for (s, line) in series.iter().enumerate() {
             let color = Palette99::pick(s).to_rgba();
             chart
-                .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(line.points.iter().copied(), color.stroke_width(2)))
                 .map_err(|e| draw_err(title, e))?
-                .label(name.as_str())
+                .label(line.name.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2)));
         }
-        if series.len() > 1 || series.iter().any(|(n, _)| !n.is_empty()) {
+        if series.len() > 1 || series.iter().any(|l| !l.name.is_empty()) {
             chart
                 .configure_series_labels()
                 .position(SeriesLabelPosition::UpperRight)
@@ -254,11 +279,18 @@ mod tests {
 
         let hm = heatmap("Confusion", &cats, &cats, &[vec![3, 1], vec![0, 4]]).unwrap();
         assert_eq!(decode(&hm).0, 200 + 96 * 2);
-        let l = lines("loss", "step", &[("sft".into(), vec![(0.0, 2.0), (1.0, 1.5), (2.0, 1.2)])]).unwrap();
+        let line = |name: &str, points: Vec<(f64, f64)>| Line { name: name.into(), points, band: Vec::new() };
+        let sft = line("sft", vec![(0.0, 2.0), (1.0, 1.5), (2.0, 1.2)]);
+        let l = lines("loss", "step", std::slice::from_ref(&sft)).unwrap();
         assert_eq!(decode(&l).1, 300);
+        // A band shades pixels the bare line leaves white.
+        let banded = Line { band: vec![(0.0, 1.0, 3.0), (1.0, 1.0, 2.0), (2.0, 1.0, 1.4)], ..sft.clone() };
+        let b = lines("loss", "step", &[banded]).unwrap();
+        let white = |png: &[u8]| decode(png).2.chunks(3).filter(|p| p.iter().all(|&c| c == 255)).count();
+        assert!(white(&b) < white(&l), "band drawn");
         // Degenerate input (no points, one point) still renders.
         lines("empty", "step", &[]).unwrap();
-        lines("one", "step", &[("x".into(), vec![(3.0, 1.0)])]).unwrap();
+        lines("one", "step", &[line("x", vec![(3.0, 1.0)])]).unwrap();
     }
 
     #[test]
