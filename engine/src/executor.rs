@@ -1,7 +1,9 @@
-//! The local executor: runs a [`Plan`] on this machine, independent stages
-//! in parallel within `--jobs`, cores, memory and CUDA devices, each stage
-//! in its own thread with its own cache lock, staging dir, rayon pool and
-//! log file.
+//! Runs a [`Plan`]: one scheduling loop (dependencies, `--jobs`,
+//! `--keep-going`, cancellation, run summary) over a [`StageBackend`] that
+//! executes each ready stage from a worker thread with its own log file.
+//! [`LocalBackend`] runs it in this process within the machine's cores,
+//! memory and CUDA devices (cache lock, staging dir, rayon pool); the Slurm
+//! backend ([`crate::slurm`]) submits it as a job.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

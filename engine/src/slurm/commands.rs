@@ -163,8 +163,7 @@ pub fn parse_sacct(stdout: &str, id: &str) -> Option<JobState> {
             let (job, state, exit) = (f.next()?, f.next()?, f.next().unwrap_or(""));
             (job == id).then(|| JobState { state: first_word(state), exit_code: exit.trim().to_string() })
         })
-        .filter(|s| !s.state.is_empty())
-        .last()
+        .rfind(|s| !s.state.is_empty())
 }
 
 /// `JobState=` and `ExitCode=` of `scontrol show job -o`.

@@ -154,7 +154,12 @@ impl StageBackend for SlurmBackend {
             exec.progress.println(&format!("submit  {id}  (Slurm job {job}, log {})", log.display()));
             Ok(job)
         };
-        let published = || Ok(cache.lookup(&key)?);
+        // A forced stage has an older record under its key: only one written
+        // by this job counts.
+        let forced = stage.planned.forced;
+        let published = |job: &str| -> anyhow::Result<Option<ActionRecord>> {
+            Ok(cache.lookup(&key)?.filter(|r| !forced || published_by(r) == Some(job)))
+        };
         let notify = |line: &str| {
             tracing::warn!("{line}");
             exec.progress.println(&format!("        {id}: {line}"));
@@ -171,12 +176,17 @@ impl StageBackend for SlurmBackend {
         };
         let (record, job) = watch.run().with_context(|| format!("stage `{id}` on Slurm"))?;
         tracing::info!("Slurm job {job} done; log {}", log_of(&job).display());
-        let ours = record.meta.get(META_SLURM_JOB).and_then(|v| v.as_str()) == Some(job.as_str());
+        let ours = published_by(&record) == Some(job.as_str());
         // The spec and script served their purpose (failed ones stay for inspection).
         let _ = std::fs::remove_file(&spec_path);
         let _ = std::fs::remove_file(&script_path);
         Ok((record, if ours { StageStatus::Ran } else { StageStatus::Cached }))
     }
+}
+
+/// The Slurm job that published a record (none for local runs).
+fn published_by(record: &ActionRecord) -> Option<&str> {
+    record.meta.get(META_SLURM_JOB).and_then(|v| v.as_str())
 }
 
 impl SlurmBackend {

@@ -99,8 +99,8 @@ pub struct JobWatch<'a> {
     pub cancel: &'a AtomicBool,
     /// Submits the job, returning its id.
     pub submit: &'a dyn Fn() -> anyhow::Result<String>,
-    /// The stage's published record, if any.
-    pub published: &'a dyn Fn() -> anyhow::Result<Option<ActionRecord>>,
+    /// The stage's published record that counts as job `id`'s result, if any.
+    pub published: &'a dyn Fn(&str) -> anyhow::Result<Option<ActionRecord>>,
     /// The log file of a job id.
     pub log_of: &'a dyn Fn(&str) -> PathBuf,
     /// A line for the user.
@@ -121,7 +121,7 @@ impl JobWatch<'_> {
             // a few polls to show the record written on another host.
             let checks = if matches!(ending, Ending::Completed) { 5 } else { 1 };
             for attempt in 0..checks {
-                if let Some(record) = (self.published)()? {
+                if let Some(record) = (self.published)(&id)? {
                     return Ok((record, id));
                 }
                 if attempt + 1 < checks && self.wait_or_cancelled() {
@@ -286,7 +286,7 @@ mod tests {
         let script = dir.join("job.sh");
         let submit = || board.cmds.submit(&script, &[]);
         let count = || std::fs::read_to_string(dir.join("count")).ok().and_then(|s| s.trim().parse::<u32>().ok());
-        let published = || Ok(published_after.filter(|n| count() >= Some(*n)).map(|_| record()));
+        let published = |_: &str| Ok(published_after.filter(|n| count() >= Some(*n)).map(|_| record()));
         let log_of = |id: &str| dir.join(format!("job-{id}.log"));
         let notes = Mutex::new(Vec::<String>::new());
         let notify = |l: &str| notes.lock().unwrap().push(l.to_string());
@@ -353,7 +353,7 @@ mod tests {
         let cancel = AtomicBool::new(false);
         let script = d.join("job.sh");
         let submit = || board.cmds.submit(&script, &[]);
-        let published = || Ok(None);
+        let published = |_: &str| Ok(None);
         let log_of = |id: &str| d.join(id);
         let notify = |_: &str| {};
         let w = JobWatch {
