@@ -341,6 +341,11 @@ impl Executor<'_> {
         }
         let staging = self.cache.staging_dir(id)?;
         let scratch = self.cache.staging_dir(&format!("{id}.scratch"))?;
+        // Restart state of an earlier failed attempt at this key is picked up,
+        // unless the user asked for a fresh run.
+        if job.planned.forced {
+            self.cache.remove_resume_dir(&key)?;
+        }
 
         let span_for_pool = span.clone();
         let pool = rayon::ThreadPoolBuilder::new()
@@ -356,6 +361,7 @@ impl Executor<'_> {
             .context("building the stage thread pool")?;
         let mut builder = StageContext::builder(id.clone(), staging.path())
             .scratch_dir(scratch.path())
+            .resume_dir(self.cache.resume_dir(&key))
             .recipe_dir(recipe_dir(self.recipe))
             .seed(job.decl.seed)
             .pool(Arc::new(pool))
@@ -421,6 +427,10 @@ impl Executor<'_> {
         let record =
             self.cache.publish(&key, staging, meta).with_context(|| format!("publishing outputs of stage `{id}`"))?;
         tracing::info!("published {} files ({} bytes)", record.manifest.files.len(), record.manifest.total_size());
+        // The outputs are safe: restart state is no longer needed (best effort).
+        if let Err(e) = self.cache.remove_resume_dir(&key) {
+            tracing::warn!("cannot remove the resume dir of stage `{id}`: {e}");
+        }
         Ok(Finished { record, components, status: StageStatus::Ran })
     }
 }
@@ -560,6 +570,40 @@ mod tests {
         assert_eq!(b.status, StageStatus::Failed);
         let err = b.error.as_deref().unwrap();
         assert!(err.contains("stage `b`: input `up`") && err.contains("stage `a` has no output `train`"), "{err}");
+    }
+
+    /// Fails on its first attempt; every attempt counts itself in the resume dir.
+    struct Flaky;
+    impl StageKind for Flaky {
+        type Params = BoomParams;
+        const KIND: &'static str = "flaky";
+        const VERSION: u32 = 1;
+        const SUMMARY: &'static str = "test kind";
+        fn run(_p: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()> {
+            let counter = ctx.resume_dir()?.join("attempts");
+            let attempts = std::fs::read_to_string(&counter).map(|s| s.len()).unwrap_or(0) + 1;
+            std::fs::write(&counter, "x".repeat(attempts))?;
+            anyhow::ensure!(attempts > 1, "first attempt fails");
+            std::fs::write(ctx.output_dir().join("out.txt"), attempts.to_string())?;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn resume_dir_survives_a_failed_attempt_and_is_removed_after_publishing() {
+        let registry = Registry::new().register::<Flaky>();
+        let dir = tempfile::tempdir().unwrap();
+        let src = "[recipe]\nname = \"f\"\n[stage.train]\nkind = \"flaky\"\n";
+        let opts = RunOptions { jobs: 1, keep_going: false };
+        let (_, first) = run_recipe(&registry, src, dir.path(), &opts);
+        assert_eq!(first.stages[0].status, StageStatus::Failed);
+        let resume_root = dir.path().join("cache/resume");
+        assert_eq!(std::fs::read_dir(&resume_root).unwrap().count(), 1, "state of the failed attempt is kept");
+        let (_, second) = run_recipe(&registry, src, dir.path(), &opts);
+        assert_eq!(second.stages[0].status, StageStatus::Ran);
+        let out = second.stages[0].output.as_ref().unwrap().join("out.txt");
+        assert_eq!(std::fs::read_to_string(out).unwrap(), "2", "the second attempt saw the first one's state");
+        assert_eq!(std::fs::read_dir(&resume_root).unwrap().count(), 0, "removed once published");
     }
 
     /// Asks for a CUDA device; records which device it got.
