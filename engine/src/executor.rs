@@ -583,4 +583,38 @@ mod tests {
             }
         }
     }
+
+    /// Fails on its first attempt; every attempt counts itself in the resume dir.
+    struct Flaky;
+    impl StageKind for Flaky {
+        type Params = BoomParams;
+        const KIND: &'static str = "flaky";
+        const VERSION: u32 = 1;
+        const SUMMARY: &'static str = "test kind";
+        fn run(_p: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()> {
+            let counter = ctx.resume_dir()?.join("attempts");
+            let attempts = std::fs::read_to_string(&counter).map(|s| s.len()).unwrap_or(0) + 1;
+            std::fs::write(&counter, "x".repeat(attempts))?;
+            anyhow::ensure!(attempts > 1, "first attempt fails");
+            std::fs::write(ctx.output_dir().join("out.txt"), attempts.to_string())?;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn resume_dir_survives_a_failed_attempt_and_is_removed_after_publishing() {
+        let registry = Registry::new().register::<Flaky>();
+        let dir = tempfile::tempdir().unwrap();
+        let src = "[recipe]\nname = \"f\"\n[stage.train]\nkind = \"flaky\"\n";
+        let opts = RunOptions { jobs: 1, keep_going: false };
+        let (_, first) = run_recipe(&registry, src, dir.path(), &opts);
+        assert_eq!(first.stages[0].status, StageStatus::Failed);
+        let resume_root = dir.path().join("cache/resume");
+        assert_eq!(std::fs::read_dir(&resume_root).unwrap().count(), 1, "state of the failed attempt is kept");
+        let (_, second) = run_recipe(&registry, src, dir.path(), &opts);
+        assert_eq!(second.stages[0].status, StageStatus::Ran);
+        let out = second.stages[0].output.as_ref().unwrap().join("out.txt");
+        assert_eq!(std::fs::read_to_string(out).unwrap(), "2", "the second attempt saw the first one's state");
+        assert_eq!(std::fs::read_dir(&resume_root).unwrap().count(), 0, "removed once published");
+    }
 }

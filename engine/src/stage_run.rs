@@ -85,6 +85,11 @@ pub fn run_and_publish(
     }
     let staging = cache.staging_dir(id)?;
     let scratch = cache.staging_dir(&format!("{id}.scratch"))?;
+    // Restart state of an earlier failed attempt at this key is picked up,
+    // unless the user asked for a fresh run.
+    if run.forced {
+        cache.remove_resume_dir(&key)?;
+    }
 
     let span_for_pool = tracing::Span::current();
     let pool = rayon::ThreadPoolBuilder::new()
@@ -100,6 +105,7 @@ pub fn run_and_publish(
         .context("building the stage thread pool")?;
     let mut builder = StageContext::builder(id, staging.path())
         .scratch_dir(scratch.path())
+        .resume_dir(cache.resume_dir(&key))
         .recipe_dir(run.recipe_dir)
         .seed(run.components.seed)
         .pool(Arc::new(pool))
@@ -161,6 +167,10 @@ pub fn run_and_publish(
         .publish(&key, staging, serde_json::Value::Object(meta))
         .with_context(|| format!("publishing outputs of stage `{id}`"))?;
     tracing::info!("published {} files ({} bytes)", record.manifest.files.len(), record.manifest.total_size());
+    // The outputs are safe: restart state is no longer needed (best effort).
+    if let Err(e) = cache.remove_resume_dir(&key) {
+        tracing::warn!("cannot remove the resume dir of stage `{id}`: {e}");
+    }
     Ok((record, StageStatus::Ran))
 }
 
