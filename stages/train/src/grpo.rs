@@ -421,7 +421,8 @@ impl StageKind for Grpo {
 /// back for the loss. Sampling and the loss use the same suppressed
 /// distribution, so the ratio of unchanged weights is exactly 1.
 pub fn suppressed_tokens(model: &Qwen25Vl) -> Vec<i64> {
-    vec![model.config.image_token_id, model.config.video_token_id]
+    // A text-only checkpoint has no vision placeholders to suppress.
+    model.config.tokens.as_ref().map(|t| vec![t.image_token_id, t.video_token_id]).unwrap_or_default()
 }
 
 /// The input model with its trainable tensors copied and frozen: the KL
