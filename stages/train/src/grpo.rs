@@ -258,7 +258,7 @@ impl StageKind for Grpo {
         if !(0.0..1.0).contains(&p.warmup_ratio) {
             return Err(ParamError::new(&["warmup_ratio"], "must be in [0, 1)"));
         }
-        if p.checkpoint_every % p.num_iterations != 0 {
+        if !p.checkpoint_every.is_multiple_of(p.num_iterations) {
             return Err(ParamError::new(
                 &["checkpoint_every"],
                 format!(
@@ -337,6 +337,20 @@ impl StageKind for Grpo {
 
         let mut start = 0;
         if let Some(ck) = resume::latest(&resume_dir)? {
+            // Data order and sampling seeds are derived from the step: a
+            // checkpoint that disagrees comes from another run.
+            let round = ck.state.step / p.num_iterations;
+            let expected = (round * p.prompts_per_step, round_seed(ctx.seed(), round));
+            if (ck.state.data_cursor, ck.state.next_sampling_seed) != expected {
+                bail!(
+                    "{}: data cursor {} and sampling seed {} do not match this run's {} and {}",
+                    ck.dir.display(),
+                    ck.state.data_cursor,
+                    ck.state.next_sampling_seed,
+                    expected.0,
+                    expected.1
+                );
+            }
             restore(&ck, &model, &mut opt, &trainable.names, &out)?;
             start = ck.state.step;
             tracing::info!("resuming from the checkpoint at step {start} ({})", ck.dir.display());
