@@ -25,10 +25,20 @@ PY=$(venv_for tools/requirements-bench.txt)
 OUT=$WS/outputs/mini
 [ -x "$B" ] || { echo "error: no pipeline binary at $B (cargo build --bin pipeline, or set PIPELINE)" >&2; exit 1; }
 
+# train_bench.py's own log (transformers warnings, tracebacks) goes here.
+ERR=$WS/train_bench.stderr
+mkdir -p "$WS"
+# One train_bench.py run; prints its RESULT line, or where its error is.
+tb() {
+  local line
+  line=$("$@" 2>>"$ERR" | grep '^RESULT') || line="failed (see $ERR)"
+  echo "$line"
+}
+
 run() { "$B" run recipes/mini.toml --cache-dir "$CACHE" --workspace "$WS" -q "$@"; }
 load() { echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"; }
 pin() { if [ "$1" = 1 ]; then echo "taskset -c 0"; fi; }
-has_grpo() { "$B" kinds 2>/dev/null | grep -qw grpo; }
+has_grpo() { "$B" kinds 2>/dev/null | grep -w grpo >/dev/null; }
 
 # The larger model of the RSS check: frozen weights (vision tower,
 # attention, embeddings) big enough that optimizer state for them would show.
@@ -53,8 +63,8 @@ bench_sft() {
         --until sft --set sft.max_steps="$STEPS" --force sft
       echo "ours: $("$PY" tools/train_bench.py metrics "$OUT/sft/metrics.jsonl")"
       load
-      echo "hf:   $($(pin "$t") "$PY" tools/train_bench.py sft --model "$OUT/tiny_model" --data "$OUT/export/train" \
-        --steps "$STEPS" --batch-size 8 --trainable all --threads "$t" 2>/dev/null | grep '^RESULT')"
+      echo "hf:   $(tb $(pin "$t") "$PY" tools/train_bench.py sft --model "$OUT/tiny_model" --data "$OUT/export/train" \
+        --steps "$STEPS" --batch-size 8 --trainable all --threads "$t")"
     done
   done
 }
@@ -76,8 +86,8 @@ bench_grpo() {
         echo "ours: not measured (this pipeline binary has no grpo stage kind)"
       fi
       load
-      echo "trl:  $($(pin "$t") "$PY" tools/train_bench.py grpo --model "$model" --data "$OUT/export/train" \
-        --steps "$GRPO_STEPS" --threads "$t" 2>/dev/null | grep '^RESULT')"
+      echo "trl:  $(tb $(pin "$t") "$PY" tools/train_bench.py grpo --model "$model" --data "$OUT/export/train" \
+        --steps "$GRPO_STEPS" --threads "$t")"
     done
   done
 }
@@ -97,8 +107,8 @@ bench_rss() {
     python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("  trainable", d["parameters"], "of", d["total_parameters"])' \
       "$OUT/sft/trainable.json"
     load
-    echo "hf $which: $("$PY" tools/train_bench.py sft --model "$model" --data "$OUT/export/train" --steps 5 \
-      --batch-size 8 --trainable "$which" 2>/dev/null | grep '^RESULT')"
+    echo "hf $which: $(tb "$PY" tools/train_bench.py sft --model "$model" --data "$OUT/export/train" --steps 5 \
+      --batch-size 8 --trainable "$which")"
   done
 }
 

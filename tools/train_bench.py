@@ -65,10 +65,26 @@ NO_THINK_TEMPLATE = (
 THINK_TEXT = "The highlighted region and its magnified view show {class_name}."
 # stages/eval/src/metrics.rs DEFAULT_ANSWER_REGEX / THINK_FORMAT_REGEX.
 ANSWER_RE = re.compile(r"<answer>\s*(\w+)\s*</answer>")
-FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.S)
+FORMAT_RE = re.compile(r"(?s)^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$")
 # The paper's trainable set (SftParams::trainable default).
 MLP_RE = re.compile(r"^model\.language_model\.layers\.\d+\.mlp\.")
 IGNORE = -100
+
+# Where each constant above is defined on the Rust side, verbatim (a
+# benchmark of different prompts or rewards would compare nothing).
+RUST_SOURCES = {
+    "stages/data/src/vqa.rs": [f'"{THINK_TEMPLATE}"', f'"{NO_THINK_TEMPLATE}"'],
+    "stages/train/src/sft.rs": [f'"{THINK_TEXT}"', f'r"{MLP_RE.pattern}"'],
+    "stages/eval/src/metrics.rs": [f'r"{ANSWER_RE.pattern}"', f'r"{FORMAT_RE.pattern}"'],
+}
+
+
+def check_constants():
+    for rel, needles in RUST_SOURCES.items():
+        text = (ROOT / rel).read_text()
+        for n in needles:
+            if n not in text:
+                sys.exit(f"error: {rel} no longer contains {n}: update the constants of tools/train_bench.py")
 
 
 def ensure_venv():
@@ -369,6 +385,7 @@ def cmd_grpo(args):
     )
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(args.model), torch_dtype=torch.float32)
     trainable, total = set_trainable(model, args.trainable)
+    suppressed = [model.config.image_token_id, model.config.video_token_id]
     marks = []
 
     class Clock(TrainerCallback):
@@ -399,6 +416,9 @@ def cmd_grpo(args):
             lr_scheduler_type="constant",
             max_grad_norm=1.0,
             reward_weights=[1.0, 1.0, 2.0],
+            # As our grpo stage: a sampled <|image_pad|> would break the
+            # image-token count of the loss forward pass.
+            generation_kwargs={"suppress_tokens": suppressed},
             logging_steps=1,
             save_strategy="no",
             report_to=[],
@@ -504,6 +524,7 @@ def main():
             sys.exit(f"error: {p} does not exist")
     if args.steps < 2:
         sys.exit("error: --steps must be at least 2 (the first step is warm-up and not counted)")
+    check_constants()
     print(f"load average at start: {load_avg()}", flush=True)
     cmd_sft(args) if args.cmd == "sft" else cmd_grpo(args)
 
