@@ -20,8 +20,9 @@ pub fn registry() -> Registry {
         .register::<stages_data::ParquetExport>()
         // model: init_model
         .register::<stages_vlm::InitModel>()
-        // train: sft
+        // train: sft, grpo
         .register::<stages_train::Sft>()
+        .register::<stages_train::Grpo>()
         // eval: eval, judge, report, general_vqa
         .register::<stages_eval::Eval>()
         .register::<stages_eval::Judge>()

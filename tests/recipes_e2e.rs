@@ -65,4 +65,18 @@ fn ci_recipe_runs_then_reruns_from_cache() {
             .collect();
         assert!(!shards.is_empty(), "no {side} shards in {}", export.display());
     }
+
+    // The model learnt something on held-out patients: the output format,
+    // and the classes beyond the majority class (always answering the most
+    // frequent class gives a macro accuracy of 1/7).
+    let metrics_path = tmp.path().join("outputs/ci/eval/metrics.json");
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&metrics_path).expect("eval metrics.json")).expect("json");
+    let value = |key: &str| metrics[key]["value"].as_f64().or_else(|| metrics[key].as_f64());
+    let format = value("format_rate").expect("format_rate");
+    let macro_acc = value("macro_accuracy").expect("macro_accuracy");
+    let acc = value("accuracy").expect("accuracy");
+    eprintln!("ci held-out: accuracy {acc:.3}, macro {macro_acc:.3}, format {format:.3}");
+    assert!(format >= 0.9, "format rate {format}");
+    assert!(macro_acc >= 1.0 / 7.0 + 0.1, "macro accuracy {macro_acc} is not above chance with a margin");
 }

@@ -9,5 +9,13 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+step "single-node Slurm cluster (for tests/slurm_e2e.rs)"
+slurm_rc=0
+bash "$repo/tools/setup-slurm.sh" || slurm_rc=$?
+if [ "$slurm_rc" -eq 3 ]; then
+  echo "Slurm cannot start here (reason above): tests/slurm_e2e.rs will skip, or fail under CI as root" >&2
+elif [ "$slurm_rc" -ne 0 ]; then
+  exit "$slurm_rc"
+fi
 step "cargo test"
 cargo test --locked --workspace --no-fail-fast

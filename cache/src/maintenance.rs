@@ -313,6 +313,21 @@ impl Cache {
                 }
             }
         }
+        // Restart state of stages that were killed and never rerun; a key
+        // whose lock is held belongs to a running stage and is kept.
+        let resume = self.root.join("resume");
+        if resume.is_dir() {
+            for t in std::fs::read_dir(&resume).ctx("list", &resume)? {
+                let t = t.ctx("list", &resume)?;
+                let in_use = match t.file_name().to_string_lossy().parse::<Digest>() {
+                    Ok(k) => self.try_lock(&k)?.is_none(),
+                    Err(_) => false,
+                };
+                if !in_use {
+                    leftovers.push(t);
+                }
+            }
+        }
         for t in leftovers {
             let old =
                 t.metadata().and_then(|m| m.modified()).map(|m| older_than(m, self.opts.tmp_max_age)).unwrap_or(false);
@@ -474,11 +489,24 @@ mod tests {
             File::options().write(true).open(p).unwrap().set_modified(old).unwrap();
         }
         File::open(&crashed).unwrap().set_modified(old).unwrap();
+        // Restart state: abandoned long ago, abandoned but locked (a stage is
+        // running), and fresh.
+        let abandoned = cache.resume_dir(&key("abandoned"));
+        let running = cache.resume_dir(&key("running"));
+        let fresh = cache.resume_dir(&key("fresh"));
+        for d in [&abandoned, &running, &fresh] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        for d in [&abandoned, &running] {
+            File::open(d).unwrap().set_modified(old).unwrap();
+        }
+        let _held = cache.try_lock(&key("running")).unwrap().unwrap();
 
         let report = cache.gc(&BTreeSet::new(), &GcOptions::default()).unwrap();
-        assert_eq!(report.tmp_removed, 3);
+        assert_eq!(report.tmp_removed, 4);
         assert!(!crashed.exists() && !torn_record.exists() && !lock_tmp.exists());
         assert!(staging.path().exists(), "a live staging dir is young and kept");
+        assert!(!abandoned.exists() && running.exists() && fresh.exists());
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //! locks/<key>.lock          per-key locks
 //! stat/                     stat cache
 //! tmp/                      staging and half-built views
+//! resume/<key>/             a stage's own restart state (e.g. training
+//!                           checkpoints): kept across failed attempts,
+//!                           removed once the key is published
 //! quarantine/               corrupt blobs and records, kept for inspection
 //! ```
 
@@ -137,7 +140,7 @@ impl Cache {
     pub fn open_with(root: &Path, opts: CacheOptions) -> Result<Cache, CacheError> {
         // Absolute, so stat-cache entries stay meaningful if the cwd changes.
         let root = &std::path::absolute(root).ctx("resolve", root)?;
-        for sub in ["blobs", "records", "artifacts", "locks", "stat", "tmp", "quarantine"] {
+        for sub in ["blobs", "records", "artifacts", "locks", "stat", "tmp", "quarantine", "resume"] {
             let d = root.join(sub);
             std::fs::create_dir_all(&d).ctx("create directory", &d)?;
         }
@@ -196,6 +199,22 @@ impl Cache {
     /// Where downstream stages read a key's outputs.
     pub fn artifact_dir(&self, key: &Digest) -> PathBuf {
         self.root.join("artifacts").join(key.hex())
+    }
+
+    /// Where a stage producing `key` keeps state that must survive a failed
+    /// or killed attempt (created on demand by the stage). Only the holder
+    /// of the key's lock may use it; the engine removes it after publishing.
+    pub fn resume_dir(&self, key: &Digest) -> PathBuf {
+        self.root.join("resume").join(key.hex())
+    }
+
+    /// Forget the restart state of `key` (after a publish, or before a forced rerun).
+    pub fn remove_resume_dir(&self, key: &Digest) -> Result<(), CacheError> {
+        let dir = self.resume_dir(key);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(e).ctx("remove", &dir),
+            _ => Ok(()),
+        }
     }
 
     /// Digest of a file's contents, answered from the stat cache when the

@@ -16,12 +16,12 @@ use pipeline_cache::{Cache, GcOptions};
 
 use crate::dag::{DagError, StageGraph};
 use crate::env::EngineEnv;
-use crate::executor::{Executor, RunOptions, device_label};
+use crate::executor::{Executor, LocalBackend, RunOptions, StageBackend, device_label};
 use crate::index::RunIndex;
 use crate::plan::{Action, Plan, PlannedStage, SelectOptions, Selection, make_plan};
 use crate::progress;
 use crate::provenance::Provenance;
-use crate::recipe::{Recipe, RecipeError, load_recipe, resolve_stage_selector};
+use crate::recipe::{ExecutorKind, Recipe, RecipeError, load_recipe, resolve_stage_selector};
 use crate::registry::Registry;
 use crate::workspace::{RunStatus, StageStatus, Workspace};
 
@@ -88,9 +88,13 @@ pub struct RunArgs {
     pub recipe: RecipeArgs,
     #[command(flatten)]
     pub select: SelectArgs,
-    /// Maximum stages running at once (default: number of cores).
+    /// Maximum stages running at once (default: number of cores; with
+    /// `--executor slurm`, jobs in flight, default 64).
     #[arg(long, short = 'j', value_name = "N")]
     pub jobs: Option<usize>,
+    /// Where stages run (default: the recipe's `[executor] kind`, else local).
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub executor: Option<ExecutorKind>,
     /// After a failure, keep running stages that do not depend on it.
     #[arg(long)]
     pub keep_going: bool,
@@ -172,6 +176,15 @@ pub enum Command {
         #[command(flatten)]
         cache: CacheArgs,
     },
+    /// Run one stage from its job spec `<cache>/jobs/<KEY>.json` (what a
+    /// Slurm job runs; not for direct use).
+    #[command(hide = true)]
+    ExecStage {
+        /// The stage's cache key (64 hex digits).
+        key: String,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
     /// List the registered stage kinds (or their full recipe reference).
     Kinds {
         /// Print the generated stage reference (Markdown) instead of the list.
@@ -194,7 +207,7 @@ pub fn execute(cmd: Command, registry: &Registry, env: &EngineEnv) -> anyhow::Re
         Command::Plan { recipe, select } => {
             let (recipe_v, graph, cache) = load(&recipe, registry)?;
             let selection = Selection::build(&recipe_v, &graph, &select.options())?;
-            let plan = make_plan(&recipe_v, &graph, &cache, &selection, env)?;
+            let plan = make_plan(&recipe_v, &graph, &cache, &selection, &env_for(&recipe_v, env, None))?;
             print!("{}", render_plan(&plan));
             Ok(ExitCode::SUCCESS)
         }
@@ -235,6 +248,7 @@ pub fn execute(cmd: Command, registry: &Registry, env: &EngineEnv) -> anyhow::Re
         Command::Clean { recipe, stages, all, sets, cache } => {
             cmd_clean(recipe, stages, all, &sets, &cache, registry, env)
         }
+        Command::ExecStage { key, cache } => crate::jobspec::exec_stage(&key, &cache.cache_dir, registry, env),
         Command::Kinds { reference: true, .. } => {
             print!("{}", crate::recipe::docs::render_stage_reference(registry));
             Ok(ExitCode::SUCCESS)
@@ -292,8 +306,17 @@ fn load(args: &RecipeArgs, registry: &Registry) -> anyhow::Result<(Recipe, Stage
     Ok((recipe, graph, cache))
 }
 
+/// The environment plans are made in: under Slurm each stage sees the GPUs
+/// its job gets (keys depend on the device class), not this host's.
+fn env_for(recipe: &Recipe, env: &EngineEnv, executor: Option<ExecutorKind>) -> EngineEnv {
+    match executor.unwrap_or(recipe.executor.kind) {
+        ExecutorKind::Local => env.clone(),
+        ExecutorKind::Slurm => crate::slurm::planning_env(recipe, env),
+    }
+}
+
 /// Process-wide cancel flag, set by Ctrl-C / SIGTERM. A second signal exits at once.
-fn cancel_flag() -> Arc<AtomicBool> {
+pub(crate) fn cancel_flag() -> Arc<AtomicBool> {
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
     FLAG.get_or_init(|| {
         let flag = Arc::new(AtomicBool::new(false));
@@ -314,6 +337,8 @@ fn cancel_flag() -> Arc<AtomicBool> {
 
 fn cmd_run(args: RunArgs, registry: &Registry, env: &EngineEnv) -> anyhow::Result<ExitCode> {
     let (recipe, graph, cache) = load(&args.recipe, registry)?;
+    let kind = args.executor.unwrap_or(recipe.executor.kind);
+    let env = &env_for(&recipe, env, Some(kind));
     let selection = Selection::build(&recipe, &graph, &args.select.options())?;
     let plan = make_plan(&recipe, &graph, &cache, &selection, env)?;
     for s in plan.stages.iter().filter(|s| s.action != Action::NotSelected) {
@@ -323,6 +348,10 @@ fn cmd_run(args: RunArgs, registry: &Registry, env: &EngineEnv) -> anyhow::Resul
     }
     let workspace = Workspace::locate(args.workspace.as_deref(), &crate::plan::recipe_dir(&recipe));
     let progress = progress::for_terminal(env.quiet);
+    let backend: Box<dyn StageBackend> = match kind {
+        ExecutorKind::Local => Box::new(LocalBackend),
+        ExecutorKind::Slurm => Box::new(crate::slurm::SlurmBackend::new(recipe.executor.slurm.clone())?),
+    };
     let executor = Executor {
         recipe: &recipe,
         graph: &graph,
@@ -331,8 +360,10 @@ fn cmd_run(args: RunArgs, registry: &Registry, env: &EngineEnv) -> anyhow::Resul
         workspace: &workspace,
         progress,
         cancel: cancel_flag(),
+        backend: backend.as_ref(),
     };
-    let jobs = args.jobs.unwrap_or(env.cores).max(1);
+    let default_jobs = if kind == ExecutorKind::Slurm { crate::slurm::DEFAULT_JOBS } else { env.cores };
+    let jobs = args.jobs.unwrap_or(default_jobs).max(1);
     let outcome = executor.run(&plan, &RunOptions { jobs, keep_going: args.keep_going })?;
     let s = &outcome.summary;
     let line = format!(
@@ -434,7 +465,7 @@ fn unix_ms_label(ms: u64) -> String {
 
 fn cmd_status(args: &RecipeArgs, registry: &Registry, env: &EngineEnv) -> anyhow::Result<ExitCode> {
     let (recipe, graph, cache) = load(args, registry)?;
-    let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), env)?;
+    let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), &env_for(&recipe, env, None))?;
     let index = RunIndex::new(cache.root(), &recipe.name);
     let width = plan.stages.iter().map(|s| s.id.len()).max().unwrap_or(5).max(5);
     println!("{:<width$}  {:<7} {:<16} {:<23} {:>10}", "STAGE", "CACHED", "KEY", "LAST RUN", "SIZE");
@@ -459,7 +490,7 @@ fn selected<'p>(recipe: &Recipe, plan: &'p Plan, selector: &str) -> anyhow::Resu
 
 fn cmd_why(args: &RecipeArgs, stage: &str, registry: &Registry, env: &EngineEnv) -> anyhow::Result<ExitCode> {
     let (recipe, graph, cache) = load(args, registry)?;
-    let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), env)?;
+    let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), &env_for(&recipe, env, None))?;
     let index = RunIndex::new(cache.root(), &recipe.name);
     for s in selected(&recipe, &plan, stage)? {
         println!("{}: {} ({})", s.id, s.action.as_str(), s.reason);
@@ -493,7 +524,7 @@ fn cmd_why(args: &RecipeArgs, stage: &str, registry: &Registry, env: &EngineEnv)
 
 fn cmd_show(args: &RecipeArgs, stage: &str, registry: &Registry, env: &EngineEnv) -> anyhow::Result<ExitCode> {
     let (recipe, graph, cache) = load(args, registry)?;
-    let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), env)?;
+    let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), &env_for(&recipe, env, None))?;
     for s in selected(&recipe, &plan, stage)? {
         println!("stage {} (kind {} v{})", s.id, s.kind, s.components.version);
         println!("status: {} ({})", s.action.as_str(), s.reason);
@@ -584,7 +615,7 @@ fn cmd_gc(
             Err(e) => return Err(e.into()),
         };
         let graph = StageGraph::from_recipe(&recipe)?;
-        let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), env)?;
+        let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), &env_for(&recipe, env, None))?;
         keep.extend(plan.stages.iter().filter_map(|s| s.record.as_ref().map(|r| r.key)));
         loaded += 1;
     }
@@ -638,7 +669,7 @@ fn cmd_clean(
     }
     let recipe = load_recipe(&recipe_path, sets, registry)?;
     let graph = StageGraph::from_recipe(&recipe)?;
-    let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), env)?;
+    let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), &env_for(&recipe, env, None))?;
     let index = RunIndex::new(cache.root(), &recipe.name);
     let targets: Vec<&PlannedStage> = if all {
         plan.stages.iter().collect()

@@ -1,6 +1,7 @@
 //! What a running stage sees: read-only inputs, an output directory that the
-//! engine publishes atomically, seeded RNG streams, a sized rayon pool, the
-//! device, progress and metrics sinks.
+//! engine publishes atomically, a resume directory that outlives failed
+//! attempts, seeded RNG streams, a sized rayon pool, the device, progress
+//! and metrics sinks.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -104,6 +105,7 @@ pub struct StageContext {
     inputs: BTreeMap<String, Vec<Artifact>>,
     output_dir: PathBuf,
     scratch_dir: PathBuf,
+    resume_dir: PathBuf,
     recipe_dir: PathBuf,
     seed: u64,
     pool: Arc<rayon::ThreadPool>,
@@ -159,6 +161,17 @@ impl StageContext {
     /// Private scratch space, deleted after the stage (never published).
     pub fn scratch_dir(&self) -> &Path {
         &self.scratch_dir
+    }
+
+    /// Restart state of this stage run: the same directory for every attempt
+    /// at the same stage key, kept when an attempt fails or is killed, removed
+    /// by the engine once the outputs are published. A long stage writes
+    /// checkpoints here (atomically) and picks up the newest on start. The
+    /// directory is created on first call.
+    pub fn resume_dir(&self) -> anyhow::Result<&Path> {
+        std::fs::create_dir_all(&self.resume_dir)
+            .with_context(|| format!("creating resume dir {}", self.resume_dir.display()))?;
+        Ok(&self.resume_dir)
     }
 
     /// Directory of the recipe file (relative paths in params resolve here).
@@ -231,6 +244,7 @@ pub struct StageContextBuilder {
     stage_id: String,
     output_dir: PathBuf,
     scratch_dir: Option<PathBuf>,
+    resume_dir: Option<PathBuf>,
     recipe_dir: PathBuf,
     inputs: BTreeMap<String, Vec<Artifact>>,
     seed: u64,
@@ -247,6 +261,7 @@ impl StageContextBuilder {
             stage_id,
             output_dir,
             scratch_dir: None,
+            resume_dir: None,
             recipe_dir: PathBuf::from("."),
             inputs: BTreeMap::new(),
             seed: 0,
@@ -268,6 +283,11 @@ impl StageContextBuilder {
     }
     pub fn scratch_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.scratch_dir = Some(dir.into());
+        self
+    }
+    /// Where the stage keeps restart state (default: `<output_dir>.resume`).
+    pub fn resume_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.resume_dir = Some(dir.into());
         self
     }
     pub fn recipe_dir(mut self, dir: impl Into<PathBuf>) -> Self {
@@ -308,6 +328,7 @@ impl StageContextBuilder {
         };
         std::fs::create_dir_all(&scratch_dir)
             .with_context(|| format!("creating scratch dir {}", scratch_dir.display()))?;
+        let resume_dir = self.resume_dir.unwrap_or_else(|| self.output_dir.with_extension("resume"));
         let pool = match self.pool {
             Some(p) => p,
             None => Arc::new(
@@ -324,6 +345,7 @@ impl StageContextBuilder {
             inputs: self.inputs,
             output_dir: self.output_dir,
             scratch_dir,
+            resume_dir,
             recipe_dir: self.recipe_dir,
             seed: self.seed,
             pool,

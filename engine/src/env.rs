@@ -1,10 +1,15 @@
 //! What the machine offers a run: cores, memory, CUDA devices. The binary
 //! fills in the CUDA device count (the engine has no tch).
 
+use std::collections::BTreeMap;
+
 /// The machine as the engine sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineEnv {
     pub cuda_devices: usize,
+    /// Set when stages run elsewhere (Slurm): the CUDA devices each stage's
+    /// job is given, by stage id. `None`: every stage sees `cuda_devices`.
+    pub stage_gpus: Option<BTreeMap<String, usize>>,
     pub cores: usize,
     /// Memory available to stages, MiB.
     pub memory_mb: u64,
@@ -19,7 +24,15 @@ impl EngineEnv {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let memory_mb =
             std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| mem_available_mb(&text)).unwrap_or(4096);
-        Self { cuda_devices, cores, memory_mb, quiet: false }
+        Self { cuda_devices, stage_gpus: None, cores, memory_mb, quiet: false }
+    }
+
+    /// CUDA devices stage `id` can use where it runs.
+    pub fn cuda_for(&self, id: &str) -> usize {
+        match &self.stage_gpus {
+            Some(map) => map.get(id).copied().unwrap_or(0),
+            None => self.cuda_devices,
+        }
     }
 }
 

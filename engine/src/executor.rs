@@ -1,10 +1,11 @@
-//! The local executor: runs a [`Plan`] on this machine, independent stages
-//! in parallel within `--jobs`, cores, memory and CUDA devices, each stage
-//! in its own thread with its own cache lock, staging dir, rayon pool and
-//! log file.
+//! Runs a [`Plan`]: one scheduling loop (dependencies, `--jobs`,
+//! `--keep-going`, cancellation, run summary) over a [`StageBackend`] that
+//! executes each ready stage from a worker thread with its own log file.
+//! [`LocalBackend`] runs it in this process within the machine's cores,
+//! memory and CUDA devices (cache lock, staging dir, rayon pool); the Slurm
+//! backend ([`crate::slurm`]) submits it as a job.
 
-use std::collections::HashMap;
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,20 +13,21 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
-use pipeline_cache::{ActionRecord, Cache};
+use pipeline_cache::{ActionRecord, Cache, Digest};
 
-use crate::context::StageContext;
+use crate::context::Artifact;
 use crate::dag::StageGraph;
 use crate::env::EngineEnv;
 use crate::index::{IndexEntry, RunIndex, now_unix_ms};
 use crate::key::KeyComponents;
 use crate::plan::{Action, Plan, PlannedStage, final_components, recipe_dir};
 use crate::progress::RunProgress;
-use crate::provenance::{Provenance, git_revision, host_name, rfc3339};
+use crate::provenance::{git_revision, rfc3339};
 use crate::recipe::{Recipe, StageDecl};
 use crate::schedule::{Capacity, Grant, ResourcePool};
 use crate::stage::DeviceRequest;
 use crate::stage_log::{StageLogs, log_key, stage_span};
+use crate::stage_run::{RunOrigin, StageRun, run_and_publish};
 use crate::workspace::{RunStatus, RunSummary, StageStatus, StageSummary, Workspace};
 
 #[derive(Debug, Clone)]
@@ -46,6 +48,8 @@ pub struct Executor<'a> {
     pub progress: Arc<dyn RunProgress>,
     /// Set on Ctrl-C / SIGTERM: no new stage starts, running ones are told.
     pub cancel: Arc<AtomicBool>,
+    /// Where ready stages run (this process, or Slurm jobs).
+    pub backend: &'a dyn StageBackend,
 }
 
 /// The result of a run.
@@ -119,7 +123,7 @@ impl Executor<'_> {
             }
         }
 
-        let mut pool = ResourcePool::new(Capacity {
+        let mut pool = self.backend.resource_pool(Capacity {
             cores: self.env.cores,
             memory_mb: self.env.memory_mb,
             cuda_devices: self.env.cuda_devices,
@@ -314,54 +318,14 @@ impl Executor<'_> {
         }
     }
 
-    /// Runs in the stage's worker thread.
+    /// Runs in the stage's worker thread: the final key, then the backend.
     fn run_stage(&self, job: &Job<'_>, run_id: &str, git_rev: Option<String>) -> anyhow::Result<Finished> {
         let id = &job.planned.id;
         let span = stage_span(run_id, id);
         let _entered = span.enter();
         let components = final_components(self.recipe, job.decl, self.cache, self.env, &job.upstream)?;
         let key = components.key();
-        // Another process may be producing the same key: wait for it, then reuse.
-        let _lock = match self.cache.try_lock(&key)? {
-            Some(lock) => lock,
-            None => {
-                let holder = self.cache.lock_holder(&key).ok().flatten();
-                let who = holder.map(|h| h.to_string()).unwrap_or_else(|| "another process".to_string());
-                self.progress.println(&format!("wait    {id}  (key {} is being produced by {who})", key.short()));
-                self.cache
-                    .lock(&key, None)
-                    .with_context(|| format!("locking cache key {} of stage `{id}`", key.short()))?
-            }
-        };
-        if !job.planned.forced
-            && let Some(record) = self.cache.lookup(&key)?
-        {
-            tracing::info!("outputs already in the cache (key {})", key.short());
-            return Ok(Finished { record, components, status: StageStatus::Cached });
-        }
-        let staging = self.cache.staging_dir(id)?;
-        let scratch = self.cache.staging_dir(&format!("{id}.scratch"))?;
-
-        let span_for_pool = span.clone();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(job.grant.threads)
-            .spawn_handler(move |thread| {
-                let span = span_for_pool.clone();
-                std::thread::Builder::new()
-                    .name(format!("stage-worker-{}", thread.index()))
-                    .spawn(move || span.in_scope(|| thread.run()))?;
-                Ok(())
-            })
-            .build()
-            .context("building the stage thread pool")?;
-        let mut builder = StageContext::builder(id.clone(), staging.path())
-            .scratch_dir(scratch.path())
-            .recipe_dir(recipe_dir(self.recipe))
-            .seed(job.decl.seed)
-            .pool(Arc::new(pool))
-            .device(job.grant.device)
-            .progress(self.progress.stage_sink(id))
-            .cancel_flag(self.cancel.clone());
+        let mut inputs: BTreeMap<String, Vec<Artifact>> = BTreeMap::new();
         for (name, refs) in &job.decl.inputs {
             for r in refs {
                 let record =
@@ -370,58 +334,87 @@ impl Executor<'_> {
                 if let Some(out) = &r.output {
                     path = path.join(out);
                 }
-                builder = builder.input(name, &r.stage, r.output.as_deref(), path);
+                inputs.entry(name.clone()).or_default().push(Artifact {
+                    stage: r.stage.clone(),
+                    output: r.output.clone(),
+                    path,
+                });
             }
         }
-        let mut ctx = builder.build()?;
-
-        let started = chrono::Utc::now();
-        let clock = Instant::now();
-        tracing::info!(key = %key.short(), threads = job.grant.threads, device = ?job.grant.device, "running {}", job.planned.kind);
-        let outcome = catch_unwind(AssertUnwindSafe(|| job.decl.stage.run(&mut ctx)));
-        ctx.progress().finish();
-        drop(ctx); // closes metrics.jsonl and joins the pool before publishing
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e.context(format!("stage `{id}` ({}) failed", job.planned.kind))),
-            Err(panic) => bail!("stage `{id}` ({}) panicked: {}", job.planned.kind, panic_message(&*panic)),
-        }
-        let provenance = Provenance {
-            recipe_path: self.recipe.path.clone(),
-            recipe_digest: self.recipe.digest.clone(),
-            git_revision: git_rev,
-            stage_id: id.clone(),
-            kind: job.planned.kind.clone(),
-            version: components.version,
-            key: key.hex(),
-            params: components.params.clone(),
-            inputs: components.inputs.clone(),
-            external_inputs: components.external.clone(),
-            seed: components.seed,
-            tool_version: env!("CARGO_PKG_VERSION").to_string(),
-            host: host_name(),
-            threads: job.grant.threads,
-            device: match job.grant.device {
-                crate::stage::Device::Cpu => "cpu".to_string(),
-                crate::stage::Device::Cuda(i) => format!("cuda:{i}"),
+        let ready = ReadyStage {
+            planned: job.planned,
+            decl: job.decl,
+            grant: job.grant,
+            components: &components,
+            key,
+            inputs,
+            upstream: &job.upstream,
+            origin: RunOrigin {
+                recipe_name: self.recipe.name.clone(),
+                recipe_path: self.recipe.path.clone(),
+                recipe_digest: self.recipe.digest.clone(),
+                git_revision: git_rev,
+                run_id: run_id.to_string(),
+                log: job.log_path.clone(),
+                meta: serde_json::Map::new(),
             },
-            memory_mb: job.grant.memory_mb,
-            started: rfc3339(started),
-            finished: rfc3339(chrono::Utc::now()),
-            duration_s: clock.elapsed().as_secs_f64(),
-            run_id: run_id.to_string(),
         };
-        provenance.write(staging.path()).with_context(|| format!("writing provenance of stage `{id}`"))?;
-        let meta = serde_json::json!({
-            "recipe": self.recipe.name,
-            "stage": id,
-            "kind": job.planned.kind,
-            "log": job.log_path,
-        });
-        let record =
-            self.cache.publish(&key, staging, meta).with_context(|| format!("publishing outputs of stage `{id}`"))?;
-        tracing::info!("published {} files ({} bytes)", record.manifest.files.len(), record.manifest.total_size());
-        Ok(Finished { record, components, status: StageStatus::Ran })
+        let (record, status) = self.backend.execute(self, &ready)?;
+        Ok(Finished { record, components, status })
+    }
+}
+
+/// A stage whose upstreams are done and whose key is final, handed to a backend.
+pub struct ReadyStage<'a> {
+    pub planned: &'a PlannedStage,
+    pub decl: &'a StageDecl,
+    /// What the scheduling loop granted (threads, device, memory).
+    pub grant: Grant,
+    pub components: &'a KeyComponents,
+    pub key: Digest,
+    /// Input name -> read-only artifact directories.
+    pub inputs: BTreeMap<String, Vec<Artifact>>,
+    /// Final records of the upstream stages it reads.
+    pub upstream: &'a HashMap<String, ActionRecord>,
+    pub origin: RunOrigin,
+}
+
+/// Where the stages of a run execute. The scheduling loop ([`Executor::run`])
+/// is shared; a backend decides how much may run at once and runs one ready
+/// stage to a published (or reused) record, on a worker thread of the loop.
+pub trait StageBackend: Send + Sync {
+    /// Admission control for the scheduling loop.
+    fn resource_pool(&self, capacity: Capacity) -> ResourcePool;
+    /// Produce the stage's record; `StageStatus::Cached` when it was reused.
+    fn execute(&self, exec: &Executor<'_>, stage: &ReadyStage<'_>) -> anyhow::Result<(ActionRecord, StageStatus)>;
+}
+
+/// Stages run in threads of this process, within this machine's resources.
+pub struct LocalBackend;
+
+impl StageBackend for LocalBackend {
+    fn resource_pool(&self, capacity: Capacity) -> ResourcePool {
+        ResourcePool::new(capacity)
+    }
+
+    fn execute(&self, exec: &Executor<'_>, stage: &ReadyStage<'_>) -> anyhow::Result<(ActionRecord, StageStatus)> {
+        let id = stage.planned.id.as_str();
+        let run = StageRun {
+            id,
+            kind: &stage.planned.kind,
+            stage: stage.decl.stage.as_ref(),
+            components: stage.components,
+            key: stage.key,
+            forced: stage.planned.forced,
+            inputs: &stage.inputs,
+            recipe_dir: &recipe_dir(exec.recipe),
+            threads: stage.grant.threads,
+            device: stage.grant.device,
+            memory_mb: stage.grant.memory_mb,
+            origin: &stage.origin,
+        };
+        let notice = |line: &str| exec.progress.println(line);
+        run_and_publish(exec.cache, &run, exec.progress.stage_sink(id), exec.cancel.clone(), &notice)
     }
 }
 
@@ -430,16 +423,6 @@ pub fn error_chain(e: &anyhow::Error) -> String {
     let mut lines = vec![e.to_string()];
     lines.extend(e.chain().skip(1).map(|c| format!("caused by: {c}")));
     lines.join("\n")
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
-    }
 }
 
 /// Device a stage was resolved to, for display.
@@ -455,6 +438,7 @@ pub fn device_label(d: &Result<DeviceRequest, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::context::StageContext;
     use crate::plan::{Selection, make_plan};
     use crate::progress::PlainProgress;
     use crate::registry::Registry;
@@ -495,7 +479,7 @@ mod tests {
         let recipe = crate::recipe::load_recipe_str(src, &dir.join("r.toml"), &[], registry).unwrap();
         let graph = StageGraph::from_recipe(&recipe).unwrap();
         let cache = Cache::open(&dir.join("cache")).unwrap();
-        let env = EngineEnv { cuda_devices: 0, cores: 2, memory_mb: 1024, quiet: true };
+        let env = EngineEnv { cuda_devices: 0, stage_gpus: None, cores: 2, memory_mb: 1024, quiet: true };
         let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), &env).unwrap();
         let warnings = plan.stages[0].warnings.join("; ");
         let workspace = Workspace { root: dir.to_path_buf() };
@@ -507,6 +491,7 @@ mod tests {
             workspace: &workspace,
             progress: Arc::new(PlainProgress { quiet: true }),
             cancel: Arc::new(AtomicBool::new(false)),
+            backend: &LocalBackend,
         };
         (warnings, exec.run(&plan, opts).unwrap().summary)
     }
@@ -597,5 +582,39 @@ mod tests {
                 assert!(summary.stages[0].error.as_deref().unwrap().contains("stage `train` requests a CUDA device"));
             }
         }
+    }
+
+    /// Fails on its first attempt; every attempt counts itself in the resume dir.
+    struct Flaky;
+    impl StageKind for Flaky {
+        type Params = BoomParams;
+        const KIND: &'static str = "flaky";
+        const VERSION: u32 = 1;
+        const SUMMARY: &'static str = "test kind";
+        fn run(_p: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()> {
+            let counter = ctx.resume_dir()?.join("attempts");
+            let attempts = std::fs::read_to_string(&counter).map(|s| s.len()).unwrap_or(0) + 1;
+            std::fs::write(&counter, "x".repeat(attempts))?;
+            anyhow::ensure!(attempts > 1, "first attempt fails");
+            std::fs::write(ctx.output_dir().join("out.txt"), attempts.to_string())?;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn resume_dir_survives_a_failed_attempt_and_is_removed_after_publishing() {
+        let registry = Registry::new().register::<Flaky>();
+        let dir = tempfile::tempdir().unwrap();
+        let src = "[recipe]\nname = \"f\"\n[stage.train]\nkind = \"flaky\"\n";
+        let opts = RunOptions { jobs: 1, keep_going: false };
+        let (_, first) = run_recipe(&registry, src, dir.path(), &opts);
+        assert_eq!(first.stages[0].status, StageStatus::Failed);
+        let resume_root = dir.path().join("cache/resume");
+        assert_eq!(std::fs::read_dir(&resume_root).unwrap().count(), 1, "state of the failed attempt is kept");
+        let (_, second) = run_recipe(&registry, src, dir.path(), &opts);
+        assert_eq!(second.stages[0].status, StageStatus::Ran);
+        let out = second.stages[0].output.as_ref().unwrap().join("out.txt");
+        assert_eq!(std::fs::read_to_string(out).unwrap(), "2", "the second attempt saw the first one's state");
+        assert_eq!(std::fs::read_dir(&resume_root).unwrap().count(), 0, "removed once published");
     }
 }

@@ -23,12 +23,15 @@ pub mod dag;
 pub mod env;
 pub mod executor;
 pub mod index;
+pub mod jobspec;
 pub mod key;
 pub mod plan;
 pub mod progress;
 pub mod provenance;
 pub mod schedule;
+pub mod slurm;
 pub mod stage_log;
+pub mod stage_run;
 pub mod workspace;
 
 pub use cli::{Command, execute, exit_code_for};

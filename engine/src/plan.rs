@@ -226,7 +226,7 @@ fn components(
     warnings: &mut Vec<String>,
 ) -> anyhow::Result<(KeyComponents, Result<DeviceRequest, String>)> {
     let resources = decl.stage.resources();
-    let device = resolve_device(&decl.id, resources.device, env.cuda_devices, recipe.allow_cpu_fallback)
+    let device = resolve_device(&decl.id, resources.device, env.cuda_for(&decl.id), recipe.allow_cpu_fallback)
         .map_err(|e| e.to_string());
     if let Err(e) = &device {
         warnings.push(e.clone());
@@ -411,7 +411,7 @@ value = 2
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         let recipe = crate::recipe::load_recipe_str(src, Path::new("t.toml"), &sets, &registry).unwrap();
         let graph = StageGraph::from_recipe(&recipe).unwrap();
-        let env = EngineEnv { cuda_devices: 0, cores: 2, memory_mb: 1024, quiet: true };
+        let env = EngineEnv { cuda_devices: 0, stage_gpus: None, cores: 2, memory_mb: 1024, quiet: true };
         let plan = make_plan(&recipe, &graph, cache, &Selection::all(&graph), &env).unwrap();
         assert!(plan.stages.iter().all(|s| s.action == Action::Run && s.reason == "new stage"));
         plan.stages.iter().map(|s| (s.id.clone(), s.key)).collect()

@@ -55,12 +55,29 @@ pub struct ResourcePool {
     memory_used: u64,
     cuda_busy: Vec<bool>,
     running: usize,
+    /// Resources belong to a cluster scheduler: only `jobs` is enforced.
+    jobs_only: bool,
 }
 
 impl ResourcePool {
     pub fn new(cap: Capacity) -> Self {
         let cap = Capacity { cores: cap.cores.max(1), jobs: cap.jobs.max(1), ..cap };
-        Self { cuda_busy: vec![false; cap.cuda_devices], cap, cores_used: 0, memory_used: 0, running: 0 }
+        Self {
+            cuda_busy: vec![false; cap.cuda_devices],
+            cap,
+            cores_used: 0,
+            memory_used: 0,
+            running: 0,
+            jobs_only: false,
+        }
+    }
+
+    /// Admission when a cluster scheduler (Slurm) owns the resources: at most
+    /// `jobs` stages in flight; grants pass the stage's own request through
+    /// (`threads` 0 = a whole node, `Cuda(0)` = the job's first visible GPU).
+    pub fn jobs_only(jobs: usize) -> Self {
+        let cap = Capacity { cores: 1, memory_mb: 0, cuda_devices: 0, jobs: jobs.max(1) };
+        Self { jobs_only: true, ..Self::new(cap) }
     }
 
     pub fn running(&self) -> usize {
@@ -74,6 +91,11 @@ impl ResourcePool {
     pub fn try_acquire(&mut self, res: &Resources, device: DeviceRequest) -> Option<Grant> {
         if self.running >= self.cap.jobs {
             return None;
+        }
+        if self.jobs_only {
+            self.running += 1;
+            let device = if device == DeviceRequest::Cuda { Device::Cuda(0) } else { Device::Cpu };
+            return Some(Grant { threads: res.cpu, device, memory_mb: res.memory_mb });
         }
         let wanted = if res.cpu == 0 { self.cap.cores } else { res.cpu.min(self.cap.cores) };
         let memory = res.memory_mb.min(self.cap.memory_mb);
@@ -97,6 +119,10 @@ impl ResourcePool {
     }
 
     pub fn release(&mut self, grant: &Grant) {
+        if self.jobs_only {
+            self.running = self.running.saturating_sub(1);
+            return;
+        }
         self.cores_used = self.cores_used.saturating_sub(grant.threads);
         self.memory_used = self.memory_used.saturating_sub(grant.memory_mb);
         self.running = self.running.saturating_sub(1);
@@ -167,6 +193,19 @@ mod tests {
         assert!(p.try_acquire(&res, DeviceRequest::Cuda).is_none());
         p.release(&b);
         assert_eq!(p.try_acquire(&res, DeviceRequest::Cuda).unwrap().device, Device::Cuda(1));
+    }
+
+    #[test]
+    fn a_cluster_pool_counts_jobs_only() {
+        let mut p = ResourcePool::jobs_only(2);
+        let big = Resources { cpu: 0, device: DeviceRequest::Cuda, memory_mb: 1 << 20 };
+        let a = p.try_acquire(&big, DeviceRequest::Cuda).unwrap();
+        assert_eq!((a.threads, a.device, a.memory_mb), (0, Device::Cuda(0), 1 << 20));
+        let b = p.try_acquire(&cpu(64, 10), DeviceRequest::Cpu).unwrap();
+        assert_eq!((b.threads, b.device), (64, Device::Cpu));
+        assert!(p.try_acquire(&cpu(1, 1), DeviceRequest::Cpu).is_none(), "jobs");
+        p.release(&a);
+        assert!(p.try_acquire(&cpu(1, 1), DeviceRequest::Cpu).is_some());
     }
 
     #[test]

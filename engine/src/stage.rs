@@ -171,6 +171,9 @@ pub trait DynStageKind: Send + Sync {
     fn inputs(&self) -> &'static [InputSpec];
     /// Parse and validate params (the recipe table minus `kind` and inputs).
     fn configure(&self, params: toml::Table) -> Result<Box<dyn ConfiguredStage>, ParamError>;
+    /// Rebuild a configured stage from its [`ConfiguredStage::canonical_params`]
+    /// (how `pipeline exec-stage` recreates a stage in another process).
+    fn configure_canonical(&self, params: serde_json::Value) -> Result<Box<dyn ConfiguredStage>, ParamError>;
 }
 
 /// A stage kind with parsed params: what the engine plans and runs.
@@ -217,6 +220,16 @@ impl<K: StageKind> DynStageKind for Erased<K> {
     }
     fn configure(&self, params: toml::Table) -> Result<Box<dyn ConfiguredStage>, ParamError> {
         let params: K::Params = parse_params::<K::Params>(params)?;
+        K::validate(&params)?;
+        Ok(Box::new(Configured::<K> { params }))
+    }
+    fn configure_canonical(&self, params: serde_json::Value) -> Result<Box<dyn ConfiguredStage>, ParamError> {
+        // The exact serde inverse of `canonical_params` (TOML has no null, so
+        // `Option` params could not round-trip through `configure`).
+        let params: K::Params = serde_path_to_error::deserialize(params).map_err(|e| {
+            let path = e.path().to_string();
+            ParamError { path: vec![path], message: e.inner().to_string(), hint: None }
+        })?;
         K::validate(&params)?;
         Ok(Box::new(Configured::<K> { params }))
     }

@@ -9,6 +9,7 @@
 mod build;
 pub mod docs;
 mod error;
+pub mod executor;
 mod load;
 mod overrides;
 mod source;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 
 pub use docs::{render_stage_reference, update_stage_reference};
 pub use error::{RecipeError, SourceLoc};
+pub use executor::{ExecutorConfig, ExecutorKind, SlurmConfig, SlurmStageOverride};
 
 use crate::params::did_you_mean;
 use crate::registry::Registry;
@@ -116,6 +118,8 @@ pub struct Recipe {
     pub sweeps: Vec<SweepInfo>,
     /// This file and every file it extends (top first).
     pub files: Vec<PathBuf>,
+    /// `[executor]`: where stages run (never part of a cache key).
+    pub executor: ExecutorConfig,
 }
 
 impl Recipe {
@@ -165,6 +169,7 @@ pub fn load_recipe_str(
     };
     let sweeps = sweep::parse_sweeps(&sources, root.get("sweep"), stage_table)?;
     let stages = build::build_stages(&sources, stage_table, &sweeps, header.seed, registry)?;
+    let executor = executor::parse_executor(&sources, root.get("executor"), &stages)?;
 
     let dir = match virtual_path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -188,6 +193,7 @@ pub fn load_recipe_str(
             })
             .collect(),
         files,
+        executor,
     })
 }
 
@@ -228,16 +234,17 @@ pub fn resolve_stage_selector<'r>(recipe: &'r Recipe, selector: &str) -> Result<
     })
 }
 
-const TOP_LEVEL: &[&str] = &["recipe", "stage", "sweep"];
+const TOP_LEVEL: &[&str] = &["recipe", "stage", "sweep", "executor"];
 const RECIPE_KEYS: &[&str] = &["name", "seed", "extends", "allow_cpu_fallback", "description"];
 
 fn check_top_level(sources: &SourceMap, root: &Table) -> Result<(), RecipeError> {
     for (key, entry) in root.in_order(sources) {
         if !TOP_LEVEL.contains(&key) {
             let what = if entry.value.as_table().is_some() { "table" } else { "key" };
-            let hint = did_you_mean(key, TOP_LEVEL.iter().copied())
-                .map(|b| format!("did you mean `[{b}]`?"))
-                .unwrap_or_else(|| "a recipe has `[recipe]`, `[stage.NAME]` and `[sweep.NAME]` tables".to_string());
+            let hint =
+                did_you_mean(key, TOP_LEVEL.iter().copied()).map(|b| format!("did you mean `[{b}]`?")).unwrap_or_else(
+                    || "a recipe has `[recipe]`, `[stage.NAME]`, `[sweep.NAME]` and `[executor]` tables".to_string(),
+                );
             return Err(
                 RecipeError::at(sources, &entry.key, format!("unknown top-level {what} `{key}`")).with_help(hint)
             );

@@ -1,6 +1,7 @@
 //! `--set KEY=VALUE` command-line overrides.
 //!
-//! Keys: `stage.NAME.param[.sub...]`, `recipe.KEY`, `sweep.NAME...`, and the
+//! Keys: `stage.NAME.param[.sub...]`, `recipe.KEY`, `sweep.NAME...`,
+//! `executor.KEY[...]`, and the
 //! shorthand `NAME.param` for `stage.NAME.param`. The value is parsed as a
 //! TOML value, or taken as a string when it is not valid TOML (so
 //! `--set data.root=/mnt/rexgct` works). Each argument becomes a source text
@@ -49,7 +50,7 @@ fn parse_set(sources: &SourceMap, id: SourceId, root: &Table) -> Result<Table, R
     });
 
     let first = segments[0].0.as_str();
-    if !matches!(first, "stage" | "recipe" | "sweep") {
+    if !matches!(first, "stage" | "recipe" | "sweep" | "executor") {
         // Shorthand: `NAME.param` means `stage.NAME.param`.
         let span = segments[0].1.clone();
         segments.insert(0, ("stage".to_string(), span.start..span.start));
@@ -89,6 +90,12 @@ fn parse_set(sources: &SourceMap, id: SourceId, root: &Table) -> Result<Table, R
             if segments.len() < 2 {
                 return Err(RecipeError::at(sources, &Origin::new(id, 0..eq), "`--set recipe` needs a key")
                     .with_help("e.g. `--set recipe.seed=3`"));
+            }
+        }
+        "executor" => {
+            if segments.len() < 2 {
+                return Err(RecipeError::at(sources, &Origin::new(id, 0..eq), "`--set executor` needs a key")
+                    .with_help("e.g. `--set executor.partition=gpu`"));
             }
         }
         _ => {

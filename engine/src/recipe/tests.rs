@@ -641,3 +641,60 @@ fn every_error_kind_has_a_location() {
         assert!(e.loc().is_some(), "{what}: {e}");
     }
 }
+
+#[test]
+fn executor_table_is_parsed_with_defaults_and_stage_overrides() {
+    use crate::recipe::{ExecutorKind, SlurmStageOverride};
+    let r = load(MINI, &[]).unwrap();
+    assert_eq!(r.executor.kind, ExecutorKind::Local);
+    assert_eq!(r.executor.slurm.poll_interval_s, 5.0);
+    let src = format!(
+        "{MINI}\n[executor]\nkind = \"slurm\"\npartition = \"gpu\"\naccount = \"lab\"\ntime = \"02:00:00\"\nqos = \"normal\"\nextra_args = [\"--constraint=a100\"]\npoll_interval = 0.5\nmax_resubmits = 4\nlog_dir = \"logs\"\n[executor.stage.grpo]\ncpus = 8\ngpus = 2\nmem = \"64G\"\ntime = 90\n"
+    );
+    let r = load(&src, &["executor.account=other"]).unwrap();
+    let s = &r.executor.slurm;
+    assert_eq!(r.executor.kind, ExecutorKind::Slurm);
+    assert_eq!((s.partition.as_deref(), s.account.as_deref()), (Some("gpu"), Some("other")));
+    assert_eq!((s.time.as_deref(), s.qos.as_deref()), (Some("02:00:00"), Some("normal")));
+    assert_eq!(s.extra_args, ["--constraint=a100"]);
+    assert_eq!((s.poll_interval_s, s.max_resubmits), (0.5, 4));
+    assert_eq!(s.log_dir.as_deref(), Some(Path::new("logs")));
+    let grpo = SlurmStageOverride { cpus: Some(8), gpus: Some(2), mem_mb: Some(65536), time: Some("90".into()) };
+    assert_eq!(s.stage_override("grpo", "grpo"), grpo);
+    assert_eq!(s.stage_override("eval", "eval"), SlurmStageOverride::default());
+    // The executor never enters a key, but a --set of it is a recipe value like any other.
+    assert_eq!(load(&src, &["executor.kind=local"]).unwrap().executor.kind, ExecutorKind::Local);
+}
+
+#[test]
+fn executor_mistakes_are_located() {
+    let base = format!("{MINI}\n[executor]\nkind = \"slurm\"\n");
+    let e = load_err(&format!("{base}partiton = \"gpu\"\n"), &[]);
+    assert_eq!(e.message(), "unknown key `partiton` in `[executor]`");
+    assert_eq!(at(&e), ("recipes/mini.toml".to_string(), 33, 1));
+    assert_eq!(e.help(), Some("did you mean `partition`?"));
+
+    let e = load_err(&format!("{MINI}\n[executor]\nkind = \"pbs\"\n"), &[]);
+    assert_eq!(e.message(), "unknown executor kind `pbs`");
+    assert_eq!(at(&e), ("recipes/mini.toml".to_string(), 32, 8));
+
+    let e = load_err(&format!("{base}[executor.stage.evl]\ncpus = 2\n"), &[]);
+    assert_eq!(e.message(), "`[executor.stage.evl]` names no stage of the recipe");
+    assert_eq!(e.help(), Some("did you mean `eval`?"));
+    assert_eq!(at(&e), ("recipes/mini.toml".to_string(), 33, 17));
+
+    let e = load_err(&format!("{base}[executor.stage.eval]\ngpu = 1\n"), &[]);
+    assert_eq!(e.message(), "unknown key `gpu` in `[executor.stage.eval]`");
+    assert_eq!(e.help(), Some("did you mean `gpus`?"));
+
+    let e = load_err(&format!("{base}[executor.stage.eval]\nmem = \"lots\"\n"), &[]);
+    assert_eq!(e.message(), "`executor.stage.eval.mem` must be a memory size, found string");
+    assert_eq!(at(&e), ("recipes/mini.toml".to_string(), 34, 7));
+
+    let e = load_err(&format!("{base}time = \"2h\"\n"), &[]);
+    assert_eq!(e.message(), "`executor.time`: `2h` is not a Slurm time limit");
+
+    let e = load_err(&base, &["executor.poll_interval=0"]);
+    assert_eq!(e.message(), "`executor.poll_interval` must be a positive number of seconds, found integer");
+    assert_eq!(at(&e).0, "<--set #1>");
+}

@@ -1,7 +1,16 @@
 //! Training stages on the Qwen2.5-VL model of stages-vlm: supervised
-//! fine-tuning (`sft`). GRPO is the next stage to land here (issue 6).
+//! fine-tuning (`sft`) and GRPO (`grpo`) with weighted rewards.
 
+pub mod advantages;
+pub mod grpo;
 pub mod optim;
+pub mod policy_loss;
+pub mod prompt;
+pub mod resume;
+pub mod rewards;
+pub mod rollout;
+pub mod setup;
 pub mod sft;
 
+pub use grpo::Grpo;
 pub use sft::Sft;

@@ -1,6 +1,8 @@
 //! AdamW over an explicit list of trainable tensors, the warmup + cosine
-//! schedule and global-norm gradient clipping. Frozen tensors never appear
-//! here, so they hold no optimizer state.
+//! (or constant) schedule and global-norm gradient clipping. Frozen tensors
+//! never appear here, so they hold no optimizer state.
+
+use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
@@ -32,6 +34,40 @@ impl AdamW {
 
     pub fn params(&self) -> impl Iterator<Item = &Tensor> {
         self.params.iter().map(|(_, p)| p)
+    }
+
+    /// Updates taken so far (the bias-correction step count).
+    pub fn steps(&self) -> i32 {
+        self.t
+    }
+
+    /// The moments by name (`exp_avg.<param>`, `exp_avg_sq.<param>`, as
+    /// torch's state dict calls them), for a checkpoint.
+    pub fn moments(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            out.insert(format!("exp_avg.{name}"), self.m[i].shallow_clone());
+            out.insert(format!("exp_avg_sq.{name}"), self.v[i].shallow_clone());
+        }
+        out
+    }
+
+    /// Restore what [`moments`](Self::moments) and [`steps`](Self::steps)
+    /// returned; every moment must be present with its parameter's shape.
+    pub fn restore(&mut self, moments: &BTreeMap<String, Tensor>, steps: i32) -> Result<(), String> {
+        for (i, (name, p)) in self.params.iter().enumerate() {
+            for (key, slot) in
+                [(format!("exp_avg.{name}"), &mut self.m[i]), (format!("exp_avg_sq.{name}"), &mut self.v[i])]
+            {
+                let t = moments.get(&key).ok_or_else(|| format!("optimizer state has no `{key}`"))?;
+                if t.size() != p.size() {
+                    return Err(format!("optimizer state `{key}` has shape {:?}, expected {:?}", t.size(), p.size()));
+                }
+                *slot = t.to_kind(Kind::Float).to_device(p.device());
+            }
+        }
+        self.t = steps;
+        Ok(())
     }
 
     /// One update with learning rate `lr`, then clear the gradients.
@@ -83,17 +119,24 @@ pub fn clip_grad_norm<'a>(params: impl Iterator<Item = &'a Tensor>, max_norm: f6
     norm
 }
 
-/// Linear warmup to `peak`, then cosine decay to 0 at `total` steps.
+/// Linear warmup to `peak`, then cosine decay to 0 at `total` steps (or
+/// `peak` held constant).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LrSchedule {
     peak: f64,
     warmup: usize,
     total: usize,
+    decay: bool,
 }
 
 impl LrSchedule {
     pub fn cosine(peak: f64, warmup: usize, total: usize) -> Self {
-        Self { peak, warmup: warmup.min(total), total: total.max(1) }
+        Self { peak, warmup: warmup.min(total), total: total.max(1), decay: true }
+    }
+
+    /// Warmup then `peak` until the end (HF `constant_with_warmup`).
+    pub fn constant(peak: f64, warmup: usize, total: usize) -> Self {
+        Self { decay: false, ..Self::cosine(peak, warmup, total) }
     }
 
     /// Learning rate of optimizer step `step` (0-based), as HF's
@@ -101,6 +144,9 @@ impl LrSchedule {
     pub fn at(&self, step: usize) -> f64 {
         if step < self.warmup {
             return self.peak * step as f64 / self.warmup.max(1) as f64;
+        }
+        if !self.decay {
+            return self.peak;
         }
         let progress = (step - self.warmup) as f64 / (self.total - self.warmup).max(1) as f64;
         self.peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
@@ -120,6 +166,43 @@ mod tests {
         assert_eq!(lrs[2], 1.0);
         assert!((lrs[4] - 0.5).abs() < 1e-12, "{lrs:?}");
         assert!(lrs[6].abs() < 1e-12, "{lrs:?}");
+    }
+
+    #[test]
+    fn constant_schedule_holds_the_peak_after_warmup() {
+        let s = LrSchedule::constant(2.0, 2, 6);
+        let lrs: Vec<f64> = (0..7).map(|i| s.at(i)).collect();
+        assert_eq!(lrs, vec![0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]);
+    }
+
+    #[test]
+    fn restored_moments_continue_exactly() {
+        // Two optimizers: one steps twice, the other steps once, is saved,
+        // restored into a fresh optimizer, then steps again: same bits.
+        let grad = |p: &Tensor, c: f32| (p * Tensor::from_slice(&[c, -2.0 * c])).sum(Kind::Float).backward();
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.01 };
+        let a = Tensor::from_slice(&[0.5f32, 1.5]).set_requires_grad(true);
+        let mut opt_a = AdamW::new(vec![("w".into(), a.shallow_clone())], cfg);
+        grad(&a, 1.0);
+        opt_a.step(0.1);
+        grad(&a, 3.0);
+        opt_a.step(0.1);
+
+        let b = Tensor::from_slice(&[0.5f32, 1.5]).set_requires_grad(true);
+        let mut opt_b = AdamW::new(vec![("w".into(), b.shallow_clone())], cfg);
+        grad(&b, 1.0);
+        opt_b.step(0.1);
+        let (saved, steps) = (opt_b.moments(), opt_b.steps());
+        assert_eq!(saved.keys().collect::<Vec<_>>(), ["exp_avg.w", "exp_avg_sq.w"]);
+        let copies: BTreeMap<String, Tensor> = saved.iter().map(|(k, t)| (k.clone(), t.copy())).collect();
+        let c = b.detach().copy().set_requires_grad(true);
+        let mut opt_c = AdamW::new(vec![("w".into(), c.shallow_clone())], cfg);
+        opt_c.restore(&copies, steps).unwrap();
+        grad(&c, 3.0);
+        opt_c.step(0.1);
+        assert!(a.equal(&c), "{a} vs {c}");
+        let e = opt_c.restore(&BTreeMap::new(), 1).unwrap_err();
+        assert!(e.contains("exp_avg.w"), "{e}");
     }
 
     #[test]

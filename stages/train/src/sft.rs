@@ -18,14 +18,16 @@ use rand::seq::SliceRandom as _;
 use serde::{Deserialize, Serialize};
 use stages_eval::dataset::{VqaRow, read_split};
 use stages_eval::eval::{DeviceChoice, device_and_kind};
-use stages_eval::prompt::{NO_THINK_TEMPLATE, PromptVariant, THINK_TEMPLATE, user_text};
-use stages_vlm::chat::{ChatTokenizer, Message};
+use stages_eval::prompt::PromptVariant;
+use stages_vlm::chat::ChatTokenizer;
 use stages_vlm::checkpoint::copy_aux_files;
 use stages_vlm::processor::ImageProcessor;
 use stages_vlm::{Batch, Qwen25Vl};
 use tch::{Kind, Reduction, Tensor};
 
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
+use crate::prompt::PromptEncoder;
+use crate::setup::{ThreadsGuard, Trainable, load_checkpoint, regex_union};
 
 /// Label of tokens that carry no loss (prompt, image, padding).
 pub const IGNORE: i64 = -100;
@@ -165,21 +167,8 @@ impl StageKind for Sft {
         }
         let (device, kind) = device_and_kind(ctx, &p.dtype)?;
         let _threads = ThreadsGuard::set(ctx.threads());
-        let model = Qwen25Vl::load(&model_dir, kind, device)
-            .with_context(|| format!("loading checkpoint {}", model_dir.display()))?;
-        let tokenizer = ChatTokenizer::load(&model_dir, &model.config.eos_token_id)
-            .with_context(|| format!("loading the tokenizer of {}", model_dir.display()))?;
-        let pp = model_dir.join("preprocessor_config.json");
-        let processor = if pp.exists() { ImageProcessor::from_file(&pp)? } else { ImageProcessor::default() };
-
-        let pattern = regex_union(&p.trainable).map_err(anyhow::Error::msg)?;
-        let trainable = model.set_trainable(&pattern)?;
-        if trainable.is_empty() {
-            bail!("param `trainable`: no parameter name matches {:?}", p.trainable);
-        }
-        let n_train: i64 = trainable.iter().map(|n| model.params[n].numel() as i64).sum();
-        let n_all: i64 = model.params.values().map(|t| t.numel() as i64).sum();
-        tracing::info!("{} tensors trainable: {n_train} of {n_all} parameters", trainable.len());
+        let (model, tokenizer, processor) = load_checkpoint(&model_dir, kind, device)?;
+        let trainable = Trainable::select(&model, &p.trainable)?;
 
         let encoder = Encoder { tokenizer: &tokenizer, processor: &processor, params: p };
         let examples: Vec<Example> =
@@ -188,10 +177,8 @@ impl StageKind for Sft {
         let steps_per_epoch = examples.len().div_ceil(p.batch_size * p.grad_accum);
         let total = p.max_steps.unwrap_or(usize::MAX).min(steps_per_epoch * p.epochs).max(1);
         let schedule = LrSchedule::cosine(p.lr, (p.warmup_ratio * total as f64).ceil() as usize, total);
-        let params: Vec<(String, Tensor)> =
-            trainable.iter().map(|n| (n.clone(), model.params[n].shallow_clone())).collect();
         let mut opt = AdamW::new(
-            params,
+            trainable.tensors(&model),
             AdamWConfig { beta1: p.betas[0], beta2: p.betas[1], eps: p.eps, weight_decay: p.weight_decay },
         );
 
@@ -238,33 +225,12 @@ impl StageKind for Sft {
         std::fs::write(
             out.join("trainable.json"),
             serde_json::to_vec_pretty(&serde_json::json!({
-                "patterns": p.trainable, "tensors": trainable, "parameters": n_train, "total_parameters": n_all,
+                "patterns": p.trainable, "tensors": trainable.names, "parameters": trainable.parameters,
+                "total_parameters": trainable.total_parameters,
                 "optimizer_steps": step, "examples": examples.len(),
             }))?,
         )?;
         Ok(())
-    }
-}
-
-/// `(?:a)|(?:b)` of the given regexes, checked to compile.
-fn regex_union(patterns: &[String]) -> Result<String, String> {
-    let union = patterns.iter().map(|p| format!("(?:{p})")).collect::<Vec<_>>().join("|");
-    regex::Regex::new(&union).map_err(|e| format!("invalid regex: {e}"))?;
-    Ok(union)
-}
-
-/// Sets libtorch's intra-op threads to the stage's share for its lifetime.
-struct ThreadsGuard(i32);
-impl ThreadsGuard {
-    fn set(n: usize) -> Self {
-        let prev = tch::get_num_threads();
-        tch::set_num_threads(n.max(1) as i32);
-        Self(prev)
-    }
-}
-impl Drop for ThreadsGuard {
-    fn drop(&mut self) {
-        tch::set_num_threads(self.0);
     }
 }
 
@@ -297,30 +263,16 @@ impl Encoder<'_> {
     }
 
     pub fn encode(&self, row: &VqaRow) -> anyhow::Result<Example> {
-        let user = user_text(&row.problem, self.params.prompt, THINK_TEMPLATE, NO_THINK_TEMPLATE)
-            .map_err(anyhow::Error::msg)
-            .with_context(|| format!("item `{}`", row.id))?;
-        let n_images = usize::from(row.image.is_some());
-        let mut prompt = self.tokenizer.render(&[Message::user_with_images(n_images, &user)], true)?;
-        let (pixel_values, grid) = match &row.image {
-            Some(bytes) => {
-                let img = image::load_from_memory(bytes)
-                    .with_context(|| format!("item `{}`: column `image.bytes` is not a decodable image", row.id))?;
-                let vis = self.processor.process(&[img])?;
-                let counts = vis.tokens_per_image(self.processor.merge_size);
-                prompt = ChatTokenizer::expand_image_pads(&prompt, &counts)?;
-                (Some(vis.pixel_values), vis.grid_thw)
-            }
-            None => (None, Vec::new()),
-        };
+        let prompts =
+            PromptEncoder { tokenizer: self.tokenizer, processor: self.processor, variant: self.params.prompt };
+        let prompt = prompts.encode(row)?;
         // Prompt and target are tokenized separately, exactly as generation
         // sees them: the model continues right after the prompt's tokens.
-        let prompt_ids = self.tokenizer.encode(&prompt)?;
         let target_ids = self.tokenizer.encode(&format!("{}<|im_end|>", self.target(row)))?;
-        let ids: Vec<i64> = prompt_ids.iter().chain(&target_ids).map(|&t| i64::from(t)).collect();
+        let ids: Vec<i64> = prompt.ids.iter().copied().chain(target_ids.iter().map(|&t| i64::from(t))).collect();
         let labels: Vec<i64> =
-            std::iter::repeat_n(IGNORE, prompt_ids.len()).chain(target_ids.iter().map(|&t| i64::from(t))).collect();
-        Ok(Example { ids, labels, pixel_values, grid })
+            std::iter::repeat_n(IGNORE, prompt.ids.len()).chain(target_ids.iter().map(|&t| i64::from(t))).collect();
+        Ok(Example { ids, labels, pixel_values: prompt.pixel_values, grid: prompt.grid })
     }
 }
 
@@ -349,24 +301,28 @@ pub fn batch_loss(model: &Qwen25Vl, batch: &[&Example]) -> anyhow::Result<Tensor
         pixel_values: pixel_values.as_ref(),
         image_grid_thw: &grid,
     })?;
-    // Token t predicts token t+1.
-    let vocab = logits.size()[2];
-    let shifted = logits.narrow(1, 0, len as i64 - 1).to_kind(Kind::Float).reshape([-1, vocab]);
-    let targets = labels.narrow(1, 1, len as i64 - 1).reshape([-1]);
-    Ok(shifted.cross_entropy_loss::<Tensor>(&targets, None, Reduction::Mean, IGNORE, 0.0))
+    Ok(masked_cross_entropy(&logits, &labels))
 }
 
-/// For tests and tools: the model, tokenizer and processor of a checkpoint dir.
+/// Mean next-token cross-entropy of (batch, len, vocab) logits against
+/// (batch, len) labels; positions labelled IGNORE contribute nothing.
+pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
+    // Token t predicts token t+1.
+    let (len, vocab) = (logits.size()[1], logits.size()[2]);
+    let shifted = logits.narrow(1, 0, len - 1).to_kind(Kind::Float).reshape([-1, vocab]);
+    let targets = labels.narrow(1, 1, len - 1).reshape([-1]);
+    shifted.cross_entropy_loss::<Tensor>(&targets, None, Reduction::Mean, IGNORE, 0.0)
+}
+
+/// For tests and tools: the model, tokenizer and processor of a checkpoint dir (f32, CPU).
 pub fn load_parts(dir: &Path) -> anyhow::Result<(Qwen25Vl, ChatTokenizer, ImageProcessor)> {
-    let model = Qwen25Vl::load(dir, Kind::Float, tch::Device::Cpu)?;
-    let tokenizer = ChatTokenizer::load(dir, &model.config.eos_token_id)?;
-    let processor = ImageProcessor::from_file(&dir.join("preprocessor_config.json"))?;
-    Ok((model, tokenizer, processor))
+    load_checkpoint(dir, Kind::Float, tch::Device::Cpu)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stages_eval::prompt::THINK_TEMPLATE;
     use stages_vlm::InitModel;
     use stages_vlm::init_model::InitModelParams;
 
@@ -426,6 +382,48 @@ mod tests {
         let prompt_text = tokenizer.decode(&prompt, false).unwrap();
         assert!(prompt_text.contains("<|image_pad|>") && prompt_text.ends_with("assistant\n"), "{prompt_text}");
         assert_eq!(ex.grid, vec![[1, 4, 4]]);
+    }
+
+    #[test]
+    fn loss_ignores_every_prediction_at_prompt_positions() {
+        // The Med-R1 lineage pitfall: prompt tokens in the loss. Perturbing the
+        // model's predictions at every prompt position must leave the loss
+        // bit-identical; perturbing one target prediction must change it.
+        let dir = tempfile::tempdir().unwrap();
+        let (model, tokenizer, processor) = load_parts(&tiny_checkpoint(dir.path())).unwrap();
+        let params = SftParams { target: Target::ThinkAnswer, ..Default::default() };
+        let enc = Encoder { tokenizer: &tokenizer, processor: &processor, params: &params };
+        let ex = enc.encode(&row(1, "A")).unwrap();
+        let len = ex.ids.len() as i64;
+        let input_ids = Tensor::from_slice(&ex.ids).view([1, len]);
+        let mask = Tensor::ones([1, len], (Kind::Int64, tch::Device::Cpu));
+        let labels = Tensor::from_slice(&ex.labels).view([1, len]);
+        let logits = tch::no_grad(|| {
+            model.forward(&Batch {
+                input_ids: &input_ids,
+                attention_mask: &mask,
+                pixel_values: ex.pixel_values.as_ref(),
+                image_grid_thw: &ex.grid,
+            })
+        })
+        .unwrap();
+        let base = masked_cross_entropy(&logits, &labels).double_value(&[]);
+        // Logits at position t predict token t + 1: positions before
+        // `first - 1` predict prompt tokens.
+        let first = ex.labels.iter().position(|&l| l != IGNORE).unwrap() as i64;
+        tch::manual_seed(0);
+        let noise = Tensor::randn(logits.size(), (Kind::Float, tch::Device::Cpu)) * 5.0;
+        let prompt_part = Tensor::arange(len, (Kind::Int64, tch::Device::Cpu)).lt(first - 1).view([1, len, 1]);
+        let perturbed = &logits + noise.shallow_clone() * prompt_part.to_kind(Kind::Float);
+        assert_eq!(masked_cross_entropy(&perturbed, &labels).double_value(&[]), base);
+        let target_part = Tensor::arange(len, (Kind::Int64, tch::Device::Cpu)).eq(first - 1).view([1, len, 1]);
+        let perturbed = &logits + noise * target_part.to_kind(Kind::Float);
+        assert_ne!(masked_cross_entropy(&perturbed, &labels).double_value(&[]), base);
+        // And it is the mean negative log-likelihood of the target tokens.
+        let logp = logits.squeeze_dim(0).log_softmax(-1, Kind::Float);
+        let nll: f64 =
+            (first..len).map(|t| -logp.double_value(&[t - 1, ex.ids[t as usize]])).sum::<f64>() / (len - first) as f64;
+        assert!((nll - base).abs() < 1e-5, "{nll} vs {base}");
     }
 
     #[test]

@@ -26,6 +26,10 @@ pub struct GenerationConfig {
     pub eos_token_ids: Vec<i64>,
     /// Stop once the decoded completion contains one of these (kept in the output).
     pub stop_strings: Vec<String>,
+    /// Token ids never generated (HF `suppress_tokens`): e.g. the image
+    /// placeholder, which a completion fed back to the model must not contain.
+    #[serde(default)]
+    pub suppress_tokens: Vec<i64>,
 }
 
 impl Default for GenerationConfig {
@@ -39,6 +43,7 @@ impl Default for GenerationConfig {
             num_return_sequences: 1,
             eos_token_ids: Vec::new(),
             stop_strings: vec!["</answer>".into()],
+            suppress_tokens: Vec::new(),
         }
     }
 }
@@ -62,6 +67,15 @@ pub struct Completion {
     /// before top-k/top-p truncation); for greedy, under the raw logits.
     pub logprobs: Vec<f32>,
     pub finish: FinishReason,
+}
+
+/// Give the `suppressed` tokens a logit of -inf (probability 0).
+fn suppress(logits: &mut [f32], suppressed: &[i64]) {
+    for &t in suppressed {
+        if let Some(l) = usize::try_from(t).ok().and_then(|i| logits.get_mut(i)) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
 }
 
 /// Pick a token from one row of logits; returns (token, logprob).
@@ -109,7 +123,8 @@ fn choose(logits: &[f32], cfg: &GenerationConfig, rng: &mut ChaCha8Rng) -> (usiz
             return (order[n], logprob(order[n]));
         }
     }
-    let last = *order.last().unwrap_or(&0);
+    // Rounding left u > 0: the least likely token that can be drawn at all.
+    let last = order.iter().zip(&probs).rev().find(|(_, p)| **p > 0.0).map_or(0, |(&o, _)| o);
     (last, logprob(last))
 }
 
@@ -143,13 +158,14 @@ pub fn generate(
         let mut done = vec![false; rows];
         let filler = cfg.eos_token_ids.first().copied().unwrap_or(0);
         for step in 0..cfg.max_new_tokens {
-            let host: Vec<Vec<f32>> = Vec::try_from(&logits.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
+            let mut host: Vec<Vec<f32>> = Vec::try_from(&logits.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
             let mut next = Vec::with_capacity(rows);
-            for (r, row) in host.iter().enumerate() {
+            for (r, row) in host.iter_mut().enumerate() {
                 if done[r] {
                     next.push(filler);
                     continue;
                 }
+                suppress(row, &cfg.suppress_tokens);
                 let (tok, lp) = choose(row, cfg, &mut rng);
                 let c = &mut out[r];
                 c.token_ids.push(tok as i64);
@@ -205,6 +221,20 @@ mod tests {
         let cfg = GenerationConfig { temperature: 1.0, top_p: 0.5, ..Default::default() };
         for _ in 0..20 {
             assert_eq!(choose(&[0.0, 5.0, 0.0], &cfg, &mut rng).0, 1);
+        }
+    }
+
+    #[test]
+    fn suppressed_tokens_are_never_chosen() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut logits = vec![0.0f32, 9.0, 0.5, 8.0];
+        suppress(&mut logits, &[1, 3, 99, -1]);
+        assert_eq!(choose(&logits, &GenerationConfig::default(), &mut rng).0, 2, "greedy skips them");
+        let cfg = GenerationConfig { temperature: 1.0, ..Default::default() };
+        for _ in 0..200 {
+            let (tok, lp) = choose(&logits, &cfg, &mut rng);
+            assert!(tok == 0 || tok == 2, "{tok}");
+            assert!(lp.is_finite());
         }
     }
 

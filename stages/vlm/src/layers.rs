@@ -28,7 +28,8 @@ impl Linear {
     }
 }
 
-/// Qwen2RMSNorm: normalise in f32, scale in the input dtype (as HF does).
+/// Qwen2RMSNorm: normalise in f32 (f64 for f64 inputs, so gradient checks
+/// stay in double precision), scale in the input dtype (as HF does).
 pub struct RmsNorm {
     pub weight: Tensor,
     pub eps: f64,
@@ -40,8 +41,9 @@ impl RmsNorm {
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
-        let xf = x.to_kind(Kind::Float);
-        let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let calc = if kind == Kind::Double { Kind::Double } else { Kind::Float };
+        let xf = x.to_kind(calc);
+        let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, calc);
         let normed = xf * (var + self.eps).rsqrt();
         &self.weight * normed.to_kind(kind)
     }

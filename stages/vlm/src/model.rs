@@ -258,6 +258,18 @@ impl Qwen25Vl {
         Ok(logits)
     }
 
+    /// Logits (batch, n, vocab) of the last `n` positions only: a training
+    /// loss over completions needs no logits for the prompt (and the vocab
+    /// projection of every prompt position is the largest tensor of a step).
+    pub fn forward_last(&self, batch: &Batch, n: i64) -> Result<Tensor, ModelError> {
+        let (embeds, pos, _) = self.prepare(batch)?;
+        let key_valid = batch.attention_mask.to_device(self.device).ne(0);
+        let hidden = self.text.forward(&embeds, &pos, &key_valid, &mut KvCache::default());
+        let len = hidden.size()[1];
+        let n = n.clamp(1, len);
+        Ok(self.text.logits(&hidden.narrow(1, len - n, n)))
+    }
+
     /// Run the prompt; returns logits (all positions, or only the last when
     /// `last_only`) and the state for decoding.
     pub fn prefill(&self, batch: &Batch, last_only: bool) -> Result<(Tensor, DecodeState), ModelError> {

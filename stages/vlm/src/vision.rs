@@ -19,8 +19,8 @@ struct Block {
 
 pub struct VisionTower {
     cfg: VisionConfig,
-    /// Conv3d weight flattened to (hidden, 1176): the conv has stride = kernel,
-    /// so it is one matmul over flattened patches.
+    /// Conv3d weight (hidden, 3, 2, 14, 14), applied flattened to (hidden,
+    /// 1176): the conv has stride = kernel, so it is one matmul over patches.
     patch_weight: Tensor,
     blocks: Vec<Block>,
     merger_norm: RmsNorm,
@@ -95,7 +95,9 @@ fn patch_positions(ms: i64, grids: &[[i64; 3]]) -> Vec<i64> {
 impl VisionTower {
     pub fn load(params: &BTreeMap<String, Tensor>, cfg: &VisionConfig) -> Result<Self, ModelError> {
         let p = "model.visual";
-        let patch_weight = param(params, &format!("{p}.patch_embed.proj.weight"))?.view([cfg.hidden_size, -1]);
+        // The parameter itself, not a view of it: a view taken now would not
+        // follow a later `set_requires_grad` (the weight would never train).
+        let patch_weight = param(params, &format!("{p}.patch_embed.proj.weight"))?;
         let mut blocks = Vec::new();
         for i in 0..cfg.depth {
             let b = format!("{p}.blocks.{i}");
@@ -168,7 +170,8 @@ impl VisionTower {
         let device = pixel_values.device();
         let kind = self.patch_weight.kind();
         let unit = self.cfg.merge_unit();
-        let x = pixel_values.to_kind(kind).matmul(&self.patch_weight.transpose(0, 1));
+        let weight = self.patch_weight.view([self.patch_weight.size()[0], -1]);
+        let x = pixel_values.to_kind(kind).matmul(&weight.transpose(0, 1));
         let n = x.size()[0];
 
         // 2D rotary: half the head dims rotate with the row, half with the column.

@@ -1,0 +1,403 @@
+//! Job specs and `pipeline exec-stage <key>`: how a stage configured by one
+//! process is run by another (a Slurm job on any node that mounts the cache).
+//!
+//! The submitting process writes `<cache>/jobs/<key>.json`: the stage's key
+//! components (kind, version, canonical params, input digests, seed, device
+//! class) plus where its inputs are and provenance details. `exec-stage`
+//! loads it, instantiates the kind from its own registry, recomputes the key
+//! from what it sees (its kind version and params canonicalisation, the
+//! upstream records in the cache, external inputs) and refuses to run when
+//! that key differs from the expected one: a different binary or different
+//! data on the node would otherwise publish wrong outputs under the key.
+//! Then it runs and publishes through [`crate::stage_run`], exactly as the
+//! local executor does.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context as _, bail};
+use pipeline_cache::{Cache, Digest};
+use serde::{Deserialize, Serialize};
+
+use crate::context::{Artifact, LogProgress};
+use crate::env::EngineEnv;
+use crate::key::{InputDigest, KeyComponents, artifact_digest, explain_change};
+use crate::plan::external_digests;
+use crate::registry::Registry;
+use crate::stage::Device;
+use crate::stage_run::{RunOrigin, StageRun, run_and_publish};
+use crate::workspace::StageStatus;
+
+/// Bumped when the spec format changes (a child refuses other formats).
+pub const JOB_SPEC_FORMAT: u32 = 1;
+
+/// Record meta field holding the Slurm job id that published a record.
+pub const META_SLURM_JOB: &str = "slurm_job";
+
+/// One input reference of the stage: which upstream record it reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInput {
+    pub stage: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// Key of the upstream's action record.
+    pub record: Digest,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub format: u32,
+    /// The key the submitting process computed; the child must agree.
+    pub key: Digest,
+    pub stage_id: String,
+    pub components: KeyComponents,
+    /// Input name -> one entry per reference, parallel to `components.inputs`.
+    pub inputs: BTreeMap<String, Vec<JobInput>>,
+    /// Run even if the key is cached.
+    pub forced: bool,
+    /// Threads the stage asked for (0: the whole allocation).
+    pub threads: usize,
+    pub memory_mb: u64,
+    /// Working directory of the submitting process (relative paths resolve there).
+    pub cwd: PathBuf,
+    pub recipe_dir: PathBuf,
+    pub recipe_name: String,
+    pub recipe_path: PathBuf,
+    pub recipe_digest: String,
+    pub git_revision: Option<String>,
+    pub run_id: String,
+    /// `pipeline` version of the submitting process.
+    pub tool_version: String,
+}
+
+pub fn jobs_dir(cache: &Cache) -> PathBuf {
+    cache.root().join("jobs")
+}
+
+pub fn spec_path(cache: &Cache, key: &Digest) -> PathBuf {
+    jobs_dir(cache).join(format!("{}.json", key.hex()))
+}
+
+impl JobSpec {
+    /// Write atomically (temp file + rename) to `<cache>/jobs/<key>.json`.
+    pub fn write(&self, cache: &Cache) -> anyhow::Result<PathBuf> {
+        let dir = jobs_dir(cache);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = spec_path(cache, &self.key);
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".spec-")
+            .tempfile_in(&dir)
+            .with_context(|| format!("creating a temp file in {}", dir.display()))?;
+        serde_json::to_writer_pretty(&mut tmp, self)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading job spec {}", path.display()))?;
+        let spec: JobSpec =
+            serde_json::from_slice(&bytes).with_context(|| format!("parsing job spec {}", path.display()))?;
+        if spec.format != JOB_SPEC_FORMAT {
+            bail!(
+                "job spec {} has format {}, this binary reads format {JOB_SPEC_FORMAT}: submit and run with the same `pipeline`",
+                path.display(),
+                spec.format
+            );
+        }
+        Ok(spec)
+    }
+}
+
+/// Threads for a stage inside a Slurm allocation: what Slurm gave the task,
+/// else what the stage asked for, else every core this process may use.
+fn allocated_threads(asked: usize) -> usize {
+    let from_env = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse::<usize>().ok());
+    from_env("SLURM_CPUS_PER_TASK")
+        .or_else(|| if asked == 0 { from_env("SLURM_CPUS_ON_NODE") } else { None })
+        .filter(|n| *n > 0)
+        .unwrap_or(if asked > 0 { asked } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) })
+}
+
+/// `pipeline exec-stage <key>`: run the stage described by `<cache>/jobs/<key>.json`.
+pub fn exec_stage(key: &str, cache_dir: &Path, registry: &Registry, env: &EngineEnv) -> anyhow::Result<ExitCode> {
+    let key: Digest = key.parse().with_context(|| format!("`{key}` is not a cache key (64 hex digits)"))?;
+    let cache = Cache::open(cache_dir).with_context(|| format!("opening the cache at {}", cache_dir.display()))?;
+    let spec = JobSpec::read(&spec_path(&cache, &key))?;
+    if spec.key != key {
+        bail!("job spec for {} names key {}", key.short(), spec.key.short());
+    }
+    let id = spec.stage_id.as_str();
+    if let Err(e) = std::env::set_current_dir(&spec.cwd) {
+        tracing::warn!("cannot enter the submitting directory {}: {e}", spec.cwd.display());
+    }
+    let kind = registry.get(&spec.components.kind).with_context(|| {
+        format!(
+            "stage `{id}`: this `pipeline` has no stage kind `{}` (a different binary submitted it)",
+            spec.components.kind
+        )
+    })?;
+    let stage = kind
+        .configure_canonical(spec.components.params.clone())
+        .map_err(|e| anyhow::anyhow!("stage `{id}`: params do not load in this binary: {e}"))?;
+
+    // Recompute the key from what this process sees.
+    let mut inputs: BTreeMap<String, Vec<Artifact>> = BTreeMap::new();
+    let mut digests: BTreeMap<String, Vec<InputDigest>> = BTreeMap::new();
+    for (name, refs) in &spec.inputs {
+        for r in refs {
+            let record = cache.lookup(&r.record)?.with_context(|| {
+                format!(
+                    "stage `{id}`: input `{name}`: the output of `{}` (key {}) is not in the cache at {} — is the cache on a filesystem this node shares?",
+                    r.stage,
+                    r.record.short(),
+                    cache.root().display()
+                )
+            })?;
+            let digest = artifact_digest(&r.stage, &record, r.output.as_deref())
+                .with_context(|| format!("stage `{id}`: input `{name}`"))?;
+            let mut path = cache.artifact_dir(&r.record);
+            if let Some(out) = &r.output {
+                path = path.join(out);
+            }
+            inputs.entry(name.clone()).or_default().push(Artifact {
+                stage: r.stage.clone(),
+                output: r.output.clone(),
+                path,
+            });
+            digests.entry(name.clone()).or_default().push(InputDigest {
+                stage: r.stage.clone(),
+                output: r.output.clone(),
+                digest,
+                pending: false,
+            });
+        }
+    }
+    let mut warnings = Vec::new();
+    let external = external_digests(&cache, &stage.external_inputs(&spec.recipe_dir), &mut warnings)?;
+    let components = KeyComponents {
+        kind: kind.kind().to_string(),
+        version: kind.version(),
+        params: stage.canonical_params(),
+        inputs: digests,
+        external,
+        seed: spec.components.seed,
+        device_class: spec.components.device_class.clone(),
+    };
+    let recomputed = components.key();
+    if recomputed != key {
+        bail!(
+            "stage `{id}`: refusing to run: this process computes key {} but {} expected {} ({}); submit and run with the same `pipeline` binary and data",
+            recomputed.short(),
+            spec.tool_version,
+            key.short(),
+            explain_change(id, &spec.components, &components)
+        );
+    }
+
+    let device = match spec.components.device_class.as_deref() {
+        Some("cuda") if env.cuda_devices == 0 => bail!(
+            "stage `{id}` needs a CUDA device but this job sees none (CUDA_VISIBLE_DEVICES={}); request one with `gpus` in [executor.stage.{id}]",
+            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
+        ),
+        Some("cuda") => Device::Cuda(0),
+        _ => Device::Cpu,
+    };
+    let job_id = std::env::var("SLURM_JOB_ID").ok();
+    let log = std::env::var("PIPELINE_JOB_LOG").map(PathBuf::from).unwrap_or_default();
+    let mut meta = serde_json::Map::new();
+    if let Some(job) = &job_id {
+        meta.insert(META_SLURM_JOB.into(), job.clone().into());
+    }
+    let origin = RunOrigin {
+        recipe_name: spec.recipe_name.clone(),
+        recipe_path: spec.recipe_path.clone(),
+        recipe_digest: spec.recipe_digest.clone(),
+        git_revision: spec.git_revision.clone(),
+        run_id: spec.run_id.clone(),
+        log,
+        meta,
+    };
+    let threads = allocated_threads(spec.threads);
+    let run = StageRun {
+        id,
+        kind: kind.kind(),
+        stage: stage.as_ref(),
+        components: &components,
+        key,
+        forced: spec.forced,
+        inputs: &inputs,
+        recipe_dir: &spec.recipe_dir,
+        threads,
+        device,
+        memory_mb: spec.memory_mb,
+        origin: &origin,
+    };
+    tracing::info!(
+        "exec-stage `{id}` (kind {}, key {}) job {} threads {threads}",
+        kind.kind(),
+        key.short(),
+        job_id.as_deref().unwrap_or("-")
+    );
+    let cancel: Arc<AtomicBool> = crate::cli::cancel_flag();
+    let notice = |line: &str| tracing::info!("{line}");
+    let (record, status) = run_and_publish(&cache, &run, Arc::new(LogProgress::default()), cancel, &notice)?;
+    let verb = if status == StageStatus::Ran { "published" } else { "found cached" };
+    println!("exec-stage: {verb} `{id}` key {} ({} files)", record.key.hex(), record.manifest.files.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::StageContext;
+    use crate::stage::{InputSpec, StageKind};
+
+    /// Writes its `text` param after the upstream's `out.txt`.
+    struct Append<const V: u32>;
+    #[derive(Debug, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+    #[serde(deny_unknown_fields, default)]
+    struct AppendParams {
+        /// Appended text.
+        text: String,
+        /// Unset by default (TOML could not carry the `null`).
+        note: Option<String>,
+    }
+    impl<const V: u32> StageKind for Append<V> {
+        type Params = AppendParams;
+        const KIND: &'static str = "append";
+        const VERSION: u32 = V;
+        const SUMMARY: &'static str = "test kind";
+        fn inputs() -> &'static [InputSpec] {
+            const I: &[InputSpec] = &[InputSpec::optional("up", "upstream")];
+            I
+        }
+        fn run(p: &AppendParams, ctx: &mut StageContext) -> anyhow::Result<()> {
+            let before = match ctx.optional_input("up")? {
+                Some(dir) => std::fs::read_to_string(dir.join("out.txt"))?,
+                None => String::new(),
+            };
+            std::fs::write(ctx.output_dir().join("out.txt"), before + &p.text)?;
+            Ok(())
+        }
+    }
+
+    /// A spec for an `append` stage reading `upstream` (published under `up_key`).
+    fn spec_reading(cache: &Cache, up_key: Digest, text: &str) -> JobSpec {
+        let up = cache.lookup(&up_key).unwrap().unwrap();
+        let digest = artifact_digest("a", &up, None).unwrap();
+        let mut inputs = BTreeMap::new();
+        inputs.insert("up".to_string(), vec![InputDigest { stage: "a".into(), output: None, digest, pending: false }]);
+        let components = KeyComponents {
+            kind: "append".into(),
+            version: 1,
+            params: serde_json::json!({"text": text, "note": null}),
+            inputs,
+            external: vec![],
+            seed: 7,
+            device_class: None,
+        };
+        let mut job_inputs = BTreeMap::new();
+        job_inputs.insert("up".to_string(), vec![JobInput { stage: "a".into(), output: None, record: up_key }]);
+        JobSpec {
+            format: JOB_SPEC_FORMAT,
+            key: components.key(),
+            stage_id: "b".into(),
+            components,
+            inputs: job_inputs,
+            forced: false,
+            threads: 1,
+            memory_mb: 10,
+            // exec-stage enters this directory: keep the test process where it is.
+            cwd: std::env::current_dir().unwrap(),
+            recipe_dir: ".".into(),
+            recipe_name: "r".into(),
+            recipe_path: "r.toml".into(),
+            recipe_digest: "d".into(),
+            git_revision: None,
+            run_id: "run".into(),
+            tool_version: "test".into(),
+        }
+    }
+
+    #[test]
+    fn exec_stage_rebuilds_the_stage_and_refuses_a_different_binary() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cache");
+        let cache = Cache::open(&root).unwrap();
+        // An upstream output, published the usual way.
+        let staging = cache.staging_dir("a").unwrap();
+        std::fs::write(staging.path().join("out.txt"), "up+").unwrap();
+        let up_key = Digest::of_bytes(b"upstream");
+        cache.publish(&up_key, staging, serde_json::json!({})).unwrap();
+
+        let env = EngineEnv { cuda_devices: 0, stage_gpus: None, cores: 1, memory_mb: 64, quiet: true };
+        let spec = spec_reading(&cache, up_key, "b");
+        spec.write(&cache).unwrap();
+        // A binary whose `append` is another version computes another key: refused.
+        let newer = Registry::new().register::<Append<2>>();
+        let err = exec_stage(&spec.key.hex(), &root, &newer, &env).unwrap_err().to_string();
+        assert!(err.contains("refusing to run") && err.contains("code version bumped 1 -> 2"), "{err}");
+        assert!(cache.lookup(&spec.key).unwrap().is_none());
+
+        let same = Registry::new().register::<Append<1>>();
+        exec_stage(&spec.key.hex(), &root, &same, &env).unwrap();
+        let record = cache.lookup(&spec.key).unwrap().expect("published");
+        let out = std::fs::read_to_string(cache.artifact_dir(&record.key).join("out.txt")).unwrap();
+        assert_eq!(out, "up+b");
+        assert_eq!(record.meta["stage"], "b");
+        let prov = crate::provenance::Provenance::read(&cache.artifact_dir(&record.key)).unwrap();
+        assert_eq!((prov.key, prov.run_id), (spec.key.hex(), "run".to_string()));
+
+        // A key the spec does not hold is an error, not a run.
+        let mut wrong = spec_reading(&cache, up_key, "c");
+        wrong.key = Digest::of_bytes(b"other");
+        wrong.write(&cache).unwrap();
+        let err = exec_stage(&wrong.key.hex(), &root, &same, &env).unwrap_err().to_string();
+        assert!(err.contains("refusing to run"), "{err}");
+    }
+
+    #[test]
+    fn specs_round_trip_and_other_formats_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
+        let components = KeyComponents {
+            kind: "text".into(),
+            version: 1,
+            params: serde_json::json!({"text": "hi", "maybe": null}),
+            inputs: BTreeMap::new(),
+            external: vec![],
+            seed: 3,
+            device_class: None,
+        };
+        let spec = JobSpec {
+            format: JOB_SPEC_FORMAT,
+            key: components.key(),
+            stage_id: "t".into(),
+            components,
+            inputs: BTreeMap::new(),
+            forced: false,
+            threads: 0,
+            memory_mb: 10,
+            cwd: dir.path().to_path_buf(),
+            recipe_dir: "recipes".into(),
+            recipe_name: "r".into(),
+            recipe_path: "recipes/r.toml".into(),
+            recipe_digest: "d".into(),
+            git_revision: None,
+            run_id: "run".into(),
+            tool_version: "0".into(),
+        };
+        let path = spec.write(&cache).unwrap();
+        assert_eq!(path, spec_path(&cache, &spec.key));
+        assert_eq!(JobSpec::read(&path).unwrap(), spec);
+        let mut other = serde_json::to_value(&spec).unwrap();
+        other["format"] = 99.into();
+        std::fs::write(&path, other.to_string()).unwrap();
+        let err = JobSpec::read(&path).unwrap_err().to_string();
+        assert!(err.contains("format 99"), "{err}");
+    }
+}

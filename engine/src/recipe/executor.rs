@@ -1,0 +1,329 @@
+//! The `[executor]` table: where the stages of a run execute.
+//!
+//! ```toml
+//! [executor]
+//! kind = "slurm"            # or "local" (the default)
+//! partition = "gpu"
+//! account = "lab"
+//! time = "02:00:00"
+//! qos = "normal"
+//! extra_args = ["--constraint=a100"]
+//! poll_interval = 10         # seconds between squeue/sacct polls
+//! max_resubmits = 2          # lost jobs (NODE_FAIL, PREEMPTED, vanished) resubmitted
+//! log_dir = "/shared/logs"   # default: <cache>/logs/<run id>/slurm
+//!
+//! [executor.stage.sft]       # per-stage overrides of the stage's own resources
+//! cpus = 16
+//! gpus = 1
+//! mem = "64G"
+//! time = "1-00:00:00"
+//! ```
+//!
+//! Nothing here enters a cache key: the same stage run locally or on Slurm
+//! has the same key and the same outputs.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use super::StageDecl;
+use super::error::RecipeError;
+use super::source::{Origin, SourceMap};
+use super::tree::{Node, NodeValue, Table};
+use crate::params::did_you_mean;
+
+/// Which executor runs the stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ExecutorKind {
+    /// Threads of this process, within this machine's cores, memory and GPUs.
+    #[default]
+    Local,
+    /// One `sbatch` job per stage, against a cache on a shared filesystem.
+    Slurm,
+}
+
+impl ExecutorKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ExecutorKind::Local => "local",
+            ExecutorKind::Slurm => "slurm",
+        }
+    }
+}
+
+/// The parsed `[executor]` table.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ExecutorConfig {
+    pub kind: ExecutorKind,
+    pub slurm: SlurmConfig,
+}
+
+/// Slurm settings (read even with `kind = "local"`, so `--executor slurm` finds them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlurmConfig {
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    /// Default `--time` of every job (Slurm syntax: `MM`, `HH:MM:SS`, `D-HH:MM`, ...).
+    pub time: Option<String>,
+    pub qos: Option<String>,
+    /// Passed to `sbatch` as they are, before the script.
+    pub extra_args: Vec<String>,
+    pub poll_interval_s: f64,
+    pub max_resubmits: u32,
+    /// Where job logs go; relative paths resolve against the recipe's directory.
+    /// `None`: `<cache>/logs/<run id>/slurm/`.
+    pub log_dir: Option<PathBuf>,
+    /// Overrides by stage name or id (`sft`, `grpo@all`).
+    pub stages: BTreeMap<String, SlurmStageOverride>,
+}
+
+impl Default for SlurmConfig {
+    fn default() -> Self {
+        Self {
+            partition: None,
+            account: None,
+            time: None,
+            qos: None,
+            extra_args: Vec::new(),
+            poll_interval_s: 5.0,
+            max_resubmits: 2,
+            log_dir: None,
+            stages: BTreeMap::new(),
+        }
+    }
+}
+
+impl SlurmConfig {
+    /// The override for a stage: its exact id wins over its name.
+    pub fn stage_override(&self, id: &str, name: &str) -> SlurmStageOverride {
+        self.stages.get(id).or_else(|| self.stages.get(name)).cloned().unwrap_or_default()
+    }
+}
+
+/// `[executor.stage.<id>]`: what one stage's job asks Slurm for.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SlurmStageOverride {
+    pub cpus: Option<usize>,
+    pub gpus: Option<usize>,
+    pub mem_mb: Option<u64>,
+    pub time: Option<String>,
+}
+
+const EXECUTOR_KEYS: &[&str] = &[
+    "kind",
+    "partition",
+    "account",
+    "time",
+    "qos",
+    "extra_args",
+    "poll_interval",
+    "max_resubmits",
+    "log_dir",
+    "stage",
+];
+const STAGE_KEYS: &[&str] = &["cpus", "gpus", "mem", "time"];
+
+fn unknown_key(sources: &SourceMap, origin: &Origin, key: &str, table: &str, known: &[&str]) -> RecipeError {
+    let hint = did_you_mean(key, known.iter().copied())
+        .map(|b| format!("did you mean `{b}`?"))
+        .unwrap_or_else(|| format!("`{table}` accepts: {}", known.join(", ")));
+    RecipeError::at(sources, origin, format!("unknown key `{key}` in `{table}`")).with_help(hint)
+}
+
+fn expected(sources: &SourceMap, node: &Node, what: &str, wanted: &str) -> RecipeError {
+    RecipeError::at(sources, &node.origin, format!("`{what}` must be {wanted}, found {}", node.type_name()))
+}
+
+fn string(sources: &SourceMap, node: &Node, what: &str) -> Result<String, RecipeError> {
+    node.as_str().map(str::to_string).ok_or_else(|| expected(sources, node, what, "a string"))
+}
+
+fn count(sources: &SourceMap, node: &Node, what: &str) -> Result<u64, RecipeError> {
+    match node.value {
+        NodeValue::Scalar(toml::Value::Integer(n)) if n >= 0 => Ok(n as u64),
+        _ => Err(expected(sources, node, what, "a non-negative integer")),
+    }
+}
+
+/// Slurm's time formats: `M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S`
+/// (an integer is minutes).
+fn time_value(sources: &SourceMap, node: &Node, what: &str) -> Result<String, RecipeError> {
+    let text = match &node.value {
+        NodeValue::Scalar(toml::Value::Integer(n)) if *n > 0 => return Ok(n.to_string()),
+        NodeValue::Scalar(toml::Value::String(s)) => s.clone(),
+        _ => return Err(expected(sources, node, what, "a Slurm time limit (\"HH:MM:SS\", \"D-HH:MM\" or minutes)")),
+    };
+    if valid_slurm_time(&text) {
+        Ok(text)
+    } else {
+        Err(RecipeError::at(sources, &node.origin, format!("`{what}`: `{text}` is not a Slurm time limit"))
+            .with_help("write minutes, \"HH:MM:SS\", \"D-HH\", \"D-HH:MM\" or \"D-HH:MM:SS\""))
+    }
+}
+
+pub(crate) fn valid_slurm_time(text: &str) -> bool {
+    let (days, rest) = match text.split_once('-') {
+        Some((d, r)) => (Some(d), r),
+        None => (None, text),
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let parts: Vec<&str> = rest.split(':').collect();
+    days.is_none_or(digits) && parts.iter().all(|p| digits(p)) && parts.len() <= 3
+}
+
+/// Memory as Slurm writes it: MiB as an integer, or a string with a K/M/G/T
+/// suffix (binary units, like `sbatch --mem`).
+pub(crate) fn parse_mem_mb(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (num, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&text[..i], text[i..].trim()),
+        None => (text, ""),
+    };
+    let n: u64 = num.parse().ok()?;
+    let mb = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" | "M" => n,
+        "K" => n.div_ceil(1024),
+        "G" => n.checked_mul(1024)?,
+        "T" => n.checked_mul(1024 * 1024)?,
+        _ => return None,
+    };
+    (mb > 0).then_some(mb)
+}
+
+fn mem_value(sources: &SourceMap, node: &Node, what: &str) -> Result<u64, RecipeError> {
+    let parsed = match &node.value {
+        NodeValue::Scalar(toml::Value::Integer(n)) if *n > 0 => Some(*n as u64),
+        NodeValue::Scalar(toml::Value::String(s)) => parse_mem_mb(s),
+        _ => None,
+    };
+    parsed.ok_or_else(|| {
+        RecipeError::at(sources, &node.origin, format!("`{what}` must be a memory size, found {}", node.type_name()))
+            .with_help("write MiB as an integer (`4096`) or a string like \"16G\" or \"500M\"")
+    })
+}
+
+/// A table entry that must itself be a table.
+fn table_of<'n>(sources: &SourceMap, node: &'n Node, what: &str) -> Result<&'n Table, RecipeError> {
+    node.as_table().ok_or_else(|| expected(sources, node, what, "a table"))
+}
+
+/// Parse `[executor]` (absent: local with defaults). Stage overrides must
+/// name a stage of the recipe.
+pub(crate) fn parse_executor(
+    sources: &SourceMap,
+    node: Option<&Node>,
+    stages: &[StageDecl],
+) -> Result<ExecutorConfig, RecipeError> {
+    let mut cfg = ExecutorConfig::default();
+    let Some(node) = node else { return Ok(cfg) };
+    let table = table_of(sources, node, "executor")?;
+    let slurm = &mut cfg.slurm;
+    for (key, entry) in table.in_order(sources) {
+        let value = &entry.value;
+        let what = format!("executor.{key}");
+        match key {
+            "kind" => {
+                let kind = string(sources, value, &what)?;
+                cfg.kind = match kind.as_str() {
+                    "local" => ExecutorKind::Local,
+                    "slurm" => ExecutorKind::Slurm,
+                    _ => {
+                        return Err(RecipeError::at(sources, &value.origin, format!("unknown executor kind `{kind}`"))
+                            .with_help("`kind` is \"local\" or \"slurm\""));
+                    }
+                }
+            }
+            "partition" => slurm.partition = Some(string(sources, value, &what)?),
+            "account" => slurm.account = Some(string(sources, value, &what)?),
+            "qos" => slurm.qos = Some(string(sources, value, &what)?),
+            "time" => slurm.time = Some(time_value(sources, value, &what)?),
+            "log_dir" => slurm.log_dir = Some(PathBuf::from(string(sources, value, &what)?)),
+            "max_resubmits" => {
+                slurm.max_resubmits = u32::try_from(count(sources, value, &what)?)
+                    .map_err(|_| expected(sources, value, &what, "a small non-negative integer"))?;
+            }
+            "poll_interval" => {
+                let seconds = match value.value {
+                    NodeValue::Scalar(toml::Value::Integer(n)) => n as f64,
+                    NodeValue::Scalar(toml::Value::Float(x)) => x,
+                    _ => f64::NAN,
+                };
+                if !(seconds.is_finite() && seconds > 0.0) {
+                    return Err(expected(sources, value, &what, "a positive number of seconds"));
+                }
+                slurm.poll_interval_s = seconds;
+            }
+            "extra_args" => {
+                let NodeValue::Array(items) = &value.value else {
+                    return Err(expected(sources, value, &what, "a list of strings")
+                        .with_help("e.g. `extra_args = [\"--constraint=a100\"]`"));
+                };
+                slurm.extra_args = items.iter().map(|i| string(sources, i, &what)).collect::<Result<_, _>>()?;
+            }
+            "stage" => {
+                let overrides = table_of(sources, value, &what)?;
+                for (id, stage_entry) in overrides.in_order(sources) {
+                    if !stages.iter().any(|s| s.id == id || s.name == id) {
+                        let mut names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+                        names.dedup();
+                        let err = RecipeError::at(
+                            sources,
+                            &stage_entry.key,
+                            format!("`[executor.stage.{id}]` names no stage of the recipe"),
+                        );
+                        return Err(match did_you_mean(id, names.iter().copied()) {
+                            Some(b) => err.with_help(format!("did you mean `{b}`?")),
+                            None => err.with_help(format!("stages: {}", names.join(", "))),
+                        });
+                    }
+                    let what = format!("executor.stage.{id}");
+                    let table = table_of(sources, &stage_entry.value, &what)?;
+                    slurm.stages.insert(id.to_string(), parse_stage_override(sources, table, &what)?);
+                }
+            }
+            _ => return Err(unknown_key(sources, &entry.key, key, "[executor]", EXECUTOR_KEYS)),
+        }
+    }
+    Ok(cfg)
+}
+
+fn parse_stage_override(sources: &SourceMap, table: &Table, what: &str) -> Result<SlurmStageOverride, RecipeError> {
+    let mut o = SlurmStageOverride::default();
+    for (key, entry) in table.in_order(sources) {
+        let value = &entry.value;
+        let field = format!("{what}.{key}");
+        match key {
+            "cpus" => match count(sources, value, &field)? {
+                0 => return Err(expected(sources, value, &field, "at least 1")),
+                n => o.cpus = Some(n as usize),
+            },
+            "gpus" => o.gpus = Some(count(sources, value, &field)? as usize),
+            "mem" => o.mem_mb = Some(mem_value(sources, value, &field)?),
+            "time" => o.time = Some(time_value(sources, value, &field)?),
+            _ => return Err(unknown_key(sources, &entry.key, key, &format!("[{what}]"), STAGE_KEYS)),
+        }
+    }
+    Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_and_time_syntax() {
+        assert_eq!(parse_mem_mb("4096"), Some(4096));
+        assert_eq!(parse_mem_mb("16G"), Some(16 * 1024));
+        assert_eq!(parse_mem_mb("500M"), Some(500));
+        assert_eq!(parse_mem_mb("2GiB"), Some(2048));
+        assert_eq!(parse_mem_mb("1T"), Some(1024 * 1024));
+        assert_eq!(parse_mem_mb("2048K"), Some(2));
+        assert_eq!(parse_mem_mb("lots"), None);
+        assert_eq!(parse_mem_mb("0"), None);
+        for ok in ["30", "30:00", "02:00:00", "1-00", "1-12:00", "2-00:00:00"] {
+            assert!(valid_slurm_time(ok), "{ok}");
+        }
+        for bad in ["", "1h", "1-", "-1", "1:2:3:4", "a:00"] {
+            assert!(!valid_slurm_time(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The Slurm executor backend: every ready stage becomes one `sbatch` job
+//! running `pipeline exec-stage <key>` (this very binary) against the same
+//! cache, which must be on a filesystem the compute nodes share.
+//!
+//! The submitting process only schedules, submits, polls and reads the
+//! published action record; the job locks the key, runs the stage and
+//! publishes through the cache exactly like the local executor (see
+//! [`crate::jobspec`]). Jobs are followed with batched `squeue` polls and
+//! `sacct`; lost jobs (node failure, preemption, vanished) are resubmitted,
+//! failed ones reported with their log; an interrupted run `scancel`s its jobs.
+
+pub mod commands;
+pub mod script;
+pub mod watch;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use pipeline_cache::ActionRecord;
+
+use crate::env::EngineEnv;
+use crate::executor::{Executor, ReadyStage, StageBackend};
+use crate::jobspec::{JOB_SPEC_FORMAT, JobInput, JobSpec, META_SLURM_JOB, jobs_dir};
+use crate::plan::recipe_dir;
+use crate::recipe::{Recipe, SlurmConfig};
+use crate::schedule::{Capacity, ResourcePool};
+use crate::workspace::StageStatus;
+use commands::SlurmCommands;
+use script::{JobRequest, job_name, stage_gpus};
+use watch::{JobBoard, JobWatch, WatchOptions};
+
+/// Stages in flight at once when `--jobs` is not given: Slurm queues the rest.
+pub const DEFAULT_JOBS: usize = 64;
+
+pub struct SlurmBackend {
+    cfg: SlurmConfig,
+    board: JobBoard,
+    /// The `pipeline` binary jobs run (the one submitting them).
+    exe: PathBuf,
+    /// Working directory of jobs (the submitting one).
+    cwd: PathBuf,
+}
+
+/// The engine environment for planning a Slurm run: each stage sees the GPUs
+/// its job will be given, not this (submit) host's.
+pub fn planning_env(recipe: &Recipe, env: &EngineEnv) -> EngineEnv {
+    let gpus: BTreeMap<String, usize> =
+        recipe.stages.iter().map(|d| (d.id.clone(), stage_gpus(&recipe.executor.slurm, d))).collect();
+    EngineEnv { stage_gpus: Some(gpus), ..env.clone() }
+}
+
+impl SlurmBackend {
+    /// Jobs run this process's own executable from the current directory.
+    pub fn new(cfg: SlurmConfig) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("locating the running `pipeline` binary")?;
+        let cwd = std::env::current_dir().context("reading the current directory")?;
+        Ok(Self::with_commands(cfg, SlurmCommands::default(), exe, cwd))
+    }
+
+    pub fn with_commands(cfg: SlurmConfig, cmds: SlurmCommands, exe: PathBuf, cwd: PathBuf) -> Self {
+        let interval = Duration::from_secs_f64(cfg.poll_interval_s);
+        Self { board: JobBoard::new(cmds, interval), cfg, exe, cwd }
+    }
+
+    fn log_dir(&self, exec: &Executor<'_>, run_id: &str) -> PathBuf {
+        match &self.cfg.log_dir {
+            Some(dir) if dir.is_absolute() => dir.clone(),
+            Some(dir) => self.cwd.join(recipe_dir(exec.recipe)).join(dir),
+            None => exec.cache.root().join("logs").join(run_id).join("slurm"),
+        }
+    }
+}
+
+impl StageBackend for SlurmBackend {
+    fn resource_pool(&self, capacity: Capacity) -> ResourcePool {
+        ResourcePool::jobs_only(capacity.jobs)
+    }
+
+    fn execute(&self, exec: &Executor<'_>, stage: &ReadyStage<'_>) -> anyhow::Result<(ActionRecord, StageStatus)> {
+        let id = stage.planned.id.as_str();
+        let key = stage.key;
+        let cache = exec.cache;
+        // Published meanwhile (another run, or an earlier job of ours): nothing to submit.
+        if !stage.planned.forced
+            && let Some(record) = cache.lookup(&key)?
+        {
+            return Ok((record, StageStatus::Cached));
+        }
+        let mut inputs: BTreeMap<String, Vec<JobInput>> = BTreeMap::new();
+        for (name, refs) in &stage.decl.inputs {
+            for r in refs {
+                let record = stage
+                    .upstream
+                    .get(&r.stage)
+                    .with_context(|| format!("stage `{id}`: upstream `{}` has no output record", r.stage))?;
+                inputs.entry(name.clone()).or_default().push(JobInput {
+                    stage: r.stage.clone(),
+                    output: r.output.clone(),
+                    record: record.key,
+                });
+            }
+        }
+        let spec = JobSpec {
+            format: JOB_SPEC_FORMAT,
+            key,
+            stage_id: id.to_string(),
+            components: stage.components.clone(),
+            inputs,
+            forced: stage.planned.forced,
+            threads: stage.grant.threads,
+            memory_mb: stage.grant.memory_mb,
+            cwd: self.cwd.clone(),
+            recipe_dir: recipe_dir(exec.recipe),
+            recipe_name: exec.recipe.name.clone(),
+            recipe_path: exec.recipe.path.clone(),
+            recipe_digest: exec.recipe.digest.clone(),
+            git_revision: stage.origin.git_revision.clone(),
+            run_id: stage.origin.run_id.clone(),
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let spec_path = spec.write(cache)?;
+
+        let log_dir = self.log_dir(exec, &stage.origin.run_id);
+        std::fs::create_dir_all(&log_dir).with_context(|| format!("creating the job log dir {}", log_dir.display()))?;
+        let safe_id: String = id.chars().map(|c| if matches!(c, '/' | '%' | '\\') { '_' } else { c }).collect();
+        let log_pattern = log_dir.join(format!("{safe_id}-%j.log"));
+        let command = vec![
+            self.exe.display().to_string(),
+            "exec-stage".to_string(),
+            key.hex(),
+            "--cache-dir".to_string(),
+            cache.root().display().to_string(),
+        ];
+        let request = JobRequest::for_stage(
+            &self.cfg,
+            stage.decl,
+            &stage.planned.resources,
+            log_pattern.clone(),
+            self.cwd.clone(),
+            command,
+            job_name(&exec.recipe.name, id),
+        );
+        let script_path = jobs_dir(cache).join(format!("{}.sbatch", key.hex()));
+        std::fs::write(&script_path, request.script())
+            .with_context(|| format!("writing the batch script {}", script_path.display()))?;
+
+        let log_of = |job: &str| PathBuf::from(log_pattern.display().to_string().replace("%j", job));
+        let submit = || {
+            let job = self.board.cmds.submit(&script_path, &self.cfg.extra_args)?;
+            let log = log_of(&job);
+            tracing::info!("submitted Slurm job {job}; log {}", log.display());
+            exec.progress.println(&format!("submit  {id}  (Slurm job {job}, log {})", log.display()));
+            Ok(job)
+        };
+        // A forced stage has an older record under its key: only one written
+        // by this job counts.
+        let forced = stage.planned.forced;
+        let published = |job: &str| -> anyhow::Result<Option<ActionRecord>> {
+            Ok(cache.lookup(&key)?.filter(|r| !forced || published_by(r) == Some(job)))
+        };
+        let notify = |line: &str| {
+            tracing::warn!("{line}");
+            exec.progress.println(&format!("        {id}: {line}"));
+        };
+        let opts = WatchOptions { poll: self.board_interval(), max_resubmits: self.cfg.max_resubmits, vanish_polls: 3 };
+        let watch = JobWatch {
+            board: &self.board,
+            opts: &opts,
+            cancel: &exec.cancel,
+            submit: &submit,
+            published: &published,
+            log_of: &log_of,
+            notify: &notify,
+        };
+        let (record, job) = watch.run().with_context(|| format!("stage `{id}` on Slurm"))?;
+        tracing::info!("Slurm job {job} done; log {}", log_of(&job).display());
+        let ours = published_by(&record) == Some(job.as_str());
+        // The spec and script served their purpose (failed ones stay for inspection).
+        let _ = std::fs::remove_file(&spec_path);
+        let _ = std::fs::remove_file(&script_path);
+        Ok((record, if ours { StageStatus::Ran } else { StageStatus::Cached }))
+    }
+}
+
+/// The Slurm job that published a record (none for local runs).
+fn published_by(record: &ActionRecord) -> Option<&str> {
+    record.meta.get(META_SLURM_JOB).and_then(|v| v.as_str())
+}
+
+impl SlurmBackend {
+    fn board_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.cfg.poll_interval_s)
+    }
+}

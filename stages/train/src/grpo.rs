@@ -1,0 +1,633 @@
+//! GRPO (`kind = "grpo"`): the paper's second training stage.
+//!
+//! Every `num_iterations` optimizer steps a generation round samples
+//! `num_generations` completions for each of `prompts_per_step` prompts,
+//! scores them with the weighted rewards and turns the rewards into group
+//! advantages. Each optimizer step then recomputes the completions'
+//! log-probs with gradients in micro-batches, compares them with the
+//! log-probs under the generating weights (the clip only matters from the
+//! second update of a round) and, when `beta` > 0, with a frozen reference
+//! copy of the input model (k3 KL), and takes one AdamW step on the
+//! trainable tensors. Metrics use TRL's names.
+//!
+//! A checkpoint (trainable weights, AdamW moments, step, data cursor,
+//! sampling seed, logs) goes to the engine's resume directory every
+//! `checkpoint_every` steps; a killed run resumes from the newest one and
+//! ends with the same weights as an uninterrupted run.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use pipeline_engine::schemars::{self, JsonSchema};
+use pipeline_engine::{InputSpec, ParamError, Resources, StageContext, StageKind};
+use serde::{Deserialize, Deserializer, Serialize};
+use stages_eval::dataset::read_split;
+use stages_eval::eval::{DeviceChoice, device_and_kind};
+use stages_eval::metrics::DEFAULT_ANSWER_REGEX;
+use stages_eval::prompt::PromptVariant;
+use stages_vlm::Qwen25Vl;
+use stages_vlm::checkpoint::copy_aux_files;
+use stages_vlm::generate::GenerationConfig;
+use tch::Tensor;
+
+use crate::advantages::{ScaleRewards, mean_std};
+use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
+use crate::policy_loss::{LossConfig, LossInputs, LossStats, LossType, StepScale, policy_loss, token_logps};
+use crate::prompt::PromptEncoder;
+use crate::resume::{self, Snapshot, TrainState};
+use crate::rewards::{REWARD_NAMES, RewardError, Rewards, paper_weights};
+use crate::rollout::{DataOrder, Rollout, RolloutSpec, Sampler, rollout, round_seed};
+use crate::setup::{ThreadsGuard, Trainable, load_checkpoint, regex_union};
+
+/// Sample completions written by the stage.
+pub const COMPLETIONS_JSONL: &str = "completions.jsonl";
+
+/// Learning-rate schedule after the warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduleKind {
+    Constant,
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoParams {
+    /// Completions sampled per prompt, the group (paper: N = 5).
+    pub num_generations: usize,
+    /// Optimizer steps (paper: 1500).
+    pub steps: usize,
+    /// Prompts per generation round (CHOSEN: 8; the paper does not say).
+    pub prompts_per_step: usize,
+    /// Completions per forward/backward pass (gradient accumulation within a step).
+    pub micro_batch_size: usize,
+    /// Optimizer steps per generation round; the clip only matters when > 1 (TRL's μ).
+    pub num_iterations: usize,
+    /// Sampling temperature (1.0); log-probs are taken at the same temperature.
+    pub temperature: f64,
+    /// Nucleus sampling threshold (1 = off).
+    pub top_p: f64,
+    /// Keep the k most likely tokens when sampling (0 = off).
+    pub top_k: usize,
+    /// Generation budget per completion; longer ones are truncated.
+    pub max_completion_length: usize,
+    /// Stop a completion once its text contains one of these (besides the
+    /// end-of-turn token); empty = only EOS, as TRL.
+    pub stop_strings: Vec<String>,
+    /// Peak learning rate (1e-6 in the Med-R1 lineage).
+    pub lr: f64,
+    /// `constant` or `cosine` decay after the warmup.
+    pub lr_schedule: LrScheduleKind,
+    /// Fraction of the steps spent warming up linearly.
+    pub warmup_ratio: f64,
+    /// AdamW betas.
+    pub betas: [f64; 2],
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    pub max_grad_norm: f64,
+    /// KL coefficient β (0.04); 0 disables the KL term and never loads the reference model.
+    pub beta: f64,
+    /// Lower clip range ε of the ratio (0.2).
+    pub epsilon: f64,
+    /// Upper clip range (default: `epsilon`; DAPO uses 0.28).
+    pub epsilon_high: Option<f64>,
+    /// Token aggregation: `grpo` (per-sequence mean), `bnpo`, `dr_grpo` or `dapo`.
+    pub loss_type: LossType,
+    /// Advantage scaling: `group` std, `batch` std or `none`.
+    pub scale_rewards: ScaleRewards,
+    /// Give truncated completions (no EOS within max_completion_length) no loss.
+    pub mask_truncated_completions: bool,
+    /// Reward name -> weight (paper: format 1, validity 1, correctness 2).
+    /// Names not written keep the paper's weight; a weight of 0 removes that
+    /// reward from the total (it is still logged). Known: format, validity, correctness.
+    #[serde(deserialize_with = "weights_over_paper_defaults")]
+    pub reward_weights: BTreeMap<String, f64>,
+    /// Answer extraction of the validity and correctness rewards (the eval stage's default).
+    pub answer_regex: String,
+    /// Prompt variant: `think` (format reward wants think + answer) or `no_think` (answer only).
+    pub prompt: PromptVariant,
+    /// Regexes over HF parameter names; a parameter trains if any matches
+    /// (default: the language model's MLP layers, as the paper's SFT).
+    pub trainable: Vec<String>,
+    /// Log a metrics row every this many steps.
+    pub log_every: usize,
+    /// Write the round's completions to completions.jsonl every this many steps (0 = never).
+    pub log_completions_every: usize,
+    /// Save a resumable checkpoint every this many steps (0 = never); a multiple of num_iterations.
+    pub checkpoint_every: usize,
+    /// `cpu`, `auto` (CUDA when present) or `cuda`.
+    pub device: DeviceChoice,
+    /// `auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16`.
+    pub dtype: String,
+    /// Largest safetensors shard of the saved checkpoint, in MiB.
+    pub max_shard_mb: u64,
+}
+
+impl Default for GrpoParams {
+    fn default() -> Self {
+        Self {
+            num_generations: 5,
+            steps: 1500,
+            prompts_per_step: 8,
+            micro_batch_size: 8,
+            num_iterations: 1,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_completion_length: 256,
+            stop_strings: Vec::new(),
+            lr: 1e-6,
+            lr_schedule: LrScheduleKind::Constant,
+            warmup_ratio: 0.0,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            beta: 0.04,
+            epsilon: 0.2,
+            epsilon_high: None,
+            loss_type: LossType::Grpo,
+            scale_rewards: ScaleRewards::Group,
+            mask_truncated_completions: false,
+            reward_weights: paper_weights(),
+            answer_regex: DEFAULT_ANSWER_REGEX.into(),
+            prompt: PromptVariant::Think,
+            trainable: vec![r"^model\.language_model\.layers\.\d+\.mlp\.".into()],
+            log_every: 1,
+            log_completions_every: 10,
+            checkpoint_every: 100,
+            device: DeviceChoice::Cpu,
+            dtype: "auto".into(),
+            max_shard_mb: 2048,
+        }
+    }
+}
+
+/// `reward_weights` from a recipe, laid over the paper's weights.
+fn weights_over_paper_defaults<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+    let given = BTreeMap::<String, f64>::deserialize(d)?;
+    let mut weights = paper_weights();
+    weights.extend(given);
+    Ok(weights)
+}
+
+impl GrpoParams {
+    fn rewards(&self) -> Result<Rewards, RewardError> {
+        Rewards::new(&self.reward_weights, self.prompt == PromptVariant::Think, &self.answer_regex)
+    }
+
+    pub fn loss_config(&self) -> LossConfig {
+        LossConfig {
+            loss_type: self.loss_type,
+            epsilon_low: self.epsilon,
+            epsilon_high: self.epsilon_high.unwrap_or(self.epsilon),
+            beta: self.beta,
+            max_completion_length: self.max_completion_length,
+        }
+    }
+
+    fn schedule(&self) -> LrSchedule {
+        let warmup = (self.warmup_ratio * self.steps as f64).ceil() as usize;
+        match self.lr_schedule {
+            LrScheduleKind::Constant => LrSchedule::constant(self.lr, warmup, self.steps),
+            LrScheduleKind::Cosine => LrSchedule::cosine(self.lr, warmup, self.steps),
+        }
+    }
+}
+
+pub struct Grpo;
+
+impl StageKind for Grpo {
+    type Params = GrpoParams;
+    const KIND: &'static str = "grpo";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "GRPO on a Qwen2.5-VL checkpoint with weighted format/validity/correctness rewards (resumable)";
+
+    fn inputs() -> &'static [InputSpec] {
+        const I: &[InputSpec] = &[
+            InputSpec::one("model", "HF Qwen2.5-VL checkpoint directory (e.g. an sft stage)"),
+            InputSpec::one("data", "Parquet training split (e.g. `export.train`)"),
+        ];
+        I
+    }
+
+    fn resources(p: &GrpoParams) -> Resources {
+        Resources { cpu: 0, device: p.device.request(), memory_mb: 4096 }
+    }
+
+    fn validate(p: &GrpoParams) -> Result<(), ParamError> {
+        let at_least_one = [
+            ("steps", p.steps),
+            ("prompts_per_step", p.prompts_per_step),
+            ("micro_batch_size", p.micro_batch_size),
+            ("num_iterations", p.num_iterations),
+            ("max_completion_length", p.max_completion_length),
+        ];
+        for (key, v) in at_least_one {
+            if v == 0 {
+                return Err(ParamError::new(&[key], "must be at least 1"));
+            }
+        }
+        if p.num_generations < 2 {
+            return Err(ParamError::new(&["num_generations"], "a group needs at least 2 completions"));
+        }
+        let positive = [("lr", p.lr), ("temperature", p.temperature), ("epsilon", p.epsilon)];
+        for (key, v) in positive {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(ParamError::new(&[key], format!("must be a positive number, got {v}")));
+            }
+        }
+        if let Some(e) = p.epsilon_high
+            && !(e > 0.0 && e.is_finite())
+        {
+            return Err(ParamError::new(&["epsilon_high"], format!("must be a positive number, got {e}")));
+        }
+        if !(p.beta >= 0.0 && p.beta.is_finite()) {
+            return Err(ParamError::new(&["beta"], format!("must be >= 0, got {}", p.beta)));
+        }
+        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            return Err(ParamError::new(&["top_p"], "must be in (0, 1]"));
+        }
+        if !(0.0..1.0).contains(&p.warmup_ratio) {
+            return Err(ParamError::new(&["warmup_ratio"], "must be in [0, 1)"));
+        }
+        if p.checkpoint_every % p.num_iterations != 0 {
+            return Err(ParamError::new(
+                &["checkpoint_every"],
+                format!(
+                    "must be a multiple of num_iterations ({}): checkpoints are taken between generation rounds",
+                    p.num_iterations
+                ),
+            ));
+        }
+        if p.trainable.is_empty() {
+            return Err(ParamError::new(&["trainable"], "give at least one regex (nothing would train)"));
+        }
+        if let Err(e) = regex_union(&p.trainable) {
+            return Err(ParamError::new(&["trainable"], e));
+        }
+        if !matches!(p.prompt, PromptVariant::Think | PromptVariant::NoThink) {
+            return Err(ParamError::new(&["prompt"], "use think or no_think (the format reward depends on it)"));
+        }
+        if !["auto", "float32", "bfloat16"].contains(&p.dtype.as_str()) {
+            return Err(ParamError::new(&["dtype"], format!("expected auto, float32 or bfloat16, got {:?}", p.dtype)));
+        }
+        p.rewards().map(|_| ()).map_err(|e| match e {
+            RewardError::Unknown { name } | RewardError::BadWeight { name, .. } => {
+                let msg =
+                    format!("unknown or invalid reward (known: {}; weights must be finite)", REWARD_NAMES.join(", "));
+                ParamError::new(&["reward_weights", &name], msg)
+            }
+            RewardError::AllZero => ParamError::new(&["reward_weights"], e.to_string()),
+            RewardError::Regex(_) => ParamError::new(&["answer_regex"], e.to_string()),
+        })
+    }
+
+    fn run(p: &GrpoParams, ctx: &mut StageContext) -> anyhow::Result<()> {
+        let model_dir = ctx.input("model")?.to_path_buf();
+        let data = read_split(ctx.input("data")?).context("reading the training split")?;
+        if data.is_empty() {
+            bail!("the training split is empty");
+        }
+        let (device, kind) = device_and_kind(ctx, &p.dtype)?;
+        let _threads = ThreadsGuard::set(ctx.threads());
+        let (model, tokenizer, processor) = load_checkpoint(&model_dir, kind, device)?;
+        let trainable = Trainable::select(&model, &p.trainable)?;
+        // Loaded once, and only when the KL term exists.
+        let reference = if p.beta != 0.0 { Some(frozen_copy(&model, &trainable.names)?) } else { None };
+        let rewards = p.rewards()?;
+        let mut opt = AdamW::new(
+            trainable.tensors(&model),
+            AdamWConfig { beta1: p.betas[0], beta2: p.betas[1], eps: p.eps, weight_decay: p.weight_decay },
+        );
+        let spec = RolloutSpec {
+            num_generations: p.num_generations,
+            generation: GenerationConfig {
+                max_new_tokens: p.max_completion_length,
+                temperature: p.temperature,
+                top_p: p.top_p,
+                top_k: p.top_k,
+                eos_token_ids: tokenizer.eos_ids.iter().map(|&e| i64::from(e)).collect(),
+                stop_strings: p.stop_strings.clone(),
+                suppress_tokens: suppressed_tokens(&model),
+                ..Default::default()
+            },
+            scale_rewards: p.scale_rewards,
+            micro_batch_size: p.micro_batch_size,
+            mask_truncated_completions: p.mask_truncated_completions,
+            rewards: &rewards,
+        };
+        let sampler = Sampler {
+            model: &model,
+            tokenizer: &tokenizer,
+            encoder: PromptEncoder { tokenizer: &tokenizer, processor: &processor, variant: p.prompt },
+            data: &data,
+            seed: ctx.seed(),
+        };
+        let out = ctx.output_dir().to_path_buf();
+        let completions_path = out.join(COMPLETIONS_JSONL);
+        let resume_dir = ctx.resume_dir()?.to_path_buf();
+
+        let mut start = 0;
+        if let Some(ck) = resume::latest(&resume_dir)? {
+            restore(&ck, &model, &mut opt, &trainable.names, &out)?;
+            start = ck.state.step;
+            tracing::info!("resuming from the checkpoint at step {start} ({})", ck.dir.display());
+        }
+        let mut order = DataOrder::new(data.len(), ctx.seed());
+        let schedule = p.schedule();
+        let trainer = Trainer { p, model: &model, reference: reference.as_ref(), loss: p.loss_config() };
+        ctx.progress().start("grpo steps", p.steps as u64);
+        ctx.progress().advance(start as u64);
+        let mut current: Option<Rollout> = None;
+        let mut t0 = Instant::now();
+        for step in start..p.steps {
+            ctx.check_cancelled()?;
+            let iteration = step % p.num_iterations;
+            if iteration == 0 || current.is_none() {
+                let round = step / p.num_iterations;
+                let rows = order.round(round, p.prompts_per_step);
+                let mut r = rollout(&spec, &sampler, rows, round)
+                    .with_context(|| format!("generation round {round} (step {})", step + 1))?;
+                trainer.reference_logps(&mut r)?;
+                if p.log_completions_every > 0 && step % p.log_completions_every == 0 {
+                    write_completions(&completions_path, step + 1, &r, &data, &rewards)?;
+                }
+                current = Some(r);
+            }
+            let Some(r) = current.as_mut() else { bail!("no generation round for step {}", step + 1) };
+            let stats = trainer.train_step(r, iteration)?;
+            let grad_norm = clip_grad_norm(opt.params(), p.max_grad_norm);
+            let lr = schedule.at(step);
+            opt.step(lr);
+            let done = step + 1;
+            ctx.progress().advance(1);
+            if done % p.log_every.max(1) == 0 || done == p.steps {
+                let mut row = metrics_row(r, &stats, &rewards, p);
+                row.insert("step".into(), done.into());
+                row.insert("lr".into(), lr.into());
+                row.insert("grad_norm".into(), grad_norm.into());
+                row.insert("step_time_s".into(), t0.elapsed().as_secs_f64().into());
+                ctx.metrics().record(&serde_json::Value::Object(row))?;
+            }
+            t0 = Instant::now();
+            if p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < p.steps {
+                let next_round = done / p.num_iterations;
+                let state = TrainState::new(
+                    done,
+                    opt.steps(),
+                    next_round * p.prompts_per_step,
+                    round_seed(ctx.seed(), next_round),
+                    trainable.names.clone(),
+                );
+                let weights: BTreeMap<String, Tensor> =
+                    trainable.names.iter().map(|n| (n.clone(), model.params[n].shallow_clone())).collect();
+                let snap = Snapshot {
+                    state: &state,
+                    weights: &weights,
+                    weights_kind: kind,
+                    moments: &opt.moments(),
+                    files: vec![ctx.metrics().path().to_path_buf(), completions_path.clone()],
+                };
+                let dir = resume::save(&resume_dir, &snap)?;
+                tracing::info!("checkpoint at step {done}: {}", dir.display());
+            }
+        }
+        ctx.progress().finish();
+
+        model.save(&out, kind, p.max_shard_mb * 1024 * 1024)?;
+        copy_aux_files(&model_dir, &out)?;
+        std::fs::write(
+            out.join("trainable.json"),
+            serde_json::to_vec_pretty(&serde_json::json!({
+                "patterns": p.trainable, "tensors": trainable.names, "parameters": trainable.parameters,
+                "total_parameters": trainable.total_parameters, "optimizer_steps": p.steps,
+                "resumed_from_step": start, "reference_model": reference.is_some(),
+            }))?,
+        )?;
+        Ok(())
+    }
+}
+
+/// Tokens the policy never samples: an image or video placeholder in a
+/// completion would be taken for vision tokens when the completion is fed
+/// back for the loss. Sampling and the loss use the same suppressed
+/// distribution, so the ratio of unchanged weights is exactly 1.
+pub fn suppressed_tokens(model: &Qwen25Vl) -> Vec<i64> {
+    vec![model.config.image_token_id, model.config.video_token_id]
+}
+
+/// The input model with its trainable tensors copied and frozen: the KL
+/// reference. Frozen tensors are shared with the policy (they never change),
+/// so with MLP-only training the reference costs only the MLP weights.
+fn frozen_copy(model: &Qwen25Vl, trainable: &[String]) -> anyhow::Result<Qwen25Vl> {
+    let params = model
+        .params
+        .iter()
+        .map(|(n, t)| {
+            let t = if trainable.binary_search(n).is_ok() { t.detach().copy() } else { t.shallow_clone() };
+            (n.clone(), t)
+        })
+        .collect();
+    Ok(Qwen25Vl::from_params(model.config.clone(), params)?)
+}
+
+/// Load a checkpoint into the policy, the optimizer and the output logs.
+fn restore(
+    ck: &resume::Checkpoint,
+    model: &Qwen25Vl,
+    opt: &mut AdamW,
+    trainable: &[String],
+    out: &Path,
+) -> anyhow::Result<()> {
+    if ck.state.trainable != trainable {
+        bail!(
+            "{}: the checkpoint trains {} tensors, this run {}: not the same run",
+            ck.dir.display(),
+            ck.state.trainable.len(),
+            trainable.len()
+        );
+    }
+    let weights = ck.weights(model.kind, model.device)?;
+    tch::no_grad(|| -> anyhow::Result<()> {
+        for name in trainable {
+            let saved = weights.get(name).with_context(|| format!("{}: no weights for `{name}`", ck.dir.display()))?;
+            let mut param = model.params[name].shallow_clone();
+            if saved.size() != param.size() {
+                bail!("{}: `{name}` has shape {:?}, the model {:?}", ck.dir.display(), saved.size(), param.size());
+            }
+            param.copy_(saved);
+        }
+        Ok(())
+    })?;
+    opt.restore(&ck.moments(model.device)?, ck.state.optimizer_steps)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", ck.dir.display()))?;
+    ck.restore_files(out)
+}
+
+/// What one optimizer step measured.
+#[derive(Debug, Default)]
+pub struct StepStats {
+    /// The step's loss (sum of the micro-batch shares).
+    pub loss: f64,
+    pub loss_stats: LossStats,
+    /// Σ entropy over the loss tokens.
+    pub entropy: f64,
+    /// |sampler log-prob − recomputed log-prob| over real tokens (first update of a round only).
+    pub sampling_diff: Option<(f64, f64)>,
+}
+
+/// The policy update: log-probs with gradients, the GRPO loss, backward.
+pub struct Trainer<'a> {
+    pub p: &'a GrpoParams,
+    pub model: &'a Qwen25Vl,
+    pub reference: Option<&'a Qwen25Vl>,
+    pub loss: LossConfig,
+}
+
+impl Trainer<'_> {
+    /// Completion log-probs (batch, completion) and entropies of `model`.
+    fn logps(&self, model: &Qwen25Vl, m: &crate::rollout::MicroBatch) -> anyhow::Result<(Tensor, Tensor)> {
+        let c = m.completion_len();
+        // Logits at the last prompt token .. the second-to-last completion token.
+        let logits = model.forward_last(&m.batch(), c + 1)?.narrow(1, 0, c);
+        Ok(token_logps(&logits, &m.completion_ids, self.p.temperature, &suppressed_tokens(model)))
+    }
+
+    /// Reference log-probs of every micro-batch (once per round).
+    pub fn reference_logps(&self, r: &mut Rollout) -> anyhow::Result<()> {
+        if let Some(reference) = self.reference {
+            for m in &mut r.micro {
+                let (lp, _) = tch::no_grad(|| self.logps(reference, m))?;
+                m.ref_logps = Some(lp);
+            }
+        }
+        Ok(())
+    }
+
+    /// Backpropagate the loss of every micro-batch of `r` (update `iteration` of the round).
+    pub fn train_step(&self, r: &mut Rollout, iteration: usize) -> anyhow::Result<StepStats> {
+        let scale = StepScale { micro_batches: r.micro.len(), step_tokens: r.loss_tokens() };
+        let keep_old = self.p.num_iterations > 1;
+        let mut s = StepStats::default();
+        let (mut diff_sum, mut diff_max, mut real) = (0.0, 0.0f64, 0.0);
+        for m in &mut r.micro {
+            let (logps, entropy) = self.logps(self.model, m)?;
+            let detached = logps.detach();
+            let old = match (&m.old_logps, iteration) {
+                (Some(old), i) if i > 0 => old.shallow_clone(),
+                _ => {
+                    if keep_old {
+                        m.old_logps = Some(detached.copy());
+                    }
+                    detached.shallow_clone()
+                }
+            };
+            if iteration == 0 {
+                let d = (&detached - &m.sampling_logps).abs() * &m.token_mask;
+                diff_sum += d.sum(d.kind()).double_value(&[]);
+                diff_max = diff_max.max(d.max().double_value(&[]));
+                real += m.token_mask.sum(m.token_mask.kind()).double_value(&[]);
+            }
+            let inputs = LossInputs {
+                logps: &logps,
+                old_logps: &old,
+                ref_logps: m.ref_logps.as_ref(),
+                advantages: &m.advantages,
+                mask: &m.loss_mask,
+            };
+            let (loss, stats) = policy_loss(&self.loss, &inputs, &scale);
+            loss.backward();
+            s.loss += loss.double_value(&[]);
+            s.loss_stats.add(&stats);
+            s.entropy += (entropy * &m.loss_mask).sum(m.loss_mask.kind()).double_value(&[]);
+        }
+        if iteration == 0 && real > 0.0 {
+            s.sampling_diff = Some((diff_sum / real, diff_max));
+        }
+        Ok(s)
+    }
+}
+
+/// One metrics.jsonl row with TRL's names.
+fn metrics_row(
+    r: &Rollout,
+    s: &StepStats,
+    rewards: &Rewards,
+    p: &GrpoParams,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut row = serde_json::Map::new();
+    let mut put = |k: &str, v: f64| {
+        row.insert(k.to_string(), v.into());
+    };
+    put("loss", s.loss);
+    let (mean, std) = mean_std(&r.rewards);
+    put("reward", mean);
+    put("reward_std", std);
+    for (i, name) in rewards.names().iter().enumerate() {
+        let col: Vec<f64> = r.scores.iter().map(|x| x[i]).collect();
+        let (m, sd) = mean_std(&col);
+        put(&format!("rewards/{name}/mean"), m);
+        put(&format!("rewards/{name}/std"), sd);
+    }
+    put("frac_reward_zero_std", r.advantages.frac_zero_std);
+    let ls = &s.loss_stats;
+    if p.beta != 0.0 {
+        put("kl", ls.per_token(ls.kl));
+    }
+    put("entropy", ls.per_token(s.entropy));
+    put("clip_ratio/low_mean", ls.per_token(ls.low_clipped));
+    put("clip_ratio/high_mean", ls.per_token(ls.high_clipped));
+    put("clip_ratio/region_mean", ls.per_token(ls.region_clipped));
+    let lengths: Vec<f64> = r.completions.iter().map(|c| c.token_ids.len() as f64).collect();
+    let terminated: Vec<f64> =
+        r.completions.iter().filter(|c| !Rollout::is_truncated(c)).map(|c| c.token_ids.len() as f64).collect();
+    put("completions/mean_length", mean_std(&lengths).0);
+    put("completions/min_length", lengths.iter().copied().fold(f64::INFINITY, f64::min));
+    put("completions/max_length", lengths.iter().copied().fold(0.0, f64::max));
+    put("completions/clipped_ratio", 1.0 - terminated.len() as f64 / lengths.len().max(1) as f64);
+    if !terminated.is_empty() {
+        put("completions/mean_terminated_length", mean_std(&terminated).0);
+    }
+    if let Some((mean, max)) = s.sampling_diff {
+        put("sampling/sampling_logp_difference/mean", mean);
+        put("sampling/sampling_logp_difference/max", max);
+    }
+    row
+}
+
+/// Append every completion of round `r` (trained from step `step` on).
+fn write_completions(
+    path: &Path,
+    step: usize,
+    r: &Rollout,
+    data: &[stages_eval::dataset::VqaRow],
+    rewards: &Rewards,
+) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let names = rewards.names();
+    for (i, c) in r.completions.iter().enumerate() {
+        let row = &data[r.rows[c.prompt]];
+        let scores: serde_json::Map<String, serde_json::Value> =
+            names.iter().zip(&r.scores[i]).map(|(n, v)| (n.to_string(), (*v).into())).collect();
+        let line = serde_json::json!({
+            "step": step, "round": r.round, "id": row.id, "gold": row.answer, "prompt": r.users[c.prompt],
+            "completion": c.text, "tokens": c.token_ids.len(), "finish": c.finish,
+            "rewards": scores, "reward": r.rewards[i], "advantage": r.advantages.values[i],
+        });
+        serde_json::to_writer(&mut f, &line)?;
+        f.write_all(b"\n")?;
+    }
+    Ok(())
+}

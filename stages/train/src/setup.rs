@@ -1,0 +1,75 @@
+//! What every training stage does before its loop: load the checkpoint
+//! (model, tokenizer, image processor), pick the trainable parameters by
+//! regex, and give libtorch the stage's share of threads.
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use stages_vlm::Qwen25Vl;
+use stages_vlm::chat::ChatTokenizer;
+use stages_vlm::processor::ImageProcessor;
+use tch::{Device, Kind, Tensor};
+
+/// `(?:a)|(?:b)` of the given regexes, checked to compile.
+pub fn regex_union(patterns: &[String]) -> Result<String, String> {
+    let union = patterns.iter().map(|p| format!("(?:{p})")).collect::<Vec<_>>().join("|");
+    regex::Regex::new(&union).map_err(|e| format!("invalid regex: {e}"))?;
+    Ok(union)
+}
+
+/// Sets libtorch's intra-op threads to the stage's share for its lifetime.
+pub struct ThreadsGuard(i32);
+impl ThreadsGuard {
+    pub fn set(n: usize) -> Self {
+        let prev = tch::get_num_threads();
+        tch::set_num_threads(n.max(1) as i32);
+        Self(prev)
+    }
+}
+impl Drop for ThreadsGuard {
+    fn drop(&mut self) {
+        tch::set_num_threads(self.0);
+    }
+}
+
+/// The model, tokenizer and image processor of a checkpoint directory.
+pub fn load_checkpoint(
+    dir: &Path,
+    kind: Kind,
+    device: Device,
+) -> anyhow::Result<(Qwen25Vl, ChatTokenizer, ImageProcessor)> {
+    let model = Qwen25Vl::load(dir, kind, device).with_context(|| format!("loading checkpoint {}", dir.display()))?;
+    let tokenizer = ChatTokenizer::load(dir, &model.config.eos_token_id)
+        .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+    let pp = dir.join("preprocessor_config.json");
+    let processor = if pp.exists() { ImageProcessor::from_file(&pp)? } else { ImageProcessor::default() };
+    Ok((model, tokenizer, processor))
+}
+
+/// The trainable tensors of a model: names and (shared-storage) handles.
+pub struct Trainable {
+    pub names: Vec<String>,
+    pub parameters: i64,
+    pub total_parameters: i64,
+}
+
+impl Trainable {
+    /// Turn on gradients for the parameters matching any of `patterns` (and
+    /// off for the rest); an error when nothing matches.
+    pub fn select(model: &Qwen25Vl, patterns: &[String]) -> anyhow::Result<Self> {
+        let pattern = regex_union(patterns).map_err(anyhow::Error::msg)?;
+        let names = model.set_trainable(&pattern)?;
+        if names.is_empty() {
+            bail!("param `trainable`: no parameter name matches {patterns:?}");
+        }
+        let parameters: i64 = names.iter().map(|n| model.params[n].numel() as i64).sum();
+        let total_parameters: i64 = model.params.values().map(|t| t.numel() as i64).sum();
+        tracing::info!("{} tensors trainable: {parameters} of {total_parameters} parameters", names.len());
+        Ok(Self { names, parameters, total_parameters })
+    }
+
+    /// (name, tensor) pairs sharing storage with the model, for the optimizer.
+    pub fn tensors(&self, model: &Qwen25Vl) -> Vec<(String, Tensor)> {
+        self.names.iter().map(|n| (n.clone(), model.params[n].shallow_clone())).collect()
+    }
+}

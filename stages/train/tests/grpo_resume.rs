@@ -1,0 +1,106 @@
+//! A GRPO run killed between checkpoints resumes from the newest one and
+//! ends with bit-identical weights and logs. Its own test binary: libtorch's
+//! thread count is process-global, and every run here must use the same one.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use pipeline_engine::{ProgressSink, StageContext, StageKind};
+use stages_train::Grpo;
+use stages_train::grpo::{COMPLETIONS_JSONL, GrpoParams};
+
+/// Raises the cancel flag (as Ctrl-C does) once `after` steps are done.
+struct KillAfter {
+    after: u64,
+    done: AtomicU64,
+    cancel: Arc<AtomicBool>,
+}
+
+impl ProgressSink for KillAfter {
+    fn start(&self, _: &str, _: u64) {}
+    fn advance(&self, units: u64) {
+        if self.done.fetch_add(units, Ordering::SeqCst) + units >= self.after {
+            self.cancel.store(true, Ordering::SeqCst);
+        }
+    }
+    fn message(&self, _: &str) {}
+    fn finish(&self) {}
+}
+
+fn run(model: &Path, split: &Path, out: &Path, resume: &Path, kill_after: Option<u64>) -> anyhow::Result<()> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut builder = StageContext::builder("grpo", out)
+        .input("model", "sft", None, model)
+        .input("data", "export", Some("train"), split)
+        .resume_dir(resume)
+        .cancel_flag(cancel.clone())
+        .seed(23);
+    if let Some(after) = kill_after {
+        builder = builder.progress(Arc::new(KillAfter { after, done: AtomicU64::new(0), cancel }));
+    }
+    let params = GrpoParams {
+        steps: 6,
+        prompts_per_step: 2,
+        num_generations: 3,
+        num_iterations: 2,
+        max_completion_length: 32,
+        micro_batch_size: 4,
+        checkpoint_every: 2,
+        log_completions_every: 1,
+        trainable: vec![".*".into()],
+        lr: 1e-3,
+        ..Default::default()
+    };
+    Grpo::validate(&params).unwrap();
+    Grpo::run(&params, &mut builder.build()?)
+}
+
+/// metrics.jsonl without the wall-clock column.
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("step_time_s");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn killed_run_resumes_to_bit_identical_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let split = support::write_split(&dir.path().join("train"), 9);
+    let model = support::tiny_sft_model(dir.path(), &split, 20);
+
+    let full = dir.path().join("full");
+    run(&model, &split, &full, &dir.path().join("resume-full"), None).unwrap();
+
+    // Killed after step 3: the newest checkpoint is step 2.
+    let resume = dir.path().join("resume");
+    let killed = dir.path().join("killed");
+    let e = run(&model, &split, &killed, &resume, Some(3)).unwrap_err().to_string();
+    assert!(e.contains("cancelled"), "{e}");
+    let kept: Vec<String> =
+        std::fs::read_dir(&resume).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(kept, ["step-00000002"]);
+    assert!(!killed.join("model.safetensors").exists());
+
+    // A new attempt (fresh output dir, as the engine gives) continues from step 2.
+    let resumed = dir.path().join("resumed");
+    run(&model, &split, &resumed, &resume, None).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(resumed.join("trainable.json")).unwrap()).unwrap();
+    assert_eq!(summary["resumed_from_step"], 2);
+
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(weights(&full) == weights(&resumed), "resumed weights differ from the uninterrupted run");
+    assert!(weights(&full) != std::fs::read(model.join("model.safetensors")).unwrap(), "training changed nothing");
+    assert_eq!(metrics(&resumed), metrics(&full));
+    assert_eq!(metrics(&full).len(), 6);
+    let completions = |d: &Path| std::fs::read_to_string(d.join(COMPLETIONS_JSONL)).unwrap();
+    assert_eq!(completions(&resumed), completions(&full));
+}

@@ -1,0 +1,107 @@
+//! Fixtures of the GRPO tests: a real Parquet split in the export layout and
+//! a tiny Qwen2.5-VL from the real `init_model` stage, taught the answer
+//! format by a short real `sft` run (so sampled completions earn different
+//! rewards and GRPO has something to learn from).
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::builder::{ListBuilder, StringBuilder};
+use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray, StructArray};
+use arrow_schema::{DataType, Field, Fields};
+use parquet::arrow::ArrowWriter;
+use pipeline_engine::{StageContext, StageKind};
+use stages_eval::prompt::THINK_TEMPLATE;
+use stages_train::Sft;
+use stages_train::sft::{SftParams, Target};
+use stages_vlm::InitModel;
+use stages_vlm::init_model::InitModelParams;
+
+pub const OPTIONS: [&str; 3] = ["A. airway abnormalities", "B. emphysema", "C. ground-glass opacity"];
+const CLASSES: [(&str, &str); 3] =
+    [("airway", "airway abnormalities"), ("emphysema", "emphysema"), ("ggo", "ground-glass opacity")];
+
+pub fn question() -> String {
+    format!("What abnormality is visible in this chest CT slice? Options: {}", OPTIONS.join(" "))
+}
+
+fn png(side: u32, shade: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(side, side, |x, y| image::Rgb([shade, (x * 9) as u8, (y * 5) as u8]));
+    let mut bytes = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .unwrap();
+    bytes
+}
+
+/// `n` rows in the `parquet_export` layout; the answer follows the image shade.
+pub fn write_split(dir: &Path, n: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let problem = THINK_TEMPLATE.replace("{Question}", &question());
+    let class = |i: usize| CLASSES[i % 3];
+    let strings = |f: &dyn Fn(usize) -> String| -> ArrayRef { Arc::new(StringArray::from_iter_values((0..n).map(f))) };
+    let images: Vec<Vec<u8>> = (0..n).map(|i| png(56, (i % 3 * 100) as u8)).collect();
+    let bytes: ArrayRef = Arc::new(BinaryArray::from_iter_values(images.iter().map(Vec::as_slice)));
+    let image = StructArray::new(
+        Fields::from(vec![Field::new("bytes", DataType::Binary, true), Field::new("path", DataType::Utf8, true)]),
+        vec![bytes, strings(&|i| format!("{i}.png"))],
+        None,
+    );
+    let mut opts = ListBuilder::new(StringBuilder::new());
+    for _ in 0..n {
+        for o in OPTIONS {
+            opts.values().append_value(o);
+        }
+        opts.append(true);
+    }
+    let batch = RecordBatch::try_from_iter(vec![
+        ("id", strings(&|i| format!("case{i}/slice{i}"))),
+        ("image", Arc::new(image) as ArrayRef),
+        ("problem", strings(&|_| problem.clone())),
+        ("answer", strings(&|i| ["A", "B", "C"][i % 3].to_string())),
+        ("options", Arc::new(opts.finish()) as ArrayRef),
+        ("class", strings(&|i| class(i).0.to_string())),
+        ("class_name", strings(&|i| class(i).1.to_string())),
+    ])
+    .unwrap();
+    let mut w =
+        ArrowWriter::try_new(File::create(dir.join("train-00000-of-00001.parquet")).unwrap(), batch.schema(), None)
+            .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    dir.to_path_buf()
+}
+
+/// init_model (tokenizer trained on the prompt) + a short SFT on `split`.
+pub fn tiny_sft_model(root: &Path, split: &Path, sft_epochs: usize) -> PathBuf {
+    let corpus = root.join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    let text = format!("{}\n", THINK_TEMPLATE.replace("{Question}", &question()));
+    std::fs::write(corpus.join("qa.txt"), text.repeat(4)).unwrap();
+    let init = root.join("init");
+    let mut ctx = StageContext::builder("tiny", &init).input("corpus", "c", None, &corpus).seed(3).build().unwrap();
+    InitModel::run(&InitModelParams { vocab_size: 300, ..Default::default() }, &mut ctx).unwrap();
+
+    let sft = root.join("sft");
+    let mut ctx = StageContext::builder("sft", &sft)
+        .input("model", "tiny", None, &init)
+        .input("data", "export", Some("train"), split)
+        .seed(5)
+        .build()
+        .unwrap();
+    let params = SftParams {
+        target: Target::ThinkAnswer,
+        // Short reasoning so a whole answer fits in a few dozen tokens.
+        think_text: "{class_name}".into(),
+        trainable: vec![".*".into()],
+        lr: 1e-2,
+        epochs: sft_epochs,
+        batch_size: 4,
+        ..Default::default()
+    };
+    Sft::run(&params, &mut ctx).unwrap();
+    sft
+}

@@ -1,0 +1,201 @@
+//! `recipes/ci.toml` through a real single-node Slurm cluster started by
+//! `tools/setup-slurm.sh`: every stage an `sbatch` job running
+//! `pipeline exec-stage`, the jobs visible in `sacct`, a rerun submitting
+//! nothing, and the outputs identical to a local run's.
+//!
+//! Skips (printing why) only where Slurm cannot start; under `CI` as root it
+//! must run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Start (or find) the cluster; `Err(reason)` when Slurm cannot run here.
+fn cluster() -> Result<(), String> {
+    let out = Command::new("bash").arg(repo().join("tools/setup-slurm.sh")).output().expect("running setup-slurm.sh");
+    match out.status.code() {
+        Some(0) => Ok(()),
+        Some(3) => Err(text(&out).trim().to_string()),
+        _ => panic!("tools/setup-slurm.sh failed ({}):\n{}", out.status, text(&out)),
+    }
+}
+
+fn pipeline(args: &[&str], workspace: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(args)
+        .env("PIPELINE_WORKSPACE", workspace)
+        .current_dir(repo())
+        .output()
+        .expect("running pipeline")
+}
+
+/// The run summary named on the last line of `pipeline run`.
+fn summary(out: &Output) -> serde_json::Value {
+    let all = text(out);
+    let path = all
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("summary: ").map(|(_, p)| p.trim().to_string()))
+        .unwrap_or_else(|| panic!("no summary path in:\n{all}"));
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("summary.json")).expect("summary json")
+}
+
+/// (stage id, (status, key)) in the summary's (topological) order.
+fn stages(summary: &serde_json::Value) -> Vec<(String, (String, String))> {
+    summary["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| {
+            let field = |k: &str| s[k].as_str().unwrap_or_default().to_string();
+            (field("id"), (field("status"), field("key")))
+        })
+        .collect()
+}
+
+/// The files of a cached output (path -> blake3), without provenance.json.
+fn files(cache: &Path, key: &str) -> BTreeMap<String, String> {
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cache.join("records").join(format!("{key}.json"))).unwrap())
+            .unwrap();
+    record["manifest"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["path"] != "provenance.json")
+        .map(|f| (f["path"].as_str().unwrap().to_string(), f["digest"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+/// `metrics.jsonl` rows without wall-clock throughput (`tokens_per_s`):
+/// the one thing two runs of a stage on different processes may differ in.
+fn metrics_without_timing(cache: &Path, key: &str) -> Vec<serde_json::Value> {
+    let path = cache.join("artifacts").join(key).join("metrics.jsonl");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut row: serde_json::Value = serde_json::from_str(l).unwrap();
+            if let Some(obj) = row.as_object_mut() {
+                obj.retain(|k, _| !k.ends_with("_per_s"));
+            }
+            row
+        })
+        .collect()
+}
+
+/// Upstream stage ids of a stage, from its provenance.
+fn upstreams(cache: &Path, key: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(cache.join("artifacts").join(key).join("provenance.json")).unwrap();
+    let prov: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let inputs = prov["inputs"].as_object().cloned().unwrap_or_default();
+    inputs
+        .values()
+        .flat_map(|refs| refs.as_array().cloned().unwrap_or_default())
+        .map(|r| r["stage"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn ci_recipe_runs_through_a_real_slurm_cluster() {
+    if let Err(reason) = cluster() {
+        if std::env::var_os("CI").is_some() && is_root() {
+            panic!("Slurm must run in CI (root here), but it cannot start:\n{reason}");
+        }
+        eprintln!("SKIPPED ci_recipe_runs_through_a_real_slurm_cluster: Slurm cannot start here:\n{reason}");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (local_cache, slurm_cache): (PathBuf, PathBuf) = (tmp.path().join("local"), tmp.path().join("slurm"));
+    let (local_ws, slurm_ws) = (tmp.path().join("ws-local"), tmp.path().join("ws-slurm"));
+
+    let local = pipeline(
+        &["run", "recipes/ci.toml", "--executor", "local", "--cache-dir", local_cache.to_str().unwrap()],
+        &local_ws,
+    );
+    assert!(local.status.success(), "local run failed:\n{}", text(&local));
+
+    // One node is the "shared" filesystem: the cache is on the local disk.
+    let slurm_args = [
+        "run",
+        "recipes/ci.toml",
+        "--executor",
+        "slurm",
+        "--set",
+        "executor.poll_interval=0.5",
+        "--cache-dir",
+        slurm_cache.to_str().unwrap(),
+    ];
+    let first = pipeline(&slurm_args, &slurm_ws);
+    let first_text = text(&first);
+    assert!(first.status.success(), "Slurm run failed:\n{first_text}");
+    let ran = stages(&summary(&first));
+    assert!(ran.iter().all(|(_, (status, _))| status == "ran"), "{ran:?}\n{first_text}");
+
+    // Every stage was a Slurm job, and accounting knows each one finished.
+    let jobs: Vec<String> = first_text
+        .lines()
+        .filter_map(|l| l.split_once("(Slurm job ").and_then(|(_, rest)| rest.split(',').next()).map(str::to_string))
+        .collect();
+    assert_eq!(jobs.len(), ran.len(), "one job per stage:\n{first_text}");
+    let sacct = Command::new("sacct")
+        .args(["-n", "-P", "-X", "-o", "JobID,JobName,State", "-j", &jobs.join(",")])
+        .output()
+        .expect("sacct");
+    let sacct_text = String::from_utf8_lossy(&sacct.stdout).to_string();
+    for job in &jobs {
+        let line = sacct_text.lines().find(|l| l.split('|').next() == Some(job.as_str()));
+        let line = line.unwrap_or_else(|| panic!("sacct does not know job {job}:\n{sacct_text}{}", text(&sacct)));
+        assert!(line.ends_with("|COMPLETED") && line.contains("|pl-ci-"), "{line}");
+    }
+
+    // A rerun submits nothing.
+    let second = pipeline(&slurm_args, &slurm_ws);
+    let second_text = text(&second);
+    assert!(second.status.success() && second_text.contains(": 0 ran,"), "rerun ran something:\n{second_text}");
+    assert!(!second_text.contains("(Slurm job "), "rerun submitted a job:\n{second_text}");
+
+    // The same keys and bytes as the local executor's run: a stage whose
+    // inputs are byte-identical must have the same key, and a stage with the
+    // same key the same outputs (timings in metrics.jsonl aside: `sft` logs
+    // tokens/s, so its downstream keys legitimately differ run to run).
+    let local_stages: BTreeMap<String, (String, String)> = stages(&summary(&local)).into_iter().collect();
+    assert_eq!(local_stages.len(), ran.len());
+    let mut identical: BTreeMap<String, bool> = BTreeMap::new();
+    let mut same_key = 0;
+    for (id, (_, key)) in &ran {
+        let local_key = &local_stages.get(id).unwrap_or_else(|| panic!("no local stage `{id}`")).1;
+        let ups = upstreams(&slurm_cache, key);
+        if ups.iter().all(|u| {
+            identical.get(u).copied().unwrap_or_else(|| panic!("`{u}` (upstream of `{id}`) comes later in the summary"))
+        }) {
+            assert_eq!(local_key, key, "stage `{id}`: same inputs, another key under Slurm");
+        }
+        if local_key == key {
+            same_key += 1;
+            let (l, r) = (files(&local_cache, key), files(&slurm_cache, key));
+            let differing: Vec<&String> = l.keys().chain(r.keys()).filter(|p| l.get(*p) != r.get(*p)).collect();
+            for path in &differing {
+                assert_eq!(path.as_str(), "metrics.jsonl", "stage `{id}`: {path} differs between executors");
+                assert_eq!(metrics_without_timing(&local_cache, key), metrics_without_timing(&slurm_cache, key));
+            }
+            identical.insert(id.clone(), differing.is_empty());
+        } else {
+            identical.insert(id.clone(), false);
+        }
+    }
+    // The data stages, the model init and SFT at least.
+    assert!(same_key >= 9, "only {same_key} stages kept their key: {ran:?} vs {local_stages:?}");
+}
