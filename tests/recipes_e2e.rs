@@ -50,6 +50,11 @@ fn ci_recipe_runs_then_reruns_from_cache() {
     assert!(first.status.success(), "first run failed:\n{}", text(&first));
     assert!(text(&first).contains(" 0 failed"), "{}", text(&first));
 
+    // GRPO checkpointed into its resume dir; publishing removed it.
+    let resume = Path::new(cache).join("resume");
+    let left: Vec<_> = std::fs::read_dir(&resume).expect("resume dir").collect();
+    assert!(left.is_empty(), "resume state left after a successful run: {left:?}");
+
     let second = pipeline(&["run", "recipes/ci.toml", "--cache-dir", cache], tmp.path());
     let second_text = text(&second);
     assert!(second.status.success(), "rerun failed:\n{second_text}");

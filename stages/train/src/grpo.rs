@@ -258,7 +258,7 @@ impl StageKind for Grpo {
         if !(0.0..1.0).contains(&p.warmup_ratio) {
             return Err(ParamError::new(&["warmup_ratio"], "must be in [0, 1)"));
         }
-        if p.checkpoint_every % p.num_iterations != 0 {
+        if !p.checkpoint_every.is_multiple_of(p.num_iterations) {
             return Err(ParamError::new(
                 &["checkpoint_every"],
                 format!(
@@ -337,6 +337,20 @@ impl StageKind for Grpo {
 
         let mut start = 0;
         if let Some(ck) = resume::latest(&resume_dir)? {
+            // Data order and sampling seeds are derived from the step: a
+            // checkpoint that disagrees comes from another run.
+            let round = ck.state.step / p.num_iterations;
+            let expected = (round * p.prompts_per_step, round_seed(ctx.seed(), round));
+            if (ck.state.data_cursor, ck.state.next_sampling_seed) != expected {
+                bail!(
+                    "{}: data cursor {} and sampling seed {} do not match this run's {} and {}",
+                    ck.dir.display(),
+                    ck.state.data_cursor,
+                    ck.state.next_sampling_seed,
+                    expected.0,
+                    expected.1
+                );
+            }
             restore(&ck, &model, &mut opt, &trainable.names, &out)?;
             start = ck.state.step;
             tracing::info!("resuming from the checkpoint at step {start} ({})", ck.dir.display());
@@ -421,7 +435,8 @@ impl StageKind for Grpo {
 /// back for the loss. Sampling and the loss use the same suppressed
 /// distribution, so the ratio of unchanged weights is exactly 1.
 pub fn suppressed_tokens(model: &Qwen25Vl) -> Vec<i64> {
-    vec![model.config.image_token_id, model.config.video_token_id]
+    // A text-only checkpoint has no vision placeholders to suppress.
+    model.config.tokens.as_ref().map(|t| vec![t.image_token_id, t.video_token_id]).unwrap_or_default()
 }
 
 /// The input model with its trainable tensors copied and frozen: the KL

@@ -124,16 +124,16 @@ pub fn policy_loss(cfg: &LossConfig, x: &LossInputs, scale: &StepScale) -> (Tens
     let ratio = (x.logps - x.old_logps).exp();
     let clipped = ratio.clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high);
     let surrogate = (&ratio * &adv).minimum(&(&clipped * &adv));
-    let mut per_token = -surrogate;
     let mut stats = LossStats::default();
-    if cfg.beta != 0.0
-        && let Some(r) = x.ref_logps
-    {
-        let d = r - x.logps;
-        let kl = d.exp() - &d - 1.0;
-        stats.kl = tch::no_grad(|| sum(&(kl.detach() * x.mask)));
-        per_token = per_token + kl * cfg.beta;
-    }
+    let per_token = match x.ref_logps {
+        Some(r) if cfg.beta != 0.0 => {
+            let d = r - x.logps;
+            let kl = d.exp() - &d - 1.0;
+            stats.kl = tch::no_grad(|| sum(&(kl.detach() * x.mask)));
+            -surrogate + kl * cfg.beta
+        }
+        _ => -surrogate,
+    };
     let masked = &per_token * x.mask;
     let micro = scale.micro_batches.max(1) as f64;
     let loss = match cfg.loss_type {

@@ -114,7 +114,8 @@ pub struct Sft;
 impl StageKind for Sft {
     type Params = SftParams;
     const KIND: &'static str = "sft";
-    const VERSION: u32 = 1;
+    // 2: the vision patch embedding trains when `trainable` matches it.
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "Supervised fine-tuning of a Qwen2.5-VL checkpoint on a VQA split (loss on assistant tokens only)";
 

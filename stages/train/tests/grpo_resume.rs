@@ -31,13 +31,24 @@ impl ProgressSink for KillAfter {
 }
 
 fn run(model: &Path, split: &Path, out: &Path, resume: &Path, kill_after: Option<u64>) -> anyhow::Result<()> {
+    run_seeded(model, split, out, resume, kill_after, 23)
+}
+
+fn run_seeded(
+    model: &Path,
+    split: &Path,
+    out: &Path,
+    resume: &Path,
+    kill_after: Option<u64>,
+    seed: u64,
+) -> anyhow::Result<()> {
     let cancel = Arc::new(AtomicBool::new(false));
     let mut builder = StageContext::builder("grpo", out)
         .input("model", "sft", None, model)
         .input("data", "export", Some("train"), split)
         .resume_dir(resume)
         .cancel_flag(cancel.clone())
-        .seed(23);
+        .seed(seed);
     if let Some(after) = kill_after {
         builder = builder.progress(Arc::new(KillAfter { after, done: AtomicU64::new(0), cancel }));
     }
@@ -88,6 +99,14 @@ fn killed_run_resumes_to_bit_identical_weights() {
         std::fs::read_dir(&resume).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(kept, ["step-00000002"]);
     assert!(!killed.join("model.safetensors").exists());
+
+    // A checkpoint of another run (here: another seed) is refused, not mixed in.
+    let foreign = dir.path().join("resume-foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    let copy = std::process::Command::new("cp").arg("-r").arg(resume.join("step-00000002")).arg(&foreign).status();
+    assert!(copy.unwrap().success());
+    let e = run_seeded(&model, &split, &dir.path().join("foreign"), &foreign, None, 24).unwrap_err().to_string();
+    assert!(e.contains("do not match this run"), "{e}");
 
     // A new attempt (fresh output dir, as the engine gives) continues from step 2.
     let resumed = dir.path().join("resumed");
