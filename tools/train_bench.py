@@ -511,7 +511,7 @@ def main():
     g.add_argument("--prompts-per-step", type=int, default=2, help="the mini recipe's grpo prompts_per_step")
     g.add_argument("--max-completion-length", type=int, default=64)
     g.add_argument("--trainable", choices=["mlp", "all"], default="all")
-    g.add_argument("--lr", type=float, default=1e-4, help="the mini recipe's grpo lr")
+    g.add_argument("--lr", type=float, default=3e-5, help="the mini recipe's grpo lr")
     for p in (s, g):
         p.add_argument("--threads", type=int, default=2)
     m = sub.add_parser("metrics")
