@@ -59,8 +59,8 @@ bench_sft() {
     for t in $THREADS; do
       echo "--- sft repeat $rep, $t thread(s)"
       load
-      $(pin "$t") "$B" run recipes/mini.toml --cache-dir "$CACHE" --workspace "$WS" -q \
-        --until sft --set sft.max_steps="$STEPS" --force sft
+      $(pin "$t") /usr/bin/time -f "ours peak RSS %M KiB (pipeline process)" "$B" run recipes/mini.toml \
+        --cache-dir "$CACHE" --workspace "$WS" -q --until sft --set sft.max_steps="$STEPS" --force sft
       echo "ours: $("$PY" tools/train_bench.py metrics "$OUT/sft/metrics.jsonl")"
       load
       echo "hf:   $(tb $(pin "$t") "$PY" tools/train_bench.py sft --model "$OUT/tiny_model" --data "$OUT/export/train" \
@@ -79,8 +79,9 @@ bench_grpo() {
       echo "--- grpo repeat $rep, $t thread(s)"
       if has_grpo; then
         load
-        $(pin "$t") "$B" run recipes/mini.toml --cache-dir "$CACHE" --workspace "$WS" -q \
-          --until grpo --set grpo.steps="$GRPO_STEPS" --set grpo.checkpoint_every=0 --force grpo
+        $(pin "$t") /usr/bin/time -f "ours peak RSS %M KiB (pipeline process)" "$B" run recipes/mini.toml \
+          --cache-dir "$CACHE" --workspace "$WS" -q --until grpo --set grpo.steps="$GRPO_STEPS" \
+          --set grpo.checkpoint_every=0 --force grpo
         echo "ours: $("$PY" tools/train_bench.py metrics "$OUT/grpo/metrics.jsonl")"
       else
         echo "ours: not measured (this pipeline binary has no grpo stage kind)"
