@@ -25,6 +25,23 @@ pub struct Artifact {
     pub path: PathBuf,
 }
 
+impl Artifact {
+    /// The published output `output` (whole output dir when `None`) of
+    /// `stage`, whose action record has key `key`.
+    pub fn in_cache(
+        cache: &pipeline_cache::Cache,
+        key: &pipeline_cache::Digest,
+        stage: &str,
+        output: Option<&str>,
+    ) -> Self {
+        let mut path = cache.artifact_dir(key);
+        if let Some(out) = output {
+            path = path.join(out);
+        }
+        Self { stage: stage.to_string(), output: output.map(str::to_string), path }
+    }
+}
+
 /// Receives progress of a stage. The engine plugs in an indicatif bar on a
 /// TTY and plain log lines otherwise.
 pub trait ProgressSink: Send + Sync {

@@ -330,15 +330,12 @@ impl Executor<'_> {
             for r in refs {
                 let record =
                     job.upstream.get(&r.stage).ok_or_else(|| anyhow!("upstream `{}` has no output record", r.stage))?;
-                let mut path = self.cache.artifact_dir(&record.key);
-                if let Some(out) = &r.output {
-                    path = path.join(out);
-                }
-                inputs.entry(name.clone()).or_default().push(Artifact {
-                    stage: r.stage.clone(),
-                    output: r.output.clone(),
-                    path,
-                });
+                inputs.entry(name.clone()).or_default().push(Artifact::in_cache(
+                    self.cache,
+                    &record.key,
+                    &r.stage,
+                    r.output.as_deref(),
+                ));
             }
         }
         let ready = ReadyStage {

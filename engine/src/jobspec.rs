@@ -159,15 +159,12 @@ pub fn exec_stage(key: &str, cache_dir: &Path, registry: &Registry, env: &Engine
             })?;
             let digest = artifact_digest(&r.stage, &record, r.output.as_deref())
                 .with_context(|| format!("stage `{id}`: input `{name}`"))?;
-            let mut path = cache.artifact_dir(&r.record);
-            if let Some(out) = &r.output {
-                path = path.join(out);
-            }
-            inputs.entry(name.clone()).or_default().push(Artifact {
-                stage: r.stage.clone(),
-                output: r.output.clone(),
-                path,
-            });
+            inputs.entry(name.clone()).or_default().push(Artifact::in_cache(
+                &cache,
+                &r.record,
+                &r.stage,
+                r.output.as_deref(),
+            ));
             digests.entry(name.clone()).or_default().push(InputDigest {
                 stage: r.stage.clone(),
                 output: r.output.clone(),
