@@ -184,6 +184,21 @@ pub enum Command {
         key: String,
         #[command(flatten)]
         cache: CacheArgs,
+        /// This process's rank in a data-parallel stage (set by the local executor).
+        #[arg(long, requires_all = ["world_size", "rendezvous"])]
+        rank: Option<usize>,
+        /// Ranks of the stage.
+        #[arg(long)]
+        world_size: Option<usize>,
+        /// Directory where the ranks meet.
+        #[arg(long)]
+        rendezvous: Option<PathBuf>,
+        /// Threads of this process.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// `cpu` or `cuda:N`.
+        #[arg(long)]
+        device: Option<String>,
     },
     /// List the registered stage kinds (or their full recipe reference).
     Kinds {
@@ -248,7 +263,10 @@ pub fn execute(cmd: Command, registry: &Registry, env: &EngineEnv) -> anyhow::Re
         Command::Clean { recipe, stages, all, sets, cache } => {
             cmd_clean(recipe, stages, all, &sets, &cache, registry, env)
         }
-        Command::ExecStage { key, cache } => crate::jobspec::exec_stage(&key, &cache.cache_dir, registry, env),
+        Command::ExecStage { key, cache, rank, world_size, rendezvous, threads, device } => {
+            let ranks = crate::jobspec::RankArgs { rank, world_size, rendezvous, threads, device };
+            crate::jobspec::exec_stage(&key, &cache.cache_dir, registry, env, &ranks)
+        }
         Command::Kinds { reference: true, .. } => {
             print!("{}", crate::recipe::docs::render_stage_reference(registry));
             Ok(ExitCode::SUCCESS)
@@ -257,7 +275,8 @@ pub fn execute(cmd: Command, registry: &Registry, env: &EngineEnv) -> anyhow::Re
         Command::Kinds { .. } => {
             let width = registry.kinds().map(str::len).max().unwrap_or(0);
             for kind in registry.iter() {
-                println!("{:<width$}  v{:<3} {}", kind.kind(), kind.version(), kind.doc().summary);
+                let ranks = if kind.distributed() { " [ranks]" } else { "" };
+                println!("{:<width$}  v{:<3} {}{ranks}", kind.kind(), kind.version(), kind.doc().summary);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -404,7 +423,8 @@ fn cmd_run(args: RunArgs, registry: &Registry, env: &EngineEnv) -> anyhow::Resul
 
 fn resources_label(s: &PlannedStage) -> String {
     let cpu = if s.resources.cpu == 0 { "all".to_string() } else { s.resources.cpu.to_string() };
-    format!("cpu={cpu} mem={}M dev={}", s.resources.memory_mb, device_label(&s.device))
+    let ranks = if s.ranks > 1 { format!(" ranks={}", s.ranks) } else { String::new() };
+    format!("cpu={cpu} mem={}M dev={}{ranks}", s.resources.memory_mb, device_label(&s.device))
 }
 
 /// The `plan` table.

@@ -116,6 +116,21 @@ impl MetricsSink {
     }
 }
 
+/// This process's place in a data-parallel stage run: one of `world_size`
+/// processes running the same stage (see [`StageKind::DISTRIBUTED`](crate::StageKind::DISTRIBUTED)).
+/// The engine launches the ranks; the stage brings its own collectives and
+/// meets its peers through `rendezvous`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistInfo {
+    pub rank: usize,
+    pub world_size: usize,
+    /// A directory every rank sees (a shared filesystem across hosts), unique
+    /// to this attempt at the stage: rank 0 publishes its address there.
+    pub rendezvous: PathBuf,
+    /// The stage's cache key: a rank refuses peers that run another stage.
+    pub token: String,
+}
+
 /// The context handed to [`StageKind::run`](crate::StageKind::run).
 pub struct StageContext {
     stage_id: String,
@@ -130,6 +145,7 @@ pub struct StageContext {
     progress: Arc<dyn ProgressSink>,
     metrics: MetricsSink,
     cancel: Arc<AtomicBool>,
+    dist: Option<DistInfo>,
 }
 
 impl StageContext {
@@ -231,6 +247,17 @@ impl StageContext {
         &self.metrics
     }
 
+    /// Set when the stage runs as one of several data-parallel ranks.
+    pub fn dist(&self) -> Option<&DistInfo> {
+        self.dist.as_ref()
+    }
+
+    /// True for a single-process run and for rank 0, the rank whose outputs
+    /// are published (the others' output directories are discarded).
+    pub fn is_main_rank(&self) -> bool {
+        self.dist.as_ref().is_none_or(|d| d.rank == 0)
+    }
+
     /// True once the run was interrupted: long loops should stop early.
     pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
@@ -270,6 +297,7 @@ pub struct StageContextBuilder {
     device: Device,
     progress: Option<Arc<dyn ProgressSink>>,
     cancel: Option<Arc<AtomicBool>>,
+    dist: Option<DistInfo>,
 }
 
 impl StageContextBuilder {
@@ -287,6 +315,7 @@ impl StageContextBuilder {
             device: Device::Cpu,
             progress: None,
             cancel: None,
+            dist: None,
         }
     }
     /// Bind one artifact to input `name` (call repeatedly for `many` inputs).
@@ -335,6 +364,11 @@ impl StageContextBuilder {
         self.cancel = Some(flag);
         self
     }
+    /// Run as one rank of a data-parallel group.
+    pub fn dist(mut self, dist: Option<DistInfo>) -> Self {
+        self.dist = dist;
+        self
+    }
 
     pub fn build(self) -> anyhow::Result<StageContext> {
         std::fs::create_dir_all(&self.output_dir)
@@ -370,6 +404,7 @@ impl StageContextBuilder {
             progress: self.progress.unwrap_or_else(|| Arc::new(LogProgress::default())),
             metrics,
             cancel: self.cancel.unwrap_or_default(),
+            dist: self.dist,
         })
     }
 }

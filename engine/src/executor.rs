@@ -19,15 +19,17 @@ use crate::context::Artifact;
 use crate::dag::StageGraph;
 use crate::env::EngineEnv;
 use crate::index::{IndexEntry, RunIndex, now_unix_ms};
+use crate::jobspec::JobSpec;
 use crate::key::KeyComponents;
 use crate::plan::{Action, Plan, PlannedStage, final_components, recipe_dir};
 use crate::progress::RunProgress;
 use crate::provenance::{git_revision, rfc3339};
+use crate::ranks::LocalPeers;
 use crate::recipe::{Recipe, StageDecl};
 use crate::schedule::{Capacity, Grant, ResourcePool};
 use crate::stage::DeviceRequest;
 use crate::stage_log::{StageLogs, log_key, stage_span};
-use crate::stage_run::{RunOrigin, StageRun, run_and_publish};
+use crate::stage_run::{Ranks, RunOrigin, StageRun, run_and_publish};
 use crate::workspace::{RunStatus, RunSummary, StageStatus, StageSummary, Workspace};
 
 #[derive(Debug, Clone)]
@@ -167,7 +169,18 @@ impl Executor<'_> {
                                 continue;
                             }
                         };
-                        let Some(grant) = pool.try_acquire(&planned.resources, device) else { continue };
+                        let ranks = self.recipe.executor.slurm.stage_override(&decl.id, &decl.name).ranks.unwrap_or(1);
+                        if device == DeviceRequest::Cuda && !pool.is_cluster() && ranks > self.env.cuda_devices {
+                            let error = format!(
+                                "stage `{}` runs as {ranks} ranks on CUDA, one device each, but this machine has {}",
+                                planned.id, self.env.cuda_devices
+                            );
+                            self.progress.println(&format!("FAILED  {}: {error}", planned.id));
+                            states[i] = State::Failed { error, duration_s: 0.0 };
+                            any_failed = true;
+                            continue;
+                        }
+                        let Some(grant) = pool.try_acquire_ranks(&planned.resources, device, ranks) else { continue };
                         let mut upstream = HashMap::new();
                         for &u in &upstreams[i] {
                             if let State::Done { record, .. } = &states[u] {
@@ -396,6 +409,25 @@ impl StageBackend for LocalBackend {
 
     fn execute(&self, exec: &Executor<'_>, stage: &ReadyStage<'_>) -> anyhow::Result<(ActionRecord, StageStatus)> {
         let id = stage.planned.id.as_str();
+        let world_size = exec.recipe.executor.slurm.stage_override(id, &stage.decl.name).ranks.unwrap_or(1);
+        // Ranks 1.. are processes of this binary reading the stage's job spec;
+        // the grant's threads are shared among the ranks.
+        let threads = (stage.grant.threads / world_size.max(1)).max(1);
+        let peers = if world_size > 1 {
+            let cwd = std::env::current_dir().context("reading the current directory")?;
+            let spec = JobSpec::for_stage(exec, stage, cwd, world_size)?;
+            spec.write(exec.cache)?;
+            Some(LocalPeers {
+                exe: std::env::current_exe().context("locating the running `pipeline` binary")?,
+                cache_dir: exec.cache.root().to_path_buf(),
+                key: stage.key.hex(),
+                threads,
+                devices: stage.grant.cuda_devices(),
+                log: stage.origin.log.clone(),
+            })
+        } else {
+            None
+        };
         let run = StageRun {
             id,
             kind: &stage.planned.kind,
@@ -405,13 +437,21 @@ impl StageBackend for LocalBackend {
             forced: stage.planned.forced,
             inputs: &stage.inputs,
             recipe_dir: &recipe_dir(exec.recipe),
-            threads: stage.grant.threads,
+            threads,
             device: stage.grant.device,
             memory_mb: stage.grant.memory_mb,
             origin: &stage.origin,
+            ranks: match &peers {
+                Some(launcher) => Ranks::Spawn { world_size, launcher },
+                None => Ranks::Single,
+            },
         };
         let notice = |line: &str| exec.progress.println(line);
-        run_and_publish(exec.cache, &run, exec.progress.stage_sink(id), exec.cancel.clone(), &notice)
+        let result = run_and_publish(exec.cache, &run, exec.progress.stage_sink(id), exec.cancel.clone(), &notice);
+        if peers.is_some() {
+            let _ = std::fs::remove_file(crate::jobspec::spec_path(exec.cache, &stage.key));
+        }
+        result
     }
 }
 

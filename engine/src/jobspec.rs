@@ -22,13 +22,14 @@ use anyhow::{Context as _, bail};
 use pipeline_cache::{Cache, Digest};
 use serde::{Deserialize, Serialize};
 
-use crate::context::{Artifact, LogProgress};
+use crate::context::{Artifact, DistInfo, LogProgress};
 use crate::env::EngineEnv;
+use crate::executor::{Executor, ReadyStage};
 use crate::key::{InputDigest, KeyComponents, artifact_digest, explain_change};
-use crate::plan::external_digests;
+use crate::plan::{external_digests, recipe_dir};
 use crate::registry::Registry;
 use crate::stage::Device;
-use crate::stage_run::{RunOrigin, StageRun, run_and_publish};
+use crate::stage_run::{Ranks, RunOrigin, StageRun, run_and_publish, run_peer};
 use crate::workspace::StageStatus;
 
 /// Bumped when the spec format changes (a child refuses other formats).
@@ -71,6 +72,13 @@ pub struct JobSpec {
     pub run_id: String,
     /// `pipeline` version of the submitting process.
     pub tool_version: String,
+    /// Data-parallel processes running the stage (rank 0 publishes).
+    #[serde(default = "one")]
+    pub ranks: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 pub fn jobs_dir(cache: &Cache) -> PathBuf {
@@ -82,6 +90,44 @@ pub fn spec_path(cache: &Cache, key: &Digest) -> PathBuf {
 }
 
 impl JobSpec {
+    /// The spec of a stage the scheduling loop found ready; jobs start in `cwd`.
+    pub fn for_stage(exec: &Executor<'_>, stage: &ReadyStage<'_>, cwd: PathBuf, ranks: usize) -> anyhow::Result<Self> {
+        let id = stage.planned.id.as_str();
+        let mut inputs: BTreeMap<String, Vec<JobInput>> = BTreeMap::new();
+        for (name, refs) in &stage.decl.inputs {
+            for r in refs {
+                let record = stage
+                    .upstream
+                    .get(&r.stage)
+                    .with_context(|| format!("stage `{id}`: upstream `{}` has no output record", r.stage))?;
+                inputs.entry(name.clone()).or_default().push(JobInput {
+                    stage: r.stage.clone(),
+                    output: r.output.clone(),
+                    record: record.key,
+                });
+            }
+        }
+        Ok(JobSpec {
+            format: JOB_SPEC_FORMAT,
+            key: stage.key,
+            stage_id: id.to_string(),
+            components: stage.components.clone(),
+            inputs,
+            forced: stage.planned.forced,
+            threads: stage.grant.threads,
+            memory_mb: stage.grant.memory_mb,
+            cwd,
+            recipe_dir: recipe_dir(exec.recipe),
+            recipe_name: exec.recipe.name.clone(),
+            recipe_path: exec.recipe.path.clone(),
+            recipe_digest: exec.recipe.digest.clone(),
+            git_revision: stage.origin.git_revision.clone(),
+            run_id: stage.origin.run_id.clone(),
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            ranks,
+        })
+    }
+
     /// Write atomically (temp file + rename) to `<cache>/jobs/<key>.json`.
     pub fn write(&self, cache: &Cache) -> anyhow::Result<PathBuf> {
         let dir = jobs_dir(cache);
@@ -122,8 +168,66 @@ fn allocated_threads(asked: usize) -> usize {
         .unwrap_or(if asked > 0 { asked } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) })
 }
 
+/// Where an `exec-stage` process sits in a data-parallel stage, when the
+/// local executor started it (`--rank ...`); under `srun` these come from
+/// Slurm's environment instead.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RankArgs {
+    pub rank: Option<usize>,
+    pub world_size: Option<usize>,
+    pub rendezvous: Option<PathBuf>,
+    /// Threads of this rank (default: the Slurm allocation or the spec's).
+    pub threads: Option<usize>,
+    /// `cpu` or `cuda:N` (default: from the spec's device class).
+    pub device: Option<String>,
+}
+
+/// The rank of this process from flags or, for a multi-rank spec, from the
+/// Slurm task environment (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_JOB_ID`).
+fn dist_info(args: &RankArgs, spec: &JobSpec, cache: &Cache) -> anyhow::Result<Option<DistInfo>> {
+    let token = spec.key.hex();
+    match (args.rank, args.world_size, &args.rendezvous) {
+        (Some(rank), Some(world_size), Some(dir)) if rank < world_size => {
+            Ok(Some(DistInfo { rank, world_size, rendezvous: dir.clone(), token }))
+        }
+        (None, None, None) if spec.ranks > 1 => {
+            let var = |name: &str| -> anyhow::Result<String> {
+                std::env::var(name).with_context(|| {
+                    format!(
+                        "stage `{}` runs as {} ranks but `{name}` is not set: start it with srun",
+                        spec.stage_id, spec.ranks
+                    )
+                })
+            };
+            let number = |name: &str| -> anyhow::Result<usize> {
+                var(name)?.trim().parse().with_context(|| format!("`{name}` is not a number"))
+            };
+            let (rank, world_size, job) = (number("SLURM_PROCID")?, number("SLURM_NTASKS")?, var("SLURM_JOB_ID")?);
+            if world_size != spec.ranks || rank >= world_size {
+                bail!(
+                    "stage `{}` wants {} ranks but this task is {rank} of {world_size} (SLURM_PROCID/SLURM_NTASKS)",
+                    spec.stage_id,
+                    spec.ranks
+                );
+            }
+            // One directory per job: a resubmitted job never meets stale files.
+            let rendezvous = jobs_dir(cache).join(format!("{token}.rendezvous")).join(job.trim());
+            std::fs::create_dir_all(&rendezvous).with_context(|| format!("creating {}", rendezvous.display()))?;
+            Ok(Some(DistInfo { rank, world_size, rendezvous, token }))
+        }
+        (None, None, None) => Ok(None),
+        _ => bail!("--rank (below --world-size), --world-size and --rendezvous go together"),
+    }
+}
+
 /// `pipeline exec-stage <key>`: run the stage described by `<cache>/jobs/<key>.json`.
-pub fn exec_stage(key: &str, cache_dir: &Path, registry: &Registry, env: &EngineEnv) -> anyhow::Result<ExitCode> {
+pub fn exec_stage(
+    key: &str,
+    cache_dir: &Path,
+    registry: &Registry,
+    env: &EngineEnv,
+    rank_args: &RankArgs,
+) -> anyhow::Result<ExitCode> {
     let key: Digest = key.parse().with_context(|| format!("`{key}` is not a cache key (64 hex digits)"))?;
     let cache = Cache::open(cache_dir).with_context(|| format!("opening the cache at {}", cache_dir.display()))?;
     let spec = JobSpec::read(&spec_path(&cache, &key))?;
@@ -195,13 +299,17 @@ pub fn exec_stage(key: &str, cache_dir: &Path, registry: &Registry, env: &Engine
         );
     }
 
-    let device = match spec.components.device_class.as_deref() {
-        Some("cuda") if env.cuda_devices == 0 => bail!(
-            "stage `{id}` needs a CUDA device but this job sees none (CUDA_VISIBLE_DEVICES={}); request one with `gpus` in [executor.stage.{id}]",
-            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
-        ),
-        Some("cuda") => Device::Cuda(0),
-        _ => Device::Cpu,
+    let dist = dist_info(rank_args, &spec, &cache)?;
+    if dist.is_some() && !kind.distributed() {
+        bail!("stage `{id}` (kind `{}`) runs as one process, not as ranks", kind.kind());
+    }
+    let device = match rank_args.device.as_deref() {
+        Some("cpu") => Device::Cpu,
+        Some(d) => match d.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) if n < env.cuda_devices => Device::Cuda(n),
+            _ => bail!("--device `{d}`: expected `cpu` or `cuda:N` with N below {}", env.cuda_devices),
+        },
+        None => stage_device(id, spec.components.device_class.as_deref(), env)?,
     };
     let job_id = std::env::var("SLURM_JOB_ID").ok();
     let log = std::env::var("PIPELINE_JOB_LOG").map(PathBuf::from).unwrap_or_default();
@@ -218,7 +326,7 @@ pub fn exec_stage(key: &str, cache_dir: &Path, registry: &Registry, env: &Engine
         log,
         meta,
     };
-    let threads = allocated_threads(spec.threads);
+    let threads = rank_args.threads.unwrap_or_else(|| allocated_threads(spec.threads));
     let run = StageRun {
         id,
         kind: kind.kind(),
@@ -232,19 +340,41 @@ pub fn exec_stage(key: &str, cache_dir: &Path, registry: &Registry, env: &Engine
         device,
         memory_mb: spec.memory_mb,
         origin: &origin,
+        ranks: match &dist {
+            Some(d) => Ranks::Launched(d),
+            None => Ranks::Single,
+        },
     };
+    let rank = dist.as_ref().map(|d| format!(" rank {}/{}", d.rank, d.world_size)).unwrap_or_default();
     tracing::info!(
-        "exec-stage `{id}` (kind {}, key {}) job {} threads {threads}",
+        "exec-stage `{id}` (kind {}, key {}){rank} job {} threads {threads}",
         kind.kind(),
         key.short(),
         job_id.as_deref().unwrap_or("-")
     );
     let cancel: Arc<AtomicBool> = crate::cli::cancel_flag();
+    if let Some(d) = dist.as_ref().filter(|d| d.rank > 0) {
+        let ran = run_peer(&cache, &run, d, cancel)?;
+        println!("exec-stage: rank {} of `{id}` {}", d.rank, if ran { "done" } else { "not needed (cached)" });
+        return Ok(ExitCode::SUCCESS);
+    }
     let notice = |line: &str| tracing::info!("{line}");
     let (record, status) = run_and_publish(&cache, &run, Arc::new(LogProgress::default()), cancel, &notice)?;
     let verb = if status == StageStatus::Ran { "published" } else { "found cached" };
     println!("exec-stage: {verb} `{id}` key {} ({} files)", record.key.hex(), record.manifest.files.len());
     Ok(ExitCode::SUCCESS)
+}
+
+/// The device of a stage run by `exec-stage` from its key's device class.
+fn stage_device(id: &str, class: Option<&str>, env: &EngineEnv) -> anyhow::Result<Device> {
+    Ok(match class {
+        Some("cuda") if env.cuda_devices == 0 => bail!(
+            "stage `{id}` needs a CUDA device but this job sees none (CUDA_VISIBLE_DEVICES={}); request one with `gpus` in [executor.stage.{id}]",
+            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
+        ),
+        Some("cuda") => Device::Cuda(0),
+        _ => Device::Cpu,
+    })
 }
 
 #[cfg(test)]
@@ -317,6 +447,7 @@ mod tests {
             git_revision: None,
             run_id: "run".into(),
             tool_version: "test".into(),
+            ranks: 1,
         }
     }
 
@@ -336,12 +467,12 @@ mod tests {
         spec.write(&cache).unwrap();
         // A binary whose `append` is another version computes another key: refused.
         let newer = Registry::new().register::<Append<2>>();
-        let err = exec_stage(&spec.key.hex(), &root, &newer, &env).unwrap_err().to_string();
+        let err = exec_stage(&spec.key.hex(), &root, &newer, &env, &RankArgs::default()).unwrap_err().to_string();
         assert!(err.contains("refusing to run") && err.contains("code version bumped 1 -> 2"), "{err}");
         assert!(cache.lookup(&spec.key).unwrap().is_none());
 
         let same = Registry::new().register::<Append<1>>();
-        exec_stage(&spec.key.hex(), &root, &same, &env).unwrap();
+        exec_stage(&spec.key.hex(), &root, &same, &env, &RankArgs::default()).unwrap();
         let record = cache.lookup(&spec.key).unwrap().expect("published");
         let out = std::fs::read_to_string(cache.artifact_dir(&record.key).join("out.txt")).unwrap();
         assert_eq!(out, "up+b");
@@ -353,7 +484,7 @@ mod tests {
         let mut wrong = spec_reading(&cache, up_key, "c");
         wrong.key = Digest::of_bytes(b"other");
         wrong.write(&cache).unwrap();
-        let err = exec_stage(&wrong.key.hex(), &root, &same, &env).unwrap_err().to_string();
+        let err = exec_stage(&wrong.key.hex(), &root, &same, &env, &RankArgs::default()).unwrap_err().to_string();
         assert!(err.contains("refusing to run"), "{err}");
     }
 
@@ -387,6 +518,7 @@ mod tests {
             git_revision: None,
             run_id: "run".into(),
             tool_version: "0".into(),
+            ranks: 1,
         };
         let path = spec.write(&cache).unwrap();
         assert_eq!(path, spec_path(&cache, &spec.key));

@@ -7,7 +7,7 @@ pub mod recipe;
 pub mod registry;
 pub mod stage;
 
-pub use context::{Artifact, LogProgress, MetricsSink, ProgressSink, StageContext, StageContextBuilder};
+pub use context::{Artifact, DistInfo, LogProgress, MetricsSink, ProgressSink, StageContext, StageContextBuilder};
 pub use params::ParamError;
 pub use registry::Registry;
 pub use stage::{
@@ -28,6 +28,7 @@ pub mod key;
 pub mod plan;
 pub mod progress;
 pub mod provenance;
+pub mod ranks;
 pub mod schedule;
 pub mod slurm;
 pub mod stage_log;

@@ -124,6 +124,8 @@ pub struct PlannedStage {
     /// The cached record when `action` is `Cached`.
     pub record: Option<ActionRecord>,
     pub resources: Resources,
+    /// Data-parallel processes (`[executor.stage.<id>] ranks`; 1 for most stages).
+    pub ranks: usize,
     /// The device the stage will get, or the reason it cannot run here.
     pub device: Result<DeviceRequest, String>,
     pub warnings: Vec<String>,
@@ -313,6 +315,7 @@ pub fn make_plan(
             forced: forced.is_some(),
             record,
             resources: decl.stage.resources(),
+            ranks: recipe.executor.slurm.stage_override(&decl.id, &decl.name).ranks.unwrap_or(1),
             device,
             warnings,
         });

@@ -26,7 +26,12 @@ pub struct Provenance {
     pub seed: u64,
     pub tool_version: String,
     pub host: String,
+    /// Threads per rank.
     pub threads: usize,
+    /// Data-parallel processes that ran the stage (rank 0 published).
+    #[serde(default = "one")]
+    pub ranks: usize,
+    /// Device of rank 0.
     pub device: String,
     pub memory_mb: u64,
     /// RFC 3339, UTC.
@@ -34,6 +39,10 @@ pub struct Provenance {
     pub finished: String,
     pub duration_s: f64,
     pub run_id: String,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Provenance {
@@ -79,6 +88,7 @@ mod tests {
     fn round_trips_and_git_lookups_fail_softly() {
         let dir = tempfile::tempdir().unwrap();
         let p = Provenance {
+            ranks: 1,
             recipe_path: "r.toml".into(),
             recipe_digest: "abc".into(),
             git_revision: git_revision(dir.path()),

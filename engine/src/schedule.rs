@@ -17,8 +17,19 @@ pub struct Capacity {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grant {
     pub threads: usize,
+    /// The first (rank 0's) device.
     pub device: Device,
     pub memory_mb: u64,
+    /// Every CUDA device held, one bit per device index (data-parallel
+    /// stages hold one per rank; empty for the CPU and on a cluster).
+    pub cuda_mask: u64,
+}
+
+impl Grant {
+    /// The CUDA devices held, in index order.
+    pub fn cuda_devices(&self) -> Vec<usize> {
+        (0..64).filter(|i| self.cuda_mask & (1 << i) != 0).collect()
+    }
 }
 
 /// Why a stage cannot run on this machine at all.
@@ -80,6 +91,11 @@ impl ResourcePool {
         Self { jobs_only: true, ..Self::new(cap) }
     }
 
+    /// Resources belong to a cluster scheduler (see [`jobs_only`](Self::jobs_only)).
+    pub fn is_cluster(&self) -> bool {
+        self.jobs_only
+    }
+
     pub fn running(&self) -> usize {
         self.running
     }
@@ -89,13 +105,20 @@ impl ResourcePool {
     /// than the machine has gets the whole machine when it runs alone, so a
     /// large estimate delays a stage instead of failing it.
     pub fn try_acquire(&mut self, res: &Resources, device: DeviceRequest) -> Option<Grant> {
+        self.try_acquire_ranks(res, device, 1)
+    }
+
+    /// [`try_acquire`](Self::try_acquire) for a stage of `ranks` processes:
+    /// on CUDA it holds one free device per rank (all or none); the threads
+    /// are shared by the ranks.
+    pub fn try_acquire_ranks(&mut self, res: &Resources, device: DeviceRequest, ranks: usize) -> Option<Grant> {
         if self.running >= self.cap.jobs {
             return None;
         }
         if self.jobs_only {
             self.running += 1;
             let device = if device == DeviceRequest::Cuda { Device::Cuda(0) } else { Device::Cpu };
-            return Some(Grant { threads: res.cpu, device, memory_mb: res.memory_mb });
+            return Some(Grant { threads: res.cpu, device, memory_mb: res.memory_mb, cuda_mask: 0 });
         }
         let wanted = if res.cpu == 0 { self.cap.cores } else { res.cpu.min(self.cap.cores) };
         let memory = res.memory_mb.min(self.cap.memory_mb);
@@ -104,18 +127,32 @@ impl ResourcePool {
         {
             return None;
         }
+        let mut cuda_mask = 0u64;
         let device = match device {
             DeviceRequest::Cuda => {
-                let free = self.cuda_busy.iter().position(|busy| !busy)?;
-                self.cuda_busy[free] = true;
-                Device::Cuda(free)
+                let free: Vec<usize> = self
+                    .cuda_busy
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| !**b)
+                    .map(|(i, _)| i)
+                    .take(ranks.max(1))
+                    .collect();
+                if free.len() < ranks.max(1) || free.iter().any(|&i| i >= 64) {
+                    return None;
+                }
+                for &i in &free {
+                    self.cuda_busy[i] = true;
+                    cuda_mask |= 1 << i;
+                }
+                Device::Cuda(free[0])
             }
             DeviceRequest::Cpu | DeviceRequest::Auto => Device::Cpu,
         };
         self.cores_used += wanted;
         self.memory_used += memory;
         self.running += 1;
-        Some(Grant { threads: wanted, device, memory_mb: memory })
+        Some(Grant { threads: wanted, device, memory_mb: memory, cuda_mask })
     }
 
     pub fn release(&mut self, grant: &Grant) {
@@ -126,10 +163,10 @@ impl ResourcePool {
         self.cores_used = self.cores_used.saturating_sub(grant.threads);
         self.memory_used = self.memory_used.saturating_sub(grant.memory_mb);
         self.running = self.running.saturating_sub(1);
-        if let Device::Cuda(i) = grant.device
-            && let Some(slot) = self.cuda_busy.get_mut(i)
-        {
-            *slot = false;
+        for i in grant.cuda_devices() {
+            if let Some(slot) = self.cuda_busy.get_mut(i) {
+                *slot = false;
+            }
         }
     }
 }
@@ -193,6 +230,20 @@ mod tests {
         assert!(p.try_acquire(&res, DeviceRequest::Cuda).is_none());
         p.release(&b);
         assert_eq!(p.try_acquire(&res, DeviceRequest::Cuda).unwrap().device, Device::Cuda(1));
+    }
+
+    #[test]
+    fn a_data_parallel_stage_holds_one_device_per_rank_or_waits() {
+        let mut p = pool(8, 10_000, 4, 8);
+        let res = Resources { cpu: 1, device: DeviceRequest::Cuda, memory_mb: 1 };
+        let one = p.try_acquire(&res, DeviceRequest::Cuda).unwrap();
+        let three = p.try_acquire_ranks(&res, DeviceRequest::Cuda, 3).unwrap();
+        assert_eq!((three.device, three.cuda_devices()), (Device::Cuda(1), vec![1, 2, 3]));
+        assert!(p.try_acquire(&res, DeviceRequest::Cuda).is_none(), "all four held");
+        p.release(&one);
+        assert!(p.try_acquire_ranks(&res, DeviceRequest::Cuda, 2).is_none(), "one free device is not two");
+        p.release(&three);
+        assert_eq!(p.try_acquire_ranks(&res, DeviceRequest::Cuda, 4).unwrap().cuda_devices(), vec![0, 1, 2, 3]);
     }
 
     #[test]

@@ -108,6 +108,8 @@ impl Device {
 pub struct StageDoc {
     pub kind: &'static str,
     pub version: u32,
+    /// Runs as data-parallel ranks ([`StageKind::DISTRIBUTED`]).
+    pub distributed: bool,
     pub summary: &'static str,
     pub inputs: &'static [InputSpec],
     /// JSON schema of the params (descriptions from doc comments, defaults).
@@ -129,6 +131,10 @@ pub trait StageKind: Send + Sync + 'static {
     const VERSION: u32;
     /// One line for docs and `pipeline kinds`.
     const SUMMARY: &'static str;
+    /// The kind can run as several cooperating processes (data-parallel
+    /// ranks, `[executor.stage.<id>] ranks = N`): `run` then reads
+    /// [`StageContext::dist`] and only rank 0's outputs are published.
+    const DISTRIBUTED: bool = false;
 
     /// Named inputs (static: the engine must know them before params parse).
     fn inputs() -> &'static [InputSpec] {
@@ -169,6 +175,8 @@ pub trait DynStageKind: Send + Sync {
     fn version(&self) -> u32;
     fn doc(&self) -> StageDoc;
     fn inputs(&self) -> &'static [InputSpec];
+    /// See [`StageKind::DISTRIBUTED`].
+    fn distributed(&self) -> bool;
     /// Parse and validate params (the recipe table minus `kind` and inputs).
     fn configure(&self, params: toml::Table) -> Result<Box<dyn ConfiguredStage>, ParamError>;
     /// Rebuild a configured stage from its [`ConfiguredStage::canonical_params`]
@@ -183,6 +191,8 @@ pub trait ConfiguredStage: Send + Sync {
     fn canonical_params(&self) -> serde_json::Value;
     fn outputs(&self) -> Vec<OutputSpec>;
     fn resources(&self) -> Resources;
+    /// See [`StageKind::DISTRIBUTED`].
+    fn distributed(&self) -> bool;
     fn external_inputs(&self, recipe_dir: &Path) -> Vec<PathBuf>;
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()>;
 }
@@ -210,6 +220,7 @@ impl<K: StageKind> DynStageKind for Erased<K> {
         StageDoc {
             kind: K::KIND,
             version: K::VERSION,
+            distributed: K::DISTRIBUTED,
             summary: K::SUMMARY,
             inputs: K::inputs(),
             params_schema: crate::params::schema_of::<K::Params>(),
@@ -217,6 +228,9 @@ impl<K: StageKind> DynStageKind for Erased<K> {
     }
     fn inputs(&self) -> &'static [InputSpec] {
         K::inputs()
+    }
+    fn distributed(&self) -> bool {
+        K::DISTRIBUTED
     }
     fn configure(&self, params: toml::Table) -> Result<Box<dyn ConfiguredStage>, ParamError> {
         let params: K::Params = parse_params::<K::Params>(params)?;
@@ -246,6 +260,9 @@ impl<K: StageKind> ConfiguredStage for Configured<K> {
     }
     fn resources(&self) -> Resources {
         K::resources(&self.params)
+    }
+    fn distributed(&self) -> bool {
+        K::DISTRIBUTED
     }
     fn external_inputs(&self, recipe_dir: &Path) -> Vec<PathBuf> {
         K::external_inputs(&self.params, recipe_dir)

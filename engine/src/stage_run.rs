@@ -3,18 +3,24 @@
 //! `pipeline exec-stage` (a Slurm job). Takes the key's cache lock, reuses a
 //! record another process published meanwhile, writes `provenance.json`,
 //! and publishes through the cache (action record written last).
+//!
+//! A data-parallel stage runs as several ranks: rank 0 goes through
+//! [`run_and_publish`] (lock, run, publish); ranks 1.. go through
+//! [`run_peer`] (run, discard their outputs). Rank 0 either starts the
+//! peers itself once it knows the stage must run ([`Ranks::Spawn`], the
+//! local executor) or was started next to them ([`Ranks::Launched`], `srun`).
 
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use pipeline_cache::{ActionRecord, Cache, Digest};
 
-use crate::context::{Artifact, ProgressSink, StageContext};
+use crate::context::{Artifact, DistInfo, ProgressSink, StageContext};
 use crate::key::KeyComponents;
 use crate::provenance::{Provenance, host_name, rfc3339};
 use crate::stage::{ConfiguredStage, Device};
@@ -50,7 +56,47 @@ pub struct StageRun<'a> {
     pub device: Device,
     pub memory_mb: u64,
     pub origin: &'a RunOrigin,
+    pub ranks: Ranks<'a>,
 }
+
+/// How many processes run the stage, and who starts them.
+#[derive(Clone, Copy)]
+pub enum Ranks<'a> {
+    /// This process alone.
+    Single,
+    /// This process is rank 0 of a group started by someone else (`srun`).
+    Launched(&'a DistInfo),
+    /// This process is rank 0 and starts ranks 1.. once the stage must run.
+    Spawn { world_size: usize, launcher: &'a dyn PeerLauncher },
+}
+
+impl Ranks<'_> {
+    pub fn world_size(&self) -> usize {
+        match self {
+            Ranks::Single => 1,
+            Ranks::Launched(d) => d.world_size,
+            Ranks::Spawn { world_size, .. } => *world_size,
+        }
+    }
+}
+
+/// Starts ranks 1.. of a data-parallel stage.
+pub trait PeerLauncher: Sync {
+    fn launch(&self, dist: &DistInfo) -> anyhow::Result<Box<dyn PeerGroup>>;
+}
+
+/// The running peers of rank 0.
+pub trait PeerGroup: Send {
+    /// A peer that has already failed (checked while rank 0 runs).
+    fn failure(&mut self) -> Option<String>;
+    /// Rank 0 finished (`ok`) or failed: wait for the peers or stop them.
+    fn finish(self: Box<Self>, ok: bool) -> anyhow::Result<()>;
+}
+
+/// Name of the file rank 0 leaves in the rendezvous directory when it will
+/// not run the stage (its outputs were published meanwhile): peers started
+/// next to it (`srun`) then exit instead of waiting for it.
+pub const RENDEZVOUS_ABANDONED: &str = "abandoned";
 
 /// Told when the key is being produced by someone else (we wait for them).
 pub type WaitNotice<'a> = &'a dyn Fn(&str);
@@ -81,6 +127,9 @@ pub fn run_and_publish(
         && let Some(record) = cache.lookup(&key)?
     {
         tracing::info!("outputs already in the cache (key {})", key.short());
+        if let Ranks::Launched(dist) = run.ranks {
+            abandon(dist);
+        }
         return Ok((record, StageStatus::Cached));
     }
     let staging = cache.staging_dir(id)?;
@@ -91,45 +140,48 @@ pub fn run_and_publish(
         cache.remove_resume_dir(&key)?;
     }
 
-    let span_for_pool = tracing::Span::current();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(run.threads.max(1))
-        .spawn_handler(move |thread| {
-            let span = span_for_pool.clone();
-            std::thread::Builder::new()
-                .name(format!("stage-worker-{}", thread.index()))
-                .spawn(move || span.in_scope(|| thread.run()))?;
-            Ok(())
-        })
-        .build()
-        .context("building the stage thread pool")?;
-    let mut builder = StageContext::builder(id, staging.path())
-        .scratch_dir(scratch.path())
-        .resume_dir(cache.resume_dir(&key))
-        .recipe_dir(run.recipe_dir)
-        .seed(run.components.seed)
-        .pool(Arc::new(pool))
-        .device(run.device)
-        .progress(progress)
-        .cancel_flag(cancel);
-    for (name, artifacts) in run.inputs {
-        for a in artifacts {
-            builder = builder.input(name, &a.stage, a.output.as_deref(), &a.path);
-        }
-    }
-    let mut ctx = builder.build()?;
-
     let started = chrono::Utc::now();
     let clock = Instant::now();
-    tracing::info!(key = %key.short(), threads = run.threads, device = ?run.device, "running {}", run.kind);
-    let outcome = catch_unwind(AssertUnwindSafe(|| run.stage.run(&mut ctx)));
-    ctx.progress().finish();
-    drop(ctx); // closes metrics.jsonl and joins the pool before publishing
-    match outcome {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e.context(format!("stage `{id}` ({}) failed", run.kind))),
-        Err(panic) => bail!("stage `{id}` ({}) panicked: {}", run.kind, panic_message(&*panic)),
+    // Ranks 1.. start now that the stage must run; a peer that fails stops rank 0.
+    let rendezvous = match run.ranks {
+        Ranks::Spawn { .. } => Some(cache.staging_dir(&format!("{id}.rendezvous"))?),
+        _ => None,
+    };
+    let (dist, mut peers) = match run.ranks {
+        Ranks::Single => (None, None),
+        Ranks::Launched(d) => (Some(d.clone()), None),
+        Ranks::Spawn { world_size, launcher } => {
+            let dir = rendezvous.as_ref().map(|r| r.path().to_path_buf()).unwrap_or_default();
+            let d = DistInfo { rank: 0, world_size, rendezvous: dir, token: key.hex() };
+            let peers = launcher.launch(&d).with_context(|| format!("starting the ranks of stage `{id}`"))?;
+            (Some(d), Some(peers))
+        }
+    };
+    let stage_cancel = Arc::new(AtomicBool::new(false));
+    let done = AtomicBool::new(false);
+    let outcome = std::thread::scope(|scope| {
+        let watcher = peers.as_mut().map(|p| {
+            let (done, stage_cancel, cancel) = (&done, stage_cancel.clone(), cancel.clone());
+            scope.spawn(move || watch_peers(p.as_mut(), done, &stage_cancel, &cancel))
+        });
+        let flag = if watcher.is_some() { stage_cancel.clone() } else { cancel.clone() };
+        let outcome = run_stage(run, staging.path(), scratch.path(), cache.resume_dir(&key), dist, progress, flag);
+        done.store(true, Ordering::Relaxed);
+        let failure = watcher.and_then(|w| w.join().ok().flatten());
+        match (outcome, failure) {
+            (Err(e), Some(peer)) => Err(e.context(format!("stage `{id}`: {peer}"))),
+            (Ok(()), Some(peer)) => Err(anyhow::anyhow!("stage `{id}`: {peer}")),
+            (outcome, None) => outcome,
+        }
+    });
+    if let Some(peers) = peers {
+        let finished = peers.finish(outcome.is_ok());
+        outcome?;
+        finished.with_context(|| format!("stage `{id}`: a rank failed"))?;
+    } else {
+        outcome?;
     }
+    drop(rendezvous);
     let c = run.components;
     let provenance = Provenance {
         recipe_path: run.origin.recipe_path.clone(),
@@ -146,6 +198,7 @@ pub fn run_and_publish(
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         host: host_name(),
         threads: run.threads,
+        ranks: run.ranks.world_size(),
         device: match run.device {
             Device::Cpu => "cpu".to_string(),
             Device::Cuda(i) => format!("cuda:{i}"),
@@ -172,6 +225,112 @@ pub fn run_and_publish(
         tracing::warn!("cannot remove the resume dir of stage `{id}`: {e}");
     }
     Ok((record, StageStatus::Ran))
+}
+
+/// Build the stage's context and run it (rank `dist.rank` when set); a
+/// panic becomes an error.
+fn run_stage(
+    run: &StageRun<'_>,
+    staging: &Path,
+    scratch: &Path,
+    resume_dir: PathBuf,
+    dist: Option<DistInfo>,
+    progress: Arc<dyn ProgressSink>,
+    cancel: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let span_for_pool = tracing::Span::current();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(run.threads.max(1))
+        .spawn_handler(move |thread| {
+            let span = span_for_pool.clone();
+            std::thread::Builder::new()
+                .name(format!("stage-worker-{}", thread.index()))
+                .spawn(move || span.in_scope(|| thread.run()))?;
+            Ok(())
+        })
+        .build()
+        .context("building the stage thread pool")?;
+    let mut builder = StageContext::builder(run.id, staging)
+        .scratch_dir(scratch)
+        .resume_dir(resume_dir)
+        .recipe_dir(run.recipe_dir)
+        .seed(run.components.seed)
+        .pool(Arc::new(pool))
+        .device(run.device)
+        .progress(progress)
+        .cancel_flag(cancel)
+        .dist(dist);
+    for (name, artifacts) in run.inputs {
+        for a in artifacts {
+            builder = builder.input(name, &a.stage, a.output.as_deref(), &a.path);
+        }
+    }
+    let mut ctx = builder.build()?;
+    let rank = ctx.dist().map(|d| format!(" rank {}/{}", d.rank, d.world_size)).unwrap_or_default();
+    tracing::info!(key = %run.key.short(), threads = run.threads, device = ?run.device, "running {}{rank}", run.kind);
+    let outcome = catch_unwind(AssertUnwindSafe(|| run.stage.run(&mut ctx)));
+    ctx.progress().finish();
+    drop(ctx); // closes metrics.jsonl and joins the pool before publishing
+    match outcome {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.context(format!("stage `{}` ({}) failed", run.id, run.kind))),
+        Err(panic) => bail!("stage `{}` ({}) panicked: {}", run.id, run.kind, panic_message(&*panic)),
+    }
+}
+
+/// While rank 0 runs: stop it when a peer fails or the run is cancelled.
+/// Returns the peer failure, if any.
+fn watch_peers(
+    peers: &mut dyn PeerGroup,
+    done: &AtomicBool,
+    stage_cancel: &AtomicBool,
+    cancel: &AtomicBool,
+) -> Option<String> {
+    while !done.load(Ordering::Relaxed) {
+        if cancel.load(Ordering::Relaxed) {
+            stage_cancel.store(true, Ordering::Relaxed);
+        }
+        if let Some(failure) = peers.failure() {
+            stage_cancel.store(true, Ordering::Relaxed);
+            return Some(failure);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    None
+}
+
+/// Tell peers started next to rank 0 that it will not run the stage.
+fn abandon(dist: &DistInfo) {
+    let _ = std::fs::create_dir_all(&dist.rendezvous);
+    let _ = std::fs::write(dist.rendezvous.join(RENDEZVOUS_ABANDONED), b"");
+}
+
+/// Rank `dist.rank` > 0 of a data-parallel stage: run with rank 0 and its
+/// other peers, without the key's lock (rank 0 holds it), and discard the
+/// outputs (rank 0 publishes). Returns `false` when rank 0 gave the run up
+/// because the outputs were published meanwhile.
+pub fn run_peer(cache: &Cache, run: &StageRun<'_>, dist: &DistInfo, cancel: Arc<AtomicBool>) -> anyhow::Result<bool> {
+    let id = run.id;
+    let staging = cache.staging_dir(&format!("{id}.rank{}", dist.rank))?;
+    let scratch = cache.staging_dir(&format!("{id}.rank{}.scratch", dist.rank))?;
+    let progress: Arc<dyn ProgressSink> = Arc::new(crate::context::LogProgress::default());
+    let outcome = run_stage(
+        run,
+        staging.path(),
+        scratch.path(),
+        cache.resume_dir(&run.key),
+        Some(dist.clone()),
+        progress,
+        cancel,
+    );
+    match outcome {
+        Ok(()) => Ok(true),
+        Err(_) if dist.rendezvous.join(RENDEZVOUS_ABANDONED).exists() => {
+            tracing::info!("rank 0 found the outputs of `{id}` published: nothing to do");
+            Ok(false)
+        }
+        Err(e) => Err(e.context(format!("rank {} of {}", dist.rank, dist.world_size))),
+    }
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

@@ -54,6 +54,12 @@ fn section_bounds(doc: &str) -> Option<(usize, usize)> {
 
 fn render_kind(out: &mut String, doc: &StageDoc) {
     out.push_str(&format!("### `{}` (version {})\n\n{}\n\n", doc.kind, doc.version, doc.summary));
+    if doc.distributed {
+        out.push_str(
+            "Runs data-parallel: `[executor.stage.<id>] ranks = N` starts N processes that split each global batch \
+             (see [scaling](scaling.md#data-parallel-training)).\n\n",
+        );
+    }
     if doc.inputs.is_empty() {
         out.push_str("Inputs: none.\n\n");
     } else {

@@ -13,14 +13,16 @@
 //! log_dir = "/shared/logs"   # default: <cache>/logs/<run id>/slurm
 //!
 //! [executor.stage.sft]       # per-stage overrides of the stage's own resources
-//! cpus = 16
-//! gpus = 1
-//! mem = "64G"
+//! ranks = 8                  # data-parallel processes (kinds that support it; both executors)
+//! cpus = 16                  # per rank
+//! gpus = 1                   # per rank
+//! mem = "64G"                # per job (Slurm)
 //! time = "1-00:00:00"
 //! ```
 //!
-//! Nothing here enters a cache key: the same stage run locally or on Slurm
-//! has the same key and the same outputs.
+//! Nothing here enters a cache key: the same stage run locally or on Slurm,
+//! as one rank or eight, has the same key (data-parallel ranks compute the
+//! single-process result up to float rounding; provenance records `ranks`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -73,7 +75,7 @@ pub struct SlurmConfig {
     /// `None`: `<cache>/logs/<run id>/slurm/`.
     pub log_dir: Option<PathBuf>,
     /// Overrides by stage name or id (`sft`, `grpo@all`).
-    pub stages: BTreeMap<String, SlurmStageOverride>,
+    pub stages: BTreeMap<String, StageOverride>,
 }
 
 impl Default for SlurmConfig {
@@ -94,14 +96,17 @@ impl Default for SlurmConfig {
 
 impl SlurmConfig {
     /// The override for a stage: its exact id wins over its name.
-    pub fn stage_override(&self, id: &str, name: &str) -> SlurmStageOverride {
+    pub fn stage_override(&self, id: &str, name: &str) -> StageOverride {
         self.stages.get(id).or_else(|| self.stages.get(name)).cloned().unwrap_or_default()
     }
 }
 
-/// `[executor.stage.<id>]`: what one stage's job asks Slurm for.
+/// `[executor.stage.<id>]`: how one stage runs: its data-parallel ranks
+/// (both executors) and what its job asks Slurm for.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SlurmStageOverride {
+pub struct StageOverride {
+    /// Processes running the stage together (absent: 1).
+    pub ranks: Option<usize>,
     pub cpus: Option<usize>,
     pub gpus: Option<usize>,
     pub mem_mb: Option<u64>,
@@ -120,7 +125,7 @@ const EXECUTOR_KEYS: &[&str] = &[
     "log_dir",
     "stage",
 ];
-const STAGE_KEYS: &[&str] = &["cpus", "gpus", "mem", "time"];
+const STAGE_KEYS: &[&str] = &["ranks", "cpus", "gpus", "mem", "time"];
 
 fn unknown_key(sources: &SourceMap, origin: &Origin, key: &str, table: &str, known: &[&str]) -> RecipeError {
     let hint = did_you_mean(key, known.iter().copied())
@@ -277,7 +282,24 @@ pub(crate) fn parse_executor(
                     }
                     let what = format!("executor.stage.{id}");
                     let table = table_of(sources, &stage_entry.value, &what)?;
-                    slurm.stages.insert(id.to_string(), parse_stage_override(sources, table, &what)?);
+                    let o = parse_stage_override(sources, table, &what)?;
+                    if o.ranks.is_some_and(|n| n > 1)
+                        && let Some(single) =
+                            stages.iter().find(|s| (s.id == id || s.name == id) && !s.kind.distributed())
+                    {
+                        let node = table.get("ranks").map_or(&stage_entry.key, |n| &n.origin);
+                        return Err(RecipeError::at(
+                            sources,
+                            node,
+                            format!(
+                                "stage `{}` (kind `{}`) runs as one process: `ranks` must be 1",
+                                single.id,
+                                single.kind.kind()
+                            ),
+                        )
+                        .with_help("data-parallel ranks are for training kinds (`pipeline kinds` marks them)"));
+                    }
+                    slurm.stages.insert(id.to_string(), o);
                 }
             }
             _ => return Err(unknown_key(sources, &entry.key, key, "[executor]", EXECUTOR_KEYS)),
@@ -286,12 +308,16 @@ pub(crate) fn parse_executor(
     Ok(cfg)
 }
 
-fn parse_stage_override(sources: &SourceMap, table: &Table, what: &str) -> Result<SlurmStageOverride, RecipeError> {
-    let mut o = SlurmStageOverride::default();
+fn parse_stage_override(sources: &SourceMap, table: &Table, what: &str) -> Result<StageOverride, RecipeError> {
+    let mut o = StageOverride::default();
     for (key, entry) in table.in_order(sources) {
         let value = &entry.value;
         let field = format!("{what}.{key}");
         match key {
+            "ranks" => match count(sources, value, &field)? {
+                0 => return Err(expected(sources, value, &field, "at least 1")),
+                n => o.ranks = Some(n as usize),
+            },
             "cpus" => match count(sources, value, &field)? {
                 0 => return Err(expected(sources, value, &field, "at least 1")),
                 n => o.cpus = Some(n as usize),

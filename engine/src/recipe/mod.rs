@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 pub use docs::{render_stage_reference, update_stage_reference};
 pub use error::{RecipeError, SourceLoc};
-pub use executor::{ExecutorConfig, ExecutorKind, SlurmConfig, SlurmStageOverride};
+pub use executor::{ExecutorConfig, ExecutorKind, SlurmConfig, StageOverride};
 
 use crate::params::did_you_mean;
 use crate::registry::Registry;

@@ -644,7 +644,7 @@ fn every_error_kind_has_a_location() {
 
 #[test]
 fn executor_table_is_parsed_with_defaults_and_stage_overrides() {
-    use crate::recipe::{ExecutorKind, SlurmStageOverride};
+    use crate::recipe::{ExecutorKind, StageOverride};
     let r = load(MINI, &[]).unwrap();
     assert_eq!(r.executor.kind, ExecutorKind::Local);
     assert_eq!(r.executor.slurm.poll_interval_s, 5.0);
@@ -659,9 +659,10 @@ fn executor_table_is_parsed_with_defaults_and_stage_overrides() {
     assert_eq!(s.extra_args, ["--constraint=a100"]);
     assert_eq!((s.poll_interval_s, s.max_resubmits), (0.5, 4));
     assert_eq!(s.log_dir.as_deref(), Some(Path::new("logs")));
-    let grpo = SlurmStageOverride { cpus: Some(8), gpus: Some(2), mem_mb: Some(65536), time: Some("90".into()) };
+    let grpo =
+        StageOverride { ranks: None, cpus: Some(8), gpus: Some(2), mem_mb: Some(65536), time: Some("90".into()) };
     assert_eq!(s.stage_override("grpo", "grpo"), grpo);
-    assert_eq!(s.stage_override("eval", "eval"), SlurmStageOverride::default());
+    assert_eq!(s.stage_override("eval", "eval"), StageOverride::default());
     // The executor never enters a key, but a --set of it is a recipe value like any other.
     assert_eq!(load(&src, &["executor.kind=local"]).unwrap().executor.kind, ExecutorKind::Local);
 }
@@ -690,6 +691,12 @@ fn executor_mistakes_are_located() {
     let e = load_err(&format!("{base}[executor.stage.eval]\nmem = \"lots\"\n"), &[]);
     assert_eq!(e.message(), "`executor.stage.eval.mem` must be a memory size, found string");
     assert_eq!(at(&e), ("recipes/mini.toml".to_string(), 34, 7));
+
+    let e = load_err(&format!("{base}[executor.stage.eval]\nranks = 2\n"), &[]);
+    assert!(e.message().starts_with("stage `eval` (kind `"), "{}", e.message());
+    assert!(e.message().ends_with("runs as one process: `ranks` must be 1"), "{}", e.message());
+    assert_eq!(at(&e), ("recipes/mini.toml".to_string(), 34, 9));
+    assert!(load(&format!("{base}[executor.stage.eval]\nranks = 1\n"), &[]).is_ok());
 
     let e = load_err(&format!("{base}time = \"2h\"\n"), &[]);
     assert_eq!(e.message(), "`executor.time`: `2h` is not a Slurm time limit");

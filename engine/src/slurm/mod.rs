@@ -22,7 +22,7 @@ use pipeline_cache::ActionRecord;
 
 use crate::env::EngineEnv;
 use crate::executor::{Executor, ReadyStage, StageBackend};
-use crate::jobspec::{JOB_SPEC_FORMAT, JobInput, JobSpec, META_SLURM_JOB, jobs_dir};
+use crate::jobspec::{JobSpec, META_SLURM_JOB, jobs_dir};
 use crate::plan::recipe_dir;
 use crate::recipe::{Recipe, SlurmConfig};
 use crate::schedule::{Capacity, ResourcePool};
@@ -88,38 +88,8 @@ impl StageBackend for SlurmBackend {
         {
             return Ok((record, StageStatus::Cached));
         }
-        let mut inputs: BTreeMap<String, Vec<JobInput>> = BTreeMap::new();
-        for (name, refs) in &stage.decl.inputs {
-            for r in refs {
-                let record = stage
-                    .upstream
-                    .get(&r.stage)
-                    .with_context(|| format!("stage `{id}`: upstream `{}` has no output record", r.stage))?;
-                inputs.entry(name.clone()).or_default().push(JobInput {
-                    stage: r.stage.clone(),
-                    output: r.output.clone(),
-                    record: record.key,
-                });
-            }
-        }
-        let spec = JobSpec {
-            format: JOB_SPEC_FORMAT,
-            key,
-            stage_id: id.to_string(),
-            components: stage.components.clone(),
-            inputs,
-            forced: stage.planned.forced,
-            threads: stage.grant.threads,
-            memory_mb: stage.grant.memory_mb,
-            cwd: self.cwd.clone(),
-            recipe_dir: recipe_dir(exec.recipe),
-            recipe_name: exec.recipe.name.clone(),
-            recipe_path: exec.recipe.path.clone(),
-            recipe_digest: exec.recipe.digest.clone(),
-            git_revision: stage.origin.git_revision.clone(),
-            run_id: stage.origin.run_id.clone(),
-            tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        };
+        let ranks = self.cfg.stage_override(&stage.decl.id, &stage.decl.name).ranks.unwrap_or(1);
+        let spec = JobSpec::for_stage(exec, stage, self.cwd.clone(), ranks)?;
         let spec_path = spec.write(cache)?;
 
         let log_dir = self.log_dir(exec, &stage.origin.run_id);

@@ -16,7 +16,10 @@ pub struct JobRequest {
     /// that use every core they are given.
     pub cpus: Option<usize>,
     pub mem_mb: u64,
+    /// GPUs per task.
     pub gpus: usize,
+    /// Tasks (data-parallel ranks), each running the command via `srun`.
+    pub ranks: usize,
     pub time: Option<String>,
     pub partition: Option<String>,
     pub account: Option<String>,
@@ -53,6 +56,7 @@ impl JobRequest {
             cpus: o.cpus.or((res.cpu > 0).then_some(res.cpu)),
             mem_mb: o.mem_mb.unwrap_or(res.memory_mb).max(1),
             gpus: stage_gpus(cfg, decl),
+            ranks: o.ranks.unwrap_or(1).max(1),
             time: o.time.or_else(|| cfg.time.clone()),
             partition: cfg.partition.clone(),
             account: cfg.account.clone(),
@@ -74,9 +78,11 @@ impl JobRequest {
             Some(n) => opt(format!("--cpus-per-task={n}")),
             None => opt("--exclusive".to_string()),
         }
-        opt("--ntasks=1".to_string());
+        opt(format!("--ntasks={}", self.ranks));
         opt(format!("--mem={}M", self.mem_mb));
-        if self.gpus > 0 {
+        if self.gpus > 0 && self.ranks > 1 {
+            opt(format!("--gpus-per-task={}", self.gpus));
+        } else if self.gpus > 0 {
             opt(format!("--gres=gpu:{}", self.gpus));
         }
         if let Some(t) = &self.time {
@@ -98,7 +104,12 @@ impl JobRequest {
         // Double quotes so the job id expands; the rest of the path is quoted.
         lines.push(format!("export PIPELINE_JOB_LOG=\"{}\"", log.replace(['"', '\\', '`'], "_")));
         let cmd: Vec<String> = self.command.iter().map(|a| shell_quote(a)).collect();
-        lines.push(format!("exec {}", cmd.join(" ")));
+        if self.ranks > 1 {
+            // One task per rank; a rank that dies takes the step down with it.
+            lines.push(format!("exec srun --kill-on-bad-exit=1 {}", cmd.join(" ")));
+        } else {
+            lines.push(format!("exec {}", cmd.join(" ")));
+        }
         lines.join("\n") + "\n"
     }
 }
@@ -120,7 +131,7 @@ pub fn job_name(recipe: &str, stage: &str) -> String {
 mod tests {
     use super::*;
     use crate::context::StageContext;
-    use crate::recipe::SlurmStageOverride;
+    use crate::recipe::StageOverride;
     use crate::stage::StageKind;
 
     /// Uses every core; requires CUDA when `cuda` is set.
@@ -152,6 +163,7 @@ mod tests {
             cpus,
             mem_mb: 4096,
             gpus,
+            ranks: 1,
             time: Some("02:00:00".into()),
             partition: Some("gpu".into()),
             account: None,
@@ -185,6 +197,21 @@ mod tests {
     }
 
     #[test]
+    fn data_parallel_stages_get_one_task_per_rank_started_by_srun() {
+        let s = JobRequest { ranks: 4, ..request(Some(8), 1) }.script();
+        for line in [
+            "#SBATCH --ntasks=4",
+            "#SBATCH --cpus-per-task=8",
+            "#SBATCH --gpus-per-task=1",
+            "exec srun --kill-on-bad-exit=1 '/opt/pipeline' 'exec-stage' 'abc'",
+        ] {
+            assert!(s.lines().any(|l| l == line), "missing `{line}` in\n{s}");
+        }
+        assert!(!s.contains("--gres"), "{s}");
+        assert!(request(Some(8), 1).script().contains("#SBATCH --ntasks=1\n"));
+    }
+
+    #[test]
     fn overrides_win_over_stage_resources() {
         let registry = crate::registry::Registry::new().register::<Probe>();
         let recipe = crate::recipe::load_recipe_str(
@@ -204,9 +231,16 @@ mod tests {
         assert_eq!(req(&cfg, b).gpus, 1, "a stage requiring CUDA gets a GPU");
         cfg.stages.insert(
             "a".into(),
-            SlurmStageOverride { cpus: Some(4), gpus: Some(1), mem_mb: Some(8192), time: Some("1-00".into()) },
+            StageOverride {
+                ranks: Some(2),
+                cpus: Some(4),
+                gpus: Some(1),
+                mem_mb: Some(8192),
+                time: Some("1-00".into()),
+            },
         );
         let ra = req(&cfg, a);
         assert_eq!((ra.cpus, ra.mem_mb, ra.gpus, ra.time.as_deref()), (Some(4), 8192, 1, Some("1-00")));
+        assert_eq!(ra.ranks, 2);
     }
 }

@@ -14,6 +14,12 @@
 //! sampling seed, logs) goes to the engine's resume directory every
 //! `checkpoint_every` steps; a killed run resumes from the newest one and
 //! ends with the same weights as an uninterrupted run.
+//!
+//! Data-parallel: with `ranks = N` each rank generates and trains on its
+//! shard of every round's prompts (`prompts_per_step` ≥ N); the loss
+//! normalisers count the whole round and gradients are summed, so the
+//! ranks take the single-process step (up to float rounding). Rank 0 writes
+//! metrics, completions, checkpoints and the model.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -34,6 +40,7 @@ use stages_vlm::generate::GenerationConfig;
 use tch::Tensor;
 
 use crate::advantages::{ScaleRewards, mean_std};
+use crate::dist::{self, Collective};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
 use crate::policy_loss::{LossConfig, LossInputs, LossStats, LossType, StepScale, policy_loss, token_logps};
 use crate::prompt::PromptEncoder;
@@ -206,7 +213,9 @@ pub struct Grpo;
 impl StageKind for Grpo {
     type Params = GrpoParams;
     const KIND: &'static str = "grpo";
-    const VERSION: u32 = 1;
+    // 2: every completion samples from its own stream of the round seed (ranks shard the round).
+    const VERSION: u32 = 2;
+    const DISTRIBUTED: bool = true;
     const SUMMARY: &'static str =
         "GRPO on a Qwen2.5-VL checkpoint with weighted format/validity/correctness rewards (resumable)";
 
@@ -298,6 +307,14 @@ impl StageKind for Grpo {
         }
         let (device, kind) = device_and_kind(ctx, &p.dtype)?;
         let _threads = ThreadsGuard::set(ctx.threads());
+        let mut comm = dist::connect(ctx, device)?;
+        if p.prompts_per_step < comm.world_size() {
+            bail!(
+                "prompts_per_step = {} leaves ranks without prompts: give at least one per rank ({} ranks)",
+                p.prompts_per_step,
+                comm.world_size()
+            );
+        }
         let (model, tokenizer, processor) = load_checkpoint(&model_dir, kind, device)?;
         let trainable = Trainable::select(&model, &p.trainable)?;
         // Loaded once, and only when the KL term exists.
@@ -368,22 +385,30 @@ impl StageKind for Grpo {
             if iteration == 0 || current.is_none() {
                 let round = step / p.num_iterations;
                 let rows = order.round(round, p.prompts_per_step);
-                let mut r = rollout(&spec, &sampler, rows, round)
+                let mut r = rollout(&spec, &sampler, rows, round, comm.as_mut())
                     .with_context(|| format!("generation round {round} (step {})", step + 1))?;
                 trainer.reference_logps(&mut r)?;
                 if p.log_completions_every > 0 && step % p.log_completions_every == 0 {
-                    write_completions(&completions_path, step + 1, &r, &data, &rewards)?;
+                    let lines = dist::all_gather_json(comm.as_mut(), &completion_lines(step + 1, &r, &data, &rewards))?;
+                    if ctx.is_main_rank() {
+                        append_lines(&completions_path, lines.iter().flatten())?;
+                    }
                 }
                 current = Some(r);
             }
             let Some(r) = current.as_mut() else { bail!("no generation round for step {}", step + 1) };
-            let stats = trainer.train_step(r, iteration)?;
+            let mut stats = trainer.train_step(r, iteration)?;
+            if comm.world_size() > 1 {
+                dist::ensure_grads(opt.params());
+                dist::all_reduce_grads(comm.as_mut(), opt.params())?;
+                stats.reduce(comm.as_mut())?;
+            }
             let grad_norm = clip_grad_norm(opt.params(), p.max_grad_norm);
             let lr = schedule.at(step);
             opt.step(lr);
             let done = step + 1;
             ctx.progress().advance(1);
-            if done % p.log_every.max(1) == 0 || done == p.steps {
+            if ctx.is_main_rank() && (done % p.log_every.max(1) == 0 || done == p.steps) {
                 let mut row = metrics_row(r, &stats, &rewards, p);
                 row.insert("step".into(), done.into());
                 row.insert("lr".into(), lr.into());
@@ -392,7 +417,7 @@ impl StageKind for Grpo {
                 ctx.metrics().record(&serde_json::Value::Object(row))?;
             }
             t0 = Instant::now();
-            if p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < p.steps {
+            if ctx.is_main_rank() && p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < p.steps {
                 let next_round = done / p.num_iterations;
                 let state = TrainState::new(
                     done,
@@ -415,6 +440,9 @@ impl StageKind for Grpo {
             }
         }
         ctx.progress().finish();
+        if !ctx.is_main_rank() {
+            return Ok(());
+        }
 
         model.save(&out, kind, p.max_shard_mb * 1024 * 1024)?;
         copy_aux_files(&model_dir, &out)?;
@@ -423,7 +451,7 @@ impl StageKind for Grpo {
             serde_json::to_vec_pretty(&serde_json::json!({
                 "patterns": p.trainable, "tensors": trainable.names, "parameters": trainable.parameters,
                 "total_parameters": trainable.total_parameters, "optimizer_steps": p.steps,
-                "resumed_from_step": start, "reference_model": reference.is_some(),
+                "resumed_from_step": start, "reference_model": reference.is_some(), "ranks": comm.world_size(),
             }))?,
         )?;
         Ok(())
@@ -497,6 +525,35 @@ pub struct StepStats {
     pub entropy: f64,
     /// |sampler log-prob − recomputed log-prob| over real tokens (first update of a round only).
     pub sampling_diff: Option<(f64, f64)>,
+    /// Σ |difference|, real tokens and max behind `sampling_diff` (to combine ranks).
+    sampling_sums: Option<(f64, f64, f64)>,
+}
+
+impl StepStats {
+    /// Combine the ranks' statistics of one step (every rank gets the totals).
+    fn reduce(&mut self, comm: &mut dyn Collective) -> anyhow::Result<()> {
+        let l = &mut self.loss_stats;
+        let (diff_sum, real, max) = self.sampling_sums.unwrap_or_default();
+        let local =
+            [self.loss, l.tokens, l.kl, l.low_clipped, l.high_clipped, l.region_clipped, self.entropy, diff_sum, real];
+        let parts = dist::all_gather_f64(comm, &[&local[..], &[max]].concat())?;
+        let mut t = [0.0; 10];
+        for part in &parts {
+            for (i, v) in part.iter().enumerate().take(9) {
+                t[i] += v;
+            }
+            t[9] = t[9].max(part.get(9).copied().unwrap_or(0.0));
+        }
+        self.loss = t[0];
+        (l.tokens, l.kl, l.low_clipped, l.high_clipped, l.region_clipped) = (t[1], t[2], t[3], t[4], t[5]);
+        self.entropy = t[6];
+        // Every rank is at the same update of the round: all have sums or none.
+        if self.sampling_sums.is_some() {
+            self.sampling_sums = Some((t[7], t[8], t[9]));
+            self.sampling_diff = (t[8] > 0.0).then(|| (t[7] / t[8], t[9]));
+        }
+        Ok(())
+    }
 }
 
 /// The policy update: log-probs with gradients, the GRPO loss, backward.
@@ -529,7 +586,9 @@ impl Trainer<'_> {
 
     /// Backpropagate the loss of every micro-batch of `r` (update `iteration` of the round).
     pub fn train_step(&self, r: &mut Rollout, iteration: usize) -> anyhow::Result<StepStats> {
-        let scale = StepScale { micro_batches: r.micro.len(), step_tokens: r.loss_tokens() };
+        // Normalisers of the whole round, across ranks.
+        let totals = &r.round_totals;
+        let scale = StepScale { micro_batches: totals.micro_batches, step_tokens: totals.loss_tokens };
         let keep_old = self.p.num_iterations > 1;
         let mut s = StepStats::default();
         let (mut diff_sum, mut diff_max, mut real) = (0.0, 0.0f64, 0.0);
@@ -564,8 +623,9 @@ impl Trainer<'_> {
             s.loss_stats.add(&stats);
             s.entropy += (entropy * &m.loss_mask).sum(m.loss_mask.kind()).double_value(&[]);
         }
-        if iteration == 0 && real > 0.0 {
-            s.sampling_diff = Some((diff_sum / real, diff_max));
+        if iteration == 0 {
+            s.sampling_sums = Some((diff_sum, real, diff_max));
+            s.sampling_diff = (real > 0.0).then(|| (diff_sum / real, diff_max));
         }
         Ok(s)
     }
@@ -583,11 +643,12 @@ fn metrics_row(
         row.insert(k.to_string(), v.into());
     };
     put("loss", s.loss);
-    let (mean, std) = mean_std(&r.rewards);
+    let t = &r.round_totals;
+    let (mean, std) = mean_std(&t.rewards);
     put("reward", mean);
     put("reward_std", std);
     for (i, name) in rewards.names().iter().enumerate() {
-        let col: Vec<f64> = r.scores.iter().map(|x| x[i]).collect();
+        let col: Vec<f64> = t.scores.iter().map(|x| x[i]).collect();
         let (m, sd) = mean_std(&col);
         put(&format!("rewards/{name}/mean"), m);
         put(&format!("rewards/{name}/std"), sd);
@@ -601,9 +662,9 @@ fn metrics_row(
     put("clip_ratio/low_mean", ls.per_token(ls.low_clipped));
     put("clip_ratio/high_mean", ls.per_token(ls.high_clipped));
     put("clip_ratio/region_mean", ls.per_token(ls.region_clipped));
-    let lengths: Vec<f64> = r.completions.iter().map(|c| c.token_ids.len() as f64).collect();
+    let lengths: Vec<f64> = t.lengths.iter().map(|&l| l as f64).collect();
     let terminated: Vec<f64> =
-        r.completions.iter().filter(|c| !Rollout::is_truncated(c)).map(|c| c.token_ids.len() as f64).collect();
+        t.lengths.iter().zip(&t.truncated).filter(|(_, cut)| !**cut).map(|(&l, _)| l as f64).collect();
     put("completions/mean_length", mean_std(&lengths).0);
     put("completions/min_length", lengths.iter().copied().fold(f64::INFINITY, f64::min));
     put("completions/max_length", lengths.iter().copied().fold(0.0, f64::max));
@@ -618,30 +679,35 @@ fn metrics_row(
     row
 }
 
-/// Append every completion of round `r` (trained from step `step` on).
-fn write_completions(
-    path: &Path,
-    step: usize,
-    r: &Rollout,
-    data: &[stages_eval::dataset::VqaRow],
-    rewards: &Rewards,
-) -> anyhow::Result<()> {
+/// One completions.jsonl line per completion of this rank's share of round
+/// `r` (trained from step `step` on).
+fn completion_lines(step: usize, r: &Rollout, data: &[stages_eval::dataset::VqaRow], rewards: &Rewards) -> Vec<String> {
+    let names = rewards.names();
+    r.completions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let row = &data[r.rows[c.prompt]];
+            let scores: serde_json::Map<String, serde_json::Value> =
+                names.iter().zip(&r.scores[i]).map(|(n, v)| (n.to_string(), (*v).into())).collect();
+            serde_json::json!({
+                "step": step, "round": r.round, "id": row.id, "gold": row.answer, "prompt": r.users[c.prompt],
+                "completion": c.text, "tokens": c.token_ids.len(), "finish": c.finish,
+                "rewards": scores, "reward": r.rewards[i], "advantage": r.advantages.values[i],
+            })
+            .to_string()
+        })
+        .collect()
+}
+
+fn append_lines<'a>(path: &Path, lines: impl Iterator<Item = &'a String>) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
-    let names = rewards.names();
-    for (i, c) in r.completions.iter().enumerate() {
-        let row = &data[r.rows[c.prompt]];
-        let scores: serde_json::Map<String, serde_json::Value> =
-            names.iter().zip(&r.scores[i]).map(|(n, v)| (n.to_string(), (*v).into())).collect();
-        let line = serde_json::json!({
-            "step": step, "round": r.round, "id": row.id, "gold": row.answer, "prompt": r.users[c.prompt],
-            "completion": c.text, "tokens": c.token_ids.len(), "finish": c.finish,
-            "rewards": scores, "reward": r.rewards[i], "advantage": r.advantages.values[i],
-        });
-        serde_json::to_writer(&mut f, &line)?;
+    for line in lines {
+        f.write_all(line.as_bytes())?;
         f.write_all(b"\n")?;
     }
     Ok(())

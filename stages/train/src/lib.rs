@@ -2,6 +2,7 @@
 //! fine-tuning (`sft`) and GRPO (`grpo`) with weighted rewards.
 
 pub mod advantages;
+pub mod dist;
 pub mod grpo;
 pub mod optim;
 pub mod policy_loss;

@@ -3,6 +3,12 @@
 //! completions per prompt (prefill once, sampled with a per-round seed),
 //! score the rewards, compute the advantages, and lay the completions out as
 //! training micro-batches (left-padded prompt + right-padded completion).
+//!
+//! With data-parallel ranks each rank generates the completions of its
+//! contiguous shard of the round's prompts. Every completion samples from its
+//! own stream of the round seed (indexed by its place in the whole round), so
+//! the shards together sample what one process would; rewards are gathered
+//! so advantages (group or batch scaled) and metrics cover the whole round.
 
 use rand::SeedableRng as _;
 use rand::seq::SliceRandom as _;
@@ -15,6 +21,7 @@ use stages_vlm::{Batch, Qwen25Vl};
 use tch::{Kind, Tensor};
 
 use crate::advantages::{Advantages, ScaleRewards, advantages};
+use crate::dist::{self, Collective};
 use crate::prompt::{EncodedPrompt, PromptEncoder};
 use crate::rewards::{Rewards, Sample};
 
@@ -105,7 +112,8 @@ impl MicroBatch {
     }
 }
 
-/// The completions of one round, scored and laid out for training.
+/// The completions of one round (this rank's share), scored and laid out
+/// for training.
 pub struct Rollout {
     pub round: usize,
     /// Dataset row of each prompt.
@@ -116,18 +124,44 @@ pub struct Rollout {
     pub scores: Vec<Vec<f64>>,
     /// Per completion: the weighted total.
     pub rewards: Vec<f64>,
+    /// This rank's completions' advantages; `frac_zero_std` of the whole round.
     pub advantages: Advantages,
     pub micro: Vec<MicroBatch>,
+    /// The whole round across ranks (metrics and loss normalisers).
+    pub round_totals: RoundTotals,
+}
+
+/// Per completion of the whole round (all ranks, in rank order), what the
+/// metrics need, and the normalisers of the step loss.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RoundTotals {
+    pub scores: Vec<Vec<f64>>,
+    pub rewards: Vec<f64>,
+    pub lengths: Vec<usize>,
+    pub truncated: Vec<bool>,
+    /// Micro-batches over all ranks (the loss of each is divided by it).
+    pub micro_batches: usize,
+    /// Completion tokens in the loss over all ranks (the `dapo` normaliser).
+    pub loss_tokens: f64,
+}
+
+impl RoundTotals {
+    /// Concatenate the ranks' shares (in rank order).
+    fn join(parts: Vec<RoundTotals>) -> Self {
+        let mut all = RoundTotals::default();
+        for p in parts {
+            all.scores.extend(p.scores);
+            all.rewards.extend(p.rewards);
+            all.lengths.extend(p.lengths);
+            all.truncated.extend(p.truncated);
+        }
+        all
+    }
 }
 
 impl Rollout {
     pub fn is_truncated(c: &Completion) -> bool {
         c.finish == FinishReason::Length
-    }
-
-    /// Completion tokens the loss counts over the whole round.
-    pub fn loss_tokens(&self) -> f64 {
-        self.micro.iter().map(|m| m.loss_mask.sum(Kind::Double).double_value(&[])).sum()
     }
 }
 
@@ -225,26 +259,40 @@ pub struct Sampler<'a> {
     pub seed: u64,
 }
 
-/// Generate, score and lay out round `round` for the given dataset rows.
-pub fn rollout(spec: &RolloutSpec, sampler: &Sampler, rows: Vec<usize>, round: usize) -> anyhow::Result<Rollout> {
+/// Generate, score and lay out round `round` for the given dataset rows
+/// (the whole round: each rank of `comm` takes its shard).
+pub fn rollout(
+    spec: &RolloutSpec,
+    sampler: &Sampler,
+    round_rows: Vec<usize>,
+    round: usize,
+    comm: &mut dyn Collective,
+) -> anyhow::Result<Rollout> {
     let Sampler { model, tokenizer, ref encoder, data, seed } = *sampler;
+    let group = spec.num_generations;
+    let mine = dist::shard(round_rows.len(), comm.rank(), comm.world_size());
+    let rows = round_rows[mine.clone()].to_vec();
     let prompts: Vec<EncodedPrompt> = rows.iter().map(|&r| encoder.encode(&data[r])).collect::<anyhow::Result<_>>()?;
     let refs: Vec<&EncodedPrompt> = prompts.iter().collect();
     let pad = i64::from(tokenizer.pad_id);
-    let (input_ids, attention_mask, pixel_values, grid) = prompt_batch(&refs, pad, model);
-    let cfg = GenerationConfig {
-        seed: round_seed(seed, round),
-        num_return_sequences: spec.num_generations,
-        ..spec.generation.clone()
+    let completions = if prompts.is_empty() {
+        Vec::new()
+    } else {
+        let (input_ids, attention_mask, pixel_values, grid) = prompt_batch(&refs, pad, model);
+        let cfg = GenerationConfig {
+            seed: round_seed(seed, round),
+            row_streams: Some(mine.start * group),
+            num_return_sequences: group,
+            ..spec.generation.clone()
+        };
+        let batch = Batch {
+            input_ids: &input_ids,
+            attention_mask: &attention_mask,
+            pixel_values: pixel_values.as_ref(),
+            image_grid_thw: &grid,
+        };
+        generate(model, Some(tokenizer), &batch, &cfg)?
     };
-    let batch = Batch {
-        input_ids: &input_ids,
-        attention_mask: &attention_mask,
-        pixel_values: pixel_values.as_ref(),
-        image_grid_thw: &grid,
-    };
-    let completions = generate(model, Some(tokenizer), &batch, &cfg)?;
-    let group = spec.num_generations;
     let mut scores = Vec::with_capacity(completions.len());
     let mut rewards = Vec::with_capacity(completions.len());
     for c in &completions {
@@ -254,7 +302,18 @@ pub fn rollout(spec: &RolloutSpec, sampler: &Sampler, rows: Vec<usize>, round: u
         rewards.push(spec.rewards.total(&s));
         scores.push(s);
     }
-    let adv = advantages(&rewards, group, spec.scale_rewards);
+    // Advantages need whole groups (local) or the whole round (`batch`): gather.
+    let share = RoundTotals {
+        scores: scores.clone(),
+        rewards: rewards.clone(),
+        lengths: completions.iter().map(|c| c.token_ids.len()).collect(),
+        truncated: completions.iter().map(Rollout::is_truncated).collect(),
+        ..Default::default()
+    };
+    let mut totals = RoundTotals::join(dist::all_gather_json(comm, &share)?);
+    let all = advantages(&totals.rewards, group, spec.scale_rewards);
+    let local = mine.start * group..mine.end * group;
+    let adv = Advantages { values: all.values[local].to_vec(), frac_zero_std: all.frac_zero_std };
     let seqs: Vec<usize> = (0..completions.len()).collect();
     let layout = Layout {
         group,
@@ -265,7 +324,11 @@ pub fn rollout(spec: &RolloutSpec, sampler: &Sampler, rows: Vec<usize>, round: u
         mask_truncated: spec.mask_truncated_completions,
         model,
     };
-    let micro = seqs.chunks(spec.micro_batch_size.max(1)).map(|chunk| layout.micro_batch(chunk)).collect();
+    let micro: Vec<MicroBatch> =
+        seqs.chunks(spec.micro_batch_size.max(1)).map(|chunk| layout.micro_batch(chunk)).collect();
+    let loss_tokens: f64 = micro.iter().map(|m| m.loss_mask.sum(Kind::Double).double_value(&[])).sum();
+    let sums = dist::all_reduce_f64(comm, &[micro.len() as f64, loss_tokens])?;
+    (totals.micro_batches, totals.loss_tokens) = (sums[0].round() as usize, sums[1]);
     Ok(Rollout {
         round,
         rows,
@@ -275,6 +338,7 @@ pub fn rollout(spec: &RolloutSpec, sampler: &Sampler, rows: Vec<usize>, round: u
         rewards,
         advantages: adv,
         micro,
+        round_totals: totals,
     })
 }
 

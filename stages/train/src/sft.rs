@@ -7,6 +7,14 @@
 //! and image tokens get label -100 (the Med-R1 lineage pitfall of unmasked
 //! prompts is avoided). Only parameters matching `trainable` get gradients
 //! and AdamW state (paper default: the language model's MLP layers).
+//!
+//! One optimizer step sees a global batch of `batch_size × grad_accum ×
+//! ranks` items and minimises the mean token loss over all of its assistant
+//! tokens (as HF Trainer with token-averaged accumulation): each micro-batch
+//! contributes its summed token loss divided by the step's token count. With
+//! several data-parallel ranks every rank takes a contiguous shard of the
+//! global batch and the gradients are summed across ranks, so the step is the
+//! single-process step up to float rounding.
 
 use std::path::Path;
 use std::time::Instant;
@@ -25,6 +33,7 @@ use stages_vlm::processor::ImageProcessor;
 use stages_vlm::{Batch, Qwen25Vl};
 use tch::{Kind, Reduction, Tensor};
 
+use crate::dist;
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
 use crate::prompt::PromptEncoder;
 use crate::setup::{ThreadsGuard, Trainable, load_checkpoint, regex_union};
@@ -57,9 +66,9 @@ pub struct SftParams {
     pub eps: f64,
     /// Decoupled weight decay.
     pub weight_decay: f64,
-    /// Items per forward pass.
+    /// Items per forward pass (per rank).
     pub batch_size: usize,
-    /// Forward passes per optimizer step (effective batch = batch_size × this).
+    /// Forward passes per optimizer step (global batch = batch_size × this × ranks).
     pub grad_accum: usize,
     /// Clip the global gradient norm to this (0 = no clipping).
     pub max_grad_norm: f64,
@@ -115,7 +124,9 @@ impl StageKind for Sft {
     type Params = SftParams;
     const KIND: &'static str = "sft";
     // 2: the vision patch embedding trains when `trainable` matches it.
-    const VERSION: u32 = 2;
+    // 3: the step loss is the mean over all its tokens (was: mean of micro-batch means).
+    const VERSION: u32 = 3;
+    const DISTRIBUTED: bool = true;
     const SUMMARY: &'static str =
         "Supervised fine-tuning of a Qwen2.5-VL checkpoint on a VQA split (loss on assistant tokens only)";
 
@@ -168,6 +179,8 @@ impl StageKind for Sft {
         }
         let (device, kind) = device_and_kind(ctx, &p.dtype)?;
         let _threads = ThreadsGuard::set(ctx.threads());
+        let mut comm = dist::connect(ctx, device)?;
+        let (rank, world) = (comm.rank(), comm.world_size());
         let (model, tokenizer, processor) = load_checkpoint(&model_dir, kind, device)?;
         let trainable = Trainable::select(&model, &p.trainable)?;
 
@@ -175,7 +188,8 @@ impl StageKind for Sft {
         let examples: Vec<Example> =
             rows.iter().map(|r| encoder.encode(r)).collect::<anyhow::Result<_>>().context("building examples")?;
 
-        let steps_per_epoch = examples.len().div_ceil(p.batch_size * p.grad_accum);
+        let global_batch = p.batch_size * p.grad_accum * world;
+        let steps_per_epoch = examples.len().div_ceil(global_batch);
         let total = p.max_steps.unwrap_or(usize::MAX).min(steps_per_epoch * p.epochs).max(1);
         let schedule = LrSchedule::cosine(p.lr, (p.warmup_ratio * total as f64).ceil() as usize, total);
         let mut opt = AdamW::new(
@@ -185,33 +199,43 @@ impl StageKind for Sft {
 
         ctx.progress().start("sft steps", total as u64);
         let mut step = 0;
-        let (mut tokens, mut t0) = (0usize, Instant::now());
+        let (mut tokens, mut t0) = (0.0f64, Instant::now());
         'epochs: for epoch in 0..p.epochs {
+            // Every rank draws the same order and takes its shard of each global batch.
             let mut order: Vec<usize> = (0..examples.len()).collect();
             order.shuffle(&mut ctx.rng(&format!("sft/order/{epoch}")));
-            for group in order.chunks(p.batch_size * p.grad_accum) {
+            for group in order.chunks(global_batch) {
                 ctx.check_cancelled()?;
-                let mut loss_sum = 0.0;
-                let micro: Vec<&[usize]> = group.chunks(p.batch_size).collect();
-                for idx in &micro {
+                let step_tokens: usize = group.iter().map(|&i| examples[i].target_tokens()).sum();
+                let mine = &group[dist::shard(group.len(), rank, world)];
+                let mut loss_local = 0.0;
+                for idx in mine.chunks(p.batch_size) {
                     let batch: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
-                    let loss = batch_loss(&model, &batch)?;
-                    (&loss / micro.len() as f64).backward();
-                    loss_sum += loss.double_value(&[]) / micro.len() as f64;
-                    tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
+                    let loss = batch_loss_sum(&model, &batch)? / step_tokens.max(1) as f64;
+                    loss.backward();
+                    loss_local += loss.double_value(&[]);
                 }
+                let loss_sum = if world > 1 {
+                    // A rank with nothing left in a short last batch still takes part.
+                    dist::ensure_grads(opt.params());
+                    dist::all_reduce_grads(comm.as_mut(), opt.params())?;
+                    dist::all_reduce_f64(comm.as_mut(), &[loss_local])?[0]
+                } else {
+                    loss_local
+                };
+                tokens += group.iter().map(|&i| examples[i].ids.len()).sum::<usize>() as f64;
                 let grad_norm = clip_grad_norm(opt.params(), p.max_grad_norm);
                 let lr = schedule.at(step);
                 opt.step(lr);
                 step += 1;
                 ctx.progress().advance(1);
-                if step % p.log_every.max(1) == 0 || step == total {
+                if ctx.is_main_rank() && (step % p.log_every.max(1) == 0 || step == total) {
                     let secs = t0.elapsed().as_secs_f64().max(1e-9);
                     ctx.metrics().record(&serde_json::json!({
                         "step": step, "epoch": epoch, "loss": loss_sum, "lr": lr,
-                        "grad_norm": grad_norm, "tokens_per_s": tokens as f64 / secs,
+                        "grad_norm": grad_norm, "tokens_per_s": tokens / secs,
                     }))?;
-                    (tokens, t0) = (0, Instant::now());
+                    (tokens, t0) = (0.0, Instant::now());
                 }
                 if step >= total {
                     break 'epochs;
@@ -219,6 +243,10 @@ impl StageKind for Sft {
             }
         }
         ctx.progress().finish();
+        if !ctx.is_main_rank() {
+            // Rank 0 saves the (identical) weights.
+            return Ok(());
+        }
 
         let out = ctx.output_dir();
         model.save(out, kind, p.max_shard_mb * 1024 * 1024)?;
@@ -228,7 +256,7 @@ impl StageKind for Sft {
             serde_json::to_vec_pretty(&serde_json::json!({
                 "patterns": p.trainable, "tensors": trainable.names, "parameters": trainable.parameters,
                 "total_parameters": trainable.total_parameters,
-                "optimizer_steps": step, "examples": examples.len(),
+                "optimizer_steps": step, "examples": examples.len(), "ranks": world,
             }))?,
         )?;
         Ok(())
@@ -277,8 +305,21 @@ impl Encoder<'_> {
     }
 }
 
+impl Example {
+    /// Tokens in the loss (the assistant turn; position 0 predicts nothing).
+    pub fn target_tokens(&self) -> usize {
+        self.labels.iter().skip(1).filter(|&&l| l != IGNORE).count()
+    }
+}
+
 /// Mean cross-entropy over the assistant tokens of a left-padded batch.
 pub fn batch_loss(model: &Qwen25Vl, batch: &[&Example]) -> anyhow::Result<Tensor> {
+    let tokens: usize = batch.iter().map(|e| e.target_tokens()).sum();
+    Ok(batch_loss_sum(model, batch)? / tokens.max(1) as f64)
+}
+
+/// Summed cross-entropy over the assistant tokens of a left-padded batch.
+pub fn batch_loss_sum(model: &Qwen25Vl, batch: &[&Example]) -> anyhow::Result<Tensor> {
     let len = batch.iter().map(|e| e.ids.len()).max().unwrap_or(0);
     let (mut ids, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
     for e in batch {
@@ -302,17 +343,26 @@ pub fn batch_loss(model: &Qwen25Vl, batch: &[&Example]) -> anyhow::Result<Tensor
         pixel_values: pixel_values.as_ref(),
         image_grid_thw: &grid,
     })?;
-    Ok(masked_cross_entropy(&logits, &labels))
+    Ok(masked_cross_entropy_sum(&logits, &labels))
 }
 
 /// Mean next-token cross-entropy of (batch, len, vocab) logits against
 /// (batch, len) labels; positions labelled IGNORE contribute nothing.
 pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
+    cross_entropy(logits, labels, Reduction::Mean)
+}
+
+/// Like [`masked_cross_entropy`], summed over the tokens instead of averaged.
+pub fn masked_cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Tensor {
+    cross_entropy(logits, labels, Reduction::Sum)
+}
+
+fn cross_entropy(logits: &Tensor, labels: &Tensor, reduction: Reduction) -> Tensor {
     // Token t predicts token t+1.
     let (len, vocab) = (logits.size()[1], logits.size()[2]);
     let shifted = logits.narrow(1, 0, len - 1).to_kind(Kind::Float).reshape([-1, vocab]);
     let targets = labels.narrow(1, 1, len - 1).reshape([-1]);
-    shifted.cross_entropy_loss::<Tensor>(&targets, None, Reduction::Mean, IGNORE, 0.0)
+    shifted.cross_entropy_loss::<Tensor>(&targets, None, reduction, IGNORE, 0.0)
 }
 
 /// For tests and tools: the model, tokenizer and processor of a checkpoint dir (f32, CPU).

@@ -164,7 +164,7 @@ fn mlp_only_training_leaves_every_other_parameter_bit_identical() {
         data: &data,
         seed: 1,
     };
-    let mut r = rollout(&spec, &sampler, vec![0, 4], 0).unwrap();
+    let mut r = rollout(&spec, &sampler, vec![0, 4], 0, &mut stages_train::dist::Single).unwrap();
     assert_eq!(r.completions.len(), 6);
     // Fixed non-zero advantages: the update must move every MLP tensor.
     for m in &mut r.micro {

@@ -21,6 +21,12 @@ pub struct GenerationConfig {
     /// Keep the k most likely tokens (0 = off).
     pub top_k: usize,
     pub seed: u64,
+    /// `Some(k)`: output row `r` samples from its own stream `k + r` of
+    /// `seed`, so rows sample the same tokens whatever else shares the batch
+    /// (data-parallel GRPO splits a round's prompts across ranks). `None`:
+    /// one stream for the whole batch.
+    #[serde(default)]
+    pub row_streams: Option<usize>,
     /// Completions per prompt (a GRPO group); the prompt is prefilled once.
     pub num_return_sequences: usize,
     pub eos_token_ids: Vec<i64>,
@@ -40,6 +46,7 @@ impl Default for GenerationConfig {
             top_p: 1.0,
             top_k: 0,
             seed: 0,
+            row_streams: None,
             num_return_sequences: 1,
             eos_token_ids: Vec::new(),
             stop_strings: vec!["</answer>".into()],
@@ -145,7 +152,17 @@ pub fn generate(
             logits = logits.repeat_interleave_self_int(n as i64, 0, None);
         }
         let rows = logits.size()[0] as usize;
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let mut shared = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let mut own: Vec<ChaCha8Rng> = match cfg.row_streams {
+            Some(first) => (0..rows)
+                .map(|r| {
+                    let mut g = ChaCha8Rng::seed_from_u64(cfg.seed);
+                    g.set_stream((first + r) as u64);
+                    g
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         let mut out: Vec<Completion> = (0..rows)
             .map(|r| Completion {
                 prompt: r / n,
@@ -166,7 +183,8 @@ pub fn generate(
                     continue;
                 }
                 suppress(row, &cfg.suppress_tokens);
-                let (tok, lp) = choose(row, cfg, &mut rng);
+                let rng = own.get_mut(r).unwrap_or(&mut shared);
+                let (tok, lp) = choose(row, cfg, rng);
                 let c = &mut out[r];
                 c.token_ids.push(tok as i64);
                 c.logprobs.push(lp);
