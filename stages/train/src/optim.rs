@@ -15,10 +15,16 @@ pub struct AdamWConfig {
 }
 
 /// AdamW (Loshchilov & Hutter) with bias correction, as torch.optim.AdamW.
+///
+/// Parameters held in a 16-bit float (bf16 on CUDA) get an f32 master copy
+/// that the updates accumulate in: an update below half a bf16 ulp of the
+/// weight (most of them at lr 1e-5..1e-6) would otherwise round away.
 pub struct AdamW {
     params: Vec<(String, Tensor)>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// f32 master weights of the 16-bit parameters (None: the parameter is f32/f64).
+    master: Vec<Option<Tensor>>,
     cfg: AdamWConfig,
     t: i32,
 }
@@ -29,7 +35,11 @@ impl AdamW {
         let zeros = |p: &Tensor| Tensor::zeros(p.size(), (Kind::Float, p.device()));
         let m = params.iter().map(|(_, p)| zeros(p)).collect();
         let v = params.iter().map(|(_, p)| zeros(p)).collect();
-        Self { params, m, v, cfg, t: 0 }
+        let master = params
+            .iter()
+            .map(|(_, p)| matches!(p.kind(), Kind::BFloat16 | Kind::Half).then(|| p.detach().to_kind(Kind::Float)))
+            .collect();
+        Self { params, m, v, master, cfg, t: 0 }
     }
 
     pub fn params(&self) -> impl Iterator<Item = &Tensor> {
@@ -42,12 +52,16 @@ impl AdamW {
     }
 
     /// The moments by name (`exp_avg.<param>`, `exp_avg_sq.<param>`, as
-    /// torch's state dict calls them), for a checkpoint.
+    /// torch's state dict calls them) and the f32 master weights of 16-bit
+    /// parameters (`master.<param>`), for a checkpoint.
     pub fn moments(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
         for (i, (name, _)) in self.params.iter().enumerate() {
             out.insert(format!("exp_avg.{name}"), self.m[i].shallow_clone());
             out.insert(format!("exp_avg_sq.{name}"), self.v[i].shallow_clone());
+            if let Some(master) = &self.master[i] {
+                out.insert(format!("master.{name}"), master.shallow_clone());
+            }
         }
         out
     }
@@ -64,6 +78,14 @@ impl AdamW {
                     return Err(format!("optimizer state `{key}` has shape {:?}, expected {:?}", t.size(), p.size()));
                 }
                 *slot = t.to_kind(Kind::Float).to_device(p.device());
+            }
+            // Without a saved master copy (an older checkpoint) the restored weight is the best start.
+            if self.master[i].is_some() {
+                let saved = moments.get(&format!("master.{name}"));
+                self.master[i] = Some(match saved {
+                    Some(t) if t.size() == p.size() => t.to_kind(Kind::Float).to_device(p.device()),
+                    _ => p.detach().to_kind(Kind::Float),
+                });
             }
         }
         self.t = steps;
@@ -89,12 +111,18 @@ impl AdamW {
                 *v = &*v * beta2 + (&g * &g) * (1.0 - beta2);
                 let denom = (&*v / bc2).sqrt() + eps;
                 let mut update = (&*m / bc1) / denom;
-                let pf = p.to_kind(Kind::Float);
+                let pf = match &self.master[i] {
+                    Some(master) => master.shallow_clone(),
+                    None => p.to_kind(Kind::Float),
+                };
                 if weight_decay != 0.0 {
                     update += &pf * weight_decay;
                 }
                 let new = pf - update * lr;
                 p.copy_(&new.to_kind(p.kind()));
+                if let Some(master) = &mut self.master[i] {
+                    *master = new;
+                }
                 let _ = p.grad().zero_();
             }
         });
@@ -173,6 +201,26 @@ mod tests {
         let s = LrSchedule::constant(2.0, 2, 6);
         let lrs: Vec<f64> = (0..7).map(|i| s.at(i)).collect();
         assert_eq!(lrs, vec![0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]);
+    }
+
+    #[test]
+    fn small_updates_of_bf16_weights_accumulate_in_the_f32_master_copy() {
+        // lr 1e-6 on a weight of 0.02: each update is far below bf16's
+        // resolution there (~1.2e-4), so without a master copy nothing moves.
+        let p = Tensor::full([64], 0.02, (Kind::BFloat16, tch::Device::Cpu)).set_requires_grad(true);
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let mut opt = AdamW::new(vec![("w".into(), p.shallow_clone())], cfg);
+        let start = p.detach().to_kind(Kind::Float);
+        for _ in 0..300 {
+            (&p * 1.0).sum(Kind::Float).backward();
+            opt.step(1e-6);
+        }
+        // 300 steps of ~1e-6 each: the master copy moved ~3e-4, and so (rounded) did the weight.
+        let master = opt.moments()["master.w"].shallow_clone();
+        let moved = (&start - &master).mean(Kind::Float).double_value(&[]);
+        assert!((moved - 3e-4).abs() < 2e-5, "master moved {moved}");
+        let weight_moved = (&start - p.detach().to_kind(Kind::Float)).mean(Kind::Float).double_value(&[]);
+        assert!(weight_moved > 1e-4, "the bf16 weight never moved ({weight_moved})");
     }
 
     #[test]
