@@ -72,7 +72,8 @@ fn full_recipe_plans_without_data_or_gpu() {
         );
     }
     // Every stage of the paper's pipeline is in the plan, to run.
-    for stage in ["index", "export", "sft", "grpo", "eval", "eval_nothink", "eval_sft", "eval_base", "judge", "report"] {
+    for stage in ["index", "export", "sft", "grpo", "eval", "eval_nothink", "eval_sft", "eval_base", "judge", "report"]
+    {
         assert!(
             out_text.lines().any(|l| l.split_whitespace().next() == Some(stage) && l.contains(" run ")),
             "stage {stage} missing from the plan:\n{out_text}"
@@ -117,8 +118,8 @@ fn ci_recipe_runs_then_reruns_from_cache() {
     }
 
     // The model learnt something on held-out patients: the output format,
-    // and the classes beyond the majority class (always answering the most
-    // frequent class gives a macro accuracy of 1/7).
+    // and most classes, not only the majority one (always answering the most
+    // frequent class gives a macro accuracy of 1/7; ci measured 0.99).
     let metrics_path = tmp.path().join("outputs/ci/eval/metrics.json");
     let metrics: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&metrics_path).expect("eval metrics.json")).expect("json");
@@ -128,5 +129,5 @@ fn ci_recipe_runs_then_reruns_from_cache() {
     let acc = value("accuracy").expect("accuracy");
     eprintln!("ci held-out: accuracy {acc:.3}, macro {macro_acc:.3}, format {format:.3}");
     assert!(format >= 0.9, "format rate {format}");
-    assert!(macro_acc >= 1.0 / 7.0 + 0.1, "macro accuracy {macro_acc} is not above chance with a margin");
+    assert!(macro_acc >= 0.5, "macro accuracy {macro_acc}: the classes were not learnt");
 }
