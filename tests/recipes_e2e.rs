@@ -42,6 +42,52 @@ fn every_shipped_recipe_plans_cleanly() {
 }
 
 #[test]
+fn full_recipe_plans_without_data_or_gpu() {
+    // The paper's recipe must be checkable on a laptop: missing data, model
+    // and GPU are warnings in the plan, not errors.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cache = tmp.path().join("cache");
+    let missing_data = tmp.path().join("no-such-ReXGroundingCT");
+    let missing_model = tmp.path().join("no-such-Qwen2.5-VL-7B-Instruct");
+    let out = pipeline(
+        &[
+            "plan",
+            "recipes/full.toml",
+            "--cache-dir",
+            cache.to_str().expect("utf8"),
+            "--set",
+            &format!("index.root={}", missing_data.display()),
+            "--set",
+            &format!("base_model.path={}", missing_model.display()),
+        ],
+        tmp.path(),
+    );
+    let out_text = text(&out);
+    assert!(out.status.success(), "plan full.toml failed:\n{out_text}");
+    for missing in [&missing_data, &missing_model] {
+        assert!(
+            out_text.contains(&format!("{} does not exist", missing.display())),
+            "no warning about {}:\n{out_text}",
+            missing.display()
+        );
+    }
+    // Every stage of the paper's pipeline is in the plan, to run.
+    for stage in ["index", "export", "sft", "grpo", "eval", "eval_nothink", "eval_sft", "eval_base", "judge", "report"]
+    {
+        assert!(
+            out_text.lines().any(|l| l.split_whitespace().next() == Some(stage) && l.contains(" run ")),
+            "stage {stage} missing from the plan:\n{out_text}"
+        );
+    }
+    // Training asks for a GPU: granted where one is, else a warning (not an error).
+    assert!(
+        out_text.contains("stage `sft` requests a CUDA device")
+            || out_text.lines().any(|l| l.starts_with("sft ") && l.contains("dev=cuda")),
+        "sft does not ask for CUDA:\n{out_text}"
+    );
+}
+
+#[test]
 fn ci_recipe_runs_then_reruns_from_cache() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cache = tmp.path().join("cache");
@@ -72,8 +118,8 @@ fn ci_recipe_runs_then_reruns_from_cache() {
     }
 
     // The model learnt something on held-out patients: the output format,
-    // and the classes beyond the majority class (always answering the most
-    // frequent class gives a macro accuracy of 1/7).
+    // and most classes, not only the majority one (always answering the most
+    // frequent class gives a macro accuracy of 1/7; ci measured 0.99).
     let metrics_path = tmp.path().join("outputs/ci/eval/metrics.json");
     let metrics: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&metrics_path).expect("eval metrics.json")).expect("json");
@@ -83,5 +129,5 @@ fn ci_recipe_runs_then_reruns_from_cache() {
     let acc = value("accuracy").expect("accuracy");
     eprintln!("ci held-out: accuracy {acc:.3}, macro {macro_acc:.3}, format {format:.3}");
     assert!(format >= 0.9, "format rate {format}");
-    assert!(macro_acc >= 1.0 / 7.0 + 0.1, "macro accuracy {macro_acc} is not above chance with a margin");
+    assert!(macro_acc >= 0.5, "macro accuracy {macro_acc}: the classes were not learnt");
 }

@@ -209,9 +209,15 @@ pub struct Verdict {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Consistency {
-    /// Stage id of the judged eval (how the report matches judges to evals).
+    /// Stage id of the judged eval in the run that produced this output.
     #[serde(default)]
     pub eval_stage: String,
+    /// blake3 of the judged `predictions.jsonl`: how the report finds the
+    /// eval. Not the stage id: a cached judge output serves every recipe
+    /// whose judge has the same key (mini's `judge` is an ablation's
+    /// `judge@zoom`), and it recorded the id of the first one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_predictions: Option<String>,
     pub backend: Backend,
     pub n: usize,
     /// Consistent over judged items (consistent + inconsistent [+ undetermined]).
@@ -522,7 +528,12 @@ pub fn judge_all(
     }
 }
 
-pub fn summarise(params: &JudgeParams, eval_stage: &str, verdicts: &[Verdict]) -> Consistency {
+pub fn summarise(
+    params: &JudgeParams,
+    eval_stage: &str,
+    eval_predictions: Option<String>,
+    verdicts: &[Verdict],
+) -> Consistency {
     let count = |s: Status| verdicts.iter().filter(|v| v.status == s).count();
     let outcomes: Vec<bool> = verdicts
         .iter()
@@ -535,6 +546,7 @@ pub fn summarise(params: &JudgeParams, eval_stage: &str, verdicts: &[Verdict]) -
         .collect();
     Consistency {
         eval_stage: eval_stage.to_string(),
+        eval_predictions,
         backend: params.backend,
         n: verdicts.len(),
         rate: params.ci.rate(&outcomes),
@@ -561,7 +573,8 @@ pub struct Judge;
 impl StageKind for Judge {
     type Params = JudgeParams;
     const KIND: &'static str = "judge";
-    const VERSION: u32 = 1;
+    // 2: consistency.json records the digest of the judged predictions.
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "Reasoning-answer consistency of an eval's completions (rules offline, a local Qwen2/Qwen2.5 checkpoint, or an OpenAI-compatible endpoint)";
 
     fn inputs() -> &'static [InputSpec] {
@@ -625,6 +638,7 @@ impl StageKind for Judge {
         let path = ctx.input("eval")?.join(PREDICTIONS_JSONL);
         let eval_stage = crate::report::artifact_id(&ctx.inputs("eval")[0]);
         let predictions = read_jsonl(&path)?;
+        let digest = crate::report::predictions_digest(&path)?;
         if predictions.is_empty() {
             bail!("{}: no predictions to judge", path.display());
         }
@@ -639,7 +653,7 @@ impl StageKind for Judge {
         };
         let verdicts = judge_all(params, &predictions, local.as_ref())?;
         ctx.progress().advance(predictions.len() as u64);
-        let summary = summarise(params, &eval_stage, &verdicts);
+        let summary = summarise(params, &eval_stage, Some(digest), &verdicts);
         if summary.errors > 0 {
             tracing::warn!(errors = summary.errors, "judge endpoint failed for some items (see verdicts.jsonl)");
         }
@@ -729,7 +743,7 @@ mod tests {
         let v = judge_all(&p, &preds(), None).unwrap();
         let st: Vec<Status> = v.iter().map(|v| v.status).collect();
         assert_eq!(st, [Status::Consistent, Status::Inconsistent, Status::Skipped, Status::Consistent]);
-        let s = summarise(&p, "eval", &v);
+        let s = summarise(&p, "eval", None, &v);
         assert_eq!((s.n, s.rate.n, s.rate.k, s.skipped), (4, 3, 2, 1));
     }
 
@@ -801,7 +815,7 @@ mod tests {
         assert_eq!((v[2].status, v[2].attempts), (Status::Skipped, 0));
         assert_eq!((v[3].status, v[3].attempts), (Status::Error, 4));
         assert!(v[3].detail.contains("HTTP 500"), "{}", v[3].detail);
-        let s = summarise(&params, "eval", &v);
+        let s = summarise(&params, "eval", None, &v);
         assert_eq!((s.errors, s.rate.n, s.rate.k), (1, 2, 1));
         // 3 (a) + 1 (b) + 4 (d); c never asks.
         assert_eq!(hits.load(Ordering::SeqCst), 8);
@@ -821,6 +835,8 @@ mod tests {
         let c: Consistency =
             serde_json::from_str(&std::fs::read_to_string(out.join(CONSISTENCY_JSON)).unwrap()).unwrap();
         assert_eq!((c.consistent, c.inconsistent, c.skipped, c.eval_stage.as_str()), (2, 1, 1, "eval"));
+        let bytes = std::fs::read(eval.join(PREDICTIONS_JSONL)).unwrap();
+        assert_eq!(c.eval_predictions, Some(blake3::hash(&bytes).to_hex().to_string()), "what the report matches on");
         let bad = JudgeParams {
             backend: Backend::Http,
             http: HttpParams { url: "ftp://x".into(), ..Default::default() },

@@ -114,6 +114,8 @@ pub struct EvalRun {
     pub metrics: Metrics,
     pub consistency: Option<Consistency>,
     pub examples: Vec<Example>,
+    /// `predictions_digest` of its predictions.jsonl (matches judges to evals).
+    pub predictions: String,
 }
 
 impl EvalRun {
@@ -155,8 +157,16 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     serde_json::from_str(&text).with_context(|| format!("{}: unexpected content", path.display()))
 }
 
+/// blake3 (hex) of a predictions.jsonl: what a judge output records of the
+/// eval it judged.
+pub fn predictions_digest(path: &Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(blake3::hash(&bytes).to_hex().to_string())
+}
+
 pub fn load_eval(id: &str, dir: &Path, gallery: usize) -> anyhow::Result<EvalRun> {
     let metrics: Metrics = read_json(&dir.join(METRICS_JSON))?;
+    let predictions = predictions_digest(&dir.join(PREDICTIONS_JSONL))?;
     let preds = read_jsonl(&dir.join(PREDICTIONS_JSONL))?;
     let by_id: BTreeMap<&str, &Prediction> = preds.iter().map(|p| (p.id.as_str(), p)).collect();
     let mut examples = Vec::new();
@@ -197,18 +207,37 @@ pub fn load_eval(id: &str, dir: &Path, gallery: usize) -> anyhow::Result<EvalRun
         mixed.extend(b);
     }
     mixed.truncate(gallery);
-    Ok(EvalRun { id: id.into(), group: None, metrics, consistency: None, examples: mixed })
+    Ok(EvalRun { id: id.into(), group: None, metrics, consistency: None, examples: mixed, predictions })
 }
 
 /// Attach the `consistency.json` of a judge output in `dir` to the eval it
-/// judged (same group, stage id recorded by the judge).
+/// judged, in the same group: the eval whose predictions it judged (by
+/// digest; among evals with identical predictions, the one with the
+/// recorded stage id, else the first not yet judged), or, for outputs
+/// that predate the digest, the eval with the recorded stage id.
 pub fn attach_judge(evals: &mut [EvalRun], group: Option<&str>, dir: &Path) -> anyhow::Result<()> {
     let path = dir.join(CONSISTENCY_JSON);
     let c: Consistency = read_json(&path)?;
-    let Some(e) = evals.iter_mut().find(|e| e.group.as_deref() == group && e.id == c.eval_stage) else {
-        bail!("{}: judged eval `{}` is not among the report's evals", path.display(), key_of(group, &c.eval_stage));
+    let in_group = |e: &EvalRun| e.group.as_deref() == group;
+    let index = match &c.eval_predictions {
+        Some(digest) => {
+            let same: Vec<usize> =
+                (0..evals.len()).filter(|&i| in_group(&evals[i]) && &evals[i].predictions == digest).collect();
+            same.iter()
+                .copied()
+                .find(|&i| evals[i].id == c.eval_stage)
+                .or_else(|| same.iter().copied().find(|&i| evals[i].consistency.is_none()))
+        }
+        None => evals.iter().position(|e| in_group(e) && e.id == c.eval_stage),
     };
-    e.consistency = Some(c);
+    let Some(i) = index else {
+        bail!(
+            "{}: judged eval `{}` is not among the report's evals (or already has a judge)",
+            path.display(),
+            key_of(group, &c.eval_stage)
+        );
+    };
+    evals[i].consistency = Some(c);
     Ok(())
 }
 
@@ -1074,5 +1103,63 @@ mod tests {
         let p = ReportParams { baseline: Some("eval".into()), ..Default::default() };
         let err = format!("{:#}", Report::build(&p, evals, &[]).err().unwrap());
         assert!(err.contains("several runs") && err.contains("mini (run 1)/eval"), "{err}");
+    }
+
+    fn write_judge(dir: &Path, eval_stage: &str, judged: Option<&Path>, k: usize) {
+        std::fs::create_dir_all(dir).unwrap();
+        let digest = judged.map(|d| predictions_digest(&d.join(PREDICTIONS_JSONL)).unwrap());
+        let c = serde_json::json!({
+            "eval_stage": eval_stage, "eval_predictions": digest, "backend": "rules", "n": 2,
+            "rate": {"k": k, "n": 2, "value": k as f64 / 2.0, "lo": 0.0, "hi": 1.0},
+            "consistent": k, "inconsistent": 2 - k, "undetermined": 0, "skipped": 0, "errors": 0
+        });
+        std::fs::write(dir.join(CONSISTENCY_JSON), c.to_string()).unwrap();
+    }
+
+    #[test]
+    fn judges_find_their_eval_by_predictions_not_by_the_recorded_stage_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_eval(&d.join("zoom"), &[true, false]);
+        write_eval(&d.join("no_zoom"), &[false, false]);
+        let load = || {
+            vec![
+                load_eval("eval@no_zoom", &d.join("no_zoom"), 2).unwrap(),
+                load_eval("eval@zoom", &d.join("zoom"), 2).unwrap(),
+            ]
+        };
+        // A judge output cached from mini recorded `eval`; in the sweep it is
+        // `judge@zoom`'s and judged the predictions of `eval@zoom`.
+        write_judge(&d.join("judge_zoom"), "eval", Some(&d.join("zoom")), 1);
+        write_judge(&d.join("judge_no_zoom"), "eval@no_zoom", Some(&d.join("no_zoom")), 2);
+        let mut evals = load();
+        attach_judge(&mut evals, None, &d.join("judge_zoom")).unwrap();
+        attach_judge(&mut evals, None, &d.join("judge_no_zoom")).unwrap();
+        assert_eq!(evals[1].consistency.as_ref().map(|c| c.consistent), Some(1), "eval@zoom");
+        assert_eq!(evals[0].consistency.as_ref().map(|c| c.consistent), Some(2), "eval@no_zoom");
+
+        // Identical predictions: the recorded id wins, else the first unjudged eval.
+        write_eval(&d.join("same"), &[true, false]);
+        let mut evals = load();
+        evals.push(load_eval("eval", &d.join("same"), 2).unwrap());
+        write_judge(&d.join("judge_same"), "eval", Some(&d.join("same")), 0);
+        attach_judge(&mut evals, None, &d.join("judge_same")).unwrap();
+        assert_eq!(evals[2].consistency.as_ref().map(|c| c.consistent), Some(0), "the recorded id");
+        assert!(evals[1].consistency.is_none());
+        write_judge(&d.join("judge_other"), "eval_sft", Some(&d.join("same")), 1);
+        attach_judge(&mut evals, None, &d.join("judge_other")).unwrap();
+        assert_eq!(evals[1].consistency.as_ref().map(|c| c.consistent), Some(1), "first unjudged");
+
+        // Predictions of an eval the report does not have: an error naming the judge file.
+        write_eval(&d.join("elsewhere"), &[true, true, true]);
+        write_judge(&d.join("judge_elsewhere"), "eval@zoom", Some(&d.join("elsewhere")), 2);
+        let err = format!("{:#}", attach_judge(&mut load(), None, &d.join("judge_elsewhere")).unwrap_err());
+        assert!(err.contains("judge_elsewhere") && err.contains("not among the report's evals"), "{err}");
+
+        // Outputs written before the digest existed match by stage id.
+        write_judge(&d.join("judge_old"), "eval@zoom", None, 2);
+        let mut evals = load();
+        attach_judge(&mut evals, None, &d.join("judge_old")).unwrap();
+        assert_eq!(evals[1].consistency.as_ref().map(|c| c.consistent), Some(2));
     }
 }
