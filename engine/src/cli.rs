@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -274,9 +275,18 @@ pub fn execute(cmd: Command, registry: &Registry, env: &EngineEnv) -> anyhow::Re
         Command::Kinds { doc: Some(path), write, .. } => cmd_kinds_doc(&path, write, registry),
         Command::Kinds { .. } => {
             let width = registry.kinds().map(str::len).max().unwrap_or(0);
+            let mut out = std::io::stdout().lock();
             for kind in registry.iter() {
                 let ranks = if kind.distributed() { " [ranks]" } else { "" };
-                println!("{:<width$}  v{:<3} {}{ranks}", kind.kind(), kind.version(), kind.doc().summary);
+                let line =
+                    writeln!(out, "{:<width$}  v{:<3} {}{ranks}", kind.kind(), kind.version(), kind.doc().summary);
+                // `pipeline kinds | head`: a closed pipe ends the listing, it is not an error.
+                if let Err(e) = line {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        break;
+                    }
+                    return Err(e.into());
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

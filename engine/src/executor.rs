@@ -468,7 +468,8 @@ pub fn device_label(d: &Result<DeviceRequest, String>) -> String {
         Ok(DeviceRequest::Cpu) => "cpu".into(),
         Ok(DeviceRequest::Cuda) => "cuda".into(),
         Ok(DeviceRequest::Auto) => "auto".into(),
-        Err(_) => "unavailable".into(),
+        // Only a stage requiring CUDA on a machine without it gets here.
+        Err(_) => "cuda(none here)".into(),
     }
 }
 
