@@ -368,7 +368,7 @@ impl StageKind for Grpo {
                     expected.1
                 );
             }
-            restore(&ck, &model, &mut opt, &trainable.names, &out)?;
+            resume::restore(&ck, &model, &mut opt, &trainable.names, &out)?;
             start = ck.state.step;
             tracing::info!("resuming from the checkpoint at step {start} ({})", ck.dir.display());
         }
@@ -480,39 +480,6 @@ fn frozen_copy(model: &Qwen25Vl, trainable: &[String]) -> anyhow::Result<Qwen25V
         })
         .collect();
     Ok(Qwen25Vl::from_params(model.config.clone(), params)?)
-}
-
-/// Load a checkpoint into the policy, the optimizer and the output logs.
-fn restore(
-    ck: &resume::Checkpoint,
-    model: &Qwen25Vl,
-    opt: &mut AdamW,
-    trainable: &[String],
-    out: &Path,
-) -> anyhow::Result<()> {
-    if ck.state.trainable != trainable {
-        bail!(
-            "{}: the checkpoint trains {} tensors, this run {}: not the same run",
-            ck.dir.display(),
-            ck.state.trainable.len(),
-            trainable.len()
-        );
-    }
-    let weights = ck.weights(model.kind, model.device)?;
-    tch::no_grad(|| -> anyhow::Result<()> {
-        for name in trainable {
-            let saved = weights.get(name).with_context(|| format!("{}: no weights for `{name}`", ck.dir.display()))?;
-            let mut param = model.params[name].shallow_clone();
-            if saved.size() != param.size() {
-                bail!("{}: `{name}` has shape {:?}, the model {:?}", ck.dir.display(), saved.size(), param.size());
-            }
-            param.copy_(saved);
-        }
-        Ok(())
-    })?;
-    opt.restore(&ck.moments(model.device)?, ck.state.optimizer_steps)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", ck.dir.display()))?;
-    ck.restore_files(out)
 }
 
 /// What one optimizer step measured.

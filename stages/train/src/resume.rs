@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
+use stages_vlm::Qwen25Vl;
 use stages_vlm::checkpoint::{load_dir, save_dir};
+
+use crate::optim::AdamW;
 use tch::{Device, Kind, Tensor};
 
 const STATE_FILE: &str = "state.json";
@@ -163,6 +166,39 @@ pub fn save(dir: &Path, snap: &Snapshot) -> anyhow::Result<PathBuf> {
         }
     }
     Ok(target)
+}
+
+/// Load a checkpoint into the policy, the optimizer and the output logs.
+pub fn restore(
+    ck: &Checkpoint,
+    model: &Qwen25Vl,
+    opt: &mut AdamW,
+    trainable: &[String],
+    out: &Path,
+) -> anyhow::Result<()> {
+    if ck.state.trainable != trainable {
+        bail!(
+            "{}: the checkpoint trains {} tensors, this run {}: not the same run",
+            ck.dir.display(),
+            ck.state.trainable.len(),
+            trainable.len()
+        );
+    }
+    let weights = ck.weights(model.kind, model.device)?;
+    tch::no_grad(|| -> anyhow::Result<()> {
+        for name in trainable {
+            let saved = weights.get(name).with_context(|| format!("{}: no weights for `{name}`", ck.dir.display()))?;
+            let mut param = model.params[name].shallow_clone();
+            if saved.size() != param.size() {
+                bail!("{}: `{name}` has shape {:?}, the model {:?}", ck.dir.display(), saved.size(), param.size());
+            }
+            param.copy_(saved);
+        }
+        Ok(())
+    })?;
+    opt.restore(&ck.moments(model.device)?, ck.state.optimizer_steps)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", ck.dir.display()))?;
+    ck.restore_files(out)
 }
 
 #[cfg(test)]

@@ -36,6 +36,7 @@ use tch::{Kind, Reduction, Tensor};
 use crate::dist;
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
 use crate::prompt::PromptEncoder;
+use crate::resume::{self, Snapshot, TrainState};
 use crate::setup::{ThreadsGuard, Trainable, load_checkpoint, regex_union};
 
 /// Label of tokens that carry no loss (prompt, image, padding).
@@ -91,6 +92,10 @@ pub struct SftParams {
     pub dtype: String,
     /// Largest safetensors shard of the saved checkpoint, in MiB.
     pub max_shard_mb: u64,
+    /// Save a resumable checkpoint (trainable weights, AdamW state, step) to
+    /// the engine's resume directory every this many optimizer steps; a
+    /// killed run continues from the newest (0 = never).
+    pub checkpoint_every: usize,
 }
 
 impl Default for SftParams {
@@ -114,6 +119,7 @@ impl Default for SftParams {
             device: DeviceChoice::Cpu,
             dtype: "auto".into(),
             max_shard_mb: 2048,
+            checkpoint_every: 0,
         }
     }
 }
@@ -197,7 +203,30 @@ impl StageKind for Sft {
             AdamWConfig { beta1: p.betas[0], beta2: p.betas[1], eps: p.eps, weight_decay: p.weight_decay },
         );
 
+        // Restart state: the order of every epoch is re-derived from the seed,
+        // so a checkpoint needs only the step (and the global batch it used).
+        let out = ctx.output_dir().to_path_buf();
+        let resume_dir = ctx.resume_dir()?.to_path_buf();
+        let fingerprint = pipeline_engine::context::derive_seed(ctx.seed(), "sft/order");
+        let mut start = 0;
+        if let Some(ck) = resume::latest(&resume_dir)? {
+            let expected = (ck.state.step * global_batch, fingerprint);
+            if (ck.state.data_cursor, ck.state.next_sampling_seed) != expected || ck.state.step >= total {
+                bail!(
+                    "{}: step {} (items {}, seed tag {}) does not match this run (global batch {global_batch}, seed tag {fingerprint}, {total} steps)",
+                    ck.dir.display(),
+                    ck.state.step,
+                    ck.state.data_cursor,
+                    ck.state.next_sampling_seed
+                );
+            }
+            resume::restore(&ck, &model, &mut opt, &trainable.names, &out)?;
+            start = ck.state.step;
+            tracing::info!("resuming from the checkpoint at step {start} ({})", ck.dir.display());
+        }
+
         ctx.progress().start("sft steps", total as u64);
+        ctx.progress().advance(start as u64);
         let mut step = 0;
         let (mut tokens, mut t0) = (0.0f64, Instant::now());
         'epochs: for epoch in 0..p.epochs {
@@ -205,6 +234,10 @@ impl StageKind for Sft {
             let mut order: Vec<usize> = (0..examples.len()).collect();
             order.shuffle(&mut ctx.rng(&format!("sft/order/{epoch}")));
             for group in order.chunks(global_batch) {
+                if step < start {
+                    step += 1; // done before the checkpoint this run resumed from
+                    continue;
+                }
                 ctx.check_cancelled()?;
                 let step_tokens: usize = group.iter().map(|&i| examples[i].target_tokens()).sum();
                 let mine = &group[dist::shard(group.len(), rank, world)];
@@ -237,6 +270,21 @@ impl StageKind for Sft {
                     }))?;
                     (tokens, t0) = (0.0, Instant::now());
                 }
+                if ctx.is_main_rank() && p.checkpoint_every > 0 && step % p.checkpoint_every == 0 && step < total {
+                    let state =
+                        TrainState::new(step, opt.steps(), step * global_batch, fingerprint, trainable.names.clone());
+                    let weights =
+                        trainable.names.iter().map(|n| (n.clone(), model.params[n].shallow_clone())).collect();
+                    let snap = Snapshot {
+                        state: &state,
+                        weights: &weights,
+                        weights_kind: kind,
+                        moments: &opt.moments(),
+                        files: vec![ctx.metrics().path().to_path_buf()],
+                    };
+                    let dir = resume::save(&resume_dir, &snap)?;
+                    tracing::info!("checkpoint at step {step}: {}", dir.display());
+                }
                 if step >= total {
                     break 'epochs;
                 }
@@ -248,15 +296,15 @@ impl StageKind for Sft {
             return Ok(());
         }
 
-        let out = ctx.output_dir();
-        model.save(out, kind, p.max_shard_mb * 1024 * 1024)?;
-        copy_aux_files(&model_dir, out)?;
+        model.save(&out, kind, p.max_shard_mb * 1024 * 1024)?;
+        copy_aux_files(&model_dir, &out)?;
         std::fs::write(
             out.join("trainable.json"),
             serde_json::to_vec_pretty(&serde_json::json!({
                 "patterns": p.trainable, "tensors": trainable.names, "parameters": trainable.parameters,
                 "total_parameters": trainable.total_parameters,
                 "optimizer_steps": step, "examples": examples.len(), "ranks": world,
+                "resumed_from_step": start,
             }))?,
         )?;
         Ok(())

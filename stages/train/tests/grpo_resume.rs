@@ -6,29 +6,11 @@ mod support;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 
-use pipeline_engine::{ProgressSink, StageContext, StageKind};
+use pipeline_engine::{StageContext, StageKind};
 use stages_train::Grpo;
 use stages_train::grpo::{COMPLETIONS_JSONL, GrpoParams};
-
-/// Raises the cancel flag (as Ctrl-C does) once `after` steps are done.
-struct KillAfter {
-    after: u64,
-    done: AtomicU64,
-    cancel: Arc<AtomicBool>,
-}
-
-impl ProgressSink for KillAfter {
-    fn start(&self, _: &str, _: u64) {}
-    fn advance(&self, units: u64) {
-        if self.done.fetch_add(units, Ordering::SeqCst) + units >= self.after {
-            self.cancel.store(true, Ordering::SeqCst);
-        }
-    }
-    fn message(&self, _: &str) {}
-    fn finish(&self) {}
-}
 
 fn run(model: &Path, split: &Path, out: &Path, resume: &Path, kill_after: Option<u64>) -> anyhow::Result<()> {
     run_seeded(model, split, out, resume, kill_after, 23)
@@ -50,7 +32,7 @@ fn run_seeded(
         .cancel_flag(cancel.clone())
         .seed(seed);
     if let Some(after) = kill_after {
-        builder = builder.progress(Arc::new(KillAfter { after, done: AtomicU64::new(0), cancel }));
+        builder = builder.progress(Arc::new(support::KillAfter::new(after, cancel)));
     }
     let params = GrpoParams {
         steps: 6,

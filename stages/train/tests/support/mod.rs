@@ -1,24 +1,50 @@
 //! Fixtures of the GRPO tests: a real Parquet split in the export layout and
 //! a tiny Qwen2.5-VL from the real `init_model` stage, taught the answer
 //! format by a short real `sft` run (so sampled completions earn different
-//! rewards and GRPO has something to learn from).
+//! rewards and GRPO has something to learn from), and a progress sink that
+//! "kills" a training run after N steps.
 
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arrow_array::builder::{ListBuilder, StringBuilder};
 use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray, StructArray};
 use arrow_schema::{DataType, Field, Fields};
 use parquet::arrow::ArrowWriter;
-use pipeline_engine::{StageContext, StageKind};
+use pipeline_engine::{ProgressSink, StageContext, StageKind};
 use stages_eval::prompt::THINK_TEMPLATE;
 use stages_train::Sft;
 use stages_train::sft::{SftParams, Target};
 use stages_vlm::InitModel;
 use stages_vlm::init_model::InitModelParams;
+
+/// Raises the cancel flag (as Ctrl-C does) once `after` steps are done.
+pub struct KillAfter {
+    after: u64,
+    done: AtomicU64,
+    cancel: Arc<AtomicBool>,
+}
+
+impl ProgressSink for KillAfter {
+    fn start(&self, _: &str, _: u64) {}
+    fn advance(&self, units: u64) {
+        if self.done.fetch_add(units, Ordering::SeqCst) + units >= self.after {
+            self.cancel.store(true, Ordering::SeqCst);
+        }
+    }
+    fn message(&self, _: &str) {}
+    fn finish(&self) {}
+}
+
+impl KillAfter {
+    pub fn new(after: u64, cancel: Arc<AtomicBool>) -> Self {
+        Self { after, done: AtomicU64::new(0), cancel }
+    }
+}
 
 pub const OPTIONS: [&str; 3] = ["A. airway abnormalities", "B. emphysema", "C. ground-glass opacity"];
 const CLASSES: [(&str, &str); 3] =
