@@ -378,7 +378,8 @@ impl StageKind for Eval {
     type Params = EvalParams;
     const KIND: &'static str = "eval";
     // v2: metrics.json records its `source` (model, data, split, prompt).
-    const VERSION: u32 = 2;
+    // v3: sampling (temperature > 0) draws candidates in vocabulary order (no full sort).
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str = "Score a Qwen2.5-VL checkpoint on a Parquet VQA split: predictions, accuracy (overall, per class, CI), format/validity";
 
     fn inputs() -> &'static [InputSpec] {

@@ -213,7 +213,8 @@ pub struct Grpo;
 impl StageKind for Grpo {
     type Params = GrpoParams;
     const KIND: &'static str = "grpo";
-    // 2: every completion samples from its own stream of the round seed (ranks shard the round).
+    // 2: every completion samples from its own stream of the round seed (ranks
+    // shard the round), candidates drawn in vocabulary order (no full sort).
     const VERSION: u32 = 2;
     const DISTRIBUTED: bool = true;
     const SUMMARY: &'static str =

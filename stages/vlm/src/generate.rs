@@ -102,36 +102,54 @@ fn choose(logits: &[f32], cfg: &GenerationConfig, rng: &mut ChaCha8Rng) -> (usiz
         }
         return (best, logprob(best));
     }
+    // Sorting the whole vocabulary (152k for Qwen) for every sampled token
+    // would dominate generation: candidates are drawn in vocabulary order,
+    // and only the top-k / nucleus filters partially order them.
+    let prob = |i: usize| logprob(i).exp();
+    let desc = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if cfg.top_k > 0 {
+    if cfg.top_k > 0 && cfg.top_k < order.len() {
+        order.select_nth_unstable_by(cfg.top_k - 1, desc);
         order.truncate(cfg.top_k);
     }
-    let mut probs: Vec<f32> = order.iter().map(|&i| logprob(i).exp()).collect();
     if cfg.top_p < 1.0 {
-        let total: f32 = probs.iter().sum();
-        let mut acc = 0.0;
-        let mut keep = probs.len();
-        for (n, p) in probs.iter().enumerate() {
-            acc += p / total;
-            if acc >= cfg.top_p as f32 {
-                keep = n + 1;
-                break;
+        // The nucleus: the most likely candidates until their share of the
+        // candidates' mass reaches top_p, found by sorting ever longer prefixes.
+        let total: f32 = order.iter().map(|&i| prob(i)).sum();
+        let mut want = order.len().min(64);
+        let keep = loop {
+            if want < order.len() {
+                order.select_nth_unstable_by(want - 1, desc);
             }
-        }
+            order[..want].sort_by(desc);
+            let mut acc = 0.0;
+            let found = order[..want].iter().position(|&i| {
+                acc += prob(i) / total;
+                acc >= cfg.top_p as f32
+            });
+            match found {
+                Some(n) => break n + 1,
+                None if want == order.len() => break want,
+                None => want = (want * 8).min(order.len()),
+            }
+        };
         order.truncate(keep);
-        probs.truncate(keep);
     }
-    let total: f32 = probs.iter().sum();
+    let total: f32 = order.iter().map(|&i| prob(i)).sum();
     let mut u = rng.random::<f32>() * total;
-    for (n, p) in probs.iter().enumerate() {
+    let mut last = None;
+    for &i in &order {
+        let p = prob(i);
+        if p > 0.0 {
+            last = Some(i);
+        }
         u -= p;
-        if u <= 0.0 {
-            return (order[n], logprob(order[n]));
+        if u <= 0.0 && p > 0.0 {
+            return (i, logprob(i));
         }
     }
-    // Rounding left u > 0: the least likely token that can be drawn at all.
-    let last = order.iter().zip(&probs).rev().find(|(_, p)| **p > 0.0).map_or(0, |(&o, _)| o);
+    // Rounding left u > 0: the last candidate that can be drawn at all.
+    let last = last.unwrap_or(0);
     (last, logprob(last))
 }
 
@@ -239,6 +257,50 @@ mod tests {
         let cfg = GenerationConfig { temperature: 1.0, top_p: 0.5, ..Default::default() };
         for _ in 0..20 {
             assert_eq!(choose(&[0.0, 5.0, 0.0], &cfg, &mut rng).0, 1);
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax_and_the_nucleus_is_the_top_mass() {
+        // 4000 draws from softmax([0, 1, 2, 3]): every frequency within 3 % of its probability.
+        let logits = [0.0f32, 1.0, 2.0, 3.0];
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let cfg = GenerationConfig { temperature: 1.0, ..Default::default() };
+        let mut counts = [0usize; 4];
+        for _ in 0..4000 {
+            counts[choose(&logits, &cfg, &mut rng).0] += 1;
+        }
+        for (i, &c) in counts.iter().enumerate() {
+            let p = logits[i].exp() / z;
+            assert!((c as f32 / 4000.0 - p).abs() < 0.03, "token {i}: {c} of 4000 vs p {p}");
+        }
+        // A long tail (200 tokens) beyond the first 64 candidates: the nucleus
+        // of top_p 0.9 is exactly the smallest most-likely set with 90 % of the mass.
+        let mut tail = vec![0.0f32; 200];
+        tail[7] = 6.0;
+        tail[150] = 5.5;
+        let probs: Vec<f32> = {
+            let z: f32 = tail.iter().map(|l| l.exp()).sum();
+            tail.iter().map(|l| l.exp() / z).collect()
+        };
+        let top2 = probs[7] + probs[150];
+        assert!(top2 < 0.9, "the nucleus must reach into the flat tail ({top2})");
+        let cfg = GenerationConfig { temperature: 1.0, top_p: 0.9, ..Default::default() };
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..3000 {
+            seen.insert(choose(&tail, &cfg, &mut rng).0);
+        }
+        let flat = probs[0];
+        let nucleus_tail = ((0.9 - top2) / flat).ceil() as usize;
+        assert!(seen.contains(&7) && seen.contains(&150));
+        assert!(seen.len() <= 2 + nucleus_tail, "{} tokens drawn, nucleus holds {}", seen.len(), 2 + nucleus_tail);
+        assert!(seen.len() > 2 + nucleus_tail / 2, "the nucleus tail was not sampled: {}", seen.len());
+        // top_k on a long vocabulary keeps exactly the k largest.
+        let cfg = GenerationConfig { temperature: 1.0, top_k: 2, ..Default::default() };
+        for _ in 0..200 {
+            let t = choose(&tail, &cfg, &mut rng).0;
+            assert!(t == 7 || t == 150, "{t}");
         }
     }
 
