@@ -150,11 +150,26 @@ fn ci_recipe_runs_through_a_real_slurm_cluster() {
         .filter_map(|l| l.split_once("(Slurm job ").and_then(|(_, rest)| rest.split(',').next()).map(str::to_string))
         .collect();
     assert_eq!(jobs.len(), ran.len(), "one job per stage:\n{first_text}");
-    let sacct = Command::new("sacct")
-        .args(["-n", "-P", "-X", "-o", "JobID,JobName,State", "-j", &jobs.join(",")])
-        .output()
-        .expect("sacct");
-    let sacct_text = String::from_utf8_lossy(&sacct.stdout).to_string();
+    // slurmdbd records jobs asynchronously (a just-finished job can still
+    // show a placeholder name such as `allocation`): ask again for a while.
+    let mut tries = 0;
+    let (sacct, sacct_text) = loop {
+        let sacct = Command::new("sacct")
+            .args(["-n", "-P", "-X", "-o", "JobID,JobName,State", "-j", &jobs.join(",")])
+            .output()
+            .expect("sacct");
+        let sacct_text = String::from_utf8_lossy(&sacct.stdout).to_string();
+        let recorded = jobs.iter().all(|job| {
+            sacct_text.lines().any(|l| {
+                l.split('|').next() == Some(job.as_str()) && l.ends_with("|COMPLETED") && l.contains("|pl-ci-")
+            })
+        });
+        tries += 1;
+        if recorded || tries >= 30 {
+            break (sacct, sacct_text);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    };
     for job in &jobs {
         let line = sacct_text.lines().find(|l| l.split('|').next() == Some(job.as_str()));
         let line = line.unwrap_or_else(|| panic!("sacct does not know job {job}:\n{sacct_text}{}", text(&sacct)));
