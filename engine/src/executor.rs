@@ -169,7 +169,7 @@ impl Executor<'_> {
                                 continue;
                             }
                         };
-                        let ranks = self.recipe.executor.slurm.stage_override(&decl.id, &decl.name).ranks.unwrap_or(1);
+                        let ranks = planned.ranks;
                         if device == DeviceRequest::Cuda && !pool.is_cluster() && ranks > self.env.cuda_devices {
                             let error = format!(
                                 "stage `{}` runs as {ranks} ranks on CUDA, one device each, but this machine has {}",
@@ -409,7 +409,7 @@ impl StageBackend for LocalBackend {
 
     fn execute(&self, exec: &Executor<'_>, stage: &ReadyStage<'_>) -> anyhow::Result<(ActionRecord, StageStatus)> {
         let id = stage.planned.id.as_str();
-        let world_size = exec.recipe.executor.slurm.stage_override(id, &stage.decl.name).ranks.unwrap_or(1);
+        let world_size = stage.planned.ranks;
         // Ranks 1.. are processes of this binary reading the stage's job spec;
         // the grant's threads are shared among the ranks.
         let threads = (stage.grant.threads / world_size.max(1)).max(1);

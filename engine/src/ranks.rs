@@ -118,13 +118,7 @@ impl PeerGroup for Peers {
 
     fn finish(mut self: Box<Self>, ok: bool) -> anyhow::Result<()> {
         if !ok {
-            for p in &mut self.children {
-                if p.exited.is_none() {
-                    let _ = p.child.kill();
-                    p.exited = p.child.wait().ok();
-                }
-            }
-            return Ok(());
+            return Ok(()); // dropping the group kills the ranks still running
         }
         // Rank 0 succeeded: its peers finish the same last step right after it.
         let deadline = Instant::now() + Duration::from_secs(120);

@@ -143,18 +143,14 @@ pub fn run_and_publish(
     let started = chrono::Utc::now();
     let clock = Instant::now();
     // Ranks 1.. start now that the stage must run; a peer that fails stops rank 0.
-    let rendezvous = match run.ranks {
-        Ranks::Spawn { .. } => Some(cache.staging_dir(&format!("{id}.rendezvous"))?),
-        _ => None,
-    };
-    let (dist, mut peers) = match run.ranks {
-        Ranks::Single => (None, None),
-        Ranks::Launched(d) => (Some(d.clone()), None),
+    let (dist, mut peers, rendezvous) = match run.ranks {
+        Ranks::Single => (None, None, None),
+        Ranks::Launched(d) => (Some(d.clone()), None, None),
         Ranks::Spawn { world_size, launcher } => {
-            let dir = rendezvous.as_ref().map(|r| r.path().to_path_buf()).unwrap_or_default();
-            let d = DistInfo { rank: 0, world_size, rendezvous: dir, token: key.hex() };
+            let dir = cache.staging_dir(&format!("{id}.rendezvous"))?;
+            let d = DistInfo { rank: 0, world_size, rendezvous: dir.path().to_path_buf(), token: key.hex() };
             let peers = launcher.launch(&d).with_context(|| format!("starting the ranks of stage `{id}`"))?;
-            (Some(d), Some(peers))
+            (Some(d), Some(peers), Some(dir))
         }
     };
     let stage_cancel = Arc::new(AtomicBool::new(false));

@@ -88,8 +88,7 @@ impl StageBackend for SlurmBackend {
         {
             return Ok((record, StageStatus::Cached));
         }
-        let ranks = self.cfg.stage_override(&stage.decl.id, &stage.decl.name).ranks.unwrap_or(1);
-        let spec = JobSpec::for_stage(exec, stage, self.cwd.clone(), ranks)?;
+        let spec = JobSpec::for_stage(exec, stage, self.cwd.clone(), stage.planned.ranks)?;
         let spec_path = spec.write(cache)?;
 
         let log_dir = self.log_dir(exec, &stage.origin.run_id);
