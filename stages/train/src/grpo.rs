@@ -44,7 +44,7 @@ use crate::dist::{self, Collective};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
 use crate::policy_loss::{LossConfig, LossInputs, LossStats, LossType, StepScale, policy_loss, token_logps};
 use crate::prompt::PromptEncoder;
-use crate::resume::{self, Snapshot, TrainState};
+use crate::resume::{self, TrainState};
 use crate::rewards::{REWARD_NAMES, RewardError, Rewards, paper_weights};
 use crate::rollout::{DataOrder, Rollout, RolloutSpec, Sampler, rollout, round_seed};
 use crate::setup::{ThreadsGuard, Trainable, load_checkpoint, regex_union};
@@ -427,17 +427,8 @@ impl StageKind for Grpo {
                     round_seed(ctx.seed(), next_round),
                     trainable.names.clone(),
                 );
-                let weights: BTreeMap<String, Tensor> =
-                    trainable.names.iter().map(|n| (n.clone(), model.params[n].shallow_clone())).collect();
-                let snap = Snapshot {
-                    state: &state,
-                    weights: &weights,
-                    weights_kind: kind,
-                    moments: &opt.moments(),
-                    files: vec![ctx.metrics().path().to_path_buf(), completions_path.clone()],
-                };
-                let dir = resume::save(&resume_dir, &snap)?;
-                tracing::info!("checkpoint at step {done}: {}", dir.display());
+                let files = vec![ctx.metrics().path().to_path_buf(), completions_path.clone()];
+                resume::save_training(&resume_dir, &state, &model, &opt, files)?;
             }
         }
         ctx.progress().finish();

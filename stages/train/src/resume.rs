@@ -168,6 +168,22 @@ pub fn save(dir: &Path, snap: &Snapshot) -> anyhow::Result<PathBuf> {
     Ok(target)
 }
 
+/// Checkpoint a training loop into `dir`: the trainable tensors of `model`
+/// (those `state` names), `opt`'s state and the logs in `files`.
+pub fn save_training(
+    dir: &Path,
+    state: &TrainState,
+    model: &Qwen25Vl,
+    opt: &AdamW,
+    files: Vec<PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    let weights = state.trainable.iter().map(|n| (n.clone(), model.params[n].shallow_clone())).collect();
+    let snap = Snapshot { state, weights: &weights, weights_kind: model.kind, moments: &opt.moments(), files };
+    let saved = save(dir, &snap)?;
+    tracing::info!("checkpoint at step {}: {}", state.step, saved.display());
+    Ok(saved)
+}
+
 /// Load a checkpoint into the policy, the optimizer and the output logs.
 pub fn restore(
     ck: &Checkpoint,

@@ -36,7 +36,7 @@ use tch::{Kind, Reduction, Tensor};
 use crate::dist;
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
 use crate::prompt::PromptEncoder;
-use crate::resume::{self, Snapshot, TrainState};
+use crate::resume::{self, TrainState};
 use crate::setup::{ThreadsGuard, Trainable, load_checkpoint, regex_union};
 
 /// Label of tokens that carry no loss (prompt, image, padding).
@@ -273,17 +273,7 @@ impl StageKind for Sft {
                 if ctx.is_main_rank() && p.checkpoint_every > 0 && step % p.checkpoint_every == 0 && step < total {
                     let state =
                         TrainState::new(step, opt.steps(), step * global_batch, fingerprint, trainable.names.clone());
-                    let weights =
-                        trainable.names.iter().map(|n| (n.clone(), model.params[n].shallow_clone())).collect();
-                    let snap = Snapshot {
-                        state: &state,
-                        weights: &weights,
-                        weights_kind: kind,
-                        moments: &opt.moments(),
-                        files: vec![ctx.metrics().path().to_path_buf()],
-                    };
-                    let dir = resume::save(&resume_dir, &snap)?;
-                    tracing::info!("checkpoint at step {step}: {}", dir.display());
+                    resume::save_training(&resume_dir, &state, &model, &opt, vec![ctx.metrics().path().to_path_buf()])?;
                 }
                 if step >= total {
                     break 'epochs;

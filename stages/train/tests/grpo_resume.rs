@@ -5,10 +5,8 @@
 mod support;
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
-use pipeline_engine::{StageContext, StageKind};
+use pipeline_engine::StageKind;
 use stages_train::Grpo;
 use stages_train::grpo::{COMPLETIONS_JSONL, GrpoParams};
 
@@ -24,16 +22,6 @@ fn run_seeded(
     kill_after: Option<u64>,
     seed: u64,
 ) -> anyhow::Result<()> {
-    let cancel = Arc::new(AtomicBool::new(false));
-    let mut builder = StageContext::builder("grpo", out)
-        .input("model", "sft", None, model)
-        .input("data", "export", Some("train"), split)
-        .resume_dir(resume)
-        .cancel_flag(cancel.clone())
-        .seed(seed);
-    if let Some(after) = kill_after {
-        builder = builder.progress(Arc::new(support::KillAfter::new(after, cancel)));
-    }
     let params = GrpoParams {
         steps: 6,
         prompts_per_step: 2,
@@ -48,19 +36,12 @@ fn run_seeded(
         ..Default::default()
     };
     Grpo::validate(&params).unwrap();
-    Grpo::run(&params, &mut builder.build()?)
+    Grpo::run(&params, &mut support::training_context("grpo", out, model, split, resume, seed, kill_after)?)
 }
 
 /// metrics.jsonl without the wall-clock column.
 fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("step_time_s");
-            v
-        })
-        .collect()
+    support::metrics_without(out, "step_time_s")
 }
 
 #[test]

@@ -5,24 +5,12 @@
 mod support;
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
-use pipeline_engine::{StageContext, StageKind};
+use pipeline_engine::StageKind;
 use stages_train::Sft;
 use stages_train::sft::{SftParams, Target};
 
 fn run(init: &Path, split: &Path, out: &Path, resume: &Path, kill_after: Option<u64>, seed: u64) -> anyhow::Result<()> {
-    let cancel = Arc::new(AtomicBool::new(false));
-    let mut builder = StageContext::builder("sft", out)
-        .input("model", "tiny", None, init)
-        .input("data", "export", Some("train"), split)
-        .resume_dir(resume)
-        .cancel_flag(cancel.clone())
-        .seed(seed);
-    if let Some(after) = kill_after {
-        builder = builder.progress(Arc::new(support::KillAfter::new(after, cancel)));
-    }
     let params = SftParams {
         target: Target::ThinkAnswer,
         trainable: vec![".*".into()],
@@ -33,19 +21,12 @@ fn run(init: &Path, split: &Path, out: &Path, resume: &Path, kill_after: Option<
         ..Default::default()
     };
     Sft::validate(&params).unwrap();
-    Sft::run(&params, &mut builder.build()?)
+    Sft::run(&params, &mut support::training_context("sft", out, init, split, resume, seed, kill_after)?)
 }
 
 /// metrics.jsonl without the wall-clock column.
 fn losses(out: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("tokens_per_s");
-            v
-        })
-        .collect()
+    support::metrics_without(out, "tokens_per_s")
 }
 
 #[test]

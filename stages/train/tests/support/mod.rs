@@ -46,6 +46,43 @@ impl KillAfter {
     }
 }
 
+/// The context of a training stage reading `model` and the `split`,
+/// restarting from `resume`; with `kill_after`, cancelled (as Ctrl-C does)
+/// once that many steps are done.
+pub fn training_context(
+    stage: &str,
+    out: &Path,
+    model: &Path,
+    split: &Path,
+    resume: &Path,
+    seed: u64,
+    kill_after: Option<u64>,
+) -> anyhow::Result<StageContext> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut builder = StageContext::builder(stage, out)
+        .input("model", "up", None, model)
+        .input("data", "export", Some("train"), split)
+        .resume_dir(resume)
+        .cancel_flag(cancel.clone())
+        .seed(seed);
+    if let Some(after) = kill_after {
+        builder = builder.progress(Arc::new(KillAfter::new(after, cancel)));
+    }
+    builder.build()
+}
+
+/// `metrics.jsonl` of `out` without the wall-clock column `timing`.
+pub fn metrics_without(out: &Path, timing: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove(timing);
+            v
+        })
+        .collect()
+}
+
 pub const OPTIONS: [&str; 3] = ["A. airway abnormalities", "B. emphysema", "C. ground-glass opacity"];
 const CLASSES: [(&str, &str); 3] =
     [("airway", "airway abnormalities"), ("emphysema", "emphysema"), ("ggo", "ground-glass opacity")];
