@@ -119,6 +119,10 @@ pub enum Command {
         recipe: RecipeArgs,
         #[command(flatten)]
         select: SelectArgs,
+        /// Machine-readable plan: one JSON object per stage (id, kind,
+        /// version, action, full key, provisional, reason, resources, warnings).
+        #[arg(long)]
+        json: bool,
     },
     /// Print the stage graph (text, or Graphviz with --dot).
     Dag {
@@ -220,11 +224,15 @@ pub enum Command {
 pub fn execute(cmd: Command, registry: &Registry, env: &EngineEnv) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Run(args) => cmd_run(args, registry, env),
-        Command::Plan { recipe, select } => {
+        Command::Plan { recipe, select, json } => {
             let (recipe_v, graph, cache) = load(&recipe, registry)?;
             let selection = Selection::build(&recipe_v, &graph, &select.options())?;
             let plan = make_plan(&recipe_v, &graph, &cache, &selection, &env_for(&recipe_v, env, None))?;
-            print!("{}", render_plan(&plan));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan_json(&plan))?);
+            } else {
+                print!("{}", render_plan(&plan));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Dag { recipe, sets, dot } => {
@@ -435,6 +443,33 @@ fn resources_label(s: &PlannedStage) -> String {
     let cpu = if s.resources.cpu == 0 { "all".to_string() } else { s.resources.cpu.to_string() };
     let ranks = if s.ranks > 1 { format!(" ranks={}", s.ranks) } else { String::new() };
     format!("cpu={cpu} mem={}M dev={}{ranks}", s.resources.memory_mb, device_label(&s.device))
+}
+
+/// `plan --json`: what the table shows, plus the full keys.
+pub fn plan_json(plan: &Plan) -> serde_json::Value {
+    let stages: Vec<serde_json::Value> = plan
+        .stages
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "id": s.id,
+                "kind": s.kind,
+                "version": s.components.version,
+                "action": s.action.as_str(),
+                "key": s.key.hex(),
+                "provisional": s.components.has_pending_inputs(),
+                "reason": s.reason,
+                "resources": {
+                    "cpu": s.resources.cpu,
+                    "memory_mb": s.resources.memory_mb,
+                    "device": device_label(&s.device),
+                    "ranks": s.ranks,
+                },
+                "warnings": s.warnings,
+            })
+        })
+        .collect();
+    serde_json::json!({ "stages": stages })
 }
 
 /// The `plan` table.
