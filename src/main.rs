@@ -2,6 +2,7 @@
 //! engine (or to the model tools). Exit codes: 0 ok, 1 failure, 2 usage or
 //! recipe error, 130 interrupted.
 
+mod cli;
 mod doctor;
 mod registry;
 mod torch_runtime;
@@ -34,12 +35,12 @@ enum Commands {
     Engine(pipeline_engine::Command),
     /// Model tools: generate, convert, bench (Qwen2.5-VL on tch).
     #[command(subcommand)]
-    Model(stages_vlm::cli::ModelCommand),
+    Model(cli::model::ModelCommand),
     /// Show a NIfTI file's header, orientation and value statistics.
-    Inspect(stages_data::InspectArgs),
+    Inspect(cli::inspect::InspectArgs),
     /// Compare runs side by side: one report.html / report.md from the evals,
     /// judges and training curves of several runs (runs/<time>-<recipe>/).
-    Report(stages_eval::ReportArgs),
+    Report(cli::report_compare::ReportArgs),
     /// Check libtorch and every CUDA device with a small forward/backward pass.
     Doctor,
 }
@@ -87,9 +88,9 @@ fn main() -> ExitCode {
             env.quiet = cli.quiet;
             pipeline_engine::execute(cmd, &registry::registry(), &env)
         }
-        Commands::Model(cmd) => stages_vlm::cli::model_main(&cmd).map(|()| ExitCode::SUCCESS),
-        Commands::Inspect(args) => stages_data::inspect(&args).map(|()| ExitCode::SUCCESS),
-        Commands::Report(args) => stages_eval::report_main(&args).map(|()| ExitCode::SUCCESS),
+        Commands::Model(cmd) => cli::model::model_main(&cmd).map(|()| ExitCode::SUCCESS),
+        Commands::Inspect(args) => cli::inspect::inspect(&args).map(|()| ExitCode::SUCCESS),
+        Commands::Report(args) => cli::report_compare::report_main(&args).map(|()| ExitCode::SUCCESS),
         Commands::Doctor => doctor::doctor().map(|()| ExitCode::SUCCESS),
     };
     match result {

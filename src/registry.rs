@@ -1,7 +1,7 @@
 //! Every stage kind the `pipeline` binary knows: one line per kind.
 //! (The engine never names a kind; this list is the only place that does.)
 
-use pipeline_engine::Registry;
+use stage_api::Registry;
 
 pub fn registry() -> Registry {
     Registry::new()

@@ -343,7 +343,7 @@ impl Executor<'_> {
             for r in refs {
                 let record =
                     job.upstream.get(&r.stage).ok_or_else(|| anyhow!("upstream `{}` has no output record", r.stage))?;
-                inputs.entry(name.clone()).or_default().push(Artifact::in_cache(
+                inputs.entry(name.clone()).or_default().push(crate::stage_run::cached_artifact(
                     self.cache,
                     &record.key,
                     &r.stage,

@@ -22,7 +22,7 @@ use anyhow::{Context as _, bail};
 use pipeline_cache::{Cache, Digest};
 use serde::{Deserialize, Serialize};
 
-use crate::context::{Artifact, DistInfo, LogProgress};
+use crate::context::{Artifact, LogProgress};
 use crate::env::EngineEnv;
 use crate::executor::{Executor, ReadyStage};
 use crate::key::{InputDigest, KeyComponents, artifact_digest, explain_change};
@@ -31,6 +31,7 @@ use crate::registry::Registry;
 use crate::stage::Device;
 use crate::stage_run::{Ranks, RunOrigin, StageRun, run_and_publish, run_peer};
 use crate::workspace::StageStatus;
+use stage_api::DistInfo;
 
 /// Bumped when the spec format changes (a child refuses other formats).
 pub const JOB_SPEC_FORMAT: u32 = 1;
@@ -263,7 +264,7 @@ pub fn exec_stage(
             })?;
             let digest = artifact_digest(&r.stage, &record, r.output.as_deref())
                 .with_context(|| format!("stage `{id}`: input `{name}`"))?;
-            inputs.entry(name.clone()).or_default().push(Artifact::in_cache(
+            inputs.entry(name.clone()).or_default().push(crate::stage_run::cached_artifact(
                 &cache,
                 &r.record,
                 &r.stage,

@@ -72,10 +72,6 @@ pub fn git_toplevel(dir: &Path) -> Option<PathBuf> {
     (out.status.success() && !text.is_empty()).then(|| PathBuf::from(text))
 }
 
-pub fn host_name() -> String {
-    gethostname::gethostname().to_string_lossy().into_owned()
-}
-
 pub fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
@@ -83,6 +79,7 @@ pub fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stage_api::host_name;
 
     #[test]
     fn round_trips_and_git_lookups_fail_softly() {

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::context::DistInfo;
 use crate::stage_run::{PeerGroup, PeerLauncher};
+use stage_api::DistInfo;
 
 /// How rank 0 starts its peers on this machine.
 pub struct LocalPeers {

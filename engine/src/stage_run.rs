@@ -20,11 +20,13 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use pipeline_cache::{ActionRecord, Cache, Digest};
 
-use crate::context::{Artifact, DistInfo, ProgressSink, StageContext};
+use crate::context::{Artifact, ProgressSink, StageContext};
 use crate::key::KeyComponents;
-use crate::provenance::{Provenance, host_name, rfc3339};
+use crate::provenance::{Provenance, rfc3339};
 use crate::stage::{ConfiguredStage, Device};
 use crate::workspace::StageStatus;
+use stage_api::DistInfo;
+use stage_api::host_name;
 
 /// Where a stage run comes from (for provenance and the action record).
 #[derive(Debug, Clone)]
@@ -93,10 +95,17 @@ pub trait PeerGroup: Send {
     fn finish(self: Box<Self>, ok: bool) -> anyhow::Result<()>;
 }
 
-/// Name of the file rank 0 leaves in the rendezvous directory when it will
-/// not run the stage (its outputs were published meanwhile): peers started
-/// next to it (`srun`) then exit instead of waiting for it.
-pub const RENDEZVOUS_ABANDONED: &str = "abandoned";
+pub use stage_api::RENDEZVOUS_ABANDONED;
+
+/// The published output `output` (whole output dir when `None`) of `stage`,
+/// whose action record has key `key`, as a stage input.
+pub fn cached_artifact(cache: &Cache, key: &Digest, stage: &str, output: Option<&str>) -> Artifact {
+    let mut path = cache.artifact_dir(key);
+    if let Some(out) = output {
+        path = path.join(out);
+    }
+    Artifact { stage: stage.to_string(), output: output.map(str::to_string), path }
+}
 
 /// Told when the key is being produced by someone else (we wait for them).
 pub type WaitNotice<'a> = &'a dyn Fn(&str);

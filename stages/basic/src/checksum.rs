@@ -3,10 +3,10 @@
 use std::io::Write;
 
 use anyhow::Context as _;
-use pipeline_engine::{InputSpec, ParamError, Resources, StageContext, StageKind};
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
 
 use crate::tree::{default_exclude, glob_set, list_files};
 
@@ -97,7 +97,7 @@ impl StageKind for Checksum {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pipeline_engine::Registry;
+    use stage_api::Registry;
 
     #[test]
     fn writes_b3sum_lines_and_summary() {

@@ -4,9 +4,9 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 
 use anyhow::Context as _;
-use pipeline_engine::{InputSpec, ParamError, StageContext, StageKind};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use stage_api::{InputSpec, ParamError, StageContext, StageKind};
 
 use crate::tree::{default_exclude, glob_set, list_files};
 

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use globset::GlobSet;
-use pipeline_engine::{ParamError, StageContext, StageKind};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use stage_api::{ParamError, StageContext, StageKind};
 
 use crate::tree::{glob_set, list_files};
 
@@ -86,7 +86,7 @@ fn resolve(path: &Path, recipe_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pipeline_engine::Registry;
+    use stage_api::Registry;
 
     fn params(path: &Path, glob: Option<&str>) -> FilesParams {
         FilesParams { path: path.to_path_buf(), glob: glob.map(str::to_string) }

@@ -4,9 +4,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use pipeline_engine::{ParamError, StageContext, StageKind};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use stage_api::{ParamError, StageContext, StageKind};
 
 /// Upper bound on the written size, so a typo in `repeat` cannot fill a disk.
 const MAX_BYTES: u64 = 1 << 30;

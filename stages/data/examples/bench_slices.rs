@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context as _;
-use pipeline_engine::{StageContext, StageKind};
+use stage_api::{StageContext, StageKind};
 use stages_data::phantom::{Phantom, PhantomParams, Preset};
 use stages_data::rexgct::{RexgctIndex, RexgctIndexParams};
 use stages_data::{LesionSlices, Render};

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use pipeline_engine::{StageContext, StageKind};
+use stage_api::{StageContext, StageKind};
 use stages_data::nifti;
 use stages_data::phantom::{Phantom, PhantomParams, Preset};
 

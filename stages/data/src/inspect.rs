@@ -11,24 +11,12 @@
 //! same report as one JSON object.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::Path;
 
 use anyhow::Context as _;
 use serde::Serialize;
 
 use crate::nifti::{self, NiftiHeader, NiftiScalar, VoxelReader, decode_chunk, dispatch_datatype};
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct InspectArgs {
-    /// NIfTI-1 file (`.nii` or `.nii.gz`).
-    pub file: PathBuf,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    pub json: bool,
-    /// Header only: skip reading the voxels (fast on huge files).
-    #[arg(long)]
-    pub header_only: bool,
-}
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ValueStats {
@@ -74,17 +62,6 @@ pub struct InspectReport {
     pub channels: Vec<ChannelLabels>,
 }
 
-/// Run the command: print the report of `args.file` to stdout.
-pub fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
-    let report = inspect_file(args)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", render_text(&report));
-    }
-    Ok(())
-}
-
 fn affine_source(h: &NiftiHeader) -> &'static str {
     if h.sform_code > 0 {
         "sform"
@@ -96,8 +73,7 @@ fn affine_source(h: &NiftiHeader) -> &'static str {
 }
 
 /// Build the report (reads the whole file unless `header_only`).
-pub fn inspect_file(args: &InspectArgs) -> anyhow::Result<InspectReport> {
-    let path = &args.file;
+pub fn inspect_file(path: &Path, header_only: bool) -> anyhow::Result<InspectReport> {
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     let mut magic = [0u8; 2];
     {
@@ -130,7 +106,7 @@ pub fn inspect_file(args: &InspectArgs) -> anyhow::Result<InspectReport> {
         channel_axis: None,
         channels: Vec::new(),
     };
-    if args.header_only {
+    if header_only {
         return Ok(report);
     }
     let channel_first = match h.dims.as_slice() {
@@ -348,8 +324,7 @@ mod tests {
         data[9 * 2 + 1] = 300;
         let p = dir.path().join("mask.nii.gz");
         nifti::write(&p, &[2, 3, 2, 4], &data, &nifti::identity(), None).unwrap();
-        let args = InspectArgs { file: p, json: true, header_only: false };
-        let r = inspect_file(&args).unwrap();
+        let r = inspect_file(&p, false).unwrap();
         assert!(r.gzip);
         assert_eq!(r.datatype, "uint16");
         assert_eq!(r.orientation, "RAS");
@@ -368,7 +343,7 @@ mod tests {
         let p = dir.path().join("ct.nii");
         let lps = [[-0.7, 0.0, 0.0, 0.0], [0.0, -0.7, 0.0, 0.0], [0.0, 0.0, 1.5, 0.0], [0.0, 0.0, 0.0, 1.0]];
         nifti::write(&p, &[2, 2, 1], &[0i16, 1024, 2048, 24], &lps, Some((1.0, -1024.0))).unwrap();
-        let r = inspect_file(&InspectArgs { file: p, json: false, header_only: false }).unwrap();
+        let r = inspect_file(&p, false).unwrap();
         assert_eq!(r.orientation, "LPS");
         assert!(r.scaling_applied);
         let st = r.stats.unwrap();
@@ -378,7 +353,7 @@ mod tests {
 
         let p = dir.path().join("nan.nii");
         nifti::write(&p, &[3], &[1.0f32, f32::NAN, 3.0], &nifti::identity(), None).unwrap();
-        let r = inspect_file(&InspectArgs { file: p, json: false, header_only: false }).unwrap();
+        let r = inspect_file(&p, false).unwrap();
         assert_eq!(r.stats.as_ref().unwrap().nan, 1);
         assert!(render_text(&r).contains("1 NaN"));
     }
@@ -388,7 +363,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bad.nii");
         std::fs::write(&p, b"not a nifti file").unwrap();
-        let e = format!("{:#}", inspect_file(&InspectArgs { file: p, json: false, header_only: true }).unwrap_err());
+        let e = format!("{:#}", inspect_file(&p, true).unwrap_err());
         assert!(e.contains("bad.nii"), "{e}");
     }
 }

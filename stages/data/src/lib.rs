@@ -10,7 +10,6 @@ pub mod rexgct;
 pub mod slices;
 pub mod split;
 pub mod vqa;
-pub use inspect::{InspectArgs, inspect};
 pub use parquet_export::ParquetExport;
 pub use phantom::Phantom;
 pub use render::Render;

@@ -36,11 +36,11 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
-use pipeline_engine::{InputSpec, OutputSpec, ParamError, StageContext, StageKind};
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use stage_api::{InputSpec, OutputSpec, ParamError, StageContext, StageKind};
 
 use crate::components::BBox;
 use crate::jsonl;
@@ -374,8 +374,8 @@ impl StageKind for ParquetExport {
         p.splits.iter().map(|s| OutputSpec::new(s.clone(), format!("{s} Parquet shards"))).collect()
     }
 
-    fn resources(_: &ParquetExportParams) -> pipeline_engine::Resources {
-        pipeline_engine::Resources { cpu: 0, memory_mb: 1024, ..Default::default() }
+    fn resources(_: &ParquetExportParams) -> stage_api::Resources {
+        stage_api::Resources { cpu: 0, memory_mb: 1024, ..Default::default() }
     }
 
     fn validate(p: &ParquetExportParams) -> Result<(), ParamError> {

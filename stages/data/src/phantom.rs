@@ -52,14 +52,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
-use pipeline_engine::context::derive_seed;
-use pipeline_engine::{ParamError, Resources, StageContext, StageKind};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use stage_api::derive_seed;
+use stage_api::{ParamError, Resources, StageContext, StageKind};
 
 use crate::nifti::{self, WriteOptions};
 use crate::rexgct::CLASSES;

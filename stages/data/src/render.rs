@@ -34,10 +34,10 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use image::imageops::{self, FilterType};
 use image::{GrayImage, Rgb, RgbImage};
-use pipeline_engine::{InputSpec, ParamError, Resources, StageContext, StageKind};
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
 
 use crate::components::BBox;
 use crate::jsonl;

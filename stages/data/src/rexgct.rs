@@ -19,11 +19,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use pipeline_engine::{InputSpec, ParamError, Resources, StageContext, StageKind};
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
 
 use crate::nifti;
 
@@ -582,7 +582,7 @@ mod tests {
             "class_map = { nodule_mass = [\"2d\", \"1e\"] }\ndropped_categories = []\non_invalid = \"skip\""
                 .parse()
                 .unwrap();
-        let p: RexgctIndexParams = pipeline_engine::params::parse_params(table).unwrap();
+        let p: RexgctIndexParams = stage_api::params::parse_params(table).unwrap();
         assert_eq!(p.ordered_classes(), vec!["nodule_mass"]);
         RexgctIndex::validate(&p).unwrap();
     }

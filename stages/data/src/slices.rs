@@ -32,10 +32,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{Context as _, bail};
-use pipeline_engine::{InputSpec, ParamError, Resources, StageContext, StageKind};
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
 
 use crate::components::{BBox, BoxRules, ComponentLabeler, Connectivity};
 use crate::jsonl;

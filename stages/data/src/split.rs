@@ -15,11 +15,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, bail};
-use pipeline_engine::{InputSpec, OutputSpec, ParamError, StageContext, StageKind};
 use rand::seq::SliceRandom;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+use stage_api::{InputSpec, OutputSpec, ParamError, StageContext, StageKind};
 
 use crate::jsonl;
 

@@ -16,14 +16,14 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, bail};
-use pipeline_engine::context::derive_seed;
-use pipeline_engine::{InputSpec, ParamError, StageContext, StageKind};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use stage_api::derive_seed;
+use stage_api::{InputSpec, ParamError, StageContext, StageKind};
 
 use crate::jsonl;
 

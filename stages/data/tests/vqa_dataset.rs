@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use pipeline_engine::{StageContext, StageKind};
 use serde_json::Value;
+use stage_api::{StageContext, StageKind};
 use stages_data::phantom::{Phantom, PhantomParams, Preset};
 use stages_data::rexgct::{RexgctIndex, RexgctIndexParams};
 use stages_data::{LesionSlices, ParquetExport, Render, Split, Vqa, jsonl};

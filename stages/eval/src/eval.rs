@@ -10,9 +10,9 @@
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
-use pipeline_engine::{DeviceRequest, InputSpec, ParamError, Resources, StageContext, StageKind};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use stage_api::{DeviceRequest, InputSpec, ParamError, Resources, StageContext, StageKind};
 use stages_vlm::chat::{ChatTokenizer, Message};
 use stages_vlm::generate::{GenerationConfig, generate};
 use stages_vlm::processor::ImageProcessor;
@@ -196,10 +196,10 @@ pub fn metrics_of(predictions: &[Prediction], ci: CiMethod) -> crate::metrics::M
     aggregate(&items, &classes, ci)
 }
 
-fn torch_device(d: pipeline_engine::Device) -> tch::Device {
+fn torch_device(d: stage_api::Device) -> tch::Device {
     match d {
-        pipeline_engine::Device::Cpu => tch::Device::Cpu,
-        pipeline_engine::Device::Cuda(i) => tch::Device::Cuda(i),
+        stage_api::Device::Cpu => tch::Device::Cpu,
+        stage_api::Device::Cuda(i) => tch::Device::Cuda(i),
     }
 }
 
@@ -503,7 +503,7 @@ impl StageKind for Eval {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use pipeline_engine::StageKind as _;
+    use stage_api::StageKind as _;
     use stages_vlm::InitModel;
 
     use super::*;

@@ -16,13 +16,13 @@ use arrow_schema::{DataType, Field, Fields};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
-use pipeline_engine::{ParamError, StageContext, StageKind};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use rand::Rng;
 use rand::seq::IndexedRandom;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use stage_api::{ParamError, StageContext, StageKind};
 
 use crate::plots::{PlotError, render_canvas};
 

@@ -20,11 +20,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use pipeline_engine::{InputSpec, ParamError, Resources, StageContext, StageKind};
 use rayon::prelude::*;
 use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
 
 use stages_vlm::generate::GenerationConfig;
 

@@ -4,10 +4,9 @@
 //!   predictions + metrics ([`metrics`] holds the pure scoring logic).
 //! - [`Judge`] (`kind = "judge"`): reasoning-answer consistency.
 //! - [`ReportStage`] (`kind = "report"`): tables, plots and examples of many
-//!   evals side by side; [`compare`] renders the same report for several
-//!   runs (`pipeline report RUN_A RUN_B ...`).
+//!   evals side by side (the binary's `pipeline report RUN_A RUN_B ...`
+//!   renders the same report for several runs).
 
-pub mod compare;
 pub mod dataset;
 pub mod eval;
 pub mod general;
@@ -18,7 +17,6 @@ pub mod predictions;
 pub mod prompt;
 pub mod report;
 
-pub use compare::{ReportArgs, report_main};
 pub use eval::Eval;
 pub use general::GeneralVqa;
 pub use judge::Judge;

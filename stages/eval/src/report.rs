@@ -24,10 +24,10 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use base64::Engine as _;
-use pipeline_engine::context::Artifact;
-use pipeline_engine::{InputSpec, ParamError, StageContext, StageKind};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use stage_api::context::Artifact;
+use stage_api::{InputSpec, ParamError, StageContext, StageKind};
 
 use crate::eval::{GALLERY_DIR, METRICS_JSON};
 use crate::judge::{CONSISTENCY_JSON, Consistency};

@@ -3,8 +3,8 @@
 //! (`scale_rewards`), as TRL's GRPOTrainer. Standard deviations are
 //! unbiased (Bessel), like `torch.std`.
 
-use pipeline_engine::schemars::{self, JsonSchema};
 use serde::{Deserialize, Serialize};
+use stage_api::schemars::{self, JsonSchema};
 
 /// Added to the std before dividing (TRL and the Med-R1 lineage).
 pub const STD_EPS: f64 = 1e-4;

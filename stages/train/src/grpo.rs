@@ -27,9 +27,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
-use pipeline_engine::schemars::{self, JsonSchema};
-use pipeline_engine::{InputSpec, ParamError, Resources, StageContext, StageKind};
 use serde::{Deserialize, Deserializer, Serialize};
+use stage_api::schemars::{self, JsonSchema};
+use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
 use stages_eval::dataset::read_split;
 use stages_eval::eval::{DeviceChoice, device_and_kind};
 use stages_eval::metrics::DEFAULT_ANSWER_REGEX;

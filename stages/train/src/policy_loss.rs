@@ -12,8 +12,8 @@
 //! The first three are divided by the number of micro-batches of the step
 //! (gradient accumulation); `dapo` already is a step-level mean.
 
-use pipeline_engine::schemars::{self, JsonSchema};
 use serde::{Deserialize, Serialize};
+use stage_api::schemars::{self, JsonSchema};
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

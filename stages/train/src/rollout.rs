@@ -43,7 +43,7 @@ impl DataOrder {
         let (epoch, offset) = (pos / self.rows, pos % self.rows);
         if self.epoch.as_ref().is_none_or(|(e, _)| *e != epoch) {
             let mut order: Vec<usize> = (0..self.rows).collect();
-            let stream = pipeline_engine::context::derive_seed(self.seed, &format!("grpo/order/{epoch}"));
+            let stream = stage_api::derive_seed(self.seed, &format!("grpo/order/{epoch}"));
             order.shuffle(&mut ChaCha8Rng::seed_from_u64(stream));
             self.epoch = Some((epoch, order));
         }
@@ -58,7 +58,7 @@ impl DataOrder {
 
 /// The seed of round `round`'s sampling generator.
 pub fn round_seed(seed: u64, round: usize) -> u64 {
-    pipeline_engine::context::derive_seed(seed, &format!("grpo/generate/{round}"))
+    stage_api::derive_seed(seed, &format!("grpo/generate/{round}"))
 }
 
 /// Everything a round needs besides the model.

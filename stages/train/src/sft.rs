@@ -20,10 +20,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
-use pipeline_engine::schemars::{self, JsonSchema};
-use pipeline_engine::{InputSpec, OutputSpec, ParamError, Resources, StageContext, StageKind};
 use rand::seq::SliceRandom as _;
 use serde::{Deserialize, Serialize};
+use stage_api::schemars::{self, JsonSchema};
+use stage_api::{InputSpec, OutputSpec, ParamError, Resources, StageContext, StageKind};
 use stages_eval::dataset::{VqaRow, read_split};
 use stages_eval::eval::{DeviceChoice, device_and_kind};
 use stages_eval::prompt::PromptVariant;
@@ -207,7 +207,7 @@ impl StageKind for Sft {
         // so a checkpoint needs only the step (and the global batch it used).
         let out = ctx.output_dir().to_path_buf();
         let resume_dir = ctx.resume_dir()?.to_path_buf();
-        let fingerprint = pipeline_engine::context::derive_seed(ctx.seed(), "sft/order");
+        let fingerprint = stage_api::derive_seed(ctx.seed(), "sft/order");
         let mut start = 0;
         if let Some(ck) = resume::latest(&resume_dir)? {
             let expected = (ck.state.step * global_batch, fingerprint);

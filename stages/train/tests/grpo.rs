@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use pipeline_engine::{StageContext, StageKind};
+use stage_api::{StageContext, StageKind};
 use stages_eval::dataset::read_split;
 use stages_eval::prompt::PromptVariant;
 use stages_train::Grpo;

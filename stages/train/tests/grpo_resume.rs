@@ -6,7 +6,7 @@ mod support;
 
 use std::path::Path;
 
-use pipeline_engine::StageKind;
+use stage_api::StageKind;
 use stages_train::Grpo;
 use stages_train::grpo::{COMPLETIONS_JSONL, GrpoParams};
 

@@ -6,10 +6,10 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use pipeline_engine::{InputSpec, ParamError, Resources, StageContext, StageKind};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
 use tch::{Device, Kind};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
@@ -371,7 +371,7 @@ impl StageKind for InitModel {
         let out: PathBuf = ctx.output_dir().to_path_buf();
         // The seed of the stage fixes the weights (tch's generator is global,
         // so the seed is derived per stage rather than drawn from it).
-        let seed = pipeline_engine::context::derive_seed(ctx.seed(), "init_model.weights") as i64 & i64::MAX;
+        let seed = stage_api::derive_seed(ctx.seed(), "init_model.weights") as i64 & i64::MAX;
         let model = write_checkpoint(p, &texts, seed, false, &out)?;
         tracing::info!(params = model.params.values().map(|t| t.numel()).sum::<usize>(), dir = %out.display(), "init_model wrote checkpoint");
         Ok(())

@@ -6,7 +6,6 @@
 
 pub mod chat;
 pub mod checkpoint;
-pub mod cli;
 pub mod config;
 pub mod generate;
 pub mod init_model;
@@ -18,7 +17,6 @@ pub mod rope_index;
 pub mod text;
 pub mod vision;
 
-pub use cli::{ModelCommand, model_main};
 pub use config::Qwen25VlConfig;
 pub use init_model::InitModel;
 pub use model::{Batch, ModelError, Qwen25Vl};

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use pipeline_engine::context::derive_seed;
 use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
+use stage_api::derive_seed;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, CheckpointError};

@@ -16,7 +16,7 @@ pub mod tcp;
 pub mod nccl;
 
 use anyhow::{Context as _, bail};
-use pipeline_engine::StageContext;
+use stage_api::StageContext;
 use tch::{Kind, Tensor};
 
 /// What the ranks of a training stage do together. Every call is collective:

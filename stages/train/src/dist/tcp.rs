@@ -12,9 +12,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use pipeline_engine::DistInfo;
-use pipeline_engine::provenance::host_name;
-use pipeline_engine::stage_run::RENDEZVOUS_ABANDONED;
+use stage_api::DistInfo;
+use stage_api::RENDEZVOUS_ABANDONED;
+use stage_api::host_name;
 use tch::Tensor;
 
 use super::{Collective, flatten_f32, unflatten_into};

@@ -15,7 +15,7 @@ use arrow_array::builder::{ListBuilder, StringBuilder};
 use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray, StructArray};
 use arrow_schema::{DataType, Field, Fields};
 use parquet::arrow::ArrowWriter;
-use pipeline_engine::{ProgressSink, StageContext, StageKind};
+use stage_api::{ProgressSink, StageContext, StageKind};
 use stages_eval::prompt::THINK_TEMPLATE;
 use stages_train::Sft;
 use stages_train::sft::{SftParams, Target};

@@ -14,6 +14,7 @@ use anyhow::{Context as _, bail};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::dist::DistInfo;
 use crate::stage::Device;
 
 /// One resolved input reference: the upstream stage id, the output name (if
@@ -23,23 +24,6 @@ pub struct Artifact {
     pub stage: String,
     pub output: Option<String>,
     pub path: PathBuf,
-}
-
-impl Artifact {
-    /// The published output `output` (whole output dir when `None`) of
-    /// `stage`, whose action record has key `key`.
-    pub fn in_cache(
-        cache: &pipeline_cache::Cache,
-        key: &pipeline_cache::Digest,
-        stage: &str,
-        output: Option<&str>,
-    ) -> Self {
-        let mut path = cache.artifact_dir(key);
-        if let Some(out) = output {
-            path = path.join(out);
-        }
-        Self { stage: stage.to_string(), output: output.map(str::to_string), path }
-    }
 }
 
 /// Receives progress of a stage. The engine plugs in an indicatif bar on a
@@ -114,21 +98,6 @@ impl MetricsSink {
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-/// This process's place in a data-parallel stage run: one of `world_size`
-/// processes running the same stage (see [`StageKind::DISTRIBUTED`](crate::StageKind::DISTRIBUTED)).
-/// The engine launches the ranks; the stage brings its own collectives and
-/// meets its peers through `rendezvous`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DistInfo {
-    pub rank: usize,
-    pub world_size: usize,
-    /// A directory every rank sees (a shared filesystem across hosts), unique
-    /// to this attempt at the stage: rank 0 publishes its address there.
-    pub rendezvous: PathBuf,
-    /// The stage's cache key: a rank refuses peers that run another stage.
-    pub token: String,
 }
 
 /// The context handed to [`StageKind::run`](crate::StageKind::run).

@@ -6,11 +6,11 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use tch::{Device, Kind, Tensor};
 
-use crate::chat::{ChatTokenizer, Message};
-use crate::checkpoint;
-use crate::generate::{GenerationConfig, generate};
-use crate::model::{Batch, Qwen25Vl};
-use crate::processor::{ImageProcessor, open_image};
+use stages_vlm::chat::{ChatTokenizer, Message};
+use stages_vlm::checkpoint;
+use stages_vlm::generate::{GenerationConfig, generate};
+use stages_vlm::model::{Batch, Qwen25Vl};
+use stages_vlm::processor::{ImageProcessor, open_image};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ModelCommand {

@@ -15,10 +15,10 @@ use pipeline_engine::cli::UsageError;
 use pipeline_engine::workspace::{RunSummary, StageStatus};
 use serde::Deserialize;
 
-use crate::eval::METRICS_JSON;
-use crate::judge::CONSISTENCY_JSON;
-use crate::predictions::PREDICTIONS_JSONL;
-use crate::report::{EvalRun, Report, ReportParams, TrainRun, attach_judge, load_eval, load_train};
+use stages_eval::eval::METRICS_JSON;
+use stages_eval::judge::CONSISTENCY_JSON;
+use stages_eval::predictions::PREDICTIONS_JSONL;
+use stages_eval::report::{EvalRun, Report, ReportParams, TrainRun, attach_judge, load_eval, load_train};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReportArgs {

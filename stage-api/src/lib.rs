@@ -1,0 +1,27 @@
+//! The Stage API: the only thing a stage crate imports from the pipeline.
+//!
+//! A stage kind implements [`StageKind`] (typed params, declared inputs and
+//! outputs, resources, `run`) and receives a [`StageContext`] (read-only
+//! inputs, an output directory published atomically, a resume directory,
+//! seeded RNG streams, a sized thread pool, the device, progress, metrics,
+//! cancellation, and [`DistInfo`] for data-parallel ranks). The engine
+//! plans and runs stages through the type-erased [`DynStageKind`] /
+//! [`ConfiguredStage`] that a [`Registry`] hands out, so it never names a
+//! kind, and stage crates never see the engine, the cache or the CLI.
+
+pub mod context;
+pub mod dist;
+pub mod params;
+pub mod registry;
+pub mod stage;
+
+pub use context::{Artifact, LogProgress, MetricsSink, ProgressSink, StageContext, StageContextBuilder, derive_seed};
+pub use dist::{DistInfo, RENDEZVOUS_ABANDONED, host_name};
+pub use params::ParamError;
+pub use registry::Registry;
+pub use stage::{
+    ConfiguredStage, Device, DeviceRequest, DynStageKind, InputSpec, OutputSpec, Resources, StageDoc, StageKind,
+};
+
+// Re-exported so stage crates derive params with the same versions.
+pub use schemars;
