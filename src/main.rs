@@ -36,7 +36,7 @@ enum Commands {
     /// Model tools: generate, convert, bench (Qwen2.5-VL on tch).
     #[command(subcommand)]
     Model(cli::model::ModelCommand),
-    /// Show a NIfTI file's header, orientation and value statistics.
+    /// Show a NIfTI-1/NIfTI-2 file's header, orientation and value statistics.
     Inspect(cli::inspect::InspectArgs),
     /// Compare runs side by side: one report.html / report.md from the evals,
     /// judges and training curves of several runs (runs/<time>-<recipe>/).
