@@ -108,6 +108,22 @@ fn upstreams(cache: &Path, key: &str) -> Vec<String> {
         .collect()
 }
 
+/// `recipes/ci.toml` made small: every stage still runs (as a Slurm job),
+/// on less data and fewer steps. What the ci recipe learns is checked by
+/// `tests/recipes_e2e.rs`; this test is about the executor, and runs the
+/// recipe twice (locally and on Slurm), so it must be cheap.
+const SMALL: [&str; 9] = [
+    "volumes.cases=12",
+    "sft.epochs=1",
+    "grpo.steps=2",
+    "grpo.checkpoint_every=1",
+    "eval.max_new_tokens=16",
+    "eval_sft.max_new_tokens=16",
+    "eval_nothink.max_new_tokens=16",
+    "eval_general_sft.max_new_tokens=16",
+    "eval_general.max_new_tokens=16",
+];
+
 #[test]
 fn ci_recipe_runs_through_a_real_slurm_cluster() {
     if let Err(reason) = cluster() {
@@ -121,14 +137,14 @@ fn ci_recipe_runs_through_a_real_slurm_cluster() {
     let (local_cache, slurm_cache): (PathBuf, PathBuf) = (tmp.path().join("local"), tmp.path().join("slurm"));
     let (local_ws, slurm_ws) = (tmp.path().join("ws-local"), tmp.path().join("ws-slurm"));
 
-    let local = pipeline(
-        &["run", "recipes/ci.toml", "--executor", "local", "--cache-dir", local_cache.to_str().unwrap()],
-        &local_ws,
-    );
+    let mut local_args =
+        vec!["run", "recipes/ci.toml", "--executor", "local", "--cache-dir", local_cache.to_str().unwrap()];
+    local_args.extend(SMALL.iter().flat_map(|s| ["--set", s]));
+    let local = pipeline(&local_args, &local_ws);
     assert!(local.status.success(), "local run failed:\n{}", text(&local));
 
     // One node is the "shared" filesystem: the cache is on the local disk.
-    let slurm_args = [
+    let mut slurm_args = vec![
         "run",
         "recipes/ci.toml",
         "--executor",
@@ -138,6 +154,7 @@ fn ci_recipe_runs_through_a_real_slurm_cluster() {
         "--cache-dir",
         slurm_cache.to_str().unwrap(),
     ];
+    slurm_args.extend(SMALL.iter().flat_map(|s| ["--set", s]));
     let first = pipeline(&slurm_args, &slurm_ws);
     let first_text = text(&first);
     assert!(first.status.success(), "Slurm run failed:\n{first_text}");
