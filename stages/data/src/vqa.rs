@@ -250,7 +250,8 @@ mod tests {
     #[test]
     fn shuffled_order_is_seeded_and_answer_follows_the_class() {
         let dir = tempfile::tempdir().unwrap();
-        let p = VqaParams { option_order: OptionOrder::Shuffled, prompt: ResponseFormat::NoThink, ..Default::default() };
+        let p =
+            VqaParams { option_order: OptionOrder::Shuffled, prompt: ResponseFormat::NoThink, ..Default::default() };
         let a = run(dir.path(), &p, 7, "a");
         let b = run(dir.path(), &p, 7, "b");
         let c = run(dir.path(), &p, 8, "c");

@@ -111,7 +111,11 @@ impl Scorer {
             return Err(ExtractFailure::Empty);
         }
         let Some(block) = c.first_answer_block() else {
-            return Err(if !c.has_tag(Tag::AnswerOpen) { ExtractFailure::NoAnswerTag } else { ExtractFailure::Unclosed });
+            return Err(if !c.has_tag(Tag::AnswerOpen) {
+                ExtractFailure::NoAnswerTag
+            } else {
+                ExtractFailure::Unclosed
+            });
         };
         let caps = self.answer.captures(block.tagged).ok_or(ExtractFailure::Unmatched)?;
         caps.get(1).map(|g| g.as_str().trim().to_string()).ok_or(ExtractFailure::Unmatched)
@@ -256,7 +260,8 @@ mod tests {
     fn regex_errors_name_the_field() {
         let e = Scorer::new("<answer>(", ResponseFormat::Think, AnswerMatch::Choice).unwrap_err().to_string();
         assert!(e.contains("answer_regex"), "{e}");
-        let e = Scorer::new("<answer>\\w+</answer>", ResponseFormat::Think, AnswerMatch::Choice).unwrap_err().to_string();
+        let e =
+            Scorer::new("<answer>\\w+</answer>", ResponseFormat::Think, AnswerMatch::Choice).unwrap_err().to_string();
         assert!(e.contains("no capture group"), "{e}");
     }
 

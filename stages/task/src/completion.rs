@@ -209,10 +209,7 @@ impl<'a> Completion<'a> {
                 other => other,
             };
             let close = next.filter(|s| s.piece == Piece::Tag(Tag::AnswerClose))?;
-            Some(AnswerBlock {
-                tagged: &self.text[open.start..close.end],
-                content: &self.text[open.end..close.start],
-            })
+            Some(AnswerBlock { tagged: &self.text[open.start..close.end], content: &self.text[open.end..close.start] })
         })
     }
 

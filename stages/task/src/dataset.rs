@@ -156,8 +156,8 @@ pub fn read_split(dir: &Path) -> Result<Vec<VqaRow>, DatasetError> {
             let answer =
                 strings(&b, &path, column::ANSWER)?.ok_or_else(|| col_err(&path, column::ANSWER, "missing"))?;
             let start = rows.len();
-            let ids = strings(&b, &path, column::ID)?
-                .unwrap_or_else(|| (start..start + n).map(|i| i.to_string()).collect());
+            let ids =
+                strings(&b, &path, column::ID)?.unwrap_or_else(|| (start..start + n).map(|i| i.to_string()).collect());
             let class = strings(&b, &path, column::CLASS)?;
             let class_name = strings(&b, &path, column::CLASS_NAME)?;
             let images = images(&b, &path)?;
