@@ -5,7 +5,10 @@
 //! e.g. `export.test`, or any Parquet VQA set with `question`/`answer`).
 //! Outputs: `predictions.jsonl` + `predictions.parquet` (one row per item),
 //! `metrics.json` (see [`crate::metrics::Metrics`]) and `gallery/` (a few
-//! correct and wrong items with their image, for the report).
+//! correct and wrong items with their image, for the report); names in
+//! [`crate::artifacts`]. Scoring is the task contract's
+//! ([`stages_task::answer::Scorer`]): the first answer block is the answer,
+//! `format_ok` is [`stages_task::completion`]'s rule for the prompt's format.
 
 use std::path::Path;
 
@@ -19,16 +22,15 @@ use stages_vlm::processor::ImageProcessor;
 use stages_vlm::{Batch, Qwen25Vl};
 use tch::Kind;
 
-use crate::dataset::{VqaRow, parquet_files, read_split};
-use crate::metrics::{
-    ANSWER_FORMAT_REGEX, AnswerMatch, CiMethod, DEFAULT_ANSWER_REGEX, EvalSource, Outcome, ScoredItem, Scorer,
-    THINK_FORMAT_REGEX, aggregate, option_letters,
+use stages_task::answer::{
+    AnswerMatch, AnswerRegexError, DEFAULT_ANSWER_REGEX, Outcome, Scorer, option_letters, option_names,
 };
-use crate::predictions::{PREDICTIONS_JSONL, PREDICTIONS_PARQUET, Prediction, write_jsonl, write_parquet};
-use crate::prompt::{NO_THINK_TEMPLATE, PromptVariant, THINK_TEMPLATE, user_text};
+use stages_task::dataset::{VqaRow, parquet_files, read_split};
+use stages_task::prompt::{NO_THINK_TEMPLATE, PromptVariant, THINK_TEMPLATE, user_text};
 
-pub const METRICS_JSON: &str = "metrics.json";
-pub const GALLERY_DIR: &str = "gallery";
+use crate::artifacts::{GALLERY_DIR, GALLERY_JSON, METRICS_JSON, PREDICTIONS_JSONL, PREDICTIONS_PARQUET, artifact_id};
+use crate::metrics::{CiMethod, EvalSource, ScoredItem, aggregate};
+use crate::predictions::{Prediction, write_jsonl, write_parquet};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -56,11 +58,9 @@ pub struct EvalParams {
     pub seed: Option<u64>,
     /// Prompts per generate call.
     pub batch_size: usize,
-    /// Regex whose first group is the answer.
+    /// Regex searched in the completion's first `<answer>...</answer>` block
+    /// (tags included); its first group is the answer.
     pub answer_regex: String,
-    /// Regex a well-formatted completion matches; default by prompt variant
-    /// (think + answer tags, or answer tag only for `no_think`).
-    pub format_regex: Option<String>,
     /// `choice` (option letters), or free-form `exact` / `relaxed` (numbers within 5%).
     pub answer_match: AnswerMatch,
     /// Confidence intervals: `{ method = "wilson" }` or
@@ -91,7 +91,6 @@ impl Default for EvalParams {
             seed: None,
             batch_size: 8,
             answer_regex: DEFAULT_ANSWER_REGEX.into(),
-            format_regex: None,
             answer_match: AnswerMatch::Choice,
             ci: CiMethod::Wilson,
             limit: None,
@@ -122,16 +121,11 @@ impl DeviceChoice {
 }
 
 impl EvalParams {
-    pub fn scorer(&self) -> Result<Scorer, crate::metrics::MetricsError> {
-        let default_format =
-            if self.prompt == PromptVariant::NoThink { ANSWER_FORMAT_REGEX } else { THINK_FORMAT_REGEX };
-        Scorer::new(&self.answer_regex, self.format_regex.as_deref().unwrap_or(default_format), self.answer_match)
+    /// The scorer of this eval: its answer regex and matching, and the
+    /// format rule of its prompt variant.
+    pub fn scorer(&self) -> Result<Scorer, AnswerRegexError> {
+        Scorer::new(&self.answer_regex, self.prompt.response_format(), self.answer_match)
     }
-}
-
-/// The class display names in option order (`"A. emphysema"` -> `emphysema`).
-fn option_names(options: &[String]) -> Vec<String> {
-    options.iter().map(|o| o.split_once('.').map_or(o.as_str(), |(_, n)| n).trim().to_string()).collect()
 }
 
 /// Score one completion of `row` into a prediction.
@@ -181,7 +175,7 @@ pub fn metrics_of(predictions: &[Prediction], ci: CiMethod) -> crate::metrics::M
         .map(|p| ScoredItem {
             class: p.class_name.clone(),
             predicted_class: p.predicted_class.clone(),
-            score: crate::metrics::ItemScore {
+            score: stages_task::answer::ItemScore {
                 extracted: p.extracted.clone(),
                 failure: p.failure,
                 format_ok: p.format_ok,
@@ -368,7 +362,7 @@ fn write_gallery(dir: &Path, rows: &[VqaRow], preds: &[Prediction], n: usize) ->
             kept.push(serde_json::json!({"id": p.id, "image": file}));
         }
     }
-    let path = dir.join("gallery.json");
+    let path = dir.join(GALLERY_JSON);
     std::fs::write(&path, serde_json::to_string_pretty(&kept)?).with_context(|| format!("writing {}", path.display()))
 }
 
@@ -379,7 +373,10 @@ impl StageKind for Eval {
     const KIND: &'static str = "eval";
     // v2: metrics.json records its `source` (model, data, split, prompt).
     // v3: sampling (temperature > 0) draws candidates in vocabulary order (no full sort).
-    const VERSION: u32 = 3;
+    // v4: the task contract's format rule (one non-empty think and answer block,
+    //     whitespace around allowed) and answer from the first answer block;
+    //     `format_regex` is gone (one format definition for eval, GRPO, judge).
+    const VERSION: u32 = 4;
     const SUMMARY: &'static str = "Score a Qwen2.5-VL checkpoint on a Parquet VQA split: predictions, accuracy (overall, per class, CI), format/validity";
 
     fn inputs() -> &'static [InputSpec] {
@@ -420,10 +417,7 @@ impl StageKind for Eval {
                 return Err(ParamError::new(&[key], "must contain the `{Question}` placeholder"));
             }
         }
-        p.scorer().map(|_| ()).map_err(|e| {
-            let key = if e.to_string().contains("format_regex") { "format_regex" } else { "answer_regex" };
-            ParamError::new(&[key], e.to_string())
-        })
+        p.scorer().map(|_| ()).map_err(|e| ParamError::new(&["answer_regex"], e.to_string()))
     }
 
     fn run(params: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()> {
@@ -483,8 +477,8 @@ impl StageKind for Eval {
         let data_input = ctx.inputs("data").first().context("input `data` is missing")?;
         let model_input = ctx.inputs("model").first().context("input `model` is missing")?;
         metrics.source = Some(EvalSource {
-            model: crate::report::artifact_id(model_input),
-            data: crate::report::artifact_id(data_input),
+            model: artifact_id(model_input),
+            data: artifact_id(data_input),
             split: split_name(data_input.output.as_deref(), &data),
             prompt: serde_json::to_value(params.prompt)?.as_str().unwrap_or_default().to_string(),
         });
@@ -507,7 +501,6 @@ pub(crate) mod tests {
     use stages_vlm::InitModel;
 
     use super::*;
-    use crate::dataset::tests::write_split;
     use crate::predictions::read_jsonl;
 
     fn png(w: u32, h: u32, shade: u8) -> Vec<u8> {
@@ -572,14 +565,26 @@ pub(crate) mod tests {
         let data = dir.path().join("test");
         std::fs::create_dir_all(&data).unwrap();
         let q = THINK_TEMPLATE.replace("{Question}", "Which lesion?\nOptions:\nA. airway abnormalities\nB. emphysema");
-        write_split(
+        let options: Vec<String> =
+            ["A. airway abnormalities", "B. emphysema", "C. ground-glass opacity"].map(String::from).to_vec();
+        let row = |id: &str, image: Vec<u8>, answer: &str, class: &str, class_name: &str| VqaRow {
+            id: id.into(),
+            image: Some(image),
+            problem: q.clone(),
+            answer: answer.into(),
+            options: options.clone(),
+            class: class.into(),
+            class_name: class_name.into(),
+        };
+        stages_task::dataset::write_rows(
             &data.join("test-00000-of-00001.parquet"),
             &[
-                ("c1/a/1", png(56, 56, 10), &q, "A", "airway", "airway abnormalities"),
-                ("c2/b/2", png(64, 56, 90), &q, "B", "emphysema", "emphysema"),
-                ("c3/c/3", png(56, 84, 200), &q, "C", "ggo", "ground-glass opacity"),
+                row("c1/a/1", png(56, 56, 10), "A", "airway", "airway abnormalities"),
+                row("c2/b/2", png(64, 56, 90), "B", "emphysema", "emphysema"),
+                row("c3/c/3", png(56, 84, 200), "C", "ggo", "ground-glass opacity"),
             ],
-        );
+        )
+        .unwrap();
         let out = dir.path().join("eval");
         let mut ctx = StageContext::builder("eval", &out)
             .input("model", "tiny", None, &model)
@@ -616,7 +621,7 @@ pub(crate) mod tests {
         assert!(m["confusion"]["counts"].as_array().unwrap().len() >= 3);
         assert!(out.join(PREDICTIONS_PARQUET).is_file());
         let gallery: Vec<serde_json::Value> =
-            serde_json::from_str(&std::fs::read_to_string(out.join("gallery/gallery.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(out.join(GALLERY_DIR).join(GALLERY_JSON)).unwrap()).unwrap();
         assert!(!gallery.is_empty() && gallery.len() <= 2);
         // Greedy decoding is deterministic: a second run gives the same rows.
         let out2 = dir.path().join("eval2");

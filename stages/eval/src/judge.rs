@@ -1,10 +1,12 @@
 //! Stage `judge`: does the reasoning support the final answer? (the paper's
 //! reasoning-answer consistency, 97.98% vs 91.17%).
 //!
-//! For every prediction of an `eval` output that has both a reasoning part
-//! (`<think>...</think>`, else the text before `<answer>`) and a valid answer,
-//! a backend names the class the reasoning supports; the verdict is
-//! consistent when it equals the class of the extracted answer.
+//! For every prediction of an `eval` output whose completion is in the think
+//! format ([`stages_task::completion`]: the same rule as the eval's format
+//! metric and the GRPO format reward) and whose answer is valid, a backend
+//! names the class the reasoning (the `<think>` block) supports; the verdict
+//! is consistent when it equals the class of the extracted answer (the
+//! completion's one answer block). Completions outside the format are skipped.
 //! Backends: `rules` (offline synonym matching), `http` (an
 //! OpenAI-compatible chat endpoint, e.g. vLLM / llama.cpp serving gpt-oss-20b)
 //! and `model` (a local checkpoint run by our own stack: any Qwen2 / Qwen2.5
@@ -28,12 +30,13 @@ use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
 
 use stages_vlm::generate::GenerationConfig;
 
-use crate::eval::{Answerer, DeviceChoice, device_and_kind};
-use crate::metrics::{CiMethod, Rate, option_letters};
-use crate::predictions::{PREDICTIONS_JSONL, Prediction, read_jsonl};
+use stages_task::answer::{option_letters, option_names};
+use stages_task::completion::{Completion, ResponseFormat};
 
-pub const VERDICTS_JSONL: &str = "verdicts.jsonl";
-pub const CONSISTENCY_JSON: &str = "consistency.json";
+use crate::artifacts::{CONSISTENCY_JSON, PREDICTIONS_JSONL, VERDICTS_JSONL, artifact_id, predictions_digest};
+use crate::eval::{Answerer, DeviceChoice, device_and_kind};
+use crate::metrics::{CiMethod, Rate};
+use crate::predictions::{Prediction, read_jsonl};
 
 pub const DEFAULT_JUDGE_PROMPT: &str = "Below is the reasoning a model wrote about a chest CT slice before answering a multiple-choice question.\n\nReasoning:\n{reasoning}\n\nOptions:\n{options}\n\nBased only on this reasoning, which option is the most probable diagnosis? Reply with the single option letter only.";
 
@@ -229,19 +232,15 @@ pub struct Consistency {
     pub errors: usize,
 }
 
-/// The reasoning part of a completion: inside `<think>`, else before `<answer>`.
-pub fn reasoning_of(completion: &str) -> Option<String> {
-    let think = completion.find("<think>").map(|i| {
-        let rest = &completion[i + "<think>".len()..];
-        rest.find("</think>").map_or(rest, |j| &rest[..j])
-    });
-    let text = match think {
-        Some(t) => t,
-        None => completion.find("<answer>").map_or("", |i| &completion[..i]),
-    };
-    let t = text.trim();
-    (!t.is_empty()).then(|| t.to_string())
+/// The reasoning of a completion: its `<think>` block, trimmed, when the
+/// completion is in the think format; None otherwise (nothing to judge).
+pub fn reasoning_of(completion: &str) -> Option<&str> {
+    Completion::parse(completion).blocks(ResponseFormat::Think).and_then(|b| b.reasoning)
 }
+
+/// Why a prediction is not judged.
+pub const NOT_IN_FORMAT: &str = "not in the <think>...</think><answer>...</answer> format: no reasoning to judge";
+pub const NO_VALID_ANSWER: &str = "no valid answer to compare with";
 
 /// Offline judge: finds class mentions with the synonym table.
 pub struct RuleJudge {
@@ -404,8 +403,7 @@ impl HttpJudge {
 /// `<answer>` tags or followed by punctuation), else a class mention.
 pub fn class_from_reply(reply: &str, options: &[String], rules: &RuleJudge) -> Option<String> {
     let letters = option_letters(options);
-    let names: Vec<String> =
-        options.iter().map(|o| o.split_once('.').map_or(o.as_str(), |(_, n)| n).trim().to_string()).collect();
+    let names = option_names(options);
     // Reasoning models may think first: judge the text after their final tag.
     let tail = reply.rsplit("</think>").next().unwrap_or(reply);
     let stripped = tail.replace("<answer>", " ").replace("</answer>", " ");
@@ -432,9 +430,9 @@ fn prepare(p: &Prediction) -> Result<(String, String), Verdict> {
         detail: detail.into(),
         attempts: 0,
     };
-    let reasoning = reasoning_of(&p.completion).ok_or_else(|| skipped("no reasoning in the completion"))?;
-    let answer = p.predicted_class.clone().ok_or_else(|| skipped("no valid answer to compare with"))?;
-    Ok((reasoning, answer))
+    let reasoning = reasoning_of(&p.completion).ok_or_else(|| skipped(NOT_IN_FORMAT))?;
+    let answer = p.predicted_class.clone().ok_or_else(|| skipped(NO_VALID_ANSWER))?;
+    Ok((reasoning.to_string(), answer))
 }
 
 fn verdict(p: &Prediction, answer: String, judged: Option<String>, detail: String, attempts: u32) -> Verdict {
@@ -574,7 +572,9 @@ impl StageKind for Judge {
     type Params = JudgeParams;
     const KIND: &'static str = "judge";
     // 2: consistency.json records the digest of the judged predictions.
-    const VERSION: u32 = 2;
+    // 3: only completions in the task's think format are judged; their
+    //    reasoning is the think block (was: any <think> text, else the text before <answer>).
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str = "Reasoning-answer consistency of an eval's completions (rules offline, a local Qwen2/Qwen2.5 checkpoint, or an OpenAI-compatible endpoint)";
 
     fn inputs() -> &'static [InputSpec] {
@@ -636,9 +636,9 @@ impl StageKind for Judge {
 
     fn run(params: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()> {
         let path = ctx.input("eval")?.join(PREDICTIONS_JSONL);
-        let eval_stage = crate::report::artifact_id(&ctx.inputs("eval")[0]);
+        let eval_stage = artifact_id(&ctx.inputs("eval")[0]);
         let predictions = read_jsonl(&path)?;
-        let digest = crate::report::predictions_digest(&path)?;
+        let digest = predictions_digest(&path)?;
         if predictions.is_empty() {
             bail!("{}: no predictions to judge", path.display());
         }
@@ -707,9 +707,11 @@ mod tests {
 
     #[test]
     fn reasoning_extraction_and_reply_parsing() {
-        assert_eq!(reasoning_of("<think> a b </think><answer>A</answer>").as_deref(), Some("a b"));
-        assert_eq!(reasoning_of("<think>truncated").as_deref(), Some("truncated"));
-        assert_eq!(reasoning_of("plain words <answer>A</answer>").as_deref(), Some("plain words"));
+        assert_eq!(reasoning_of("<think> a b </think><answer>A</answer>\n"), Some("a b"));
+        // Outside the think format there is no reasoning to judge.
+        assert_eq!(reasoning_of("<think>truncated"), None);
+        assert_eq!(reasoning_of("plain words <answer>A</answer>"), None);
+        assert_eq!(reasoning_of("<think>a</think><answer>A</answer><answer>B</answer>"), None);
         assert_eq!(reasoning_of("<answer>A</answer>"), None);
         assert_eq!(reasoning_of("<think>  </think><answer>A</answer>"), None);
         let opts = vec!["A. emphysema".to_string(), "B. ground-glass opacity".to_string()];

@@ -1,6 +1,6 @@
 //! Per-item predictions of an eval run: `predictions.jsonl` (what the judge
 //! and report stages read) and the same rows as `predictions.parquet` (for
-//! pandas/`datasets` users).
+//! pandas/`datasets` users); file names in [`crate::artifacts`].
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -13,10 +13,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{ExtractFailure, Outcome};
-
-pub const PREDICTIONS_JSONL: &str = "predictions.jsonl";
-pub const PREDICTIONS_PARQUET: &str = "predictions.parquet";
+use stages_task::answer::{ExtractFailure, Outcome};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PredictionsError {
@@ -137,6 +134,7 @@ pub(crate) mod tests {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
     use super::*;
+    use crate::artifacts::{PREDICTIONS_JSONL, PREDICTIONS_PARQUET};
 
     pub(crate) fn sample(id: &str, class: &str, completion: &str, correct: bool) -> Prediction {
         Prediction {

@@ -30,10 +30,10 @@ use anyhow::{Context as _, bail};
 use serde::{Deserialize, Deserializer, Serialize};
 use stage_api::schemars::{self, JsonSchema};
 use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
-use stages_eval::dataset::read_split;
 use stages_eval::eval::{DeviceChoice, device_and_kind};
-use stages_eval::metrics::DEFAULT_ANSWER_REGEX;
-use stages_eval::prompt::PromptVariant;
+use stages_task::answer::DEFAULT_ANSWER_REGEX;
+use stages_task::dataset::{VqaRow, read_split};
+use stages_task::prompt::PromptVariant;
 use stages_vlm::Qwen25Vl;
 use stages_vlm::checkpoint::copy_aux_files;
 use stages_vlm::generate::GenerationConfig;
@@ -115,7 +115,8 @@ pub struct GrpoParams {
     /// reward from the total (it is still logged). Known: format, validity, correctness.
     #[serde(deserialize_with = "weights_over_paper_defaults")]
     pub reward_weights: BTreeMap<String, f64>,
-    /// Answer extraction of the validity and correctness rewards (the eval stage's default).
+    /// Answer extraction of the validity and correctness rewards: searched in the
+    /// first `<answer>...</answer>` block (as the eval stage does), first group.
     pub answer_regex: String,
     /// Prompt variant: `think` (format reward wants think + answer) or `no_think` (answer only).
     pub prompt: PromptVariant,
@@ -186,7 +187,7 @@ fn weights_over_paper_defaults<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeM
 
 impl GrpoParams {
     fn rewards(&self) -> Result<Rewards, RewardError> {
-        Rewards::new(&self.reward_weights, self.prompt == PromptVariant::Think, &self.answer_regex)
+        Rewards::new(&self.reward_weights, self.prompt.response_format(), &self.answer_regex)
     }
 
     pub fn loss_config(&self) -> LossConfig {
@@ -215,7 +216,10 @@ impl StageKind for Grpo {
     const KIND: &'static str = "grpo";
     // 2: every completion samples from its own stream of the round seed (ranks
     // shard the round), candidates drawn in vocabulary order (no full sort).
-    const VERSION: u32 = 2;
+    // 3: the format reward is the task contract's rule (stages_task::completion:
+    // whitespace around the completion allowed, repeated/nested tags and empty
+    // blocks not), answers from the first answer block.
+    const VERSION: u32 = 3;
     const DISTRIBUTED: bool = true;
     const SUMMARY: &'static str =
         "GRPO on a Qwen2.5-VL checkpoint with weighted format/validity/correctness rewards (resumable)";
@@ -640,7 +644,7 @@ fn metrics_row(
 
 /// One completions.jsonl line per completion of this rank's share of round
 /// `r` (trained from step `step` on).
-fn completion_lines(step: usize, r: &Rollout, data: &[stages_eval::dataset::VqaRow], rewards: &Rewards) -> Vec<String> {
+fn completion_lines(step: usize, r: &Rollout, data: &[VqaRow], rewards: &Rewards) -> Vec<String> {
     let names = rewards.names();
     r.completions
         .iter()

@@ -13,8 +13,8 @@
 use rand::SeedableRng as _;
 use rand::seq::SliceRandom as _;
 use rand_chacha::ChaCha8Rng;
-use stages_eval::dataset::VqaRow;
-use stages_eval::metrics::option_letters;
+use stages_task::answer::option_letters;
+use stages_task::dataset::VqaRow;
 use stages_vlm::chat::ChatTokenizer;
 use stages_vlm::generate::{Completion, FinishReason, GenerationConfig, generate};
 use stages_vlm::{Batch, Qwen25Vl};

@@ -24,9 +24,9 @@ use rand::seq::SliceRandom as _;
 use serde::{Deserialize, Serialize};
 use stage_api::schemars::{self, JsonSchema};
 use stage_api::{InputSpec, OutputSpec, ParamError, Resources, StageContext, StageKind};
-use stages_eval::dataset::{VqaRow, read_split};
 use stages_eval::eval::{DeviceChoice, device_and_kind};
-use stages_eval::prompt::PromptVariant;
+use stages_task::dataset::{VqaRow, read_split};
+use stages_task::prompt::PromptVariant;
 use stages_vlm::chat::ChatTokenizer;
 use stages_vlm::checkpoint::copy_aux_files;
 use stages_vlm::processor::ImageProcessor;
@@ -411,7 +411,8 @@ pub fn load_parts(dir: &Path) -> anyhow::Result<(Qwen25Vl, ChatTokenizer, ImageP
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stages_eval::prompt::THINK_TEMPLATE;
+    use stages_task::completion::{ResponseFormat, is_well_formed};
+    use stages_task::prompt::THINK_TEMPLATE;
     use stages_vlm::InitModel;
     use stages_vlm::init_model::InitModelParams;
 
@@ -471,6 +472,11 @@ mod tests {
         let prompt_text = tokenizer.decode(&prompt, false).unwrap();
         assert!(prompt_text.contains("<|image_pad|>") && prompt_text.ends_with("assistant\n"), "{prompt_text}");
         assert_eq!(ex.grid, vec![[1, 4, 4]]);
+        // The targets are in the format the GRPO reward and the eval hold completions to.
+        assert!(is_well_formed(&enc.target(&row(0, "B")), ResponseFormat::Think));
+        let answer_only = SftParams { target: Target::Answer, ..Default::default() };
+        let enc = Encoder { params: &answer_only, ..enc };
+        assert!(is_well_formed(&enc.target(&row(0, "B")), ResponseFormat::NoThink));
     }
 
     #[test]

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use stage_api::{StageContext, StageKind};
-use stages_eval::dataset::read_split;
-use stages_eval::prompt::PromptVariant;
+use stages_task::completion::ResponseFormat;
+use stages_task::dataset::read_split;
+use stages_task::prompt::PromptVariant;
 use stages_train::Grpo;
 use stages_train::advantages::ScaleRewards;
 use stages_train::grpo::{COMPLETIONS_JSONL, GrpoParams, Trainer, suppressed_tokens};
@@ -155,7 +156,8 @@ fn mlp_only_training_leaves_every_other_parameter_bit_identical() {
     let before: Vec<(String, Tensor)> = model.params.iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect();
 
     let data = read_split(split).unwrap();
-    let rewards = Rewards::new(&paper_weights(), true, stages_eval::metrics::DEFAULT_ANSWER_REGEX).unwrap();
+    let rewards =
+        Rewards::new(&paper_weights(), ResponseFormat::Think, stages_task::answer::DEFAULT_ANSWER_REGEX).unwrap();
     let spec = spec(&rewards, suppressed_tokens(&model));
     let sampler = Sampler {
         model: &model,

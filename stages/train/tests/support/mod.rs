@@ -1,4 +1,4 @@
-//! Fixtures of the GRPO tests: a real Parquet split in the export layout and
+//! Fixtures of the GRPO tests: a real Parquet split (the task contract's writer) and
 //! a tiny Qwen2.5-VL from the real `init_model` stage, taught the answer
 //! format by a short real `sft` run (so sampled completions earn different
 //! rewards and GRPO has something to learn from), and a progress sink that
@@ -6,17 +6,13 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use arrow_array::builder::{ListBuilder, StringBuilder};
-use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray, StructArray};
-use arrow_schema::{DataType, Field, Fields};
-use parquet::arrow::ArrowWriter;
 use stage_api::{ProgressSink, StageContext, StageKind};
-use stages_eval::prompt::THINK_TEMPLATE;
+use stages_task::dataset::{VqaRow, write_rows};
+use stages_task::prompt::THINK_TEMPLATE;
 use stages_train::Sft;
 use stages_train::sft::{SftParams, Target};
 use stages_vlm::InitModel;
@@ -104,37 +100,21 @@ fn png(side: u32, shade: u8) -> Vec<u8> {
 pub fn write_split(dir: &Path, n: usize) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let problem = THINK_TEMPLATE.replace("{Question}", &question());
-    let class = |i: usize| CLASSES[i % 3];
-    let strings = |f: &dyn Fn(usize) -> String| -> ArrayRef { Arc::new(StringArray::from_iter_values((0..n).map(f))) };
-    let images: Vec<Vec<u8>> = (0..n).map(|i| png(56, (i % 3 * 100) as u8)).collect();
-    let bytes: ArrayRef = Arc::new(BinaryArray::from_iter_values(images.iter().map(Vec::as_slice)));
-    let image = StructArray::new(
-        Fields::from(vec![Field::new("bytes", DataType::Binary, true), Field::new("path", DataType::Utf8, true)]),
-        vec![bytes, strings(&|i| format!("{i}.png"))],
-        None,
-    );
-    let mut opts = ListBuilder::new(StringBuilder::new());
-    for _ in 0..n {
-        for o in OPTIONS {
-            opts.values().append_value(o);
-        }
-        opts.append(true);
-    }
-    let batch = RecordBatch::try_from_iter(vec![
-        ("id", strings(&|i| format!("case{i}/slice{i}"))),
-        ("image", Arc::new(image) as ArrayRef),
-        ("problem", strings(&|_| problem.clone())),
-        ("answer", strings(&|i| ["A", "B", "C"][i % 3].to_string())),
-        ("options", Arc::new(opts.finish()) as ArrayRef),
-        ("class", strings(&|i| class(i).0.to_string())),
-        ("class_name", strings(&|i| class(i).1.to_string())),
-    ])
-    .unwrap();
-    let mut w =
-        ArrowWriter::try_new(File::create(dir.join("train-00000-of-00001.parquet")).unwrap(), batch.schema(), None)
-            .unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    let rows: Vec<VqaRow> = (0..n)
+        .map(|i| {
+            let (class, class_name) = CLASSES[i % 3];
+            VqaRow {
+                id: format!("case{i}/slice{i}"),
+                image: Some(png(56, (i % 3 * 100) as u8)),
+                problem: problem.clone(),
+                answer: ["A", "B", "C"][i % 3].to_string(),
+                options: OPTIONS.map(String::from).to_vec(),
+                class: class.to_string(),
+                class_name: class_name.to_string(),
+            }
+        })
+        .collect();
+    write_rows(&dir.join("train-00000-of-00001.parquet"), &rows).unwrap();
     dir.to_path_buf()
 }
 

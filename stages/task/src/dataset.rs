@@ -1,15 +1,20 @@
-//! Reads a Parquet VQA split: the `parquet_export` layout (columns `id`,
-//! `image` {bytes, path}, `problem`, `answer`, `options`, `class`,
-//! `class_name`, ...) or any general VQA set with at least a question
+//! [`VqaRow`]: one question as the training and evaluation stages see it,
+//! and the reader of a Parquet split into rows: the `parquet_export` layout
+//! ([`crate::schema`]) or any general VQA set with at least a question
 //! (`problem` or `question`) and an `answer` (free-form benchmarks).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use arrow_array::builder::{ListBuilder, StringBuilder};
 use arrow_array::cast::AsArray;
-use arrow_array::{Array, RecordBatch};
+use arrow_array::{Array, ArrayRef, BinaryArray, RecordBatch, StringArray, StructArray};
 use arrow_schema::DataType;
+use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use crate::schema::{IMAGE_BYTES, column, image_fields};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
@@ -79,16 +84,20 @@ fn strings(b: &RecordBatch, path: &Path, name: &str) -> Result<Option<Vec<String
 }
 
 fn images(b: &RecordBatch, path: &Path) -> Result<Option<Vec<Option<Vec<u8>>>>, DatasetError> {
-    let Some(c) = b.column_by_name("image") else { return Ok(None) };
+    let Some(c) = b.column_by_name(column::IMAGE) else { return Ok(None) };
     let bytes = match c.data_type() {
         DataType::Struct(_) => c
             .as_struct()
-            .column_by_name("bytes")
-            .ok_or_else(|| col_err(path, "image", "struct has no `bytes` field (expected {bytes, path})"))?
+            .column_by_name(IMAGE_BYTES)
+            .ok_or_else(|| col_err(path, column::IMAGE, "struct has no `bytes` field (expected {bytes, path})"))?
             .clone(),
         DataType::Binary | DataType::LargeBinary => c.clone(),
         other => {
-            return Err(col_err(path, "image", format!("expected struct {{bytes, path}} or binary, found {other}")));
+            return Err(col_err(
+                path,
+                column::IMAGE,
+                format!("expected struct {{bytes, path}} or binary, found {other}"),
+            ));
         }
     };
     let out = match bytes.data_type() {
@@ -106,9 +115,9 @@ fn images(b: &RecordBatch, path: &Path) -> Result<Option<Vec<Option<Vec<u8>>>>, 
 }
 
 fn options(b: &RecordBatch, path: &Path) -> Result<Option<Vec<Vec<String>>>, DatasetError> {
-    let Some(c) = b.column_by_name("options") else { return Ok(None) };
+    let Some(c) = b.column_by_name(column::OPTIONS) else { return Ok(None) };
     let DataType::List(_) = c.data_type() else {
-        return Err(col_err(path, "options", format!("expected a list of strings, found {}", c.data_type())));
+        return Err(col_err(path, column::OPTIONS, format!("expected a list of strings, found {}", c.data_type())));
     };
     let list = c.as_list::<i32>();
     let mut out = Vec::with_capacity(list.len());
@@ -119,7 +128,7 @@ fn options(b: &RecordBatch, path: &Path) -> Result<Option<Vec<Vec<String>>>, Dat
         }
         let v = list.value(i);
         let s = v.as_string_opt::<i32>().ok_or_else(|| {
-            col_err(path, "options", format!("expected list items of type string, found {}", v.data_type()))
+            col_err(path, column::OPTIONS, format!("expected list items of type string, found {}", v.data_type()))
         })?;
         out.push((0..s.len()).map(|j| s.value(j).to_string()).collect());
     }
@@ -139,16 +148,18 @@ pub fn read_split(dir: &Path) -> Result<Vec<VqaRow>, DatasetError> {
         for batch in reader {
             let b = batch.map_err(|e| file_err(&e))?;
             let n = b.num_rows();
-            let problem = match strings(&b, &path, "problem")? {
+            let problem = match strings(&b, &path, column::PROBLEM)? {
                 Some(p) => p,
-                None => strings(&b, &path, "question")?
-                    .ok_or_else(|| col_err(&path, "problem", "missing (expected `problem` or `question`)"))?,
+                None => strings(&b, &path, column::QUESTION)?
+                    .ok_or_else(|| col_err(&path, column::PROBLEM, "missing (expected `problem` or `question`)"))?,
             };
-            let answer = strings(&b, &path, "answer")?.ok_or_else(|| col_err(&path, "answer", "missing"))?;
+            let answer =
+                strings(&b, &path, column::ANSWER)?.ok_or_else(|| col_err(&path, column::ANSWER, "missing"))?;
             let start = rows.len();
-            let ids = strings(&b, &path, "id")?.unwrap_or_else(|| (start..start + n).map(|i| i.to_string()).collect());
-            let class = strings(&b, &path, "class")?;
-            let class_name = strings(&b, &path, "class_name")?;
+            let ids =
+                strings(&b, &path, column::ID)?.unwrap_or_else(|| (start..start + n).map(|i| i.to_string()).collect());
+            let class = strings(&b, &path, column::CLASS)?;
+            let class_name = strings(&b, &path, column::CLASS_NAME)?;
             let images = images(&b, &path)?;
             let options = options(&b, &path)?;
             for r in 0..n {
@@ -168,70 +179,70 @@ pub fn read_split(dir: &Path) -> Result<Vec<VqaRow>, DatasetError> {
     Ok(rows)
 }
 
+/// Write `rows` as one Parquet file with the columns a [`VqaRow`] is read
+/// from (the export's names and types; the export adds `solution`, the case,
+/// patient, slice and boxes). For splits built outside the data chain, such
+/// as test fixtures.
+pub fn write_rows(path: &Path, rows: &[VqaRow]) -> Result<(), DatasetError> {
+    let err = |e: &dyn std::fmt::Display| DatasetError::File { path: path.into(), message: e.to_string() };
+    let strings =
+        |f: &dyn Fn(&VqaRow) -> &str| -> ArrayRef { Arc::new(StringArray::from_iter_values(rows.iter().map(f))) };
+    let bytes: ArrayRef = Arc::new(rows.iter().map(|r| r.image.as_deref()).collect::<BinaryArray>());
+    let paths: ArrayRef = Arc::new(rows.iter().map(|_| None::<&str>).collect::<StringArray>());
+    let image = StructArray::try_new(image_fields(), vec![bytes, paths], None).map_err(|e| err(&e))?;
+    let mut options = ListBuilder::new(StringBuilder::new());
+    for r in rows {
+        for o in &r.options {
+            options.values().append_value(o);
+        }
+        options.append(true);
+    }
+    let batch = RecordBatch::try_from_iter(vec![
+        (column::ID, strings(&|r| &r.id)),
+        (column::IMAGE, Arc::new(image) as ArrayRef),
+        (column::PROBLEM, strings(&|r| &r.problem)),
+        (column::ANSWER, strings(&|r| &r.answer)),
+        (column::OPTIONS, Arc::new(options.finish()) as ArrayRef),
+        (column::CLASS, strings(&|r| &r.class)),
+        (column::CLASS_NAME, strings(&|r| &r.class_name)),
+    ])
+    .map_err(|e| err(&e))?;
+    let file = File::create(path).map_err(|e| err(&e))?;
+    let mut w = ArrowWriter::try_new(file, batch.schema(), None).map_err(|e| err(&e))?;
+    w.write(&batch).map_err(|e| err(&e))?;
+    w.close().map_err(|e| err(&e))?;
+    Ok(())
+}
+
 #[cfg(test)]
-pub(crate) mod tests {
-    use std::sync::Arc;
-
-    use arrow_array::builder::{ListBuilder, StringBuilder};
-    use arrow_array::{ArrayRef, BinaryArray, StringArray, StructArray};
-    use arrow_schema::{Field, Fields};
-    use parquet::arrow::ArrowWriter;
-
+mod tests {
     use super::*;
 
-    /// (id, png bytes, problem, answer, class, class_name)
-    pub(crate) type TestRow<'a> = (&'a str, Vec<u8>, &'a str, &'a str, &'a str, &'a str);
-
-    /// A split in the `parquet_export` layout; options A..C fixed.
-    pub(crate) fn write_split(path: &Path, rows: &[TestRow]) {
-        let s = |f: &dyn Fn(&TestRow) -> String| -> ArrayRef {
-            Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
-        };
-        let bytes: ArrayRef = Arc::new(BinaryArray::from_iter_values(rows.iter().map(|r| r.1.as_slice())));
-        let paths: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|r| format!("{}.png", r.0))));
-        let image = StructArray::new(
-            Fields::from(vec![Field::new("bytes", DataType::Binary, true), Field::new("path", DataType::Utf8, true)]),
-            vec![bytes, paths],
-            None,
-        );
-        let mut opts = ListBuilder::new(StringBuilder::new());
-        for _ in rows {
-            for o in ["A. airway abnormalities", "B. emphysema", "C. ground-glass opacity"] {
-                opts.values().append_value(o);
-            }
-            opts.append(true);
+    fn row(id: &str, image: Option<Vec<u8>>, answer: &str, class: &str, class_name: &str) -> VqaRow {
+        VqaRow {
+            id: id.into(),
+            image,
+            problem: format!("Q {id}"),
+            answer: answer.into(),
+            options: ["A. airway abnormalities", "B. emphysema", "C. ground-glass opacity"].map(String::from).to_vec(),
+            class: class.into(),
+            class_name: class_name.into(),
         }
-        let batch = RecordBatch::try_from_iter(vec![
-            ("id", s(&|r| r.0.to_string())),
-            ("image", Arc::new(image) as ArrayRef),
-            ("problem", s(&|r| r.2.to_string())),
-            ("answer", s(&|r| r.3.to_string())),
-            ("options", Arc::new(opts.finish()) as ArrayRef),
-            ("class", s(&|r| r.4.to_string())),
-            ("class_name", s(&|r| r.5.to_string())),
-        ])
-        .unwrap();
-        let mut w = ArrowWriter::try_new(File::create(path).unwrap(), batch.schema(), None).unwrap();
-        w.write(&batch).unwrap();
-        w.close().unwrap();
     }
 
     #[test]
     fn reads_export_layout_and_free_form_sets() {
         let dir = tempfile::tempdir().unwrap();
-        write_split(
-            &dir.path().join("test-00001-of-00002.parquet"),
-            &[("b", vec![9], "Q2", "B", "emphysema", "emphysema")],
-        );
-        write_split(
-            &dir.path().join("test-00000-of-00002.parquet"),
-            &[("a", vec![1, 2], "Q1", " A ", "airway", "airway abnormalities")],
-        );
+        let b = row("b", Some(vec![9]), "B", "emphysema", "emphysema");
+        write_rows(&dir.path().join("test-00001-of-00002.parquet"), std::slice::from_ref(&b)).unwrap();
+        let a = row("a", Some(vec![1, 2]), " A ", "airway", "airway abnormalities");
+        let text_only = row("t", None, "C", "ggo", "ground-glass opacity");
+        write_rows(&dir.path().join("test-00000-of-00002.parquet"), &[a, text_only.clone()]).unwrap();
         let rows = read_split(dir.path()).unwrap();
-        assert_eq!(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a", "t", "b"]);
         assert_eq!(rows[0].image.as_deref(), Some(&[1u8, 2][..]));
         assert_eq!((rows[0].answer.as_str(), rows[0].class_name.as_str()), ("A", "airway abnormalities"));
-        assert_eq!(rows[1].options.len(), 3);
+        assert_eq!((&rows[1], &rows[2]), (&text_only, &b), "rows read back as written");
 
         // A general free-form set: question + answer only.
         let general = dir.path().join("general.parquet");

@@ -1,13 +1,19 @@
-//! Prompt variants of the eval stage. The `problem` column of CT-RATE-VQA
-//! already wraps the question in the think or no-think instruction of the
-//! `vqa` stage; to evaluate with another variant we recover the bare
-//! question by matching `problem` against those templates, then re-wrap it.
+//! The prompts of the task. The `vqa` stage wraps each question in the think
+//! or no-think instruction (domain notes §4) and stores it as `problem`; to
+//! train or evaluate with another variant, the bare question is recovered by
+//! matching `problem` against those templates, then re-wrapped.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use stages_data::vqa::{NO_THINK_TEMPLATE, THINK_TEMPLATE};
+use crate::completion::ResponseFormat;
 
+/// Think instruction; `{Question}` is replaced by the question block.
+pub const THINK_TEMPLATE: &str = "{Question} Your task: 1. Think through the question step by step, enclose your reasoning process in <think>...</think> tags. 2. Then provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags. 3. No extra information or text outside of these tags.";
+/// Answer-only instruction; `{Question}` is replaced by the question block.
+pub const NO_THINK_TEMPLATE: &str = "{Question} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags. 2. No extra information or text outside of this tag.";
+
+/// How the user turn is built from a row's `problem`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PromptVariant {
@@ -25,6 +31,15 @@ pub enum PromptVariant {
 impl PromptVariant {
     pub fn asks_for_reasoning(self) -> bool {
         matches!(self, PromptVariant::Think | PromptVariant::CotForcing)
+    }
+
+    /// The format a completion under this variant is held to. `dataset`
+    /// counts as think: the paper's data asks for reasoning.
+    pub fn response_format(self) -> ResponseFormat {
+        match self {
+            PromptVariant::NoThink => ResponseFormat::NoThink,
+            PromptVariant::Dataset | PromptVariant::Think | PromptVariant::CotForcing => ResponseFormat::Think,
+        }
     }
 }
 
@@ -79,5 +94,13 @@ mod tests {
         assert_eq!(t, "Q: What is 2+2?");
         let e = user_text("q", PromptVariant::NoThink, THINK_TEMPLATE, "no placeholder").unwrap_err();
         assert!(e.contains("{Question}"), "{e}");
+    }
+
+    #[test]
+    fn only_no_think_drops_the_reasoning_block() {
+        assert_eq!(PromptVariant::NoThink.response_format(), ResponseFormat::NoThink);
+        for v in [PromptVariant::Dataset, PromptVariant::Think, PromptVariant::CotForcing] {
+            assert_eq!(v.response_format(), ResponseFormat::Think, "{v:?}");
+        }
     }
 }
