@@ -26,9 +26,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
 
+use stages_vlm::device::{DeviceChoice, device_and_kind};
 use stages_vlm::generate::GenerationConfig;
 
-use crate::eval::{Answerer, DeviceChoice, device_and_kind};
+use crate::eval::Answerer;
 use crate::metrics::{CiMethod, Rate, option_letters};
 use crate::predictions::{PREDICTIONS_JSONL, Prediction, read_jsonl};
 
