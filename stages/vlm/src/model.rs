@@ -15,7 +15,7 @@ use stage_api::derive_seed;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, CheckpointError};
-use crate::config::{ModelType, Qwen25VlConfig};
+use crate::config::{CONFIG_FILE, ModelType, Qwen25VlConfig};
 use crate::error::ModelError;
 use crate::nn::param;
 use crate::qwen2_5_vl::{KvCache, TextModel, VisionTransformer, rope_index};
@@ -68,9 +68,9 @@ pub struct Qwen25Vl {
 /// Names and shapes of every parameter a config implies.
 pub fn param_shapes(config: &Qwen25VlConfig) -> BTreeMap<String, Vec<i64>> {
     let mut out = BTreeMap::new();
-    match (config.model_type, &config.vision) {
-        (ModelType::Qwen2_5Vl, Some(v)) => VisionTransformer::param_shapes(v, &mut out),
-        (ModelType::Qwen2_5Vl, None) | (ModelType::Qwen2, _) => {}
+    match config.model_type {
+        ModelType::Qwen2_5Vl => config.vision.iter().for_each(|v| VisionTransformer::param_shapes(v, &mut out)),
+        ModelType::Qwen2 => {}
     }
     TextModel::param_shapes(&config.text, &mut out);
     if !config.text.tie_word_embeddings {
@@ -105,7 +105,7 @@ fn to_rows(t: &Tensor) -> Result<Vec<Vec<i64>>, ModelError> {
 impl Qwen25Vl {
     /// Load `config.json` and the safetensors of an HF checkpoint directory.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self, ModelError> {
-        let config = Qwen25VlConfig::from_file(&dir.join("config.json"))?;
+        let config = Qwen25VlConfig::from_file(&dir.join(CONFIG_FILE))?;
         Self::load_weights(config, dir, kind, device)
     }
 
@@ -124,9 +124,9 @@ impl Qwen25Vl {
     pub fn from_params(config: Qwen25VlConfig, params: BTreeMap<String, Tensor>) -> Result<Self, ModelError> {
         let any = params.values().next().ok_or_else(|| ModelError::MissingParam("(no parameters)".into()))?;
         let (device, kind) = (any.device(), any.kind());
-        let visual = match (config.model_type, &config.vision) {
-            (ModelType::Qwen2_5Vl, Some(v)) => Some(VisionTransformer::load(&params, v)?),
-            (ModelType::Qwen2_5Vl, None) | (ModelType::Qwen2, _) => None,
+        let visual = match config.model_type {
+            ModelType::Qwen2_5Vl => config.vision.as_ref().map(|v| VisionTransformer::load(&params, v)).transpose()?,
+            ModelType::Qwen2 => None,
         };
         let language_model = TextModel::load(&params, &config.text)?;
         let lm_head = if config.text.tie_word_embeddings {
@@ -177,11 +177,11 @@ impl Qwen25Vl {
         if let Some(o) = raw.as_object_mut() {
             o.insert("torch_dtype".into(), dtype.into());
         }
-        let path = dir.join("config.json");
+        let path = dir.join(CONFIG_FILE);
         let text = serde_json::to_string_pretty(&raw).map_err(|e| ModelError::Input(e.to_string()))?;
         std::fs::write(&path, text + "\n")
             .map_err(|e| CheckpointError::File { path: path.clone(), message: e.to_string() })?;
-        files.push("config.json".into());
+        files.push(CONFIG_FILE.into());
         Ok(files)
     }
 

@@ -12,13 +12,10 @@ use std::path::Path;
 use tch::{Device, Kind};
 
 use crate::chat::{ChatError, ChatTokenizer};
-use crate::config::Qwen25VlConfig;
+use crate::config::{CONFIG_FILE, Qwen25VlConfig};
 use crate::error::ModelError;
 use crate::model::Qwen25Vl;
 use crate::processor::{ImageProcessor, ProcessorError};
-
-/// `config.json` of a checkpoint directory.
-pub const CONFIG_FILE: &str = "config.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PretrainedError {

@@ -4,11 +4,13 @@
 //! the `Qwen2_5_VL` prefix, fields named after the module's attributes (so a
 //! checkpoint name such as `model.visual.blocks.3.attn.qkv.weight` reads as a
 //! path through these structs). The conditional-generation model that joins
-//! the two towers is [`crate::model::Qwen25Vl`].
+//! the two towers is `Qwen25Vl` in `model.rs`, which imports these modules
+//! (never the reverse).
 //!
-//! The text decoder and `get_rope_index` are the Qwen2-VL ones (HF's
-//! Qwen2.5-VL classes copy them); a Qwen2-VL vision tower (LayerNorm +
-//! QuickGELU blocks, full attention everywhere) would sit beside this one as
+//! The text decoder and, for images, `get_rope_index` are Qwen2-VL's (HF's
+//! `Qwen2_5_VLModel` inherits `Qwen2VLModel`; its own `get_rope_index`
+//! differs only for video). A Qwen2-VL vision tower (LayerNorm + QuickGELU
+//! blocks, full attention everywhere) would sit beside this one as
 //! `qwen2_vl/vision.rs`, chosen by `config.model_type`.
 
 pub mod rope_index;
