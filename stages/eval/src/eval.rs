@@ -15,11 +15,12 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use stage_api::{DeviceRequest, InputSpec, ParamError, Resources, StageContext, StageKind};
+use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
 use stages_vlm::chat::{ChatTokenizer, Message};
+use stages_vlm::device::{DeviceChoice, device_and_kind};
 use stages_vlm::generate::{GenerationConfig, generate};
 use stages_vlm::processor::ImageProcessor;
-use stages_vlm::{Batch, Qwen25Vl};
+use stages_vlm::{Batch, Pretrained, Qwen25Vl};
 use tch::Kind;
 
 use stages_task::answer::{
@@ -101,25 +102,6 @@ impl Default for EvalParams {
     }
 }
 
-/// Where the model runs (the engine's `DeviceRequest`, with a schema for the recipe docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceChoice {
-    Cpu,
-    Auto,
-    Cuda,
-}
-
-impl DeviceChoice {
-    pub fn request(self) -> DeviceRequest {
-        match self {
-            DeviceChoice::Cpu => DeviceRequest::Cpu,
-            DeviceChoice::Auto => DeviceRequest::Auto,
-            DeviceChoice::Cuda => DeviceRequest::Cuda,
-        }
-    }
-}
-
 impl EvalParams {
     /// The scorer of this eval: its answer regex and matching, and the
     /// format rule of its prompt variant.
@@ -190,22 +172,6 @@ pub fn metrics_of(predictions: &[Prediction], ci: CiMethod) -> crate::metrics::M
     aggregate(&items, &classes, ci)
 }
 
-fn torch_device(d: stage_api::Device) -> tch::Device {
-    match d {
-        stage_api::Device::Cpu => tch::Device::Cpu,
-        stage_api::Device::Cuda(i) => tch::Device::Cuda(i),
-    }
-}
-
-fn dtype_of(name: &str, device: tch::Device) -> Option<Kind> {
-    match (name, device) {
-        ("auto", tch::Device::Cpu) | ("float32", _) => Some(Kind::Float),
-        ("auto", _) | ("bfloat16", _) => Some(Kind::BFloat16),
-        ("float16", _) => Some(Kind::Half),
-        _ => None,
-    }
-}
-
 /// A loaded checkpoint ready to answer prompts.
 pub struct Answerer {
     pub model: Qwen25Vl,
@@ -215,12 +181,7 @@ pub struct Answerer {
 
 impl Answerer {
     pub fn load(dir: &Path, kind: Kind, device: tch::Device) -> anyhow::Result<Self> {
-        let model =
-            Qwen25Vl::load(dir, kind, device).with_context(|| format!("loading checkpoint {}", dir.display()))?;
-        let tokenizer = ChatTokenizer::load(dir, &model.config.eos_token_id)
-            .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
-        let pp = dir.join("preprocessor_config.json");
-        let processor = if pp.exists() { ImageProcessor::from_file(&pp)? } else { ImageProcessor::default() };
+        let Pretrained { model, tokenizer, processor } = Pretrained::load(dir, kind, device)?;
         Ok(Self { model, tokenizer, processor })
     }
 
@@ -247,14 +208,6 @@ impl Answerer {
             Batch { input_ids: &input_ids, attention_mask: &attention_mask, pixel_values: None, image_grid_thw: &[] };
         Ok(generate(&self.model, Some(&self.tokenizer), &batch, cfg)?.into_iter().map(|c| c.text).collect())
     }
-}
-
-/// The tch device and dtype of a stage (`dtype` = auto | float32 | bfloat16 | float16).
-pub fn device_and_kind(ctx: &StageContext, dtype: &str) -> anyhow::Result<(tch::Device, Kind)> {
-    let device = torch_device(ctx.device());
-    let kind = dtype_of(dtype, device)
-        .with_context(|| format!("param `dtype`: expected auto, float32, bfloat16 or float16, got {dtype:?}"))?;
-    Ok((device, kind))
 }
 
 /// Generated text and token counts for one prompt.

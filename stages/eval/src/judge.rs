@@ -28,13 +28,14 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
 
+use stages_vlm::device::{DeviceChoice, device_and_kind};
 use stages_vlm::generate::GenerationConfig;
 
 use stages_task::answer::{option_letters, option_names};
 use stages_task::completion::{Completion, ResponseFormat};
 
 use crate::artifacts::{CONSISTENCY_JSON, PREDICTIONS_JSONL, VERDICTS_JSONL, artifact_id, predictions_digest};
-use crate::eval::{Answerer, DeviceChoice, device_and_kind};
+use crate::eval::Answerer;
 use crate::metrics::{CiMethod, Rate};
 use crate::predictions::{Prediction, read_jsonl};
 

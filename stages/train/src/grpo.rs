@@ -30,13 +30,13 @@ use anyhow::{Context as _, bail};
 use serde::{Deserialize, Deserializer, Serialize};
 use stage_api::schemars::{self, JsonSchema};
 use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
-use stages_eval::eval::{DeviceChoice, device_and_kind};
 use stages_task::answer::DEFAULT_ANSWER_REGEX;
 use stages_task::dataset::{VqaRow, read_split};
 use stages_task::prompt::PromptVariant;
-use stages_vlm::Qwen25Vl;
 use stages_vlm::checkpoint::copy_aux_files;
+use stages_vlm::device::{DeviceChoice, device_and_kind};
 use stages_vlm::generate::GenerationConfig;
+use stages_vlm::{Pretrained, Qwen25Vl};
 use tch::Tensor;
 
 use crate::advantages::{ScaleRewards, mean_std};
@@ -47,7 +47,7 @@ use crate::prompt::PromptEncoder;
 use crate::resume::{self, TrainState};
 use crate::rewards::{REWARD_NAMES, RewardError, Rewards, paper_weights};
 use crate::rollout::{DataOrder, Rollout, RolloutSpec, Sampler, rollout, round_seed};
-use crate::setup::{ThreadsGuard, Trainable, load_checkpoint, regex_union};
+use crate::setup::{ThreadsGuard, Trainable, regex_union};
 
 /// Sample completions written by the stage.
 pub const COMPLETIONS_JSONL: &str = "completions.jsonl";
@@ -320,7 +320,7 @@ impl StageKind for Grpo {
                 comm.world_size()
             );
         }
-        let (model, tokenizer, processor) = load_checkpoint(&model_dir, kind, device)?;
+        let Pretrained { model, tokenizer, processor } = Pretrained::load(&model_dir, kind, device)?;
         let trainable = Trainable::select(&model, &p.trainable)?;
         // Loaded once, and only when the KL term exists.
         let reference = if p.beta != 0.0 { Some(frozen_copy(&model, &trainable.names)?) } else { None };

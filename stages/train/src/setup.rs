@@ -1,14 +1,10 @@
-//! What every training stage does before its loop: load the checkpoint
-//! (model, tokenizer, image processor), pick the trainable parameters by
+//! What every training stage does before its loop (besides loading the
+//! checkpoint, `stages_vlm::Pretrained`): pick the trainable parameters by
 //! regex, and give libtorch the stage's share of threads.
 
-use std::path::Path;
-
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use stages_vlm::Qwen25Vl;
-use stages_vlm::chat::ChatTokenizer;
-use stages_vlm::processor::ImageProcessor;
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 /// `(?:a)|(?:b)` of the given regexes, checked to compile.
 pub fn regex_union(patterns: &[String]) -> Result<String, String> {
@@ -30,20 +26,6 @@ impl Drop for ThreadsGuard {
     fn drop(&mut self) {
         tch::set_num_threads(self.0);
     }
-}
-
-/// The model, tokenizer and image processor of a checkpoint directory.
-pub fn load_checkpoint(
-    dir: &Path,
-    kind: Kind,
-    device: Device,
-) -> anyhow::Result<(Qwen25Vl, ChatTokenizer, ImageProcessor)> {
-    let model = Qwen25Vl::load(dir, kind, device).with_context(|| format!("loading checkpoint {}", dir.display()))?;
-    let tokenizer = ChatTokenizer::load(dir, &model.config.eos_token_id)
-        .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
-    let pp = dir.join("preprocessor_config.json");
-    let processor = if pp.exists() { ImageProcessor::from_file(&pp)? } else { ImageProcessor::default() };
-    Ok((model, tokenizer, processor))
 }
 
 /// The trainable tensors of a model: names and (shared-storage) handles.

@@ -16,7 +16,6 @@
 //! global batch and the gradients are summed across ranks, so the step is the
 //! single-process step up to float rounding.
 
-use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
@@ -24,20 +23,20 @@ use rand::seq::SliceRandom as _;
 use serde::{Deserialize, Serialize};
 use stage_api::schemars::{self, JsonSchema};
 use stage_api::{InputSpec, OutputSpec, ParamError, Resources, StageContext, StageKind};
-use stages_eval::eval::{DeviceChoice, device_and_kind};
 use stages_task::dataset::{VqaRow, read_split};
 use stages_task::prompt::PromptVariant;
 use stages_vlm::chat::ChatTokenizer;
 use stages_vlm::checkpoint::copy_aux_files;
+use stages_vlm::device::{DeviceChoice, device_and_kind};
 use stages_vlm::processor::ImageProcessor;
-use stages_vlm::{Batch, Qwen25Vl};
+use stages_vlm::{Batch, Pretrained, Qwen25Vl};
 use tch::{Kind, Reduction, Tensor};
 
 use crate::dist;
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
 use crate::prompt::PromptEncoder;
 use crate::resume::{self, TrainState};
-use crate::setup::{ThreadsGuard, Trainable, load_checkpoint, regex_union};
+use crate::setup::{ThreadsGuard, Trainable, regex_union};
 
 /// Label of tokens that carry no loss (prompt, image, padding).
 pub const IGNORE: i64 = -100;
@@ -187,7 +186,7 @@ impl StageKind for Sft {
         let _threads = ThreadsGuard::set(ctx.threads());
         let mut comm = dist::connect(ctx, device)?;
         let (rank, world) = (comm.rank(), comm.world_size());
-        let (model, tokenizer, processor) = load_checkpoint(&model_dir, kind, device)?;
+        let Pretrained { model, tokenizer, processor } = Pretrained::load(&model_dir, kind, device)?;
         let trainable = Trainable::select(&model, &p.trainable)?;
 
         let encoder = Encoder { tokenizer: &tokenizer, processor: &processor, params: p };
@@ -403,18 +402,21 @@ fn cross_entropy(logits: &Tensor, labels: &Tensor, reduction: Reduction) -> Tens
     shifted.cross_entropy_loss::<Tensor>(&targets, None, reduction, IGNORE, 0.0)
 }
 
-/// For tests and tools: the model, tokenizer and processor of a checkpoint dir (f32, CPU).
-pub fn load_parts(dir: &Path) -> anyhow::Result<(Qwen25Vl, ChatTokenizer, ImageProcessor)> {
-    load_checkpoint(dir, Kind::Float, tch::Device::Cpu)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use stages_task::completion::{ResponseFormat, is_well_formed};
     use stages_task::prompt::THINK_TEMPLATE;
     use stages_vlm::InitModel;
     use stages_vlm::init_model::InitModelParams;
+
+    /// The model, tokenizer and processor of a checkpoint dir (f32, CPU).
+    fn load_parts(dir: &Path) -> anyhow::Result<(Qwen25Vl, ChatTokenizer, ImageProcessor)> {
+        let Pretrained { model, tokenizer, processor } = Pretrained::load(dir, Kind::Float, tch::Device::Cpu)?;
+        Ok((model, tokenizer, processor))
+    }
 
     /// A tiny checkpoint from the real init_model stage.
     fn tiny_checkpoint(dir: &Path) -> std::path::PathBuf {

@@ -19,9 +19,9 @@ use stages_train::policy_loss::{LossConfig, LossInputs, LossType, StepScale, pol
 use stages_train::prompt::PromptEncoder;
 use stages_train::rewards::{Rewards, paper_weights};
 use stages_train::rollout::{RolloutSpec, Sampler, rollout};
-use stages_train::setup::{Trainable, load_checkpoint};
-use stages_vlm::Batch;
+use stages_train::setup::Trainable;
 use stages_vlm::generate::GenerationConfig;
+use stages_vlm::{Batch, Pretrained};
 use tch::{Device, Kind, Tensor};
 
 /// One tiny SFT'd checkpoint and split for every test of this binary.
@@ -40,7 +40,7 @@ fn fixture() -> &'static (PathBuf, PathBuf) {
 fn grpo_loss_gradient_matches_finite_differences() {
     let (model_dir, split) = fixture();
     // float64 end to end so central differences are accurate to ~1e-9.
-    let (model, tokenizer, processor) = load_checkpoint(model_dir, Kind::Double, Device::Cpu).unwrap();
+    let Pretrained { model, tokenizer, processor } = Pretrained::load(model_dir, Kind::Double, Device::Cpu).unwrap();
     // (tensor, flat index): language MLP and attention, the vision tower and
     // its patch embedding (the whole model is differentiated, images included).
     let checked = [
@@ -149,7 +149,7 @@ fn spec(rewards: &Rewards, suppress_tokens: Vec<i64>) -> RolloutSpec<'_> {
 #[test]
 fn mlp_only_training_leaves_every_other_parameter_bit_identical() {
     let (model_dir, split) = fixture();
-    let (model, tokenizer, processor) = load_checkpoint(model_dir, Kind::Float, Device::Cpu).unwrap();
+    let Pretrained { model, tokenizer, processor } = Pretrained::load(model_dir, Kind::Float, Device::Cpu).unwrap();
     let p = GrpoParams::default();
     let trainable = Trainable::select(&model, &p.trainable).unwrap();
     assert!(trainable.names.iter().all(|n| n.contains("language_model") && n.contains(".mlp.")));
@@ -266,8 +266,8 @@ fn stage_without_kl_trains_logs_trl_metrics_and_writes_a_loadable_checkpoint() {
         .collect();
     assert_eq!(steps, [1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3]);
     // The output is an HF checkpoint the next stage loads.
-    let (trained, _, _) = load_checkpoint(&out, Kind::Float, Device::Cpu).unwrap();
-    let (base, _, _) = load_checkpoint(model_dir, Kind::Float, Device::Cpu).unwrap();
+    let trained = Pretrained::load(&out, Kind::Float, Device::Cpu).unwrap().model;
+    let base = Pretrained::load(model_dir, Kind::Float, Device::Cpu).unwrap().model;
     assert!(rows.iter().any(|r| r["frac_reward_zero_std"].as_f64() < Some(1.0)), "some group had a learning signal");
     let unchanged: Vec<&String> =
         trained.params.iter().filter(|(n, t)| t.equal(&base.params[*n])).map(|(n, _)| n).collect();

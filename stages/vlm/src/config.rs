@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// The model config of a checkpoint directory.
+pub const CONFIG_FILE: &str = "config.json";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
@@ -92,6 +95,8 @@ pub struct VisionTokens {
 /// A Qwen2.5-VL config, or a Qwen2 text config (`vision` and `tokens` None).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Qwen25VlConfig {
+    /// Which architecture the checkpoint is: what the model dispatches on.
+    pub model_type: ModelType,
     pub text: TextConfig,
     /// None for a text-only Qwen2 causal LM.
     pub vision: Option<VisionConfig>,
@@ -135,11 +140,37 @@ impl Reader<'_> {
     }
 }
 
-/// What `model_type` (and the presence of `vision_config`) says the checkpoint is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Arch {
-    VisionLanguage,
-    Text,
+/// The architectures this crate runs, by HF `config.json` `model_type`.
+/// A new one (e.g. `qwen2_vl`) is a variant here, its parsing below, and its
+/// modules beside `qwen2_5_vl/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelType {
+    /// `qwen2_5_vl`: HF `Qwen2_5_VLForConditionalGeneration`.
+    Qwen2_5Vl,
+    /// `qwen2`: a Qwen2 / Qwen2.5 causal LM (HF `Qwen2ForCausalLM`), the
+    /// Qwen2.5-VL text decoder without a vision tower.
+    Qwen2,
+}
+
+impl ModelType {
+    pub const ALL: [ModelType; 2] = [ModelType::Qwen2_5Vl, ModelType::Qwen2];
+
+    /// The `model_type` string of `config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelType::Qwen2_5Vl => "qwen2_5_vl",
+            ModelType::Qwen2 => "qwen2",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// `"qwen2_5_vl", "qwen2"`: for error messages.
+    pub fn supported() -> String {
+        Self::ALL.map(|t| format!("{:?}", t.name())).join(", ")
+    }
 }
 
 impl Qwen25VlConfig {
@@ -158,16 +189,22 @@ impl Qwen25VlConfig {
     /// Parse from JSON; `path` is only used in error messages.
     pub fn from_value(raw: Value, path: &Path) -> Result<Self, ConfigError> {
         let r = Reader { path };
-        let arch = match raw.get("model_type").and_then(Value::as_str) {
-            Some("qwen2_5_vl") => Arch::VisionLanguage,
-            Some("qwen2") => Arch::Text,
-            Some(mt) => return Err(r.err("model_type", format!("expected \"qwen2_5_vl\" or \"qwen2\", got {mt:?}"))),
-            None if raw.get("vision_config").is_some() => Arch::VisionLanguage,
-            None => Arch::Text,
+        let model_type = match raw.get("model_type").and_then(Value::as_str) {
+            Some(name) => ModelType::from_name(name).ok_or_else(|| {
+                r.err("model_type", format!("unsupported {name:?}; supported: {}", ModelType::supported()))
+            })?,
+            None if raw.get("vision_config").is_some() => ModelType::Qwen2_5Vl,
+            None => ModelType::Qwen2,
         };
-        if arch == Arch::Text {
-            return Self::text_only(raw, path);
+        match model_type {
+            ModelType::Qwen2 => Self::text_only(raw, path),
+            ModelType::Qwen2_5Vl => Self::qwen2_5_vl(raw, path),
         }
+    }
+
+    /// A Qwen2.5-VL config (HF `Qwen2_5_VLConfig`).
+    fn qwen2_5_vl(raw: Value, path: &Path) -> Result<Self, ConfigError> {
+        let r = Reader { path };
         // Text fields: `text_config` when present (newer transformers), else top level.
         let t = match raw.get("text_config") {
             Some(tc @ Value::Object(_)) => tc,
@@ -278,6 +315,7 @@ impl Qwen25VlConfig {
                 .ok_or_else(|| r.err(field, "missing token id"))
         };
         Ok(Self {
+            model_type: ModelType::Qwen2_5Vl,
             tokens: Some(VisionTokens {
                 image_token_id: tok("image_token_id")?,
                 video_token_id: tok("video_token_id")?,
@@ -361,6 +399,7 @@ impl Qwen25VlConfig {
             return Err(r.err("num_key_value_heads", "must be positive and divide num_attention_heads"));
         }
         Ok(Self {
+            model_type: ModelType::Qwen2,
             text,
             vision: None,
             tokens: None,

@@ -19,7 +19,7 @@ use tokenizers::{AddedToken, Tokenizer};
 use crate::chat::QWEN25_VL_CHAT_TEMPLATE;
 use crate::config::Qwen25VlConfig;
 use crate::model::Qwen25Vl;
-use crate::processor::ImageProcessor;
+use crate::processor::{ImageProcessor, PREPROCESSOR_CONFIG};
 
 /// Qwen's special tokens (never split, skipped when decoding).
 pub const SPECIAL_TOKENS: [&str; 7] = [
@@ -397,7 +397,7 @@ pub fn write_checkpoint(
     write_tokenizer_files(out, &tok)?;
     if !text_only {
         let proc = ImageProcessor { min_pixels: p.min_pixels, max_pixels: p.max_pixels, ..Default::default() };
-        write_json(&out.join("preprocessor_config.json"), &proc.to_json())?;
+        write_json(&out.join(PREPROCESSOR_CONFIG), &proc.to_json())?;
     }
     let id = |t: &str| tok.token_to_id(t).map(i64::from);
     write_json(
@@ -492,7 +492,7 @@ mod tests {
         assert!(raw.iter().all(|n| !n.contains("visual") && !n.contains("language_model")), "{raw:?}");
 
         let model = Qwen25Vl::load(dir.path(), Kind::Float, Device::Cpu).unwrap();
-        assert!(model.vision.is_none() && model.config.is_text_only());
+        assert!(model.visual.is_none() && model.config.is_text_only());
         let tok = ChatTokenizer::load(dir.path(), &model.config.eos_token_id).unwrap();
         let texts = [
             tok.render(&[Message::text("user", "Which lesion?")], true).unwrap(),

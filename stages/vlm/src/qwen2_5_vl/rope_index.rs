@@ -1,5 +1,7 @@
-//! 3D (temporal, height, width) position ids for multimodal RoPE, with
-//! the semantics of HF `Qwen2_5_VLModel.get_rope_index` for images.
+//! 3D (temporal, height, width) position ids for multimodal RoPE: HF
+//! `Qwen2_5_VLModel.get_rope_index`
+//! ([modeling_qwen2_5_vl.py](https://github.com/huggingface/transformers/blob/v4.57.6/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py))
+//! for images (videos are not supported).
 
 /// Position ids for one batch: `ids[axis][row][col]`, plus the per-row delta
 /// (max position + 1 - padded length) that continues positions when decoding.

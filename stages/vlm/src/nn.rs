@@ -1,16 +1,21 @@
-//! Small building blocks shared by the vision tower and the text decoder.
+//! Building blocks shared by the vision tower and the text decoder (and by
+//! any later architecture of the family): `nn.Linear`, HF `Qwen2RMSNorm`,
+//! the gated MLP, and the rotary-embedding helpers. Parameters are looked up
+//! by their HF checkpoint name and held as shallow clones (same storage, same
+//! autograd leaf), so training can select them by name.
 
 use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
-use crate::model::ModelError;
+use crate::error::ModelError;
 
 /// Fetch a parameter by HF name (a shallow clone: same storage, same autograd leaf).
 pub fn param(params: &BTreeMap<String, Tensor>, name: &str) -> Result<Tensor, ModelError> {
     params.get(name).map(Tensor::shallow_clone).ok_or_else(|| ModelError::MissingParam(name.to_string()))
 }
 
+/// `torch.nn.Linear`: `x @ weight.T + bias`.
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
@@ -28,10 +33,13 @@ impl Linear {
     }
 }
 
-/// Qwen2RMSNorm: normalise in f32 (f64 for f64 inputs, so gradient checks
-/// stay in double precision), scale in the input dtype (as HF does).
+/// HF `Qwen2RMSNorm`
+/// ([modeling_qwen2_5_vl.py](https://github.com/huggingface/transformers/blob/v4.57.6/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py)):
+/// normalise in f32 (f64 for f64 inputs, so gradient checks stay in double
+/// precision), scale in the input dtype, as HF does.
 pub struct RmsNorm {
     pub weight: Tensor,
+    /// HF `variance_epsilon`.
     pub eps: f64,
 }
 
@@ -49,27 +57,31 @@ impl RmsNorm {
     }
 }
 
-/// SwiGLU MLP: down(silu(gate(x)) * up(x)).
-pub struct SwiGlu {
-    pub gate: Linear,
-    pub up: Linear,
-    pub down: Linear,
+/// The gated SiLU MLP `down_proj(silu(gate_proj(x)) * up_proj(x))`: HF
+/// `Qwen2_5_VLMLP` (vision blocks, with biases) and `Qwen2MLP` (decoder
+/// layers, without), the same module up to the bias
+/// ([modeling_qwen2_5_vl.py](https://github.com/huggingface/transformers/blob/v4.57.6/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py)).
+/// Only `hidden_act = "silu"` exists here; `config.rs` rejects the others.
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
 }
 
-impl SwiGlu {
+impl Mlp {
     pub fn load(params: &BTreeMap<String, Tensor>, prefix: &str, bias: bool) -> Result<Self, ModelError> {
         Ok(Self {
-            gate: Linear::load(params, &format!("{prefix}.gate_proj"), bias)?,
-            up: Linear::load(params, &format!("{prefix}.up_proj"), bias)?,
-            down: Linear::load(params, &format!("{prefix}.down_proj"), bias)?,
+            gate_proj: Linear::load(params, &format!("{prefix}.gate_proj"), bias)?,
+            up_proj: Linear::load(params, &format!("{prefix}.up_proj"), bias)?,
+            down_proj: Linear::load(params, &format!("{prefix}.down_proj"), bias)?,
         })
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.down.forward(&(self.gate.forward(x).silu() * self.up.forward(x)))
+        self.down_proj.forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
     }
 }
 
-/// Rotate the two halves of the last dimension: (x1, x2) -> (-x2, x1).
+/// HF `rotate_half`: (x1, x2) -> (-x2, x1) over the two halves of the last dimension.
 pub fn rotate_half(x: &Tensor) -> Tensor {
     let half = x.size().last().copied().unwrap_or(0) / 2;
     let x1 = x.narrow(-1, 0, half);
