@@ -23,7 +23,7 @@ use crate::plan::{Action, Plan, PlannedStage, SelectOptions, Selection, make_pla
 use crate::progress;
 use crate::provenance::Provenance;
 use crate::recipe::{ExecutorKind, Recipe, RecipeError, load_recipe, resolve_stage_selector};
-use crate::registry::Registry;
+use stage_api::Registry;
 use crate::workspace::{RunStatus, StageStatus, Workspace};
 
 /// A mistake in how the command was called (exit code 2, like recipe errors).

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail};
 use pipeline_cache::{ActionRecord, Cache, Digest};
 
-use crate::context::Artifact;
+use stage_api::Artifact;
 use crate::dag::StageGraph;
 use crate::env::EngineEnv;
 use crate::index::{IndexEntry, RunIndex, now_unix_ms};
@@ -27,7 +27,7 @@ use crate::provenance::{git_revision, rfc3339};
 use crate::ranks::LocalPeers;
 use crate::recipe::{Recipe, StageDecl};
 use crate::schedule::{Capacity, Grant, ResourcePool};
-use crate::stage::DeviceRequest;
+use stage_api::DeviceRequest;
 use crate::stage_log::{StageLogs, log_key, stage_span};
 use crate::stage_run::{Ranks, RunOrigin, StageRun, run_and_publish};
 use crate::workspace::{RunStatus, RunSummary, StageStatus, StageSummary, Workspace};
@@ -476,11 +476,11 @@ pub fn device_label(d: &Result<DeviceRequest, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::StageContext;
+    use stage_api::StageContext;
     use crate::plan::{Selection, make_plan};
     use crate::progress::PlainProgress;
-    use crate::registry::Registry;
-    use crate::stage::{InputSpec, StageKind};
+    use stage_api::Registry;
+    use stage_api::{InputSpec, StageKind};
 
     struct Boom;
     #[derive(Debug, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
@@ -592,8 +592,8 @@ mod tests {
         const KIND: &'static str = "gpu";
         const VERSION: u32 = 1;
         const SUMMARY: &'static str = "test kind";
-        fn resources(_p: &Self::Params) -> crate::stage::Resources {
-            crate::stage::Resources { cpu: 1, device: DeviceRequest::Cuda, memory_mb: 1 }
+        fn resources(_p: &Self::Params) -> stage_api::Resources {
+            stage_api::Resources { cpu: 1, device: DeviceRequest::Cuda, memory_mb: 1 }
         }
         fn run(_p: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()> {
             std::fs::write(ctx.output_dir().join("device.txt"), format!("{:?}", ctx.device()))?;

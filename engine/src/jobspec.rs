@@ -22,13 +22,13 @@ use anyhow::{Context as _, bail};
 use pipeline_cache::{Cache, Digest};
 use serde::{Deserialize, Serialize};
 
-use crate::context::{Artifact, LogProgress};
+use stage_api::{Artifact, LogProgress};
 use crate::env::EngineEnv;
 use crate::executor::{Executor, ReadyStage};
 use crate::key::{InputDigest, KeyComponents, artifact_digest, explain_change};
 use crate::plan::{external_digests, recipe_dir};
-use crate::registry::Registry;
-use crate::stage::Device;
+use stage_api::Registry;
+use stage_api::Device;
 use crate::stage_run::{Ranks, RunOrigin, StageRun, run_and_publish, run_peer};
 use crate::workspace::StageStatus;
 use stage_api::DistInfo;
@@ -381,8 +381,8 @@ fn stage_device(id: &str, class: Option<&str>, env: &EngineEnv) -> anyhow::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::StageContext;
-    use crate::stage::{InputSpec, StageKind};
+    use stage_api::StageContext;
+    use stage_api::{InputSpec, StageKind};
 
     /// Writes its `text` param after the upstream's `out.txt`.
     struct Append<const V: u32>;

@@ -3,17 +3,6 @@
 
 pub mod recipe;
 
-// The Stage API lives in its own crate (stage crates import it alone); the
-// engine uses it under the same module names.
-pub use stage_api::{context, params, registry, stage};
-
-pub use context::{Artifact, LogProgress, MetricsSink, ProgressSink, StageContext, StageContextBuilder};
-pub use params::ParamError;
-pub use registry::Registry;
-pub use stage::{
-    ConfiguredStage, Device, DeviceRequest, DynStageKind, InputSpec, OutputSpec, Resources, StageDoc, StageKind,
-};
-pub use stage_api::DistInfo;
 
 pub mod canonical;
 pub mod cli;

@@ -13,7 +13,7 @@ use crate::index::RunIndex;
 use crate::key::{ExternalDigest, InputDigest, KeyComponents, artifact_digest, explain_change};
 use crate::recipe::{Recipe, RecipeError, StageDecl, resolve_stage_selector};
 use crate::schedule::resolve_device;
-use crate::stage::{DeviceRequest, Resources};
+use stage_api::{DeviceRequest, Resources};
 
 /// Stage selection flags of `run`/`plan` (stage selectors as on the CLI).
 #[derive(Debug, Clone, Default)]
@@ -359,9 +359,9 @@ pub fn final_components(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::StageContext;
-    use crate::registry::Registry;
-    use crate::stage::{InputSpec, StageKind};
+    use stage_api::StageContext;
+    use stage_api::Registry;
+    use stage_api::{InputSpec, StageKind};
     use std::path::Path;
 
     /// A stage kind for planner tests: params only, one optional input.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::context::{LogProgress, ProgressSink};
+use stage_api::{LogProgress, ProgressSink};
 
 /// Hands out one progress sink per running stage and prints run-level lines
 /// without tearing the bars.

@@ -1,7 +1,7 @@
 //! Resource accounting for the local executor: which ready stage may start
 //! now without oversubscribing cores, CUDA devices or memory.
 
-use crate::stage::{Device, DeviceRequest, Resources};
+use stage_api::{Device, DeviceRequest, Resources};
 
 /// What the machine offers (computed once per run by the binary / engine).
 #[derive(Debug, Clone)]

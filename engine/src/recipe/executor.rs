@@ -31,7 +31,7 @@ use super::StageDecl;
 use super::error::RecipeError;
 use super::source::{Origin, SourceMap};
 use super::tree::{Node, NodeValue, Table};
-use crate::params::did_you_mean;
+use stage_api::params::did_you_mean;
 
 /// Which executor runs the stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

@@ -24,9 +24,9 @@ pub use docs::{render_stage_reference, update_stage_reference};
 pub use error::{RecipeError, SourceLoc};
 pub use executor::{ExecutorConfig, ExecutorKind, SlurmConfig, StageOverride};
 
-use crate::params::did_you_mean;
-use crate::registry::Registry;
-use crate::stage::{ConfiguredStage, DynStageKind};
+use stage_api::params::did_you_mean;
+use stage_api::Registry;
+use stage_api::{ConfiguredStage, DynStageKind};
 use source::{Origin, SourceMap};
 use tree::{Node, Table};
 

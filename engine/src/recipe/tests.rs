@@ -8,9 +8,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::*;
-use crate::context::StageContext;
-use crate::params::ParamError;
-use crate::stage::{InputSpec, OutputSpec, StageKind};
+use stage_api::StageContext;
+use stage_api::params::ParamError;
+use stage_api::{InputSpec, OutputSpec, StageKind};
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]

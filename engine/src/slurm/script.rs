@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::recipe::{SlurmConfig, StageDecl};
-use crate::stage::{DeviceRequest, Resources};
+use stage_api::{DeviceRequest, Resources};
 
 /// The `#SBATCH` options and command of one stage's job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,9 +130,9 @@ pub fn job_name(recipe: &str, stage: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::StageContext;
+    use stage_api::StageContext;
     use crate::recipe::StageOverride;
-    use crate::stage::StageKind;
+    use stage_api::StageKind;
 
     /// Uses every core; requires CUDA when `cuda` is set.
     struct Probe;
@@ -213,7 +213,7 @@ mod tests {
 
     #[test]
     fn overrides_win_over_stage_resources() {
-        let registry = crate::registry::Registry::new().register::<Probe>();
+        let registry = stage_api::Registry::new().register::<Probe>();
         let recipe = crate::recipe::load_recipe_str(
             "[recipe]\nname = \"r\"\n[stage.a]\nkind = \"probe\"\n[stage.b]\nkind = \"probe\"\ncuda = true\n",
             std::path::Path::new("r.toml"),
