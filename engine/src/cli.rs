@@ -15,16 +15,16 @@ use bytesize::ByteSize;
 use clap::{Args, Subcommand};
 use pipeline_cache::{Cache, GcOptions};
 
-use crate::dag::{DagError, StageGraph};
 use crate::env::EngineEnv;
-use crate::executor::{Executor, LocalBackend, RunOptions, StageBackend, device_label};
 use crate::index::RunIndex;
+use crate::plan::graph::{DagError, StageGraph};
 use crate::plan::{Action, Plan, PlannedStage, SelectOptions, Selection, make_plan};
-use crate::progress;
 use crate::provenance::Provenance;
 use crate::recipe::{ExecutorKind, Recipe, RecipeError, load_recipe, resolve_stage_selector};
-use stage_api::Registry;
+use crate::run::progress;
+use crate::run::scheduler::{Executor, LocalBackend, RunOptions, StageBackend, device_label};
 use crate::workspace::{RunStatus, StageStatus, Workspace};
+use stage_api::Registry;
 
 /// A mistake in how the command was called (exit code 2, like recipe errors).
 #[derive(Debug, thiserror::Error)]
@@ -348,7 +348,7 @@ fn load(args: &RecipeArgs, registry: &Registry) -> anyhow::Result<(Recipe, Stage
 fn env_for(recipe: &Recipe, env: &EngineEnv, executor: Option<ExecutorKind>) -> EngineEnv {
     match executor.unwrap_or(recipe.executor.kind) {
         ExecutorKind::Local => env.clone(),
-        ExecutorKind::Slurm => crate::slurm::planning_env(recipe, env),
+        ExecutorKind::Slurm => crate::backend::slurm::planning_env(recipe, env),
     }
 }
 
@@ -387,7 +387,7 @@ fn cmd_run(args: RunArgs, registry: &Registry, env: &EngineEnv) -> anyhow::Resul
     let progress = progress::for_terminal(env.quiet);
     let backend: Box<dyn StageBackend> = match kind {
         ExecutorKind::Local => Box::new(LocalBackend),
-        ExecutorKind::Slurm => Box::new(crate::slurm::SlurmBackend::new(recipe.executor.slurm.clone())?),
+        ExecutorKind::Slurm => Box::new(crate::backend::slurm::SlurmBackend::new(recipe.executor.slurm.clone())?),
     };
     let executor = Executor {
         recipe: &recipe,
@@ -399,7 +399,7 @@ fn cmd_run(args: RunArgs, registry: &Registry, env: &EngineEnv) -> anyhow::Resul
         cancel: cancel_flag(),
         backend: backend.as_ref(),
     };
-    let default_jobs = if kind == ExecutorKind::Slurm { crate::slurm::DEFAULT_JOBS } else { env.cores };
+    let default_jobs = if kind == ExecutorKind::Slurm { crate::backend::slurm::DEFAULT_JOBS } else { env.cores };
     let jobs = args.jobs.unwrap_or(default_jobs).max(1);
     let outcome = executor.run(&plan, &RunOptions { jobs, keep_going: args.keep_going })?;
     let s = &outcome.summary;
@@ -596,7 +596,7 @@ fn cmd_show(args: &RecipeArgs, stage: &str, registry: &Registry, env: &EngineEnv
         println!("key: {}", s.key.hex());
         println!("seed: {}", s.components.seed);
         println!("resources: {}", resources_label(s));
-        println!("params: {}", serde_json::to_string_pretty(&crate::canonical::normalize(&s.components.params))?);
+        println!("params: {}", serde_json::to_string_pretty(&crate::plan::canonical::normalize(&s.components.params))?);
         println!("inputs:");
         for (name, refs) in &s.components.inputs {
             for r in refs {

@@ -9,7 +9,7 @@
 //! upstream records in the cache, external inputs) and refuses to run when
 //! that key differs from the expected one: a different binary or different
 //! data on the node would otherwise publish wrong outputs under the key.
-//! Then it runs and publishes through [`crate::stage_run`], exactly as the
+//! Then it runs and publishes through [`crate::run::stage_run`], exactly as the
 //! local executor does.
 
 use std::collections::BTreeMap;
@@ -22,16 +22,16 @@ use anyhow::{Context as _, bail};
 use pipeline_cache::{Cache, Digest};
 use serde::{Deserialize, Serialize};
 
-use stage_api::{Artifact, LogProgress};
 use crate::env::EngineEnv;
-use crate::executor::{Executor, ReadyStage};
-use crate::key::{InputDigest, KeyComponents, artifact_digest, explain_change};
+use crate::plan::key::{InputDigest, KeyComponents, artifact_digest, explain_change};
 use crate::plan::{external_digests, recipe_dir};
-use stage_api::Registry;
-use stage_api::Device;
-use crate::stage_run::{Ranks, RunOrigin, StageRun, run_and_publish, run_peer};
+use crate::run::scheduler::{Executor, ReadyStage};
+use crate::run::stage_run::{Ranks, RunOrigin, StageRun, run_and_publish, run_peer};
 use crate::workspace::StageStatus;
+use stage_api::Device;
 use stage_api::DistInfo;
+use stage_api::Registry;
+use stage_api::{Artifact, LogProgress};
 
 /// Bumped when the spec format changes (a child refuses other formats).
 pub const JOB_SPEC_FORMAT: u32 = 1;
@@ -264,7 +264,7 @@ pub fn exec_stage(
             })?;
             let digest = artifact_digest(&r.stage, &record, r.output.as_deref())
                 .with_context(|| format!("stage `{id}`: input `{name}`"))?;
-            inputs.entry(name.clone()).or_default().push(crate::stage_run::cached_artifact(
+            inputs.entry(name.clone()).or_default().push(crate::run::stage_run::cached_artifact(
                 &cache,
                 &r.record,
                 &r.stage,

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
-use crate::key::{ExternalDigest, InputDigest};
+use crate::plan::key::{ExternalDigest, InputDigest};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Provenance {
@@ -48,11 +48,11 @@ fn one() -> usize {
 impl Provenance {
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         let text = serde_json::to_string_pretty(self)?;
-        std::fs::write(dir.join(crate::key::PROVENANCE_FILE), text + "\n")
+        std::fs::write(dir.join(crate::plan::key::PROVENANCE_FILE), text + "\n")
     }
 
     pub fn read(dir: &Path) -> anyhow::Result<Self> {
-        let path = dir.join(crate::key::PROVENANCE_FILE);
+        let path = dir.join(crate::plan::key::PROVENANCE_FILE);
         let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
         serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))
     }

@@ -9,8 +9,8 @@ use super::source::{Origin, SourceMap};
 use super::sweep::{SweepDef, check_name};
 use super::tree::{Node, NodeValue, Table};
 use super::{InputRef, StageDecl};
-use stage_api::params::{ParamError, did_you_mean};
 use stage_api::Registry;
+use stage_api::params::{ParamError, did_you_mean};
 use stage_api::{ConfiguredStage, DynStageKind};
 
 /// Keys of a stage table that are neither inputs nor params.

@@ -223,10 +223,10 @@ fn cell(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stage_api::StageContext;
-    use stage_api::{InputSpec, StageKind};
     use schemars::JsonSchema;
     use serde::{Deserialize, Serialize};
+    use stage_api::StageContext;
+    use stage_api::{InputSpec, StageKind};
     use std::collections::BTreeMap;
 
     #[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, Default)]

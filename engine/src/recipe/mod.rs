@@ -24,10 +24,10 @@ pub use docs::{render_stage_reference, update_stage_reference};
 pub use error::{RecipeError, SourceLoc};
 pub use executor::{ExecutorConfig, ExecutorKind, SlurmConfig, StageOverride};
 
-use stage_api::params::did_you_mean;
-use stage_api::Registry;
-use stage_api::{ConfiguredStage, DynStageKind};
 use source::{Origin, SourceMap};
+use stage_api::Registry;
+use stage_api::params::did_you_mean;
+use stage_api::{ConfiguredStage, DynStageKind};
 use tree::{Node, Table};
 
 /// One resolved input reference of a stage.

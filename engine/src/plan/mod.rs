@@ -1,18 +1,22 @@
 //! Planning: which stages a run selects, their cache keys, and for each
 //! whether it is cached or must run, and why.
 
+pub mod canonical;
+pub mod graph;
+pub mod key;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use pipeline_cache::{ActionRecord, Cache, Digest};
 
-use crate::dag::StageGraph;
 use crate::env::EngineEnv;
 use crate::index::RunIndex;
-use crate::key::{ExternalDigest, InputDigest, KeyComponents, artifact_digest, explain_change};
+use crate::plan::graph::StageGraph;
+use crate::plan::key::{ExternalDigest, InputDigest, KeyComponents, artifact_digest, explain_change};
 use crate::recipe::{Recipe, RecipeError, StageDecl, resolve_stage_selector};
-use crate::schedule::resolve_device;
+use crate::run::resources::resolve_device;
 use stage_api::{DeviceRequest, Resources};
 
 /// Stage selection flags of `run`/`plan` (stage selectors as on the CLI).
@@ -359,8 +363,8 @@ pub fn final_components(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stage_api::StageContext;
     use stage_api::Registry;
+    use stage_api::StageContext;
     use stage_api::{InputSpec, StageKind};
     use std::path::Path;
 

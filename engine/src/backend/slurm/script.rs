@@ -130,8 +130,8 @@ pub fn job_name(recipe: &str, stage: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stage_api::StageContext;
     use crate::recipe::StageOverride;
+    use stage_api::StageContext;
     use stage_api::StageKind;
 
     /// Uses every core; requires CUDA when `cuda` is set.

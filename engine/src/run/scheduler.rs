@@ -3,7 +3,7 @@
 //! executes each ready stage from a worker thread with its own log file.
 //! [`LocalBackend`] runs it in this process within the machine's cores,
 //! memory and CUDA devices (cache lock, staging dir, rayon pool); the Slurm
-//! backend ([`crate::slurm`]) submits it as a job.
+//! backend ([`crate::backend::slurm`]) submits it as a job.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -15,22 +15,22 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail};
 use pipeline_cache::{ActionRecord, Cache, Digest};
 
-use stage_api::Artifact;
-use crate::dag::StageGraph;
 use crate::env::EngineEnv;
 use crate::index::{IndexEntry, RunIndex, now_unix_ms};
 use crate::jobspec::JobSpec;
-use crate::key::KeyComponents;
+use crate::plan::graph::StageGraph;
+use crate::plan::key::KeyComponents;
 use crate::plan::{Action, Plan, PlannedStage, final_components, recipe_dir};
-use crate::progress::RunProgress;
 use crate::provenance::{git_revision, rfc3339};
-use crate::ranks::LocalPeers;
 use crate::recipe::{Recipe, StageDecl};
-use crate::schedule::{Capacity, Grant, ResourcePool};
-use stage_api::DeviceRequest;
+use crate::run::progress::RunProgress;
+use crate::run::ranks::LocalPeers;
+use crate::run::resources::{Capacity, Grant, ResourcePool};
+use crate::run::stage_run::{Ranks, RunOrigin, StageRun, run_and_publish};
 use crate::stage_log::{StageLogs, log_key, stage_span};
-use crate::stage_run::{Ranks, RunOrigin, StageRun, run_and_publish};
 use crate::workspace::{RunStatus, RunSummary, StageStatus, StageSummary, Workspace};
+use stage_api::Artifact;
+use stage_api::DeviceRequest;
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -343,7 +343,7 @@ impl Executor<'_> {
             for r in refs {
                 let record =
                     job.upstream.get(&r.stage).ok_or_else(|| anyhow!("upstream `{}` has no output record", r.stage))?;
-                inputs.entry(name.clone()).or_default().push(crate::stage_run::cached_artifact(
+                inputs.entry(name.clone()).or_default().push(crate::run::stage_run::cached_artifact(
                     self.cache,
                     &record.key,
                     &r.stage,
@@ -476,10 +476,10 @@ pub fn device_label(d: &Result<DeviceRequest, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stage_api::StageContext;
     use crate::plan::{Selection, make_plan};
-    use crate::progress::PlainProgress;
+    use crate::run::progress::PlainProgress;
     use stage_api::Registry;
+    use stage_api::StageContext;
     use stage_api::{InputSpec, StageKind};
 
     struct Boom;

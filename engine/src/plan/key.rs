@@ -8,7 +8,7 @@ use pipeline_cache::{ActionRecord, Digest, KeyHasher, Manifest};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::canonical;
+use crate::plan::canonical;
 
 /// Bump when the way keys are computed changes (every key changes with it).
 pub const KEY_SCHEMA_VERSION: u32 = 1;

@@ -21,11 +21,11 @@ use anyhow::Context as _;
 use pipeline_cache::ActionRecord;
 
 use crate::env::EngineEnv;
-use crate::executor::{Executor, ReadyStage, StageBackend};
 use crate::jobspec::{JobSpec, META_SLURM_JOB, jobs_dir};
 use crate::plan::recipe_dir;
 use crate::recipe::{Recipe, SlurmConfig};
-use crate::schedule::{Capacity, ResourcePool};
+use crate::run::resources::{Capacity, ResourcePool};
+use crate::run::scheduler::{Executor, ReadyStage, StageBackend};
 use crate::workspace::StageStatus;
 use commands::SlurmCommands;
 use script::{JobRequest, job_name, stage_gpus};

@@ -20,13 +20,13 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use pipeline_cache::{ActionRecord, Cache, Digest};
 
-use stage_api::{Artifact, ProgressSink, StageContext};
-use crate::key::KeyComponents;
+use crate::plan::key::KeyComponents;
 use crate::provenance::{Provenance, rfc3339};
-use stage_api::{ConfiguredStage, Device};
 use crate::workspace::StageStatus;
 use stage_api::DistInfo;
 use stage_api::host_name;
+use stage_api::{Artifact, ProgressSink, StageContext};
+use stage_api::{ConfiguredStage, Device};
 
 /// Where a stage run comes from (for provenance and the action record).
 #[derive(Debug, Clone)]

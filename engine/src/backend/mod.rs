@@ -1,0 +1,3 @@
+//! Where stages run.
+
+pub mod slurm;
