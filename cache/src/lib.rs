@@ -13,7 +13,7 @@ mod lock;
 mod maintenance;
 mod manifest;
 mod stat_cache;
-mod store;
+mod cache;
 
 pub use digest::{Digest, DigestParseError, KeyHasher};
 pub use error::CacheError;
@@ -22,4 +22,4 @@ pub use lock::{KeyLock, LockInfo};
 pub use maintenance::{CacheSize, CorruptBlob, GcOptions, GcReport, VerifyReport};
 pub use manifest::{ActionRecord, FileEntry, Manifest};
 pub use stat_cache::StatCounters;
-pub use store::{Cache, CacheOptions, Staging};
+pub use cache::{Cache, CacheOptions, Staging};

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::digest::Digest;
 use crate::error::{CacheError, IoContext};
 use crate::hashing::{FileStat, hash_contents};
-use crate::store::Cache;
+use crate::cache::Cache;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcOptions {
@@ -363,8 +363,8 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
-    use crate::store::CacheOptions;
-    use crate::store::tests::{count_blobs, fast_options, key, open_cache, publish_files};
+    use crate::cache::CacheOptions;
+    use crate::cache::tests::{count_blobs, fast_options, key, open_cache, publish_files};
 
     fn set_last_used(cache: &Cache, k: &Digest, secs_ago: u64) {
         let t = SystemTime::now() - Duration::from_secs(secs_ago);

@@ -684,5 +684,5 @@ fn validate_rel_path(rel: &str, record: &Path) -> Result<(), CacheError> {
 }
 
 #[cfg(test)]
-#[path = "store_tests.rs"]
+#[path = "cache_tests.rs"]
 pub(crate) mod tests;
