@@ -19,8 +19,10 @@ components of the resulting graph.
   edges, but nothing imports them, so they never close a cycle.
 * Paths to other crates are left out: Cargo already forbids crate cycles.
 
-Usage: tools/check_module_cycles.py [--edges] [ROOT]
+Usage: tools/check_module_cycles.py [--edges] [--crate NAME]... [ROOT]
   --edges   also print every module with the modules it imports
+  --crate   only these crates (`pipeline_engine`, `medreason_pipeline (bin)`
+            may be given as `medreason_pipeline`)
 Exit status 1 when a cycle exists, 0 otherwise. Only the standard library.
 """
 
@@ -396,9 +398,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", nargs="?", default=Path(__file__).resolve().parent.parent, type=Path)
     ap.add_argument("--edges", action="store_true", help="print every module and the modules it imports")
+    ap.add_argument("--crate", action="append", default=[], help="only this crate (repeatable)")
     args = ap.parse_args()
+    crates = [(n, f) for n, f in workspace_crates(args.root) if not args.crate or n.split(" ")[0] in args.crate]
+    if args.crate and not crates:
+        print(f"no crate named {', '.join(args.crate)}", file=sys.stderr)
+        return 2
     cycles = 0
-    for name, root_file in workspace_crates(args.root):
+    for name, root_file in crates:
         crate = Crate(name, root_file)
         for p in crate.problems:
             print(f"warning: {p}", file=sys.stderr)
@@ -419,7 +426,7 @@ def main() -> int:
                         rel = mods[m].file.relative_to(args.root)
                         print(f"    {label(name, m)} -> {label(name, dep)}  ({rel}:{line})")
     if cycles == 0:
-        print(f"no module import cycles in {len(workspace_crates(args.root))} crates")
+        print(f"no module import cycles in {len(crates)} crates")
     return 1 if cycles else 0
 
 
