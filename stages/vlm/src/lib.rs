@@ -5,6 +5,7 @@
 // serde_json's json! macro needs a deeper limit for the HF config literal.
 #![recursion_limit = "256"]
 
+pub mod activation_checkpointing;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod nn;
 pub mod pretrained;
 pub mod processor;
 pub mod qwen2_5_vl;
+pub mod training;
 
 pub use config::{ModelType, Qwen25VlConfig};
 pub use device::DeviceChoice;
@@ -24,3 +26,4 @@ pub use error::ModelError;
 pub use init_model::InitModel;
 pub use model::{Batch, Qwen25Vl};
 pub use pretrained::Pretrained;
+pub use training::LogitsSpan;

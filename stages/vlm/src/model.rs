@@ -15,7 +15,7 @@ use stage_api::derive_seed;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, CheckpointError};
-use crate::config::{CONFIG_FILE, ModelType, Qwen25VlConfig};
+use crate::config::{CONFIG_FILE, ModelType, Qwen25VlConfig, VisionConfig, VisionTokens};
 use crate::error::ModelError;
 use crate::nn::param;
 use crate::qwen2_5_vl::{KvCache, TextModel, VisionTransformer, rope_index};
@@ -30,6 +30,18 @@ pub struct Batch<'a> {
     pub pixel_values: Option<&'a Tensor>,
     /// (t, h, w) patch grid per image.
     pub image_grid_thw: &'a [[i64; 3]],
+}
+
+/// The parameter-free inputs of a forward (see [`Qwen25Vl::positions`]).
+pub(crate) struct Positions {
+    /// (batch, len) token ids on the model's device.
+    pub ids: Tensor,
+    /// (3, batch, len) mRoPE positions.
+    pub pos: Tensor,
+    /// (batch,) mRoPE deltas for decoding.
+    pub deltas: Tensor,
+    /// (batch, len) bool: which tokens are real (not padding).
+    pub key_valid: Tensor,
 }
 
 /// State carried from prefill to decode steps.
@@ -212,16 +224,25 @@ impl Qwen25Vl {
         Ok(())
     }
 
-    /// Input embeddings with image features scattered into the image pad
-    /// tokens, plus mRoPE positions and deltas.
-    fn prepare(&self, batch: &Batch) -> Result<(Tensor, Tensor, Tensor), ModelError> {
+    /// The vision tower with its config and the special token ids, when
+    /// this checkpoint takes images.
+    fn vision(&self) -> Option<(&VisionTransformer, &VisionConfig, &VisionTokens)> {
+        match (&self.visual, &self.config.vision, &self.config.tokens) {
+            (Some(visual), Some(vcfg), Some(tokens)) => Some((visual, vcfg, tokens)),
+            _ => None,
+        }
+    }
+
+    /// The parameter-free part of the input: the batch checked (token ids,
+    /// image pads against `image_grid_thw`), its ids on the model's device,
+    /// and mRoPE positions and deltas.
+    pub(crate) fn positions(&self, batch: &Batch) -> Result<Positions, ModelError> {
         self.check_batch(batch)?;
         let ids = batch.input_ids.to_device(self.device);
-        let mut embeds = self.language_model.embed(&ids);
         let rows = to_rows(batch.input_ids)?;
         let mask = to_rows(batch.attention_mask)?;
-        let r = match (&self.visual, &self.config.vision, &self.config.tokens) {
-            (Some(visual), Some(vcfg), Some(tokens)) => {
+        let r = match self.vision() {
+            Some((_, vcfg, tokens)) => {
                 let n_pad = ids.eq(tokens.image_token_id).sum(Kind::Int64).int64_value(&[]);
                 let ms = vcfg.spatial_merge_size;
                 let expected: i64 = batch.image_grid_thw.iter().map(|g| g[0] * g[1] * g[2] / (ms * ms)).sum();
@@ -231,16 +252,12 @@ impl Qwen25Vl {
                         batch.image_grid_thw
                     )));
                 }
-                if let Some(pv) = batch.pixel_values {
-                    let feats = visual.forward(&pv.to_device(self.device), batch.image_grid_thw)?;
-                    let mask = ids.eq(tokens.image_token_id).unsqueeze(-1).expand_as(&embeds);
-                    embeds = embeds.masked_scatter(&mask, &feats.to_kind(embeds.kind()));
-                } else if expected > 0 {
+                if batch.pixel_values.is_none() && expected > 0 {
                     return Err(ModelError::Input("image_grid_thw given without pixel_values".into()));
                 }
                 rope_index(&rows, &mask, batch.image_grid_thw, tokens.image_token_id, tokens.vision_start_token_id, ms)
             }
-            _ => {
+            None => {
                 if batch.pixel_values.is_some() || !batch.image_grid_thw.is_empty() {
                     return Err(ModelError::Input(
                         "this is a text-only checkpoint (no vision tower): it cannot take images".into(),
@@ -256,7 +273,32 @@ impl Qwen25Vl {
         let flat: Vec<i64> = r.ids.iter().flatten().flatten().copied().collect();
         let pos = Tensor::from_slice(&flat).view([3, b, l]).to_device(self.device);
         let deltas = Tensor::from_slice(&r.deltas).to_device(self.device);
-        Ok((embeds, pos, deltas))
+        let key_valid = batch.attention_mask.to_device(self.device).ne(0);
+        Ok(Positions { ids, pos, deltas, key_valid })
+    }
+
+    /// Token embeddings of `ids` with the image features `feats` (in pad
+    /// order) written over the image pad tokens.
+    pub(crate) fn embed_with_images(&self, ids: &Tensor, feats: Option<&Tensor>) -> Tensor {
+        let embeds = self.language_model.embed(ids);
+        match (feats, self.vision()) {
+            (Some(feats), Some((_, _, tokens))) => {
+                let mask = ids.eq(tokens.image_token_id).unsqueeze(-1).expand_as(&embeds);
+                embeds.masked_scatter(&mask, &feats.to_kind(embeds.kind()))
+            }
+            _ => embeds,
+        }
+    }
+
+    /// Input embeddings with image features scattered into the image pad
+    /// tokens, plus mRoPE positions, deltas and the key mask.
+    fn prepare(&self, batch: &Batch) -> Result<(Tensor, Positions), ModelError> {
+        let p = self.positions(batch)?;
+        let feats = match (self.vision(), batch.pixel_values) {
+            (Some((visual, _, _)), Some(pv)) => Some(visual.forward(&pv.to_device(self.device), batch.image_grid_thw)?),
+            _ => None,
+        };
+        Ok((self.embed_with_images(&p.ids, feats.as_ref()), p))
     }
 
     /// `lm_head`: hidden states -> vocabulary logits.
@@ -274,9 +316,8 @@ impl Qwen25Vl {
     /// loss over completions needs no logits for the prompt (and the vocab
     /// projection of every prompt position is the largest tensor of a step).
     pub fn forward_last(&self, batch: &Batch, n: i64) -> Result<Tensor, ModelError> {
-        let (embeds, pos, _) = self.prepare(batch)?;
-        let key_valid = batch.attention_mask.to_device(self.device).ne(0);
-        let hidden = self.language_model.forward(&embeds, &pos, &key_valid, &mut KvCache::default());
+        let (embeds, p) = self.prepare(batch)?;
+        let hidden = self.language_model.forward(&embeds, &p.pos, &p.key_valid, &mut KvCache::default());
         let len = hidden.size()[1];
         let n = n.clamp(1, len);
         Ok(self.logits(&hidden.narrow(1, len - n, n)))
@@ -285,13 +326,12 @@ impl Qwen25Vl {
     /// Run the prompt; returns logits (all positions, or only the last when
     /// `last_only`) and the state for decoding.
     pub fn prefill(&self, batch: &Batch, last_only: bool) -> Result<(Tensor, DecodeState), ModelError> {
-        let (embeds, pos, deltas) = self.prepare(batch)?;
-        let key_valid = batch.attention_mask.to_device(self.device).ne(0);
+        let (embeds, p) = self.prepare(batch)?;
         let mut cache = KvCache::default();
-        let hidden = self.language_model.forward(&embeds, &pos, &key_valid, &mut cache);
+        let hidden = self.language_model.forward(&embeds, &p.pos, &p.key_valid, &mut cache);
         let hidden = if last_only { hidden.narrow(1, hidden.size()[1] - 1, 1) } else { hidden };
         let logits = self.logits(&hidden);
-        Ok((logits, DecodeState { cache, key_valid, rope_deltas: deltas }))
+        Ok((logits, DecodeState { cache, key_valid: p.key_valid, rope_deltas: p.deltas }))
     }
 
     /// One decode step for `tokens` (batch,) -> logits (batch, vocab).

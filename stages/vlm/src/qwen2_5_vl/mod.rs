@@ -18,8 +18,8 @@ pub mod text;
 pub mod vision;
 
 pub use rope_index::{RopeIndex, rope_index};
-pub use text::{Attention, DecoderLayer, KvCache, RotaryEmbedding, TextModel};
+pub use text::{Attention, DecoderLayer, KvCache, LayerInputs, RotaryEmbedding, TextModel};
 pub use vision::{
-    PatchEmbed, PatchMerger, VisionAttention, VisionBlock, VisionRotaryEmbedding, VisionTransformer, WindowIndex,
-    window_index,
+    PatchEmbed, PatchMerger, VisionAttention, VisionBlock, VisionPass, VisionRotaryEmbedding, VisionTransformer,
+    WindowIndex, window_index,
 };

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
+use crate::activation_checkpointing::Segment;
 use crate::config::TextConfig;
 use crate::error::ModelError;
 use crate::nn::{Linear, Mlp, RmsNorm, inv_freq, param, rotate_half};
@@ -251,16 +252,13 @@ impl TextModel {
         Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false)
     }
 
-    /// Run the decoder over `embeds` (batch, len, hidden) at mRoPE positions
-    /// `position_ids` (3, batch, len). `key_valid` (batch, past + len) marks
-    /// non-padding keys. Appends this step's keys/values to `cache`.
-    /// Returns the final-normed hidden states.
-    pub fn forward(&self, embeds: &Tensor, position_ids: &Tensor, key_valid: &Tensor, cache: &mut KvCache) -> Tensor {
-        let size = embeds.size();
-        let len = size[1];
-        let past = cache.len();
-        let kind = embeds.kind();
-        let device = embeds.device();
+    /// What every layer of a step shares: RoPE cos/sin (batch, 1, len,
+    /// head_dim) in `kind` for mRoPE positions `position_ids` (3, batch, len),
+    /// and the attention mask (batch, 1, len, past + len) for `key_valid`
+    /// (batch, past + len, true = a real token) after `past` cached positions.
+    pub fn attention_inputs(&self, position_ids: &Tensor, key_valid: &Tensor, past: i64, kind: Kind) -> LayerInputs {
+        let len = position_ids.size()[2];
+        let device = position_ids.device();
         let (cos, sin) = self.rotary_emb.forward(position_ids);
         let (cos, sin) = (cos.to_kind(kind), sin.to_kind(kind));
         // Causal over padded positions, keys restricted to real tokens; the
@@ -271,13 +269,20 @@ impl TextModel {
         let causal = k_pos.le_tensor(&q_pos);
         let diag = k_pos.eq_tensor(&q_pos);
         let mask = (causal.unsqueeze(0).logical_and(&key_valid.unsqueeze(1))).logical_or(&diag.unsqueeze(0));
-        let mask = mask.unsqueeze(1); // (B, 1, len, past+len)
+        LayerInputs { cos, sin, mask: mask.unsqueeze(1) }
+    }
 
+    /// Run the decoder over `embeds` (batch, len, hidden) at mRoPE positions
+    /// `position_ids` (3, batch, len). `key_valid` (batch, past + len) marks
+    /// non-padding keys. Appends this step's keys/values to `cache`.
+    /// Returns the final-normed hidden states.
+    pub fn forward(&self, embeds: &Tensor, position_ids: &Tensor, key_valid: &Tensor, cache: &mut KvCache) -> Tensor {
+        let inputs = self.attention_inputs(position_ids, key_valid, cache.len(), embeds.kind());
         let fresh = cache.layers.is_empty();
         let mut x = embeds.shallow_clone();
         for (li, layer) in self.layers.iter().enumerate() {
             let past_kv = if fresh { None } else { cache.layers.get(li) };
-            let (out, (k, v)) = layer.forward(&x, &cos, &sin, &mask, past_kv);
+            let (out, (k, v)) = layer.forward(&x, &inputs.cos, &inputs.sin, &inputs.mask, past_kv);
             if fresh {
                 cache.layers.push((k, v));
             } else {
@@ -287,6 +292,29 @@ impl TextModel {
         }
         self.norm.forward(&x)
     }
+
+    /// The decoder layers as checkpointing segments of a full-sequence pass
+    /// (no KV cache; the final norm belongs to the loss head).
+    /// `trainable(prefix)` says whether any parameter under a checkpoint-name
+    /// prefix requires a gradient.
+    pub fn segments<'a>(&'a self, inputs: &'a LayerInputs, trainable: &dyn Fn(&str) -> bool) -> Vec<Segment<'a>> {
+        self.layers
+            .iter()
+            .enumerate()
+            .map(|(i, layer)| {
+                let name = format!("{}.layers.{i}.", Self::PREFIX);
+                let t = trainable(&name);
+                Segment::new(name, t, move |x| layer.forward(x, &inputs.cos, &inputs.sin, &inputs.mask, None).0)
+            })
+            .collect()
+    }
+}
+
+/// What every decoder layer of one step shares (see [`TextModel::attention_inputs`]).
+pub struct LayerInputs {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: Tensor,
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::activation_checkpointing::Segment;
 use crate::config::VisionConfig;
 use crate::error::ModelError;
 use crate::nn::{Linear, Mlp, RmsNorm, inv_freq, param, rotate_half};
@@ -255,7 +256,7 @@ fn full_cu_seqlens(grids: &[[i64; 3]]) -> Vec<i64> {
 }
 
 impl VisionTransformer {
-    const PREFIX: &str = "model.visual";
+    pub const PREFIX: &str = "model.visual";
 
     pub fn load(params: &BTreeMap<String, Tensor>, cfg: &VisionConfig) -> Result<Self, ModelError> {
         let p = Self::PREFIX;
@@ -323,35 +324,90 @@ impl VisionTransformer {
         self.rotary_pos_emb.forward(&pos)
     }
 
-    /// Image features (sum of t*h*w/4 over images, out_hidden) in the order
-    /// the image pad tokens appear.
-    pub fn forward(&self, pixel_values: &Tensor, grids: &[[i64; 3]]) -> Result<Tensor, ModelError> {
+    /// What every block of a forward over `pixel_values` shares (checked
+    /// against `grids`): rotary angles, window layout, token order.
+    pub fn pass(&self, pixel_values: &Tensor, grids: &[[i64; 3]]) -> Result<VisionPass, ModelError> {
         self.check_input(pixel_values, grids)?;
         let device = pixel_values.device();
         let unit = self.config.merge_unit();
-        let x = self.patch_embed.forward(pixel_values);
-        let n = x.size()[0];
+        let n = pixel_values.size()[0];
         let rot = self.rot_pos_emb(grids, n, device);
-
         // Group merged tokens by window (HF reorders with `window_index`, and back at the end).
         let win = window_index(&self.config, grids);
         let perm = Tensor::from_slice(&win.index).to_device(device);
-        let x = x.view([n / unit, unit, -1]).index_select(0, &perm).view([n, -1]);
         let rot = rot.view([n / unit, unit, -1]).index_select(0, &perm).view([n, -1]);
         let emb = Tensor::cat(&[&rot, &rot], -1);
-        let (cos, sin) = (emb.cos().unsqueeze(1), emb.sin().unsqueeze(1));
-
-        let full = full_cu_seqlens(grids);
-        let mut x = x;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let full_attention = self.config.fullatt_block_indexes.contains(&(i as i64));
-            let cu_seqlens = if full_attention { &full } else { &win.cu_seqlens };
-            x = block.forward(&x, cu_seqlens, &cos, &sin);
-        }
-        let merged = self.merger.forward(&x);
         let reverse = perm.argsort(0, false);
-        Ok(merged.index_select(0, &reverse))
+        Ok(VisionPass {
+            cos: emb.cos().unsqueeze(1),
+            sin: emb.sin().unsqueeze(1),
+            full_cu_seqlens: full_cu_seqlens(grids),
+            window_cu_seqlens: win.cu_seqlens,
+            perm,
+            reverse,
+            unit,
+        })
     }
+
+    /// Patch embedding, in window order: the input of block 0.
+    pub fn embed_patches(&self, pixel_values: &Tensor, pass: &VisionPass) -> Tensor {
+        let x = self.patch_embed.forward(pixel_values);
+        let n = x.size()[0];
+        x.view([n / pass.unit, pass.unit, -1]).index_select(0, &pass.perm).view([n, -1])
+    }
+
+    /// Block `i` (window or full attention, as the config says).
+    pub fn block(&self, i: usize, x: &Tensor, pass: &VisionPass) -> Tensor {
+        let full_attention = self.config.fullatt_block_indexes.contains(&(i as i64));
+        let cu_seqlens = if full_attention { &pass.full_cu_seqlens } else { &pass.window_cu_seqlens };
+        self.blocks[i].forward(x, cu_seqlens, &pass.cos, &pass.sin)
+    }
+
+    /// The merger over the last block's output, back in image order.
+    pub fn merge(&self, x: &Tensor, pass: &VisionPass) -> Tensor {
+        self.merger.forward(x).index_select(0, &pass.reverse)
+    }
+
+    /// Image features (sum of t*h*w/4 over images, out_hidden) in the order
+    /// the image pad tokens appear.
+    pub fn forward(&self, pixel_values: &Tensor, grids: &[[i64; 3]]) -> Result<Tensor, ModelError> {
+        let pass = self.pass(pixel_values, grids)?;
+        let mut x = self.embed_patches(pixel_values, &pass);
+        for i in 0..self.blocks.len() {
+            x = self.block(i, &x, &pass);
+        }
+        Ok(self.merge(&x, &pass))
+    }
+
+    /// The tower as checkpointing segments over `pixel_values`: the patch
+    /// embedding, then one segment per block. Its output is the input of
+    /// [`VisionTransformer::merge`]. `trainable(prefix)` says whether any
+    /// parameter under a checkpoint-name prefix requires a gradient.
+    pub fn segments<'a>(&'a self, pass: &'a VisionPass, trainable: &dyn Fn(&str) -> bool) -> Vec<Segment<'a>> {
+        let p = Self::PREFIX;
+        let mut out = Vec::with_capacity(self.blocks.len() + 1);
+        let stem = format!("{p}.patch_embed.");
+        out.push(Segment::new(stem.clone(), trainable(&stem), move |pv| self.embed_patches(pv, pass)));
+        for i in 0..self.blocks.len() {
+            let name = format!("{p}.blocks.{i}.");
+            out.push(Segment::new(name.clone(), trainable(&name), move |x| self.block(i, x, pass)));
+        }
+        out
+    }
+}
+
+/// What every block of one vision forward shares (no parameters): the 2D
+/// rotary cos/sin per patch (window order), the attention segments of the
+/// window and full-attention blocks, and the window permutation and its inverse.
+pub struct VisionPass {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub full_cu_seqlens: Vec<i64>,
+    pub window_cu_seqlens: Vec<i64>,
+    pub perm: Tensor,
+    pub reverse: Tensor,
+    /// Patches per merged token.
+    pub unit: i64,
 }
 
 #[cfg(test)]
