@@ -60,6 +60,14 @@ impl DecodeState {
         self.key_valid = self.key_valid.repeat_interleave_self_int(n, 0, None);
         self.rope_deltas = self.rope_deltas.repeat_interleave_self_int(n, 0, None);
     }
+
+    /// Keep only the given batch rows (int64 indices on the model's device):
+    /// rows that finished generating stop costing compute.
+    pub fn select_rows(&mut self, rows: &Tensor) {
+        self.cache.select_rows(rows);
+        self.key_valid = self.key_valid.index_select(0, rows);
+        self.rope_deltas = self.rope_deltas.index_select(0, rows);
+    }
 }
 
 /// Qwen2.5-VL for conditional generation (see the module docs).
