@@ -329,7 +329,9 @@ impl StageKind for Eval {
     // v4: the task contract's format rule (one non-empty think and answer block,
     //     whitespace around allowed) and answer from the first answer block;
     //     `format_regex` is gone (one format definition for eval, GRPO, judge).
-    const VERSION: u32 = 4;
+    // v5: tokens chosen on the device (top-k / nucleus candidates drawn in
+    //     vocabulary order) and finished rows dropped from the decode batch.
+    const VERSION: u32 = 5;
     const SUMMARY: &'static str = "Score a Qwen2.5-VL checkpoint on a Parquet VQA split: predictions, accuracy (overall, per class, CI), format/validity";
 
     fn inputs() -> &'static [InputSpec] {

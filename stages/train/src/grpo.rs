@@ -219,7 +219,10 @@ impl StageKind for Grpo {
     // 3: the format reward is the task contract's rule (stages_task::completion:
     // whitespace around the completion allowed, repeated/nested tags and empty
     // blocks not), answers from the first answer block.
-    const VERSION: u32 = 3;
+    // 4: rollouts choose tokens on the device (top-k / nucleus candidates drawn
+    // in vocabulary order; sampler log-probs from a tensor log-softmax) and drop
+    // finished rows from the decode batch.
+    const VERSION: u32 = 4;
     const DISTRIBUTED: bool = true;
     const SUMMARY: &'static str =
         "GRPO on a Qwen2.5-VL checkpoint with weighted format/validity/correctness rewards (resumable)";
