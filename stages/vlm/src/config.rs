@@ -84,9 +84,9 @@ impl VisionConfig {
     }
 }
 
-/// The Qwen2-VL vision tower (HF `Qwen2VLVisionConfig`): a ViT of LayerNorm
-/// + QuickGELU blocks with full attention everywhere and a LayerNorm patch
-/// merger. Fields carry the HF names, which differ from Qwen2.5-VL's: the
+/// The Qwen2-VL vision tower (HF `Qwen2VLVisionConfig`): a ViT of blocks
+/// with LayerNorm and a QuickGELU MLP, full attention everywhere, and a
+/// LayerNorm patch merger. Fields carry the HF names, which differ from Qwen2.5-VL's: the
 /// ViT width is `embed_dim` and `hidden_size` is the merger's output (the
 /// text model's width).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -360,10 +360,9 @@ impl Qwen25VlConfig {
         }
         // The 2D rotary gives each of row and column a quarter of head_dim.
         if vision.embed_dim % vision.num_heads != 0 || vision.head_dim() % 4 != 0 {
-            return Err(vr.err(
-                "vision_config.num_heads",
-                "must divide embed_dim into heads whose size is a multiple of 4",
-            ));
+            return Err(
+                vr.err("vision_config.num_heads", "must divide embed_dim into heads whose size is a multiple of 4")
+            );
         }
         if vision.intermediate_size() <= 0 {
             return Err(vr.err("vision_config.mlp_ratio", "embed_dim * mlp_ratio must be at least 1"));
@@ -509,8 +508,9 @@ fn vl_text_config(raw: &Value, path: &Path) -> Result<TextConfig, ConfigError> {
         return Err(r.err("use_sliding_window", "sliding-window attention is not supported (expected false)"));
     }
     let rope = t.get("rope_scaling").or_else(|| raw.get("rope_scaling")).or_else(|| t.get("rope_parameters"));
-    let rope = rope
-        .ok_or_else(|| r.err("rope_scaling", "missing (expected {\"type\": \"mrope\", \"mrope_section\": [t, h, w]})"))?;
+    let rope = rope.ok_or_else(|| {
+        r.err("rope_scaling", "missing (expected {\"type\": \"mrope\", \"mrope_section\": [t, h, w]})")
+    })?;
     let rope_type = rope.get("rope_type").or_else(|| rope.get("type")).and_then(Value::as_str).unwrap_or("default");
     if !matches!(rope_type, "mrope" | "default") {
         return Err(r.err("rope_scaling.type", format!("only mrope is supported, got {rope_type:?}")));
@@ -528,8 +528,11 @@ fn vl_text_config(raw: &Value, path: &Path) -> Result<TextConfig, ConfigError> {
         Some(_) => r.float(t, "rope_theta")?,
         None => rope.get("rope_theta").and_then(Value::as_f64).ok_or_else(|| r.err("rope_theta", "missing"))?,
     };
-    let tie =
-        raw.get("tie_word_embeddings").or_else(|| t.get("tie_word_embeddings")).and_then(Value::as_bool).unwrap_or(false);
+    let tie = raw
+        .get("tie_word_embeddings")
+        .or_else(|| t.get("tie_word_embeddings"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let text = TextConfig {
         vocab_size: r.positive(t, "vocab_size")?,
         hidden_size: r.positive(t, "hidden_size")?,
@@ -649,6 +652,95 @@ mod tests {
         }
         let vl = Qwen25VlConfig::from_value(tiny_json(), p).unwrap();
         assert!(!vl.is_text_only() && vl.tokens.is_some_and(|t| t.image_token_id == 60));
+    }
+
+    /// The layout of the released Qwen2-VL-2B-Instruct `config.json`
+    /// (top-level text fields, `in_chans`, no vision `hidden_act`), shrunk.
+    fn tiny_qwen2vl_json() -> Value {
+        serde_json::json!({
+            "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+            "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu",
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]},
+            "use_sliding_window": false, "sliding_window": 32768, "max_window_layers": 28,
+            "tie_word_embeddings": true, "bos_token_id": 56, "eos_token_id": 57,
+            "vision_start_token_id": 58, "vision_end_token_id": 59, "vision_token_id": 62,
+            "image_token_id": 60, "video_token_id": 61,
+            "vision_config": {"depth": 2, "embed_dim": 16, "mlp_ratio": 4, "num_heads": 2, "in_chans": 3,
+                "hidden_size": 32, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+        })
+    }
+
+    #[test]
+    fn qwen2_vl_configs_parse_in_both_layouts_with_hf_defaults() {
+        let p = Path::new("config.json");
+        let c = Qwen25VlConfig::from_value(tiny_qwen2vl_json(), p).unwrap();
+        assert_eq!(c.model_type, ModelType::Qwen2Vl);
+        let Some(VisionTowerConfig::Qwen2Vl(v)) = &c.vision else { panic!("{:?}", c.vision) };
+        assert_eq!((v.embed_dim, v.intermediate_size(), v.head_dim(), v.in_channels), (16, 64, 8, 3));
+        assert_eq!((v.hidden_size, v.patch_dim(), v.merge_unit()), (32, 1176, 4));
+        assert_eq!(c.tokens.map(|t| (t.image_token_id, t.vision_start_token_id)), Some((60, 58)));
+        assert_eq!((c.text.mrope_section, c.text.head_dim(), c.eos_token_id.clone()), ([2, 1, 1], 8, vec![57]));
+
+        // transformers >= 4.52 nests the text fields under `text_config`.
+        let mut nested = tiny_qwen2vl_json();
+        let obj = nested.as_object_mut().unwrap();
+        let mut text = serde_json::Map::new();
+        for key in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "rope_scaling"] {
+            text.insert(key.into(), obj.remove(key).unwrap());
+        }
+        text.extend(
+            serde_json::json!({"num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+                "rope_theta": 1000000.0, "model_type": "qwen2_vl_text"})
+            .as_object()
+            .unwrap()
+            .clone(),
+        );
+        obj.insert("text_config".into(), Value::Object(text));
+        let c2 = Qwen25VlConfig::from_value(nested, p).unwrap();
+        assert_eq!((c2.text, c2.vision, c2.tokens), (c.text.clone(), c.vision.clone(), c.tokens));
+
+        // HF defaults: mlp_ratio 4, in_channels 3, hidden_act quick_gelu; a
+        // fractional ratio truncates like HF's int().
+        let mut j = tiny_qwen2vl_json();
+        let vc = j["vision_config"].as_object_mut().unwrap();
+        vc.remove("in_chans");
+        vc.insert("mlp_ratio".into(), serde_json::json!(1.5));
+        vc.insert("hidden_act".into(), "quick_gelu".into());
+        let c3 = Qwen25VlConfig::from_value(j, p).unwrap();
+        let Some(VisionTowerConfig::Qwen2Vl(v)) = &c3.vision else { panic!() };
+        assert_eq!((v.intermediate_size(), v.in_channels), (24, 3));
+    }
+
+    #[test]
+    fn qwen2_vl_bad_fields_name_the_field() {
+        let p = Path::new("/ckpt/config.json");
+        for (edit, needle) in [
+            (serde_json::json!({"vision_config": {"hidden_act": "gelu"}}), "vision_config.hidden_act"),
+            (serde_json::json!({"vision_config": {"hidden_size": 48}}), "vision_config.hidden_size"),
+            (serde_json::json!({"vision_config": {"embed_dim": null}}), "vision_config.embed_dim"),
+            (serde_json::json!({"vision_config": {"num_heads": 3}}), "vision_config.num_heads"),
+            (serde_json::json!({"vision_config": {"mlp_ratio": "4"}}), "vision_config.mlp_ratio"),
+            (serde_json::json!({"use_sliding_window": true}), "use_sliding_window"),
+            (serde_json::json!({"image_token_id": null}), "image_token_id"),
+            (serde_json::json!({"rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 1]}}), "mrope_section"),
+        ] {
+            let mut j = tiny_qwen2vl_json();
+            for (k, v) in edit.as_object().unwrap() {
+                match v {
+                    Value::Object(o) => o.iter().for_each(|(k2, v2)| j[k][k2] = v2.clone()),
+                    _ => j[k] = v.clone(),
+                }
+            }
+            let e = Qwen25VlConfig::from_value(j, p).unwrap_err().to_string();
+            assert!(e.contains("/ckpt/config.json") && e.contains(needle), "{needle}: {e}");
+        }
+        // A Qwen2.5-VL vision_config under model_type qwen2_vl is not silently accepted.
+        let mut j = tiny_json();
+        j["model_type"] = "qwen2_vl".into();
+        let e = Qwen25VlConfig::from_value(j, p).unwrap_err().to_string();
+        assert!(e.contains("vision_config.embed_dim"), "{e}");
     }
 
     #[test]

@@ -118,7 +118,16 @@ mod tests {
         let row = vec![0, 5, vs, img, img, img, img, img, img, 12, 6];
         let mask = vec![0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1];
         for frame_step in [0, 1] {
-            let r = rope_index(&[row.clone()], &[mask.clone()], &[[1, 4, 6]], img, vs, 2, frame_step).unwrap();
+            let r = rope_index(
+                std::slice::from_ref(&row),
+                std::slice::from_ref(&mask),
+                &[[1, 4, 6]],
+                img,
+                vs,
+                2,
+                frame_step,
+            )
+            .unwrap();
             assert_eq!(r.ids[0][0], vec![1, 0, 1, 2, 2, 2, 2, 2, 2, 5, 6]);
             assert_eq!(r.ids[1][0], vec![1, 0, 1, 2, 2, 2, 3, 3, 3, 5, 6]);
             assert_eq!(r.ids[2][0], vec![1, 0, 1, 2, 3, 4, 2, 3, 4, 5, 6]);
@@ -133,7 +142,8 @@ mod tests {
         let row = vec![vs, img, img, img, 6];
         let mask = vec![1; 5];
         // Qwen2-VL: t = arange(3); the text after starts at max + 1 = 1 + 2 + 1.
-        let r = rope_index(&[row.clone()], &[mask.clone()], &[[3, 2, 2]], img, vs, 2, 1).unwrap();
+        let r =
+            rope_index(std::slice::from_ref(&row), std::slice::from_ref(&mask), &[[3, 2, 2]], img, vs, 2, 1).unwrap();
         assert_eq!(r.ids[0][0], vec![0, 1, 2, 3, 4]);
         assert_eq!(r.ids[1][0], vec![0, 1, 1, 1, 4]);
         // Qwen2.5-VL images: no time, every frame at t = 1.

@@ -145,7 +145,8 @@ impl VisionTransformer {
                 out.insert(format!("{b}.{norm}.weight"), vec![d]);
                 out.insert(format!("{b}.{norm}.bias"), vec![d]);
             }
-            for (name, shape) in [("attn.qkv", [3 * d, d]), ("attn.proj", [d, d]), ("mlp.fc1", [i, d]), ("mlp.fc2", [d, i])]
+            for (name, shape) in
+                [("attn.qkv", [3 * d, d]), ("attn.proj", [d, d]), ("mlp.fc1", [i, d]), ("mlp.fc2", [d, i])]
             {
                 out.insert(format!("{b}.{name}.weight"), shape.to_vec());
                 out.insert(format!("{b}.{name}.bias"), vec![shape[0]]);
