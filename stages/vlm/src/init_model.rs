@@ -346,8 +346,7 @@ impl StageKind for InitModel {
     type Params = InitModelParams;
     const KIND: &'static str = "init_model";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str =
-        "Create a small random Qwen2.5-VL (or Qwen2-VL) checkpoint (HF layout) with a BPE tokenizer trained on the corpus";
+    const SUMMARY: &'static str = "Create a small random Qwen2.5-VL (or Qwen2-VL) checkpoint (HF layout) with a BPE tokenizer trained on the corpus";
 
     fn inputs() -> &'static [InputSpec] {
         const INPUTS: &[InputSpec] =
@@ -600,7 +599,8 @@ mod tests {
         assert!(names.contains(&"model.visual.merger.ln_q.bias"));
         assert!(names.iter().all(|n| !n.contains("gate_proj") || n.contains("language_model")), "{names:?}");
 
-        let Pretrained { model, tokenizer, processor } = Pretrained::load(dir.path(), Kind::Float, Device::Cpu).unwrap();
+        let Pretrained { model, tokenizer, processor } =
+            Pretrained::load(dir.path(), Kind::Float, Device::Cpu).unwrap();
         assert!(matches!(model.visual, Some(VisionTower::Qwen2Vl(_))));
         let rgb: Vec<u8> = (0..60 * 40 * 3).map(|i| (i * 7 % 251) as u8).collect();
         let image = image::DynamicImage::ImageRgb8(image::RgbImage::from_raw(60, 40, rgb).unwrap());
