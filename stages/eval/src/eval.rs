@@ -336,7 +336,7 @@ impl StageKind for Eval {
 
     fn inputs() -> &'static [InputSpec] {
         const INPUTS: &[InputSpec] = &[
-            InputSpec::one("model", "HF Qwen2.5-VL checkpoint directory (init_model / sft / grpo output)"),
+            InputSpec::one("model", "HF Qwen2.5-VL or Qwen2-VL checkpoint directory (init_model / sft / grpo output)"),
             InputSpec::one("data", "Parquet split directory (e.g. `export.test`) or a Parquet VQA file"),
         ];
         INPUTS
@@ -589,5 +589,39 @@ pub(crate) mod tests {
         let again = read_jsonl(&out2.join(PREDICTIONS_JSONL)).unwrap();
         let texts = |v: &[Prediction]| v.iter().map(|p| p.completion.clone()).collect::<Vec<_>>();
         assert_eq!(texts(&again), texts(&preds), "batching must not change greedy completions");
+    }
+
+    /// A Qwen2-VL checkpoint (MedVLM-R1, Med-R1) evaluates through the same
+    /// path: `Pretrained::load` picks the architecture from `model_type`.
+    #[test]
+    fn eval_runs_a_tiny_qwen2_vl_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        let mut ctx = StageContext::builder("tiny", &model).seed(3).build().unwrap();
+        let init = stages_vlm::init_model::InitModelParams { model_type: "qwen2_vl".into(), ..Default::default() };
+        InitModel::run(&init, &mut ctx).unwrap();
+        let data = dir.path().join("test");
+        std::fs::create_dir_all(&data).unwrap();
+        let row = |id: &str, image: Vec<u8>, answer: &str| VqaRow {
+            id: id.into(),
+            image: Some(image),
+            problem: "Which lesion?\nOptions:\nA. airway abnormalities\nB. emphysema".into(),
+            answer: answer.into(),
+            options: vec!["A. airway abnormalities".into(), "B. emphysema".into()],
+            class: "c".into(),
+            class_name: "airway abnormalities".into(),
+        };
+        let rows = [row("a/1", png(56, 84, 10), "A"), row("b/2", png(64, 56, 90), "B")];
+        stages_task::dataset::write_rows(&data.join("test-00000-of-00001.parquet"), &rows).unwrap();
+        let out = dir.path().join("eval");
+        let mut ctx = StageContext::builder("eval", &out)
+            .input("model", "tiny", None, &model)
+            .input("data", "export", Some("test"), &data)
+            .build()
+            .unwrap();
+        Eval::run(&EvalParams { max_new_tokens: 4, batch_size: 2, ..Default::default() }, &mut ctx).unwrap();
+        let preds = read_jsonl(&out.join(PREDICTIONS_JSONL)).unwrap();
+        assert_eq!(preds.len(), 2);
+        assert!(preds.iter().all(|p| p.completion_tokens >= 1 && p.completion_tokens <= 4 && p.prompt_tokens > 10));
     }
 }

@@ -583,7 +583,7 @@ impl StageKind for Judge {
             InputSpec::one("eval", "`eval` output (predictions.jsonl)"),
             InputSpec::optional(
                 "judge_model",
-                "checkpoint directory for backend `model` (HF Qwen2/Qwen2.5 text or Qwen2.5-VL)",
+                "checkpoint directory for backend `model` (HF Qwen2/Qwen2.5 text, Qwen2.5-VL or Qwen2-VL)",
             ),
         ];
         INPUTS

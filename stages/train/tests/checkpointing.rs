@@ -6,7 +6,7 @@
 //! the recipes use (mini: LM + lm_head + vision blocks + merger; full: LM
 //! MLPs) and for edge cases (one vision block only, so the gradient crosses
 //! frozen decoder layers and the image scatter; tied embeddings trained at
-//! both ends; a text-only batch).
+//! both ends; a text-only batch); and with Qwen2-VL's vision tower.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,8 +22,16 @@ const VISION_END: i64 = 62;
 const PAD: i64 = 0;
 const VOCAB: i64 = 64;
 
-fn config(tied: bool) -> Qwen25VlConfig {
-    let raw = serde_json::json!({
+/// The tiny model: Qwen2.5-VL, or with `Tower::Qwen2Vl` Qwen2-VL's vision
+/// tower (LayerNorm + QuickGELU blocks, full attention).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Tower {
+    Qwen2_5Vl,
+    Qwen2Vl,
+}
+
+fn config_with(tied: bool, tower: Tower) -> Qwen25VlConfig {
+    let mut raw = serde_json::json!({
         "model_type": "qwen2_5_vl",
         "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
@@ -37,6 +45,13 @@ fn config(tied: bool) -> Qwen25VlConfig {
             "window_size": 56, "fullatt_block_indexes": [1]
         }
     });
+    if tower == Tower::Qwen2Vl {
+        raw["model_type"] = "qwen2_vl".into();
+        raw["vision_config"] = serde_json::json!({
+            "depth": 3, "embed_dim": 16, "hidden_size": 32, "mlp_ratio": 2, "num_heads": 2, "in_channels": 3,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2
+        });
+    }
     Qwen25VlConfig::from_value(raw, Path::new("test config")).unwrap()
 }
 
@@ -127,12 +142,13 @@ enum Loss {
 /// `loss` (None where a parameter got no gradient), and the loss.
 fn gradients(
     tied: bool,
+    tower: Tower,
     trainable: &str,
     inputs: &Inputs,
     loss: Loss,
     checkpointing: bool,
 ) -> (f64, BTreeMap<String, Option<Tensor>>) {
-    let model = Qwen25Vl::random(config(tied), 5, Kind::Float, Device::Cpu).unwrap();
+    let model = Qwen25Vl::random(config_with(tied, tower), 5, Kind::Float, Device::Cpu).unwrap();
     let names = model.set_trainable(trainable).unwrap();
     assert!(!names.is_empty(), "{trainable} selects nothing");
     let batch = inputs.batch();
@@ -191,9 +207,13 @@ fn gradients(
 /// Max |plain − checkpointed| over all gradients (and the largest gradient
 /// entry, for scale); panics if a gradient exists on one side only.
 fn compare(tied: bool, trainable: &str, images: bool, loss: Loss) -> (f64, f64) {
+    compare_with(tied, Tower::Qwen2_5Vl, trainable, images, loss)
+}
+
+fn compare_with(tied: bool, tower: Tower, trainable: &str, images: bool, loss: Loss) -> (f64, f64) {
     let inputs = Inputs::new(images);
-    let (plain_loss, plain) = gradients(tied, trainable, &inputs, loss, false);
-    let (ckpt_loss, ckpt) = gradients(tied, trainable, &inputs, loss, true);
+    let (plain_loss, plain) = gradients(tied, tower, trainable, &inputs, loss, false);
+    let (ckpt_loss, ckpt) = gradients(tied, tower, trainable, &inputs, loss, true);
     assert_eq!(plain_loss, ckpt_loss, "{trainable} {loss:?}: the loss differs");
     let (mut diff, mut scale) = (0.0f64, 0.0f64);
     let mut with_grad = 0;
@@ -210,7 +230,7 @@ fn compare(tied: bool, trainable: &str, images: bool, loss: Loss) -> (f64, f64) 
     }
     assert!(with_grad > 0 && scale > 0.0, "{trainable}: no gradient at all");
     eprintln!(
-        "{trainable:<70} images {images:<5} tied {tied:<5} {loss:?}: max |diff| {diff:.3e} (max |grad| {scale:.3e})"
+        "{tower:?} {trainable:<70} images {images:<5} tied {tied:<5} {loss:?}: max |diff| {diff:.3e} (max |grad| {scale:.3e})"
     );
     assert!(diff <= 1e-6, "{trainable} {loss:?}: gradients differ by {diff}");
     (diff, scale)
@@ -241,4 +261,12 @@ fn grpo_gradients_equal_the_plain_pass() {
         compare(tied, pattern, true, Loss::Grpo(LossType::Grpo));
     }
     compare(true, ALL, false, Loss::Grpo(LossType::Dapo));
+}
+
+#[test]
+fn qwen2_vl_tower_gradients_equal_the_plain_pass() {
+    for pattern in [MINI, ONE_VISION_BLOCK, ALL] {
+        compare_with(false, Tower::Qwen2Vl, pattern, true, Loss::Sft);
+        compare_with(false, Tower::Qwen2Vl, pattern, true, Loss::Grpo(LossType::Grpo));
+    }
 }

@@ -112,14 +112,16 @@ fn main() -> anyhow::Result<()> {
     ids.push(8003);
     ids.extend((0..text - text / 2).map(|i| 2 + (i * 53) % 7000));
     let len = ids.len() as i64;
-    let labels: Vec<i64> = ids.iter().enumerate().map(|(i, &t)| if i as i64 >= len - a.target { t } else { -100 }).collect();
+    let labels: Vec<i64> =
+        ids.iter().enumerate().map(|(i, &t)| if i as i64 >= len - a.target { t } else { -100 }).collect();
     let input_ids = Tensor::from_slice(&ids).view([1, len]);
     let mask = Tensor::ones([1, len], (Kind::Int64, Device::Cpu));
     let labels = Tensor::from_slice(&labels).view([1, len]);
     let grid = [[1, 2 * side, 2 * side]];
     tch::manual_seed(0);
     let pixels = Tensor::randn([4 * a.image_tokens, 1176], (Kind::Float, Device::Cpu));
-    let batch = Batch { input_ids: &input_ids, attention_mask: &mask, pixel_values: Some(&pixels), image_grid_thw: &grid };
+    let batch =
+        Batch { input_ids: &input_ids, attention_mask: &mask, pixel_values: Some(&pixels), image_grid_thw: &grid };
     let step = |checkpointing: bool| -> anyhow::Result<f64> {
         model.forward_backward::<anyhow::Error>(&batch, LogitsSpan::All, checkpointing, |logits| {
             let vocab = logits.size()[2];

@@ -618,7 +618,8 @@ mod tests {
     fn dropping_finished_rows_and_sampling_on_the_device_keep_every_completion() {
         let (model, ids, mask) = tiny();
         let batch = Batch { input_ids: &ids, attention_mask: &mask, pixel_values: None, image_grid_thw: &[] };
-        let run = |cfg: &GenerationConfig, decode: DecodeLoop| generate_with(&model, None, &batch, cfg, decode).unwrap();
+        let run =
+            |cfg: &GenerationConfig, decode: DecodeLoop| generate_with(&model, None, &batch, cfg, decode).unwrap();
         let before = DecodeLoop { drop_finished: false, sampler: SamplerSite::Host };
         let host_dropping = DecodeLoop { drop_finished: true, sampler: SamplerSite::Host };
         let device_full = DecodeLoop { drop_finished: false, sampler: SamplerSite::Device };

@@ -8,11 +8,13 @@
 //!
 //! ```text
 //! with images:  pixel_values → [visual.patch_embed] → [visual.blocks.0] … [visual.blocks.D-1]
-//!               → [visual.merger + embed_tokens + image scatter] → [layers.0] … [layers.L-1] → head
+//!               → [visual.merger] → [embed_tokens + image scatter] → [layers.0] … [layers.L-1] → head
 //! text only:    input_ids → [embed_tokens] → [layers.0] … [layers.L-1] → head
 //! head:         language_model.norm → (last n positions) → lm_head → the caller's loss
 //! ```
 //!
+//! The vision segments come from the tower ([`crate::model::VisionTower::segments`]:
+//! Qwen2.5-VL's window-attention tower, or Qwen2-VL's, one call each).
 //! Each segment is trainable when any parameter under its checkpoint-name
 //! prefix requires a gradient. Segments before the first trainable one run
 //! once without a graph: with the paper's LM-MLP-only training (full.toml)
@@ -20,10 +22,17 @@
 //! `visual.blocks` and `visual.merger`, so the chain starts at block 0 and
 //! the gradient of the text model's input embeddings at the image-pad
 //! positions flows back through the scatter into the merger and the blocks.
-//! What is kept is listed in the module docs of `activation_checkpointing`:
-//! for this model, one `(patches, vision hidden)` tensor per vision block
-//! from the first trainable one, one more for the merger segment, and one
-//! `(batch, len, hidden)` per decoder layer, plus the head's state.
+//!
+//! What is kept (see `activation_checkpointing` for the general rule), from
+//! the first trainable segment on: one `(patches, vision hidden)` tensor per
+//! vision block and one for the merger, the merged image features
+//! `(image tokens, hidden)` (input of the embedding segment), one
+//! `(batch, len, hidden)` per decoder layer and one more for the head's
+//! input and its gradient, all in the model dtype; plus the RoPE cos/sin
+//! `(batch, 1, len, head_dim)`, the attention mask `(batch, 1, len, len)`
+//! bool and the vision rotary tables; plus, while the head runs, the final
+//! norm's, `lm_head`'s and the loss's autograd state (logits of the `span`
+//! positions: `(batch, n, vocab)`, the loss's f32 copies of them).
 
 use tch::Tensor;
 
@@ -80,29 +89,25 @@ impl Qwen25Vl {
         }
         let p = self.positions(batch)?;
         let trainable = |prefix: &str| self.any_trainable(prefix);
-        let embed_prefix = format!("{}.embed_tokens.", TextModel::PREFIX);
-        let pixel_values = batch.pixel_values.map(|pv| pv.to_device(self.device));
-        let vision = match (&self.visual, &pixel_values) {
-            (Some(visual), Some(pv)) => Some((visual, visual.pass(pv, batch.image_grid_thw)?)),
-            _ => None,
-        };
+        let embed = format!("{}.embed_tokens.", TextModel::PREFIX);
         let lm = &self.language_model;
         let layer_inputs = lm.attention_inputs(&p.pos, &p.key_valid, 0, self.kind);
         let mut segments: Vec<Segment> = Vec::new();
-        let input = match (&vision, &pixel_values) {
-            (Some((visual, pass)), Some(pv)) => {
-                segments.extend(visual.segments(pass, &trainable));
-                let merger = format!("{}.merger.", crate::qwen2_5_vl::VisionTransformer::PREFIX);
-                let t = trainable(&merger) || trainable(&embed_prefix);
+        let images = match (self.vision(), batch.pixel_values) {
+            (Some((visual, _, _)), Some(pv)) => Some((visual, pv.to_device(self.device))),
+            _ => None,
+        };
+        let input = match images {
+            Some((visual, pv)) => {
+                segments.extend(visual.segments(&pv, batch.image_grid_thw, &trainable)?);
                 let ids = &p.ids;
-                segments.push(Segment::new(format!("{merger} + {embed_prefix}"), t, move |x| {
-                    self.embed_with_images(ids, Some(&visual.merge(x, pass)))
+                segments.push(Segment::new(format!("{embed} + image scatter"), trainable(&embed), move |feats| {
+                    self.embed_with_images(ids, Some(feats))
                 }));
-                pv.shallow_clone()
+                pv
             }
-            _ => {
-                let t = trainable(&embed_prefix);
-                segments.push(Segment::new(embed_prefix.clone(), t, |ids| self.embed_with_images(ids, None)));
+            None => {
+                segments.push(Segment::new(embed.clone(), trainable(&embed), |ids| self.embed_with_images(ids, None)));
                 p.ids.shallow_clone()
             }
         };
