@@ -36,7 +36,7 @@ use stages_task::prompt::PromptVariant;
 use stages_vlm::checkpoint::copy_aux_files;
 use stages_vlm::device::{DeviceChoice, device_and_kind};
 use stages_vlm::generate::GenerationConfig;
-use stages_vlm::{Pretrained, Qwen25Vl};
+use stages_vlm::{LogitsSpan, Pretrained, Qwen25Vl};
 use tch::Tensor;
 
 use crate::advantages::{ScaleRewards, mean_std};
@@ -135,6 +135,12 @@ pub struct GrpoParams {
     pub dtype: String,
     /// Largest safetensors shard of the saved checkpoint, in MiB.
     pub max_shard_mb: u64,
+    /// Activation checkpointing in the policy update: keep only each decoder
+    /// layer's and vision block's input during the forward pass and recompute
+    /// the block in the backward pass. Much less activation memory for about
+    /// one more forward pass per micro-batch; the gradients are the same.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for GrpoParams {
@@ -173,6 +179,7 @@ impl Default for GrpoParams {
             device: DeviceChoice::Cpu,
             dtype: "auto".into(),
             max_shard_mb: 2048,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -558,36 +565,56 @@ impl Trainer<'_> {
         let keep_old = self.p.num_iterations > 1;
         let mut s = StepStats::default();
         let (mut diff_sum, mut diff_max, mut real) = (0.0, 0.0f64, 0.0);
+        let suppressed = suppressed_tokens(self.model);
         for m in &mut r.micro {
-            let (logps, entropy) = self.logps(self.model, m)?;
-            let detached = logps.detach();
-            let old = match (&m.old_logps, iteration) {
-                (Some(old), i) if i > 0 => old.shallow_clone(),
-                _ => {
-                    if keep_old {
-                        m.old_logps = Some(detached.copy());
+            let c = m.completion_len();
+            let mut new_old = None;
+            let mut stats = LossStats::default();
+            let mut entropy_sum = 0.0;
+            let (mut d_sum, mut d_max, mut d_real) = (0.0, 0.0f64, 0.0);
+            let micro: &crate::rollout::MicroBatch = m;
+            // Logits at the last prompt token .. the second-to-last completion token.
+            let span = LogitsSpan::Last(c + 1);
+            let loss = self.model.forward_backward(&micro.batch(), span, self.p.gradient_checkpointing, |logits| {
+                let logits = logits.narrow(1, 0, c);
+                let (logps, entropy) = token_logps(&logits, &micro.completion_ids, self.p.temperature, &suppressed);
+                let detached = logps.detach();
+                let old = match (&micro.old_logps, iteration) {
+                    (Some(old), i) if i > 0 => old.shallow_clone(),
+                    _ => {
+                        if keep_old {
+                            new_old = Some(detached.copy());
+                        }
+                        detached.shallow_clone()
                     }
-                    detached.shallow_clone()
+                };
+                if iteration == 0 {
+                    let d = (&detached - &micro.sampling_logps).abs() * &micro.token_mask;
+                    d_sum = d.sum(d.kind()).double_value(&[]);
+                    d_max = d.max().double_value(&[]);
+                    d_real = micro.token_mask.sum(micro.token_mask.kind()).double_value(&[]);
                 }
-            };
-            if iteration == 0 {
-                let d = (&detached - &m.sampling_logps).abs() * &m.token_mask;
-                diff_sum += d.sum(d.kind()).double_value(&[]);
-                diff_max = diff_max.max(d.max().double_value(&[]));
-                real += m.token_mask.sum(m.token_mask.kind()).double_value(&[]);
+                let inputs = LossInputs {
+                    logps: &logps,
+                    old_logps: &old,
+                    ref_logps: micro.ref_logps.as_ref(),
+                    advantages: &micro.advantages,
+                    mask: &micro.loss_mask,
+                };
+                let (loss, st) = policy_loss(&self.loss, &inputs, &scale);
+                stats = st;
+                entropy_sum = (entropy * &micro.loss_mask).sum(micro.loss_mask.kind()).double_value(&[]);
+                anyhow::Ok(loss)
+            })?;
+            if new_old.is_some() {
+                m.old_logps = new_old;
             }
-            let inputs = LossInputs {
-                logps: &logps,
-                old_logps: &old,
-                ref_logps: m.ref_logps.as_ref(),
-                advantages: &m.advantages,
-                mask: &m.loss_mask,
-            };
-            let (loss, stats) = policy_loss(&self.loss, &inputs, &scale);
-            loss.backward();
-            s.loss += loss.double_value(&[]);
+            diff_sum += d_sum;
+            diff_max = diff_max.max(d_max);
+            real += d_real;
+            s.loss += loss;
             s.loss_stats.add(&stats);
-            s.entropy += (entropy * &m.loss_mask).sum(m.loss_mask.kind()).double_value(&[]);
+            s.entropy += entropy_sum;
         }
         if iteration == 0 {
             s.sampling_sums = Some((diff_sum, real, diff_max));

@@ -8,12 +8,17 @@
 //! frozen decoder layers and the image scatter; tied embeddings trained at
 //! both ends; a text-only batch); and with Qwen2-VL's vision tower.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use stage_api::{StageContext, StageKind};
+use stages_train::grpo::GrpoParams;
 use stages_train::policy_loss::{LossConfig, LossInputs, LossType, StepScale, policy_loss, token_logps};
-use stages_train::sft::{IGNORE, masked_cross_entropy_sum};
-use stages_vlm::{Batch, LogitsSpan, Qwen25Vl, Qwen25VlConfig};
+use stages_train::sft::{IGNORE, SftParams, Target, masked_cross_entropy_sum};
+use stages_train::{Grpo, Sft};
+use stages_vlm::{Batch, LogitsSpan, Pretrained, Qwen25Vl, Qwen25VlConfig};
 use tch::{Device, Kind, Tensor};
 
 const IMAGE: i64 = 60;
@@ -55,6 +60,13 @@ fn config_with(tied: bool, tower: Tower) -> Qwen25VlConfig {
     Qwen25VlConfig::from_value(raw, Path::new("test config")).unwrap()
 }
 
+/// Deterministic values in [-1.7, 1.7] of the given shape (not libtorch's
+/// global generator: tests run in parallel threads and would race on it).
+fn pseudo_random(shape: [i64; 2], phase: f64) -> Tensor {
+    let n = shape[0] * shape[1];
+    (Tensor::arange(n, (Kind::Float, Device::Cpu)) * 2.399 + phase).sin().view(shape) * 1.7
+}
+
 /// A batch laid out as GRPO's micro-batches are: left-padded prompts (text,
 /// an image, text), right-padded completions of `completion` tokens.
 struct Inputs {
@@ -78,7 +90,6 @@ impl Inputs {
     }
 
     fn new(images: bool) -> Self {
-        tch::manual_seed(17);
         // Row 0: a 4x4-patch image (4 merged tokens); row 1: 4x8 (8 tokens), so
         // both the window (2x2 merged tokens) and the full-attention blocks see
         // several windows.
@@ -113,7 +124,7 @@ impl Inputs {
         Inputs {
             ids: Tensor::from_slice(&ids).view([b, l]),
             mask: Tensor::from_slice(&mask).view([b, l]),
-            pixel_values: images.then(|| Tensor::randn([patches, 3 * 2 * 14 * 14], (Kind::Float, Device::Cpu))),
+            pixel_values: images.then(|| pseudo_random([patches, 3 * 2 * 14 * 14], 1.7)),
             grids,
             completion: Tensor::from_slice(&cids).view([b, c_len as i64]),
             completion_mask: Tensor::from_slice(&cmask).view([b, c_len as i64]),
@@ -166,9 +177,7 @@ fn gradients(
         Loss::Grpo(loss_type) => {
             // Old and reference log-probs away from the current ones, so that
             // the clip binds on some tokens (both ways) and the KL is not 0.
-            tch::manual_seed(3);
-            let shift = |scale: f64| Tensor::randn([2, c], (Kind::Float, Device::Cpu)) * scale;
-            let (old_shift, ref_shift) = (shift(0.3), shift(0.5));
+            let (old_shift, ref_shift) = (pseudo_random([2, c], 0.9) * 0.6, pseudo_random([2, c], 2.3) * 0.5);
             let advantages = Tensor::from_slice(&[1.0f32, -0.7]);
             let cfg =
                 LossConfig { loss_type, epsilon_low: 0.2, epsilon_high: 0.28, beta: 0.04, max_completion_length: 8 };
@@ -269,4 +278,88 @@ fn qwen2_vl_tower_gradients_equal_the_plain_pass() {
         compare_with(false, Tower::Qwen2Vl, pattern, true, Loss::Sft);
         compare_with(false, Tower::Qwen2Vl, pattern, true, Loss::Grpo(LossType::Grpo));
     }
+}
+
+/// Max |a − b| over every parameter of two checkpoints.
+fn weight_diff(a: &Path, b: &Path) -> f64 {
+    let a = Pretrained::load(a, Kind::Float, Device::Cpu).unwrap().model;
+    let b = Pretrained::load(b, Kind::Float, Device::Cpu).unwrap().model;
+    a.params.iter().map(|(n, t)| (t - &b.params[n]).abs().max().double_value(&[])).fold(0.0, f64::max)
+}
+
+/// metrics.jsonl without its wall-clock columns.
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    let mut rows = support::metrics_without(out, "step_time_s");
+    for r in &mut rows {
+        r.as_object_mut().unwrap().remove("tokens_per_s");
+    }
+    rows
+}
+
+/// The stages' `gradient_checkpointing` switch: the same weights and metrics
+/// after SFT steps (everything trainable, images in every batch) and after
+/// GRPO steps (KL to a reference model, two updates per round so the clip
+/// and the stored old log-probs take part).
+#[test]
+fn sft_and_grpo_stages_train_the_same_weights_with_checkpointing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let split = support::write_split(&root.join("train"), 8);
+    // Taught the format (as the GRPO tests' fixture), so groups earn different rewards.
+    let sft_model = support::tiny_sft_model(root, &split, 20);
+    let init = root.join("init");
+    let mut outs = Vec::new();
+    for checkpointing in [false, true] {
+        let tag = if checkpointing { "ckpt" } else { "plain" };
+        let sft_out = root.join(format!("sft-{tag}"));
+        let mut ctx = StageContext::builder("sft", &sft_out)
+            .input("model", "tiny", None, &init)
+            .input("data", "export", Some("train"), &split)
+            .resume_dir(root.join(format!("sft-resume-{tag}")))
+            .seed(5)
+            .build()
+            .unwrap();
+        let params = SftParams {
+            target: Target::ThinkAnswer,
+            trainable: vec![".*".into()],
+            lr: 1e-2,
+            batch_size: 4,
+            max_steps: Some(3),
+            gradient_checkpointing: checkpointing,
+            ..Default::default()
+        };
+        Sft::run(&params, &mut ctx).unwrap();
+        let grpo_out = root.join(format!("grpo-{tag}"));
+        let mut ctx = StageContext::builder("grpo", &grpo_out)
+            .input("model", "sft", None, &sft_model)
+            .input("data", "export", Some("train"), &split)
+            .resume_dir(root.join(format!("grpo-resume-{tag}")))
+            .seed(11)
+            .build()
+            .unwrap();
+        let params = GrpoParams {
+            steps: 4,
+            num_iterations: 2,
+            prompts_per_step: 4,
+            num_generations: 4,
+            max_completion_length: 24,
+            micro_batch_size: 4,
+            trainable: vec![".*".into()],
+            lr: 1e-3,
+            checkpoint_every: 0,
+            gradient_checkpointing: checkpointing,
+            ..Default::default()
+        };
+        Grpo::validate(&params).unwrap();
+        Grpo::run(&params, &mut ctx).unwrap();
+        outs.push((sft_out, grpo_out));
+    }
+    let [(sft_plain, grpo_plain), (sft_ckpt, grpo_ckpt)] = [outs[0].clone(), outs[1].clone()];
+    let (sft_diff, grpo_diff) = (weight_diff(&sft_plain, &sft_ckpt), weight_diff(&grpo_plain, &grpo_ckpt));
+    eprintln!("stage weights: sft max |diff| {sft_diff:.3e}, grpo max |diff| {grpo_diff:.3e}");
+    assert!(sft_diff <= 1e-6 && grpo_diff <= 1e-6, "sft {sft_diff}, grpo {grpo_diff}");
+    assert!(weight_diff(&sft_plain, &init) > 1e-3, "SFT must have trained");
+    assert!(weight_diff(&grpo_plain, &sft_model) > 1e-5, "GRPO must have trained");
+    assert_eq!(metrics(&sft_plain), metrics(&sft_ckpt));
+    assert_eq!(metrics(&grpo_plain), metrics(&grpo_ckpt));
 }
