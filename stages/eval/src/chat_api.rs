@@ -175,8 +175,7 @@ impl ChatClient {
                     if !e.retryable || attempt > self.config.retries {
                         return Err(Failure { last: e, attempts: attempt, stopped: false });
                     }
-                    let wait =
-                        retry_wait(attempt, self.config.backoff, self.config.max_backoff, e.retry_after);
+                    let wait = retry_wait(attempt, self.config.backoff, self.config.max_backoff, e.retry_after);
                     tracing::warn!(attempt, wait_s = wait.as_secs_f64(), error = %e.message, "request failed, retrying");
                     if !sleep_unless(wait, stop) {
                         return Err(Failure { last: e, attempts: attempt, stopped: true });
@@ -230,11 +229,11 @@ pub fn message_content(reply: &serde_json::Value) -> Result<&str, String> {
     })?;
     match message.get("content") {
         Some(serde_json::Value::String(s)) => Ok(s),
-        _ if message.get("reasoning_content").is_some_and(|r| !r.is_null()) => Err(
-            "reply has `reasoning_content` but no `content` string: run the server without a reasoning parser so \
+        _ if message.get("reasoning_content").is_some_and(|r| !r.is_null()) => {
+            Err("reply has `reasoning_content` but no `content` string: run the server without a reasoning parser so \
              the completion arrives whole"
-                .into(),
-        ),
+                .into())
+        }
         _ => Err("reply has no `choices[0].message.content` string".into()),
     }
 }

@@ -419,11 +419,8 @@ fn generate_served(
         concurrency: http.concurrency,
         api_key_env: http.api_key_env.as_deref(),
     };
-    let items: Vec<Item<'_>> = rows
-        .iter()
-        .zip(users)
-        .map(|(r, u)| Item { id: &r.id, image: r.image.as_deref(), user: u })
-        .collect();
+    let items: Vec<Item<'_>> =
+        rows.iter().zip(users).map(|(r, u)| Item { id: &r.id, image: r.image.as_deref(), user: u }).collect();
     let resume_dir = ctx.resume_dir()?.to_path_buf();
     let cancelled = || ctx.is_cancelled();
     let hooks = Hooks { progress: ctx.progress(), cancelled: &cancelled };

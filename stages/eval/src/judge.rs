@@ -34,8 +34,8 @@ use stages_vlm::generate::GenerationConfig;
 use stages_task::answer::{option_letters, option_names};
 use stages_task::completion::{Completion, ResponseFormat};
 
-use crate::chat_api::{ApiKey, ChatClient, ClientConfig, message_content};
 use crate::artifacts::{CONSISTENCY_JSON, PREDICTIONS_JSONL, VERDICTS_JSONL, artifact_id, predictions_digest};
+use crate::chat_api::{ApiKey, ChatClient, ClientConfig, message_content};
 use crate::eval::Answerer;
 use crate::metrics::{CiMethod, Rate};
 use crate::predictions::{Prediction, read_jsonl};

@@ -110,8 +110,9 @@ impl ServedParams {
             return Err(ParamError::new(&["http", "url"], format!("expected an http:// URL, got {:?}", self.url)));
         }
         if self.model.trim().is_empty() {
-            return Err(ParamError::new(&["http", "model"], "backend `http` needs the served model name")
-                .with_hint("e.g. `http = { url = \"http://127.0.0.1:8000/v1\", model = \"Qwen/Qwen2.5-VL-72B-Instruct\" }`"));
+            return Err(ParamError::new(&["http", "model"], "backend `http` needs the served model name").with_hint(
+                "e.g. `http = { url = \"http://127.0.0.1:8000/v1\", model = \"Qwen/Qwen2.5-VL-72B-Instruct\" }`",
+            ));
         }
         if self.concurrency == 0 {
             return Err(ParamError::new(&["http", "concurrency"], "must be at least 1"));
@@ -392,92 +393,97 @@ impl Served<'_> {
     /// on a rerun. The first item that fails for good stops the run
     /// (requests in flight finish and are saved) with an error naming it.
     pub fn answer_all(&self, items: &[Item<'_>], resume_dir: &Path, hooks: &Hooks<'_>) -> anyhow::Result<ServedRun> {
-    let resume_path = resume_dir.join(RESUME_FILE);
-    let slots = load_saved(&resume_path, items)?;
-    let resumed = slots.iter().filter(|s| s.is_some()).count();
-    if resumed > 0 {
-        tracing::info!(resumed, of = items.len(), "replies kept from an earlier attempt");
-        hooks.progress.advance(resumed as u64);
-    }
-    let pending: Vec<usize> = (0..items.len()).filter(|&i| slots[i].is_none()).collect();
-    let saved = Mutex::new(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&resume_path)
-            .with_context(|| format!("opening {}", resume_path.display()))?,
-    );
-    let slots = Mutex::new(slots);
-    let next = AtomicUsize::new(0);
-    let requests = AtomicU64::new(0);
-    let failing = AtomicBool::new(false);
-    let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-    let fail = |e: anyhow::Error| {
-        failing.store(true, Ordering::SeqCst);
-        if let Ok(mut f) = failure.lock()
-            && f.is_none()
-        {
-            *f = Some(e);
+        let resume_path = resume_dir.join(RESUME_FILE);
+        let slots = load_saved(&resume_path, items)?;
+        let resumed = slots.iter().filter(|s| s.is_some()).count();
+        if resumed > 0 {
+            tracing::info!(resumed, of = items.len(), "replies kept from an earlier attempt");
+            hooks.progress.advance(resumed as u64);
         }
-    };
-    let stop = || failing.load(Ordering::SeqCst) || (hooks.cancelled)();
-    // Worker threads log into the stage's log like its own thread.
-    let span = tracing::Span::current();
-    std::thread::scope(|scope| {
-        for _ in 0..self.concurrency.min(pending.len()) {
-            scope.spawn(|| {
-                let _entered = span.enter();
-                while !stop() {
-                    let k = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(&i) = pending.get(k) else { break };
-                    let item = &items[i];
-                    let (attempts, asked) = self.ask(item, i, &stop);
-                    requests.fetch_add(u64::from(attempts), Ordering::SeqCst);
-                    match asked {
-                        Asked::Reply(reply) => {
-                            let line = serde_json::to_string(&Saved { index: i, id: item.id.into(), reply: reply.clone() });
-                            let written = line.map_err(anyhow::Error::from).and_then(|l| {
-                                let mut f = saved.lock().map_err(|_| anyhow::anyhow!("resume file lock poisoned"))?;
-                                writeln!(f, "{l}").and_then(|_| f.flush()).map_err(anyhow::Error::from)
-                            });
-                            if let Err(e) = written {
-                                fail(e.context(format!("saving a reply to {}", resume_path.display())));
+        let pending: Vec<usize> = (0..items.len()).filter(|&i| slots[i].is_none()).collect();
+        let saved = Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&resume_path)
+                .with_context(|| format!("opening {}", resume_path.display()))?,
+        );
+        let slots = Mutex::new(slots);
+        let next = AtomicUsize::new(0);
+        let requests = AtomicU64::new(0);
+        let failing = AtomicBool::new(false);
+        let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+        let fail = |e: anyhow::Error| {
+            failing.store(true, Ordering::SeqCst);
+            if let Ok(mut f) = failure.lock()
+                && f.is_none()
+            {
+                *f = Some(e);
+            }
+        };
+        let stop = || failing.load(Ordering::SeqCst) || (hooks.cancelled)();
+        // Worker threads log into the stage's log like its own thread.
+        let span = tracing::Span::current();
+        std::thread::scope(|scope| {
+            for _ in 0..self.concurrency.min(pending.len()) {
+                scope.spawn(|| {
+                    let _entered = span.enter();
+                    while !stop() {
+                        let k = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(&i) = pending.get(k) else { break };
+                        let item = &items[i];
+                        let (attempts, asked) = self.ask(item, i, &stop);
+                        requests.fetch_add(u64::from(attempts), Ordering::SeqCst);
+                        match asked {
+                            Asked::Reply(reply) => {
+                                let line = serde_json::to_string(&Saved {
+                                    index: i,
+                                    id: item.id.into(),
+                                    reply: reply.clone(),
+                                });
+                                let written = line.map_err(anyhow::Error::from).and_then(|l| {
+                                    let mut f =
+                                        saved.lock().map_err(|_| anyhow::anyhow!("resume file lock poisoned"))?;
+                                    writeln!(f, "{l}").and_then(|_| f.flush()).map_err(anyhow::Error::from)
+                                });
+                                if let Err(e) = written {
+                                    fail(e.context(format!("saving a reply to {}", resume_path.display())));
+                                    break;
+                                }
+                                if let Ok(mut s) = slots.lock() {
+                                    s[i] = Some(reply);
+                                }
+                                hooks.progress.advance(1);
+                            }
+                            Asked::Stopped => break,
+                            Asked::Failed(e) => {
+                                fail(anyhow::anyhow!("item `{}`: {e}", item.id));
                                 break;
                             }
-                            if let Ok(mut s) = slots.lock() {
-                                s[i] = Some(reply);
-                            }
-                            hooks.progress.advance(1);
-                        }
-                        Asked::Stopped => break,
-                        Asked::Failed(e) => {
-                            fail(anyhow::anyhow!("item `{}`: {e}", item.id));
-                            break;
                         }
                     }
-                }
-            });
+                });
+            }
+        });
+        let requests = requests.into_inner();
+        let slots = slots.into_inner().map_err(|_| anyhow::anyhow!("reply slots poisoned"))?;
+        let got = slots.iter().filter(|s| s.is_some()).count();
+        if let Some(e) = failure.into_inner().map_err(|_| anyhow::anyhow!("failure slot poisoned"))? {
+            bail!(
+                "{e:#}\n{got} of {} replies are kept in {}: running the stage again asks only for the other {}",
+                items.len(),
+                resume_path.display(),
+                items.len() - got
+            );
         }
-    });
-    let requests = requests.into_inner();
-    let slots = slots.into_inner().map_err(|_| anyhow::anyhow!("reply slots poisoned"))?;
-    let got = slots.iter().filter(|s| s.is_some()).count();
-    if let Some(e) = failure.into_inner().map_err(|_| anyhow::anyhow!("failure slot poisoned"))? {
-        bail!(
-            "{e:#}\n{got} of {} replies are kept in {}: running the stage again asks only for the other {}",
-            items.len(),
-            resume_path.display(),
-            items.len() - got
-        );
-    }
-    if (hooks.cancelled)() {
-        bail!("cancelled with {got} of {} replies (kept for the next attempt)", items.len());
-    }
-    let replies: Vec<ServedReply> = slots.into_iter().flatten().collect();
-    if replies.len() != items.len() {
-        bail!("{} of {} items got no reply", items.len() - replies.len(), items.len());
-    }
-    Ok(ServedRun { replies, requests, resumed })
+        if (hooks.cancelled)() {
+            bail!("cancelled with {got} of {} replies (kept for the next attempt)", items.len());
+        }
+        let replies: Vec<ServedReply> = slots.into_iter().flatten().collect();
+        if replies.len() != items.len() {
+            bail!("{} of {} items got no reply", items.len() - replies.len(), items.len());
+        }
+        Ok(ServedRun { replies, requests, resumed })
     }
 }
 
@@ -528,7 +534,10 @@ mod tests {
         let m = b["messages"].as_array().unwrap();
         assert_eq!(m[1]["content"], "Q");
         assert_eq!(m[2], serde_json::json!({"role": "assistant", "content": "<think>"}));
-        assert_eq!((b["continue_final_message"].as_bool(), b["add_generation_prompt"].as_bool()), (Some(true), Some(false)));
+        assert_eq!(
+            (b["continue_final_message"].as_bool(), b["add_generation_prompt"].as_bool()),
+            (Some(true), Some(false))
+        );
         assert_eq!(b["top_k"], 5);
         let bad = Item { id: "c", image: Some(b"not an image"), user: "Q" };
         assert!(request_body(&spec(&extra, ""), &bad, 0).unwrap_err().contains("not a known image format"));

@@ -75,7 +75,8 @@ fn served(url: &str) -> EvalParams {
 }
 
 fn run_eval(params: &EvalParams, data: &Path, out: &Path) -> anyhow::Result<()> {
-    let mut ctx = StageContext::builder("eval_served", out).input("data", "export", Some("test"), data).seed(5).build()?;
+    let mut ctx =
+        StageContext::builder("eval_served", out).input("data", "export", Some("test"), data).seed(5).build()?;
     Eval::validate(params).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     Eval::run(params, &mut ctx)
 }
@@ -92,6 +93,9 @@ fn marker(body: &serde_json::Value) -> String {
         .unwrap_or_default();
     text.split_once('[').and_then(|(_, r)| r.split_once(']')).map(|(m, _)| m.to_string()).unwrap_or_default()
 }
+
+/// What a request carried: its Authorization header, path and JSON body.
+type Seen = (Option<String>, String, serde_json::Value);
 
 /// Per-marker request counts.
 #[derive(Default, Clone)]
@@ -121,7 +125,7 @@ fn requests_carry_the_image_prompt_and_params_and_outputs_match_the_local_format
         row("c3/c/3", "m2", None, "C"),
     ];
     let data = split(dir.path(), &rows);
-    let seen: Arc<Mutex<Vec<(Option<String>, String, serde_json::Value)>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let server = {
         let seen = seen.clone();
         FakeServer::start(move |r: &Request| {
@@ -164,8 +168,12 @@ fn requests_carry_the_image_prompt_and_params_and_outputs_match_the_local_format
         assert_eq!(m.len(), 3, "system, user, pre-filled assistant: {m:?}");
         assert_eq!(m[0], serde_json::json!({"role": "system", "content": "Be brief."}));
         assert_eq!(m[2], serde_json::json!({"role": "assistant", "content": "<think>"}));
-        assert_eq!((body["continue_final_message"].as_bool(), body["add_generation_prompt"].as_bool()), (Some(true), Some(false)));
-        let user_text = THINK_TEMPLATE.replace("{Question}", &format!("Which lesion? [{}]\nOptions:\n{}", marker(body), OPTIONS.join("\n")));
+        assert_eq!(
+            (body["continue_final_message"].as_bool(), body["add_generation_prompt"].as_bool()),
+            (Some(true), Some(false))
+        );
+        let user_text = THINK_TEMPLATE
+            .replace("{Question}", &format!("Which lesion? [{}]\nOptions:\n{}", marker(body), OPTIONS.join("\n")));
         match image {
             Some(bytes) => {
                 let parts = m[1]["content"].as_array().unwrap();
@@ -438,12 +446,14 @@ fn a_served_checkpoint_gives_the_local_backends_predictions() {
         let remote: Vec<Prediction> = read_jsonl(&served_out.join(PREDICTIONS_JSONL)).unwrap();
         assert_eq!(remote, local, "{prompt:?}: every field of every prediction");
         let metrics = |d: &Path| {
-            let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join(METRICS_JSON)).unwrap()).unwrap();
+            let mut m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(d.join(METRICS_JSON)).unwrap()).unwrap();
             m["source"]["model"].take()
         };
         assert_eq!((metrics(&local_out), metrics(&served_out)), ("tiny".into(), "served:tiny".into()));
         let strip = |d: &Path| {
-            let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join(METRICS_JSON)).unwrap()).unwrap();
+            let mut m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(d.join(METRICS_JSON)).unwrap()).unwrap();
             m["source"]["model"] = serde_json::Value::Null;
             m
         };
