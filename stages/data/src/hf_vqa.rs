@@ -66,6 +66,7 @@ pub enum QuestionCase {
 pub struct HfColumns {
     /// HF `Image` struct {bytes, path} (or binary) column.
     pub image: Option<String>,
+    /// Question text.
     pub question: Option<String>,
     /// Single gold answer (text).
     pub answer: Option<String>,
