@@ -137,7 +137,8 @@ pub fn parse_solution(solution: &str, options: &[(char, String)]) -> Result<char
     if text.is_empty() {
         return Err(format!("no answer in {solution:?} (expected `<answer> B </answer>` or a letter)"));
     }
-    let letter = LETTER.as_ref().and_then(|re| re.captures(text)).and_then(|c| c.get(1)).and_then(|m| m.as_str().chars().next());
+    let letter =
+        LETTER.as_ref().and_then(|re| re.captures(text)).and_then(|c| c.get(1)).and_then(|m| m.as_str().chars().next());
     let letter = letter.or_else(|| options.iter().find(|(_, name)| name.eq_ignore_ascii_case(text)).map(|(l, _)| *l));
     let Some(letter) = letter else {
         return Err(format!("answer {text:?} is neither an option letter nor an option's name"));
@@ -254,13 +255,18 @@ impl StageKind for HfDiskVqa {
                 if count + rows.len() >= limit {
                     break;
                 }
-                let image = images[r]
-                    .clone()
-                    .ok_or_else(|| cols.row_error(r, &c.image, "no image (null, or a path-only image without bytes)"))?;
+                let image = images[r].clone().ok_or_else(|| {
+                    cols.row_error(r, &c.image, "no image (null, or a path-only image without bytes)")
+                })?;
                 // Options are parsed from the bare question when the problem is one of our prompts.
-                let question = recover_question(&problems[r], &[THINK_TEMPLATE, NO_THINK_TEMPLATE]).unwrap_or(&problems[r]);
+                let question =
+                    recover_question(&problems[r], &[THINK_TEMPLATE, NO_THINK_TEMPLATE]).unwrap_or(&problems[r]);
                 let options = parse_options(question).ok_or_else(|| {
-                    cols.row_error(r, &c.problem, "no lettered options (expected `A. name` / `A) name`, from A on, at least two)")
+                    cols.row_error(
+                        r,
+                        &c.problem,
+                        "no lettered options (expected `A. name` / `A) name`, from A on, at least two)",
+                    )
                 })?;
                 let letter = parse_solution(&solutions[r], &options).map_err(|e| cols.row_error(r, &c.solution, e))?;
                 let gold_name = options.iter().find(|(l, _)| *l == letter).map(|(_, n)| n.clone()).unwrap_or_default();

@@ -119,11 +119,22 @@ impl HfVqaParams {
     pub fn layout(&self) -> Result<Layout, ParamError> {
         let s = |v: &str| Some(v.to_string());
         let (image, question, answer, answers, id, class, split, case) = match self.preset {
-            HfPreset::Chartqa => (s("image"), s("query"), None, s("label"), None, s("human_or_machine"), s("test"), QuestionCase::AsIs),
-            HfPreset::ChartqaLmms => (s("image"), s("question"), s("answer"), None, None, s("type"), s("test"), QuestionCase::AsIs),
-            HfPreset::Textvqa => {
-                (s("image"), s("question"), None, s("answers"), s("question_id"), None, s("validation"), QuestionCase::Capitalize)
+            HfPreset::Chartqa => {
+                (s("image"), s("query"), None, s("label"), None, s("human_or_machine"), s("test"), QuestionCase::AsIs)
             }
+            HfPreset::ChartqaLmms => {
+                (s("image"), s("question"), s("answer"), None, None, s("type"), s("test"), QuestionCase::AsIs)
+            }
+            HfPreset::Textvqa => (
+                s("image"),
+                s("question"),
+                None,
+                s("answers"),
+                s("question_id"),
+                None,
+                s("validation"),
+                QuestionCase::Capitalize,
+            ),
             HfPreset::Custom => (s("image"), None, None, None, None, None, None, QuestionCase::AsIs),
         };
         let c = &self.columns;
@@ -245,7 +256,14 @@ fn read_shard(
         .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
     let features = hf_features(&builder);
     let have: Vec<String> = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
-    let needed = [Some(&lay.image), Some(&lay.question), lay.answer.as_ref(), lay.answers.as_ref(), lay.id.as_ref(), lay.class.as_ref()];
+    let needed = [
+        Some(&lay.image),
+        Some(&lay.question),
+        lay.answer.as_ref(),
+        lay.answers.as_ref(),
+        lay.id.as_ref(),
+        lay.class.as_ref(),
+    ];
     for c in needed.into_iter().flatten() {
         if !have.contains(c) {
             bail!(
@@ -256,7 +274,8 @@ fn read_shard(
         }
     }
     let label_names = lay.class.as_ref().and_then(|c| class_label_names(&features, c));
-    let reader = builder.with_batch_size(READ_BATCH_ROWS).build().with_context(|| format!("reading {}", path.display()))?;
+    let reader =
+        builder.with_batch_size(READ_BATCH_ROWS).build().with_context(|| format!("reading {}", path.display()))?;
     let mut first_row = 0;
     for batch in reader {
         if *count >= limit {
@@ -284,7 +303,14 @@ fn read_shard(
                 // An integer ClassLabel: its names from the file's HF features.
                 (Some(names), Ok(Some(ints))) => Some(
                     ints.into_iter()
-                        .map(|i| i.map(|i| usize::try_from(i).ok().and_then(|i| names.get(i).cloned()).unwrap_or_else(|| i.to_string())))
+                        .map(|i| {
+                            i.map(|i| {
+                                usize::try_from(i)
+                                    .ok()
+                                    .and_then(|i| names.get(i).cloned())
+                                    .unwrap_or_else(|| i.to_string())
+                            })
+                        })
                         .collect(),
                 ),
                 _ => cols.strings_or_ints(c)?,
@@ -420,14 +446,23 @@ mod tests {
             question_case: None,
         };
         let l = p(HfPreset::Textvqa, HfColumns::default()).layout().unwrap();
-        assert_eq!((l.answers.as_deref(), l.split.as_str(), l.question_case), (Some("answers"), "validation", QuestionCase::Capitalize));
+        assert_eq!(
+            (l.answers.as_deref(), l.split.as_str(), l.question_case),
+            (Some("answers"), "validation", QuestionCase::Capitalize)
+        );
         let l = p(HfPreset::Chartqa, HfColumns { question: Some("q".into()), ..Default::default() }).layout().unwrap();
-        assert_eq!((l.question.as_str(), l.answers.as_deref(), l.class.as_deref()), ("q", Some("label"), Some("human_or_machine")));
+        assert_eq!(
+            (l.question.as_str(), l.answers.as_deref(), l.class.as_deref()),
+            ("q", Some("label"), Some("human_or_machine"))
+        );
         let e = p(HfPreset::Custom, HfColumns::default()).layout().unwrap_err();
         assert_eq!(e.path, ["columns", "question"]);
-        let e = p(HfPreset::Custom, HfColumns { question: Some("q".into()), answer: Some("a".into()), ..Default::default() })
-            .layout()
-            .unwrap_err();
+        let e = p(
+            HfPreset::Custom,
+            HfColumns { question: Some("q".into()), answer: Some("a".into()), ..Default::default() },
+        )
+        .layout()
+        .unwrap_err();
         assert_eq!(e.path, ["split"]);
     }
 
@@ -441,6 +476,8 @@ mod tests {
         assert!(is_split_shard("test-00000-of-00001.parquet", "test"));
         assert!(is_split_shard("train-00002-of-00003-194c9400785577a2.parquet", "train"));
         assert!(is_split_shard("test.parquet", "test"));
-        assert!(!is_split_shard("testing-00000-of-00001.parquet", "test") && !is_split_shard("val-0.parquet", "validation"));
+        assert!(
+            !is_split_shard("testing-00000-of-00001.parquet", "test") && !is_split_shard("val-0.parquet", "validation")
+        );
     }
 }

@@ -21,7 +21,14 @@ fn run<K: StageKind>(params: &K::Params, out: &Path) -> anyhow::Result<()> {
 }
 
 fn hf(preset: HfPreset, path: &str) -> HfVqaParams {
-    HfVqaParams { preset, path: path.into(), split: None, limit: None, columns: HfColumns::default(), question_case: None }
+    HfVqaParams {
+        preset,
+        path: path.into(),
+        split: None,
+        limit: None,
+        columns: HfColumns::default(),
+        question_case: None,
+    }
 }
 
 fn read(dir: &Path) -> Vec<VqaRow> {
@@ -81,10 +88,7 @@ fn lmms_chartqa_and_textvqa_layouts() {
     let golds: Vec<&str> = rows.iter().map(|r| r.answer.as_str()).collect();
     assert_eq!(golds, ["stop", "coke", "2"], "the most frequent human answer");
     // The gold list scores as TextVQA does: "Coca Cola" matches 5 of 10 humans after normalisation.
-    let s = stages_task::Scorer::block(
-        stages_task::ResponseFormat::NoThink,
-        stages_task::AnswerMatch::VqaAccuracy,
-    );
+    let s = stages_task::Scorer::block(stages_task::ResponseFormat::NoThink, stages_task::AnswerMatch::VqaAccuracy);
     let r = s.score_answers("<answer>Coca Cola</answer>", &rows[1].answer, &rows[1].answers, &[]);
     assert_eq!(r.credit, 1.0);
     let r = s.score_answers("<answer>coke</answer>", &rows[1].answer, &rows[1].answers, &[]);
@@ -134,7 +138,10 @@ fn released_save_to_disk_layout_maps_onto_vqa_rows() {
     assert_eq!(golds, "BDGAFCE");
     let r = &rows[0];
     assert_eq!(r.options.len(), 7);
-    assert_eq!((r.options[0].as_str(), r.options[6].as_str()), ("A. airway abnormalities", "G. pleural effusion/thickening"));
+    assert_eq!(
+        (r.options[0].as_str(), r.options[6].as_str()),
+        ("A. airway abnormalities", "G. pleural effusion/thickening")
+    );
     assert_eq!((r.class.as_str(), r.class_name.as_str()), ("emphysema", "emphysema"));
     assert_eq!(r.id, "test/000000");
     assert!(r.problem.starts_with("Which type of lesion") && r.problem.contains("Your task:"), "kept as stored");
@@ -164,7 +171,10 @@ fn an_image_less_row_and_bad_metadata_are_located() {
     let err = format!("{:#}", run::<HfDiskVqa>(&p, &dir.path().join("b")).unwrap_err());
     assert!(err.contains("`split` `test` is not a split") && err.contains("[\"train\"]"), "{err}");
     let columns = DiskColumns { problem: "question".into(), ..Default::default() };
-    let err = format!("{:#}", run::<HfDiskVqa>(&HfDiskVqaParams { columns, ..disk("ctrvqa_test") }, &dir.path().join("c")).unwrap_err());
+    let err = format!(
+        "{:#}",
+        run::<HfDiskVqa>(&HfDiskVqaParams { columns, ..disk("ctrvqa_test") }, &dir.path().join("c")).unwrap_err()
+    );
     assert!(err.contains("dataset_info.json: column `question`: not a column"), "{err}");
 
     // A copy whose state.json lists a shard that is gone, and whose features call the image a string.
@@ -175,9 +185,16 @@ fn an_image_less_row_and_bad_metadata_are_located() {
         std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
     }
     let info = std::fs::read_to_string(copy.join("dataset_info.json")).unwrap();
-    std::fs::write(copy.join("dataset_info.json"), info.replacen("\"_type\": \"Image\"", "\"dtype\": \"string\", \"_type\": \"Value\"", 1)).unwrap();
+    std::fs::write(
+        copy.join("dataset_info.json"),
+        info.replacen("\"_type\": \"Image\"", "\"dtype\": \"string\", \"_type\": \"Value\"", 1),
+    )
+    .unwrap();
     let err = format!("{:#}", run::<HfDiskVqa>(&disk(copy.to_str().unwrap()), &dir.path().join("d")).unwrap_err());
-    assert!(err.contains("dataset_info.json: column `image`: declared as") && err.contains("expected an Image feature"), "{err}");
+    assert!(
+        err.contains("dataset_info.json: column `image`: declared as") && err.contains("expected an Image feature"),
+        "{err}"
+    );
     std::fs::remove_file(copy.join("data-00001-of-00003.arrow")).unwrap();
     let err = format!("{:#}", run::<HfDiskVqa>(&disk(copy.to_str().unwrap()), &dir.path().join("e")).unwrap_err());
     assert!(err.contains("state.json: `_data_files[1]`: shard `data-00001-of-00003.arrow` does not exist"), "{err}");

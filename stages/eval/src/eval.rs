@@ -616,8 +616,17 @@ pub(crate) mod tests {
             class_name: "all".into(),
             ..Default::default()
         };
-        let params = EvalParams { answer_match: AnswerMatch::VqaAccuracy, prompt: PromptVariant::NoThink, ..Default::default() };
-        let p = predict(&params.scorer().unwrap(), &row, "q".into(), "<answer> stop sign. </answer>".into(), 1, 2, "eos".into());
+        let params =
+            EvalParams { answer_match: AnswerMatch::VqaAccuracy, prompt: PromptVariant::NoThink, ..Default::default() };
+        let p = predict(
+            &params.scorer().unwrap(),
+            &row,
+            "q".into(),
+            "<answer> stop sign. </answer>".into(),
+            1,
+            2,
+            "eos".into(),
+        );
         assert_eq!(p.extracted.as_deref(), Some("stop sign."), "two words and a period: the whole block");
         assert!((p.credit() - 0.9).abs() < 1e-12 && !p.correct, "3 of 10 humans: 0.9");
         assert_eq!(p.answers, humans);
@@ -625,7 +634,15 @@ pub(crate) mod tests {
         assert!((m.headline().value - 0.9).abs() < 1e-12 && m.accuracy.k == 0);
         // An explicit regex still wins.
         let params = EvalParams { answer_regex: Some(DEFAULT_ANSWER_REGEX.into()), ..params };
-        let p = predict(&params.scorer().unwrap(), &row, "q".into(), "<answer>stop sign</answer>".into(), 1, 2, "eos".into());
+        let p = predict(
+            &params.scorer().unwrap(),
+            &row,
+            "q".into(),
+            "<answer>stop sign</answer>".into(),
+            1,
+            2,
+            "eos".into(),
+        );
         assert_eq!(p.outcome, Outcome::Unparseable);
     }
 

@@ -27,8 +27,7 @@ fn python_float(text: &str) -> Option<f64> {
         // `1_000` is 1000 in Python; `_1`, `1_`, `1__0` and `1._5` are errors.
         let b = t.as_bytes();
         let ok = b.iter().enumerate().all(|(i, &c)| {
-            c != b'_'
-                || (i > 0 && i + 1 < b.len() && b[i - 1].is_ascii_digit() && b[i + 1].is_ascii_digit())
+            c != b'_' || (i > 0 && i + 1 < b.len() && b[i - 1].is_ascii_digit() && b[i + 1].is_ascii_digit())
         });
         if !ok {
             return None;
@@ -333,27 +332,27 @@ mod tests {
         // Hand-derived from the rules, step by step (word_tokenize ->
         // punctuation -> periods -> digits/articles -> contractions).
         let cases: &[(&str, &str)] = &[
-            ("Two", "2"),             // number word
-            ("none", "0"),            // `none` is a number word too
-            ("The Cat.", "cat"),      // lower case, final period, article
-            ("an apple", "apple"),    // article
-            ("dont", "don't"),        // contraction restored
-            ("Im", "im"),             // capital key `Im` never matches after lower-casing
-            ("somebody'd", "somebodyd"), // the table's reversed entry
-            ("coca-cola", "coca cola"),  // `-` between words becomes a space ...
-            ("coca - cola", "coca cola"), // ... and is removed when spaced (double space collapses)
+            ("Two", "2"),                     // number word
+            ("none", "0"),                    // `none` is a number word too
+            ("The Cat.", "cat"),              // lower case, final period, article
+            ("an apple", "apple"),            // article
+            ("dont", "don't"),                // contraction restored
+            ("Im", "im"),                     // capital key `Im` never matches after lower-casing
+            ("somebody'd", "somebodyd"),      // the table's reversed entry
+            ("coca-cola", "coca cola"),       // `-` between words becomes a space ...
+            ("coca - cola", "coca cola"),     // ... and is removed when spaced (double space collapses)
             ("hello (world)", "hello world"), // `(` spaced: removed; `)` not spaced: space
             ("(hello)", "hello"),
-            ("a/b", "b"),             // `/` -> space, then `a` is an article
-            ("1,000", "1000"),        // commas go in word_tokenize
-            ("3.5", "3.5"),           // a period before a digit stays
-            ("3.5.", "3.5"),          // the final one goes
-            ("e.g.", "eg"),           // periods not followed by a digit go
-            ("it's", "it 's"),        // `'s` is split off, not a contraction
+            ("a/b", "b"),      // `/` -> space, then `a` is an article
+            ("1,000", "1000"), // commas go in word_tokenize
+            ("3.5", "3.5"),    // a period before a digit stays
+            ("3.5.", "3.5"),   // the final one goes
+            ("e.g.", "eg"),    // periods not followed by a digit go
+            ("it's", "it 's"), // `'s` is split off, not a contraction
             ("What?", "what"),
             ("yes!", "yes"),
             ("  New\tYork\n", "new york"),
-            ("100%", "100%"),         // `%` is not in the list
+            ("100%", "100%"), // `%` is not in the list
             ("\"stop\"", "stop"),
         ];
         for (raw, want) in cases {

@@ -57,7 +57,12 @@ impl<'a> BatchColumns<'a> {
 
     /// An error about row `r` (index within the batch) of column `name`.
     pub fn row_error(&self, r: usize, name: &str, message: impl Into<String>) -> ColumnError {
-        ColumnError::Row { path: self.path.into(), row: self.first_row + r, column: name.into(), message: message.into() }
+        ColumnError::Row {
+            path: self.path.into(),
+            row: self.first_row + r,
+            column: name.into(),
+            message: message.into(),
+        }
     }
 
     fn column(&self, name: &str) -> Option<&ArrayRef> {
@@ -85,9 +90,8 @@ impl<'a> BatchColumns<'a> {
         if let Ok(v) = string_values(c) {
             return Ok(Some((0..v.len()).map(|i| (!c.is_null(i)).then(|| v[i].clone())).collect()));
         }
-        let ints = int_values(c).ok_or_else(|| {
-            self.column_error(name, format!("expected text or an integer, found {}", c.data_type()))
-        })?;
+        let ints = int_values(c)
+            .ok_or_else(|| self.column_error(name, format!("expected text or an integer, found {}", c.data_type())))?;
         Ok(Some(ints.into_iter().map(|v| v.map(|v| v.to_string())).collect()))
     }
 
@@ -115,7 +119,9 @@ impl<'a> BatchColumns<'a> {
             }
             DataType::Utf8 | DataType::LargeUtf8 => {
                 let v = string_values(c).map_err(|_| bad(c.data_type()))?;
-                return Ok(Some((0..v.len()).map(|i| if c.is_null(i) { vec![] } else { vec![v[i].clone()] }).collect()));
+                return Ok(Some(
+                    (0..v.len()).map(|i| if c.is_null(i) { vec![] } else { vec![v[i].clone()] }).collect(),
+                ));
             }
             other => return Err(bad(other)),
         };
@@ -164,7 +170,11 @@ impl<'a> BatchColumns<'a> {
                 let a = b.as_binary::<i64>();
                 (0..a.len()).map(|i| present(i).then(|| a.value(i).to_vec())).collect()
             }
-            other => return Err(self.column_error(&format!("{name}.{IMAGE_BYTES}"), format!("expected binary, found {other}"))),
+            other => {
+                return Err(
+                    self.column_error(&format!("{name}.{IMAGE_BYTES}"), format!("expected binary, found {other}"))
+                );
+            }
         };
         Ok(Some(out))
     }

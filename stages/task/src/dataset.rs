@@ -83,9 +83,9 @@ pub fn rows_of_batch(cols: &BatchColumns<'_>, start: usize) -> Result<Vec<VqaRow
     let n = cols.len();
     let problem = match cols.strings(column::PROBLEM)? {
         Some(p) => p,
-        None => cols.strings(column::QUESTION)?.ok_or_else(|| {
-            cols.column_error(column::PROBLEM, "missing (expected `problem` or `question`)")
-        })?,
+        None => cols
+            .strings(column::QUESTION)?
+            .ok_or_else(|| cols.column_error(column::PROBLEM, "missing (expected `problem` or `question`)"))?,
     };
     let answer = cols.strings(column::ANSWER)?.ok_or_else(|| cols.column_error(column::ANSWER, "missing"))?;
     let answers = cols.string_lists(column::ANSWERS)?;

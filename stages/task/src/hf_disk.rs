@@ -141,7 +141,10 @@ impl SavedDataset {
             return Err(HfDiskError::Column {
                 path: info_path,
                 column: undeclared.name().clone(),
-                message: format!("in the shards but not declared in `features` ({:?})", features.keys().collect::<Vec<_>>()),
+                message: format!(
+                    "in the shards but not declared in `features` ({:?})",
+                    features.keys().collect::<Vec<_>>()
+                ),
             });
         }
         Ok(Self { dir: dir.into(), files, features, split, schema })
@@ -153,7 +156,10 @@ impl SavedDataset {
             return Err(HfDiskError::Column {
                 path: self.dir.join(DATASET_INFO_JSON),
                 column: column.into(),
-                message: format!("not a column of the dataset (features: {:?})", self.features.keys().collect::<Vec<_>>()),
+                message: format!(
+                    "not a column of the dataset (features: {:?})",
+                    self.features.keys().collect::<Vec<_>>()
+                ),
             });
         }
         Ok(())
@@ -187,7 +193,9 @@ impl SavedDataset {
             return Err(HfDiskError::Column {
                 path: self.files[0].clone(),
                 column: column.into(),
-                message: format!("an Image feature must be stored as struct {{bytes: binary, path: string}}, found {found}"),
+                message: format!(
+                    "an Image feature must be stored as struct {{bytes: binary, path: string}}, found {found}"
+                ),
             });
         }
         Ok(())

@@ -231,13 +231,27 @@ mod tests {
         write_eval_of(&d.join("base_nothink"), &[true, true, false, false], ct("base_model", "no_think"));
         write_eval_of(&d.join("grpo_think"), &[true, true, true, false], ct("grpo", "think"));
         // Table 2: ChartQA (binary) and TextVQA (partial credit) per model.
-        write_scored(&d.join("base_chart"), &[1.0, 1.0, 0.0, 1.0], source_on("base_model", "chartqa", "no_think", "chartqa"));
-        write_scored(&d.join("base_text"), &[1.0, 0.9, 0.6, 0.3, 1.0, 1.0], source_on("base_model", "textvqa", "no_think", "vqa_accuracy"));
+        write_scored(
+            &d.join("base_chart"),
+            &[1.0, 1.0, 0.0, 1.0],
+            source_on("base_model", "chartqa", "no_think", "chartqa"),
+        );
+        write_scored(
+            &d.join("base_text"),
+            &[1.0, 0.9, 0.6, 0.3, 1.0, 1.0],
+            source_on("base_model", "textvqa", "no_think", "vqa_accuracy"),
+        );
         write_scored(&d.join("grpo_chart"), &[1.0, 0.0, 0.0, 1.0], source_on("grpo", "chartqa", "no_think", "chartqa"));
-        write_scored(&d.join("grpo_text"), &[1.0, 0.9, 0.9, 0.3, 1.0, 1.0], source_on("grpo", "textvqa", "no_think", "vqa_accuracy"));
+        write_scored(
+            &d.join("grpo_text"),
+            &[1.0, 0.9, 0.9, 0.3, 1.0, 1.0],
+            source_on("grpo", "textvqa", "no_think", "vqa_accuracy"),
+        );
         let ids = ["base_think", "base_nothink", "grpo_think", "base_chart", "base_text", "grpo_chart", "grpo_text"];
-        let evals: Vec<EvalRun> = ids.iter().map(|id| load_eval(&format!("eval_{id}"), &d.join(id), 2).unwrap()).collect();
-        let labels = [("base_model", "Qwen2.5-VL"), ("grpo", "MedReason-R1"), ("chartqa", "ChartQA"), ("textvqa", "TextVQA")];
+        let evals: Vec<EvalRun> =
+            ids.iter().map(|id| load_eval(&format!("eval_{id}"), &d.join(id), 2).unwrap()).collect();
+        let labels =
+            [("base_model", "Qwen2.5-VL"), ("grpo", "MedReason-R1"), ("chartqa", "ChartQA"), ("textvqa", "TextVQA")];
         let p = ReportParams {
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             prompt_tables: vec![PromptTableSpec { title: "T1".into(), dataset: "export.test".into(), models: vec![] }],
@@ -254,7 +268,10 @@ mod tests {
         assert!(md.contains("## T1\n\n| Model | w think | w/o think |"), "{md}");
         assert_eq!(md_row(&md, "T1", "Qwen2.5-VL"), ["Qwen2.5-VL", "25.00 [4.56, 69.94]", "50.00 [15.00, 85.00]"]);
         assert_eq!(md_row(&md, "T1", "MedReason-R1"), ["MedReason-R1", "75.00 [30.06, 95.44]", "-"]);
-        assert!(md.contains("| Model | ChartQA (n=4) | TextVQA (n=6) | Weighted avg. | Δ vs Qwen2.5-VL (pp) |"), "{md}");
+        assert!(
+            md.contains("| Model | ChartQA (n=4) | TextVQA (n=6) | Weighted avg. | Δ vs Qwen2.5-VL (pp) |"),
+            "{md}"
+        );
         // Base: ChartQA 3/4, TextVQA mean(1, .9, .6, .3, 1, 1) = 0.8; weighted (3 + 4.8) / 10 = 0.78.
         // GRPO: ChartQA 2/4, TextVQA 5.1/6 = 0.85; weighted (2 + 5.1) / 10 = 0.71; Δ = -7.00 pp.
         let base = md_row(&md, "T2", "Qwen2.5-VL");

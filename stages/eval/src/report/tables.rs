@@ -256,7 +256,8 @@ pub fn prompt_table(params: &ReportParams, evals: &[EvalRun], spec: &PromptTable
         .map(|(group, model)| {
             let mut cells = vec![params.label(group.as_deref(), &model)];
             for p in &prompts {
-                let e = on.iter().find(|e| e.group == group && e.model() == Some(model.as_str()) && e.prompt() == Some(*p));
+                let e =
+                    on.iter().find(|e| e.group == group && e.model() == Some(model.as_str()) && e.prompt() == Some(*p));
                 cells.push(e.map_or_else(|| "-".into(), |e| pct_ci(e.metrics.headline())));
             }
             Row { group, cells }
