@@ -2,16 +2,23 @@
 //! OpenAI-compatible chat API, on a Parquet VQA split.
 //!
 //! Inputs: `model` (backend `local`: an HF checkpoint directory, `init_model`,
-//! `sft`, `grpo` output or a downloaded Qwen2.5-VL; backend `http` takes none,
-//! its model is `http.model` on the server, see [`crate::served`]) and `data`
-//! (a Parquet split directory, e.g. `export.test`, or any Parquet VQA set
-//! with `question`/`answer`).
+//! `sft`, `grpo` output or a downloaded Qwen2.5-VL / Qwen2-VL; backend `http`
+//! takes none, its model is `http.model` on the server, see [`crate::served`])
+//! and `data` (a split directory: Parquet, e.g. `export.test`, `hf_vqa` /
+//! `hf_disk_vqa` output or any Parquet VQA set with `question`/`answer`; or a
+//! `save_to_disk` directory with our columns, `parquet_export format = "hf_arrow"`).
 //! Outputs: `predictions.jsonl` + `predictions.parquet` (one row per item),
 //! `metrics.json` (see [`crate::metrics::Metrics`]) and `gallery/` (a few
 //! correct and wrong items with their image, for the report); names in
 //! [`crate::artifacts`]. Scoring is the task contract's
-//! ([`stages_task::answer::Scorer`]): the first answer block is the answer,
-//! `format_ok` is [`stages_task::completion`]'s rule for the prompt's format.
+//! ([`stages_task::answer::Scorer`]): the first answer block is the answer
+//! (multiple choice: the letter the answer regex reads in it; free form:
+//! its whole content, trimmed), `format_ok` is [`stages_task::completion`]'s
+//! rule for the prompt's format. The general-VQA benchmarks are scored with
+//! their harness metrics (`answer_match = "chartqa"` / `"vqa_accuracy"`,
+//! [`stages_task::benchmark`]); `metrics.json` records the mean credit as
+//! `score` and which dataset was scored (`source.dataset`), so the report
+//! compares only evals of the same data.
 //! Both backends write the same files; `http` adds `served.json` (the model
 //! ids the server reported).
 
@@ -84,9 +91,13 @@ pub struct EvalParams {
     /// Prompts per generate call (backend `local`).
     pub batch_size: usize,
     /// Regex searched in the completion's first `<answer>...</answer>` block
-    /// (tags included); its first group is the answer.
-    pub answer_regex: String,
-    /// `choice` (option letters), or free-form `exact` / `relaxed` (numbers within 5%).
+    /// (tags included); its first group is the answer. Default: `<answer>\s*(\w+)\s*</answer>`
+    /// for `choice`; for free-form matching the whole block content, trimmed.
+    pub answer_regex: Option<String>,
+    /// `choice` (option letters), free-form `exact` / `relaxed` (numbers
+    /// within 5%), or a benchmark's own metric as lmms-eval computes it:
+    /// `chartqa` (relaxed accuracy) or `vqa_accuracy` (TextVQA, over the
+    /// `answers` column's 10 human answers).
     pub answer_match: AnswerMatch,
     /// Confidence intervals: `{ method = "wilson" }` or
     /// `{ method = "bootstrap", resamples = 1000, seed = 0 }`.
@@ -117,7 +128,7 @@ impl Default for EvalParams {
             top_k: 0,
             seed: None,
             batch_size: 8,
-            answer_regex: DEFAULT_ANSWER_REGEX.into(),
+            answer_regex: None,
             answer_match: AnswerMatch::Choice,
             ci: CiMethod::Wilson,
             limit: None,
@@ -129,10 +140,20 @@ impl Default for EvalParams {
 }
 
 impl EvalParams {
-    /// The scorer of this eval: its answer regex and matching, and the
+    /// The regex that reads a multiple-choice answer (the recipe's, else the default).
+    pub fn choice_regex(&self) -> &str {
+        self.answer_regex.as_deref().unwrap_or(DEFAULT_ANSWER_REGEX)
+    }
+
+    /// The scorer of this eval: its answer extraction and matching, and the
     /// format rule of its prompt variant.
     pub fn scorer(&self) -> Result<Scorer, AnswerRegexError> {
-        Scorer::new(&self.answer_regex, self.prompt.response_format(), self.answer_match)
+        let format = self.prompt.response_format();
+        match (&self.answer_regex, self.answer_match.is_free_form()) {
+            (Some(re), _) => Scorer::new(re, format, self.answer_match),
+            (None, false) => Scorer::new(DEFAULT_ANSWER_REGEX, format, self.answer_match),
+            (None, true) => Ok(Scorer::block(format, self.answer_match)),
+        }
     }
 
     /// The text the assistant turn starts with (`cot_forcing`), or empty.
@@ -152,7 +173,7 @@ pub fn predict(
     finish: String,
 ) -> Prediction {
     let letters = option_letters(&row.options);
-    let score = scorer.score(&completion, &row.answer, &letters);
+    let score = scorer.score_answers(&completion, &row.answer, &row.answers, &letters);
     let predicted_class = match (&score.extracted, score.valid, row.options.is_empty()) {
         (Some(a), true, false) => letters.iter().position(|l| l == a).map(|i| option_names(&row.options)[i].clone()),
         // Free form: a correct answer names the gold class, anything else is "other".
@@ -164,6 +185,7 @@ pub fn predict(
         class: row.class.clone(),
         class_name: row.class_name.clone(),
         gold: row.answer.clone(),
+        answers: row.answers.clone(),
         options: row.options.clone(),
         prompt,
         completion,
@@ -173,6 +195,7 @@ pub fn predict(
         format_ok: score.format_ok,
         valid: score.valid,
         correct: score.correct,
+        credit: Some(score.credit),
         outcome: score.outcome,
         prompt_tokens,
         completion_tokens,
@@ -194,6 +217,7 @@ pub fn metrics_of(predictions: &[Prediction], ci: CiMethod) -> crate::metrics::M
                 format_ok: p.format_ok,
                 valid: p.valid,
                 correct: p.correct,
+                credit: p.credit(),
                 outcome: p.outcome,
             },
             completion_tokens: p.completion_tokens,
@@ -332,6 +356,22 @@ pub fn split_name(output: Option<&str>, data: &Path) -> Option<String> {
     (shard && !prefix.is_empty()).then(|| prefix.to_string())
 }
 
+/// The dataset an eval scored, as the report compares it: the data input
+/// (`stage` or `stage.output`) without its sweep variant, since a sweep
+/// varies how one dataset is made, not which (`export@zoom.test` ->
+/// `export.test`), and `[:limit]` when only a prefix was scored.
+pub fn dataset_identity(stage: &str, output: Option<&str>, limit: Option<usize>) -> String {
+    let base = stage.split_once('@').map_or(stage, |(s, _)| s);
+    let mut id = match output {
+        Some(o) => format!("{base}.{o}"),
+        None => base.to_string(),
+    };
+    if let Some(n) = limit {
+        id += &format!("[:{n}]");
+    }
+    id
+}
+
 /// File-name-safe version of an item id.
 pub fn safe_name(id: &str) -> String {
     id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
@@ -456,9 +496,12 @@ impl StageKind for Eval {
     // v4: the task contract's format rule (one non-empty think and answer block,
     //     whitespace around allowed) and answer from the first answer block;
     //     `format_regex` is gone (one format definition for eval, GRPO, judge).
+    // v5: free-form answers are the whole answer block (not `(\w+)`); gold
+    //     answer lists, `chartqa` / `vqa_accuracy` matching and the mean credit
+    //     (`score`); `source` records the dataset identity and the matching.
     // (The `http` backend added params, not a version: local results are unchanged.)
-    const VERSION: u32 = 4;
-    const SUMMARY: &'static str = "Score a Qwen2.5-VL checkpoint, or a model served behind an OpenAI-compatible API, on a Parquet VQA split: predictions, accuracy (overall, per class, CI), format/validity";
+    const VERSION: u32 = 5;
+    const SUMMARY: &'static str = "Score a Qwen2.5-VL / Qwen2-VL checkpoint, or a model served behind an OpenAI-compatible API, on a VQA split: predictions, accuracy (overall, per class, CI) or a benchmark metric (ChartQA, TextVQA), format/validity";
 
     fn inputs() -> &'static [InputSpec] {
         const INPUTS: &[InputSpec] = &[
@@ -466,7 +509,10 @@ impl StageKind for Eval {
                 "model",
                 "HF Qwen2.5-VL or Qwen2-VL checkpoint directory (init_model / sft / grpo output); backend `local` only",
             ),
-            InputSpec::one("data", "Parquet split directory (e.g. `export.test`) or a Parquet VQA file"),
+            InputSpec::one(
+                "data",
+                "Split directory (e.g. `export.test`, an `hf_vqa` / `hf_disk_vqa` output) or a Parquet VQA file",
+            ),
         ];
         INPUTS
     }
@@ -537,6 +583,17 @@ impl StageKind for Eval {
         if rows.is_empty() {
             bail!("{}: the split has no rows to evaluate", data.display());
         }
+        if params.answer_match.needs_answer_list()
+            && let Some(r) = rows.iter().find(|r| r.answers.is_empty())
+        {
+            bail!(
+                "{}: item `{}` has no gold answer list: `answer_match = \"vqa_accuracy\"` scores against \
+                 every human answer, read from an `answers` column (an `hf_vqa` stage with `preset = \"textvqa\"` \
+                 writes it)",
+                data.display(),
+                r.id
+            );
+        }
         let users: Vec<String> = rows
             .iter()
             .map(|r| {
@@ -570,11 +627,14 @@ impl StageKind for Eval {
             .collect();
         let mut metrics = metrics_of(&predictions, params.ci);
         let data_input = ctx.inputs("data").first().context("input `data` is missing")?;
+        let label = |v: serde_json::Value| v.as_str().unwrap_or_default().to_string();
         metrics.source = Some(EvalSource {
             model,
             data: artifact_id(data_input),
             split: split_name(data_input.output.as_deref(), &data),
-            prompt: serde_json::to_value(params.prompt)?.as_str().unwrap_or_default().to_string(),
+            prompt: label(serde_json::to_value(params.prompt)?),
+            dataset: Some(dataset_identity(&data_input.stage, data_input.output.as_deref(), params.limit)),
+            answer_match: Some(label(serde_json::to_value(params.answer_match)?)),
         });
         let out = ctx.output_dir().to_path_buf();
         write_jsonl(&out.join(PREDICTIONS_JSONL), &predictions)?;
@@ -589,7 +649,13 @@ impl StageKind for Eval {
         }
         write_gallery(&ctx.output(GALLERY_DIR)?, &rows, &predictions, params.gallery)?;
         let unparseable = predictions.iter().filter(|p| p.outcome == Outcome::Unparseable).count();
-        tracing::info!(accuracy = metrics.accuracy.value, format = metrics.format_rate.value, unparseable, "eval done");
+        tracing::info!(
+            accuracy = metrics.accuracy.value,
+            score = metrics.headline().value,
+            format = metrics.format_rate.value,
+            unparseable,
+            "eval done"
+        );
         Ok(())
     }
 }
@@ -623,6 +689,7 @@ pub(crate) mod tests {
             image: None,
             problem: "q".into(),
             answer: "B".into(),
+            answers: Vec::new(),
             options: vec!["A. airway abnormalities".into(), "B. emphysema".into()],
             class: "emphysema".into(),
             class_name: "emphysema".into(),
@@ -633,6 +700,72 @@ pub(crate) mod tests {
         let m = metrics_of(&[p], CiMethod::Wilson);
         assert_eq!(m.confusion.classes, vec!["airway abnormalities", "emphysema"]);
         assert_eq!(m.confusion.counts[1][0], 1);
+    }
+
+    #[test]
+    fn free_form_evals_read_the_whole_block_and_score_every_answer() {
+        let humans: Vec<String> = (0..10).map(|i| if i < 3 { "Stop Sign".into() } else { format!("x{i}") }).collect();
+        let row = VqaRow {
+            id: "t/1".into(),
+            problem: "What does the sign say?".into(),
+            answer: "stop sign".into(),
+            answers: humans.clone(),
+            class: "all".into(),
+            class_name: "all".into(),
+            ..Default::default()
+        };
+        let params =
+            EvalParams { answer_match: AnswerMatch::VqaAccuracy, prompt: PromptVariant::NoThink, ..Default::default() };
+        let p = predict(
+            &params.scorer().unwrap(),
+            &row,
+            "q".into(),
+            "<answer> stop sign. </answer>".into(),
+            1,
+            2,
+            "eos".into(),
+        );
+        assert_eq!(p.extracted.as_deref(), Some("stop sign."), "two words and a period: the whole block");
+        assert!((p.credit() - 0.9).abs() < 1e-12 && !p.correct, "3 of 10 humans: 0.9");
+        assert_eq!(p.answers, humans);
+        let m = metrics_of(&[p], CiMethod::Wilson);
+        assert!((m.headline().value - 0.9).abs() < 1e-12 && m.accuracy.k == 0);
+        // An explicit regex still wins.
+        let params = EvalParams { answer_regex: Some(DEFAULT_ANSWER_REGEX.into()), ..params };
+        let p = predict(
+            &params.scorer().unwrap(),
+            &row,
+            "q".into(),
+            "<answer>stop sign</answer>".into(),
+            1,
+            2,
+            "eos".into(),
+        );
+        assert_eq!(p.outcome, Outcome::Unparseable);
+    }
+
+    #[test]
+    fn vqa_accuracy_without_answer_lists_is_refused_before_loading_a_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let row = VqaRow { id: "q7".into(), problem: "q".into(), answer: "a".into(), ..Default::default() };
+        stages_task::dataset::write_rows(&data.join("val-00000-of-00001.parquet"), &[row]).unwrap();
+        let mut ctx = StageContext::builder("eval", dir.path().join("out"))
+            .input("model", "m", None, dir.path().join("no-model"))
+            .input("data", "textvqa", None, &data)
+            .build()
+            .unwrap();
+        let params = EvalParams { answer_match: AnswerMatch::VqaAccuracy, ..Default::default() };
+        let err = format!("{:#}", Eval::run(&params, &mut ctx).unwrap_err());
+        assert!(err.contains("item `q7` has no gold answer list") && err.contains("`answers` column"), "{err}");
+    }
+
+    #[test]
+    fn dataset_identity_drops_the_sweep_variant_and_keeps_the_prefix() {
+        assert_eq!(dataset_identity("export@zoom", Some("test"), None), "export.test");
+        assert_eq!(dataset_identity("chartqa", None, Some(100)), "chartqa[:100]");
+        assert_eq!(dataset_identity("general", None, None), "general");
     }
 
     #[test]
@@ -650,7 +783,7 @@ pub(crate) mod tests {
 
     #[test]
     fn validate_names_bad_keys() {
-        let bad = EvalParams { answer_regex: "(".into(), ..Default::default() };
+        let bad = EvalParams { answer_regex: Some("(".into()), ..Default::default() };
         assert!(format!("{:?}", Eval::validate(&bad).unwrap_err()).contains("answer_regex"));
         let bad = EvalParams { batch_size: 0, ..Default::default() };
         assert!(format!("{:?}", Eval::validate(&bad).unwrap_err()).contains("batch_size"));
@@ -671,6 +804,7 @@ pub(crate) mod tests {
             image: Some(image),
             problem: q.clone(),
             answer: answer.into(),
+            answers: Vec::new(),
             options: options.clone(),
             class: class.into(),
             class_name: class_name.into(),
@@ -714,8 +848,12 @@ pub(crate) mod tests {
         assert_eq!(m["n"], 3);
         assert_eq!(
             m["source"],
-            serde_json::json!({"model": "tiny", "data": "export.test", "split": "test", "prompt": "cot_forcing"})
+            serde_json::json!({
+                "model": "tiny", "data": "export.test", "split": "test", "prompt": "cot_forcing",
+                "dataset": "export.test", "answer_match": "choice"
+            })
         );
+        assert_eq!(m["score"]["value"], m["accuracy"]["value"], "binary matching: score is accuracy");
         assert_eq!(m["accuracy"]["k"], preds.iter().filter(|p| p.correct).count() as u64);
         assert!(m["confusion"]["counts"].as_array().unwrap().len() >= 3);
         assert!(out.join(PREDICTIONS_PARQUET).is_file());
@@ -754,6 +892,7 @@ pub(crate) mod tests {
             options: vec!["A. airway abnormalities".into(), "B. emphysema".into()],
             class: "c".into(),
             class_name: "airway abnormalities".into(),
+            answers: Vec::new(),
         };
         let rows = [row("a/1", png(56, 84, 10), "A"), row("b/2", png(64, 56, 90), "B")];
         stages_task::dataset::write_rows(&data.join("test-00000-of-00001.parquet"), &rows).unwrap();

@@ -48,6 +48,7 @@ fn row(id: &str, marker: &str, image: Option<Vec<u8>>, answer: &str) -> VqaRow {
         options: OPTIONS.map(String::from).to_vec(),
         class: class.into(),
         class_name: class_name.into(),
+        answers: Vec::new(),
     }
 }
 
@@ -206,7 +207,8 @@ fn requests_carry_the_image_prompt_and_params_and_outputs_match_the_local_format
     assert_eq!((metrics["n"].as_u64(), metrics["accuracy"]["k"].as_u64()), (Some(3), Some(1)));
     assert_eq!(
         metrics["source"],
-        serde_json::json!({"model": "served:served-qwen", "data": "export.test", "split": "test", "prompt": "cot_forcing"})
+        serde_json::json!({"model": "served:served-qwen", "data": "export.test", "dataset": "export.test", "split": "test",
+            "prompt": "cot_forcing", "answer_match": "choice"})
     );
     let record: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join(SERVED_JSON)).unwrap()).unwrap();
     assert_eq!(
@@ -401,6 +403,7 @@ fn serve_checkpoint(model: &Path) -> FakeServer {
             options: Vec::new(),
             class: String::new(),
             class_name: String::new(),
+            answers: Vec::new(),
         };
         let g = match generate_batch(&a, &[&row], &[text], &params, &cfg) {
             Ok(mut g) => g.remove(0),

@@ -448,6 +448,7 @@ mod tests {
             image: Some(png(56, 56, (i * 60) as u8)),
             problem: THINK_TEMPLATE.replace("{Question}", "Which lesion? A. airway B. emphysema"),
             answer: answer.into(),
+            answers: Vec::new(),
             options: vec!["A. airway".into(), "B. emphysema".into()],
             class: "airway".into(),
             class_name: "airway abnormalities".into(),

@@ -108,6 +108,7 @@ pub fn write_split(dir: &Path, n: usize) -> PathBuf {
                 image: Some(png(56, (i % 3 * 100) as u8)),
                 problem: problem.clone(),
                 answer: ["A", "B", "C"][i % 3].to_string(),
+                answers: Vec::new(),
                 options: OPTIONS.map(String::from).to_vec(),
                 class: class.to_string(),
                 class_name: class_name.to_string(),
