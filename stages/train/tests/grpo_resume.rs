@@ -69,7 +69,7 @@ fn killed_run_resumes_to_bit_identical_weights() {
     let copy = std::process::Command::new("cp").arg("-r").arg(resume.join("step-00000002")).arg(&foreign).status();
     assert!(copy.unwrap().success());
     let e = run_seeded(&model, &split, &dir.path().join("foreign"), &foreign, None, 24).unwrap_err().to_string();
-    assert!(e.contains("do not match this run"), "{e}");
+    assert!(e.contains("does not match this run"), "{e}");
 
     // A new attempt (fresh output dir, as the engine gives) continues from step 2.
     let resumed = dir.path().join("resumed");
