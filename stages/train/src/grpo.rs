@@ -102,7 +102,8 @@ pub struct GrpoParams {
     pub epsilon: f64,
     /// Upper clip range (default: `epsilon`; DAPO uses 0.28).
     pub epsilon_high: Option<f64>,
-    /// Token aggregation: `grpo` (per-sequence mean), `bnpo`, `dr_grpo` or `dapo`.
+    /// Token aggregation over the step: `grpo` (mean of the per-sequence means), `bnpo` and
+    /// `dapo` (token mean), `dr_grpo` (sum / (sequences × max_completion_length)).
     pub loss_type: LossType,
     /// Advantage scaling: `group` std, `batch` std or `none`.
     pub scale_rewards: ScaleRewards,
@@ -217,7 +218,9 @@ impl StageKind for Grpo {
     // 3: the format reward is the task contract's rule (stages_task::completion:
     // whitespace around the completion allowed, repeated/nested tags and empty
     // blocks not), answers from the first answer block.
-    const VERSION: u32 = 3;
+    // 4: the loss is normalised by the step's sequences/tokens over all
+    // micro-batches and ranks (a short last micro-batch weighed up to 4x more).
+    const VERSION: u32 = 4;
     const DISTRIBUTED: bool = true;
     const SUMMARY: &'static str =
         "GRPO on a Qwen2.5-VL checkpoint with weighted format/validity/correctness rewards (resumable)";
@@ -558,7 +561,7 @@ impl GrpoLoss<'_> {
     pub fn micro_loss(&self, r: &mut Rollout, i: usize, iteration: usize, s: &mut StepStats) -> anyhow::Result<Tensor> {
         // Normalisers of the whole round, across ranks.
         let totals = &r.round_totals;
-        let scale = StepScale { micro_batches: totals.micro_batches, step_tokens: totals.loss_tokens };
+        let scale = StepScale { sequences: totals.sequences, tokens: totals.loss_tokens };
         let keep_old = self.p.num_iterations > 1;
         let Some(m) = r.micro.get_mut(i) else { bail!("GRPO: no micro-batch {i} in this round") };
         let (logps, entropy) = self.logps(self.model, m)?;
