@@ -7,7 +7,11 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
-use crate::key::{ExternalDigest, InputDigest};
+use crate::plan::key::{ExternalDigest, InputDigest};
+
+/// Written by the engine into every output directory; not part of the
+/// artifact's digest (it holds times and hosts, which differ run to run).
+pub const PROVENANCE_FILE: &str = "provenance.json";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Provenance {
@@ -48,11 +52,11 @@ fn one() -> usize {
 impl Provenance {
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         let text = serde_json::to_string_pretty(self)?;
-        std::fs::write(dir.join(crate::key::PROVENANCE_FILE), text + "\n")
+        std::fs::write(dir.join(PROVENANCE_FILE), text + "\n")
     }
 
     pub fn read(dir: &Path) -> anyhow::Result<Self> {
-        let path = dir.join(crate::key::PROVENANCE_FILE);
+        let path = dir.join(PROVENANCE_FILE);
         let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
         serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))
     }

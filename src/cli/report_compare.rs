@@ -11,7 +11,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use pipeline_engine::cli::UsageError;
 use pipeline_engine::workspace::{RunSummary, StageStatus};
 use serde::Deserialize;
 
@@ -19,6 +18,8 @@ use stages_eval::artifacts::{
     CONSISTENCY_JSON, METRICS_JSON, PREDICTIONS_JSONL, REPORT_HTML, REPORT_MD, TRAIN_METRICS_JSONL,
 };
 use stages_eval::report::{EvalRun, Report, ReportParams, TrainRun, attach_judge, load_eval, load_train};
+
+use super::exit::UsageError;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReportArgs {

@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::dist::DistInfo;
-use crate::stage::Device;
+use crate::resources::Device;
 
 /// One resolved input reference: the upstream stage id, the output name (if
 /// the reference named one) and the read-only directory holding it.

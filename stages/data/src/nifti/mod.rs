@@ -46,46 +46,26 @@
 //! ([`orientation`] mirrors `aff2axcodes`); see [`orient`] for the
 //! display convention of [`AxialSlicer`].
 
+mod affine;
+mod error;
 mod header;
 pub mod orient;
 mod read;
 mod scalar;
 mod write;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+pub use affine::identity;
+pub use error::NiftiError;
 pub use header::{
-    DataType, HEADER_SIZE, HEADER_SIZE_2, MAX_DATA_BYTES, MAX_DIM, MAX_VOX_OFFSET, NiftiHeader, NiftiVersion, identity,
+    DataType, HEADER_SIZE, HEADER_SIZE_2, MAX_DATA_BYTES, MAX_DIM, MAX_VOX_OFFSET, NiftiHeader, NiftiVersion,
 };
 pub use orient::{AxialSlicer, ChannelLayout, orientation};
 pub(crate) use read::VoxelReader;
 pub use scalar::NiftiScalar;
 pub(crate) use scalar::{decode_chunk, dispatch_datatype};
 pub use write::{WriteOptions, write, write_with};
-
-/// Everything that can go wrong reading or writing NIfTI; every variant
-/// names the file.
-#[derive(Debug, thiserror::Error)]
-pub enum NiftiError {
-    #[error("{context} {}: {source}", path.display())]
-    Io { path: PathBuf, context: String, source: std::io::Error },
-    #[error("{}: not a NIfTI-1 or NIfTI-2 file: {msg}", path.display())]
-    NotNifti { path: PathBuf, msg: String },
-    #[error("{}: invalid header field `{field}`: {msg}", path.display())]
-    Header { path: PathBuf, field: String, msg: String },
-    #[error("{}: truncated {what}: expected {expected} bytes, found {got}", path.display())]
-    Truncated { path: PathBuf, what: String, expected: u64, got: u64 },
-    #[error("{}: file size does not match the header: {msg}", path.display())]
-    Size { path: PathBuf, msg: String },
-    #[error("{}: {msg}", path.display())]
-    Gzip { path: PathBuf, msg: String },
-    #[error("{}: bad voxel value: {msg}", path.display())]
-    Value { path: PathBuf, msg: String },
-    #[error("orientation: {0}")]
-    Orientation(String),
-    #[error("{0}")]
-    InvalidArgument(String),
-}
 
 /// A decoded volume: header, dims (= `header.dims`) and voxels in NIfTI
 /// order (x fastest).

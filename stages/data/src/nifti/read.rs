@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use flate2::read::MultiGzDecoder;
 
-use super::NiftiError;
+use super::error::NiftiError;
 use super::header::{HEADER_SIZE, HEADER_SIZE_2, NiftiHeader, sniff};
 
 /// Bytes decoded per chunk (a multiple of every datatype size).

@@ -37,7 +37,7 @@ fn qform_written_by_us_matches_the_sform() {
     let a = [[-0.8 * c, 0.8 * s, 0.0, 1.0], [-0.8 * s, -0.8 * c, 0.0, 2.0], [0.0, 0.0, 2.0, 3.0], [0.0, 0.0, 0.0, 1.0]];
     let h = NiftiHeader::for_write(&[2, 2, 2], DataType::U8, &a, None, NiftiVersion::V1);
     let zooms = [h.pixdim[0], h.pixdim[1], h.pixdim[2]];
-    let q = header::quatern_to_affine(h.quatern, h.qoffset, zooms, h.qfac, 3.0 * f32::EPSILON as f64);
+    let q = affine::quatern_to_affine(h.quatern, h.qoffset, zooms, h.qfac, 3.0 * f32::EPSILON as f64);
     for i in 0..3 {
         for j in 0..4 {
             assert!((q[i][j] - a[i][j]).abs() < 1e-5, "{q:?} vs {a:?}");
@@ -253,7 +253,7 @@ fn nifti2_roundtrip_keeps_f64_fields_gz_and_plain() {
         assert_eq!(v.data, want);
         // The qform we wrote encodes the same affine (at f64 precision).
         let zooms = [h.pixdim[0], h.pixdim[1], h.pixdim[2]];
-        let q = header::quatern_to_affine(h.quatern, h.qoffset, zooms, h.qfac, 3.0 * f64::EPSILON);
+        let q = affine::quatern_to_affine(h.quatern, h.qoffset, zooms, h.qfac, 3.0 * f64::EPSILON);
         for i in 0..3 {
             for j in 0..4 {
                 assert!((q[i][j] - lps_f64()[i][j]).abs() < 1e-12, "{q:?}");

@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use flate2::{Compression, GzBuilder};
 
+use super::NiftiScalar;
+use super::error::NiftiError;
 use super::header::{MAX_DIM, NiftiHeader, NiftiVersion};
-use super::{NiftiError, NiftiScalar};
 
 /// How to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

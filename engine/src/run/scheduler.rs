@@ -1,9 +1,9 @@
 //! Runs a [`Plan`]: one scheduling loop (dependencies, `--jobs`,
-//! `--keep-going`, cancellation, run summary) over a [`StageBackend`] that
+//! `--keep-going`, cancellation, run summary) over a [`Backend`] that
 //! executes each ready stage from a worker thread with its own log file.
-//! [`LocalBackend`] runs it in this process within the machine's cores,
-//! memory and CUDA devices (cache lock, staging dir, rayon pool); the Slurm
-//! backend ([`crate::slurm`]) submits it as a job.
+//! The stage's final key is derived here, once its upstreams have
+//! published ([`final_components`]); the run index and the `outputs/` links
+//! are kept up to date as stages finish.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -13,23 +13,20 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
-use pipeline_cache::{ActionRecord, Cache, Digest};
+use pipeline_cache::{ActionRecord, Cache};
+use stage_api::{Artifact, DeviceRequest};
 
-use crate::context::Artifact;
-use crate::dag::StageGraph;
+use super::progress::RunProgress;
+use super::resources::{Capacity, Grant};
+use super::stage_run::{RunOrigin, cached_artifact};
+use crate::backend::interface::{Backend, ReadyStage, RunCtx};
 use crate::env::EngineEnv;
-use crate::index::{IndexEntry, RunIndex, now_unix_ms};
-use crate::jobspec::JobSpec;
-use crate::key::KeyComponents;
-use crate::plan::{Action, Plan, PlannedStage, final_components, recipe_dir};
-use crate::progress::RunProgress;
+use crate::index::{IndexEntry, RunIndex, file_safe, now_unix_ms};
+use crate::plan::components::final_components;
+use crate::plan::{Action, KeyComponents, Plan, PlannedStage, StageGraph};
 use crate::provenance::{git_revision, rfc3339};
-use crate::ranks::LocalPeers;
 use crate::recipe::{Recipe, StageDecl};
-use crate::schedule::{Capacity, Grant, ResourcePool};
-use crate::stage::DeviceRequest;
 use crate::stage_log::{StageLogs, log_key, stage_span};
-use crate::stage_run::{Ranks, RunOrigin, StageRun, run_and_publish};
 use crate::workspace::{RunStatus, RunSummary, StageStatus, StageSummary, Workspace};
 
 #[derive(Debug, Clone)]
@@ -41,7 +38,7 @@ pub struct RunOptions {
 }
 
 /// Everything a run needs besides the plan.
-pub struct Executor<'a> {
+pub struct Scheduler<'a> {
     pub recipe: &'a Recipe,
     pub graph: &'a StageGraph,
     pub cache: &'a Cache,
@@ -51,7 +48,7 @@ pub struct Executor<'a> {
     /// Set on Ctrl-C / SIGTERM: no new stage starts, running ones are told.
     pub cancel: Arc<AtomicBool>,
     /// Where ready stages run (this process, or Slurm jobs).
-    pub backend: &'a dyn StageBackend,
+    pub backend: &'a dyn Backend,
 }
 
 /// The result of a run.
@@ -87,7 +84,7 @@ struct Job<'p> {
     log_path: PathBuf,
 }
 
-impl Executor<'_> {
+impl Scheduler<'_> {
     pub fn run(&self, plan: &Plan, opts: &RunOptions) -> anyhow::Result<RunOutcome> {
         let started = chrono::Utc::now();
         let clock = Instant::now();
@@ -96,7 +93,13 @@ impl Executor<'_> {
         })?;
         let logs_dir = self.cache.root().join("logs").join(&run_id);
         let index = RunIndex::new(self.cache.root(), &self.recipe.name);
-        let git_rev = git_revision(&recipe_dir(self.recipe));
+        let git_rev = git_revision(self.recipe.dir());
+        let ctx = RunCtx {
+            cache: self.cache,
+            recipe_dir: self.recipe.dir(),
+            progress: self.progress.as_ref(),
+            cancel: &self.cancel,
+        };
         let decls: HashMap<&str, &StageDecl> = self.recipe.stages.iter().map(|s| (s.id.as_str(), s)).collect();
 
         let n = plan.stages.len();
@@ -187,7 +190,7 @@ impl Executor<'_> {
                                 upstream.insert(plan.stages[u].id.clone(), record.clone());
                             }
                         }
-                        let log_path = logs_dir.join(format!("{}.log", crate::index::file_safe(&planned.id)));
+                        let log_path = logs_dir.join(format!("{}.log", file_safe(&planned.id)));
                         if let Err(e) = StageLogs::global().open(&log_key(&run_id, &planned.id), &log_path) {
                             tracing::warn!("cannot open stage log {}: {e}", log_path.display());
                         }
@@ -198,9 +201,10 @@ impl Executor<'_> {
                         let tx = tx.clone();
                         let git_rev = git_rev.clone();
                         let run_id = run_id.clone();
+                        let ctx = &ctx;
                         scope.spawn(move || {
                             let t0 = Instant::now();
-                            let result = self.run_stage(&job, &run_id, git_rev);
+                            let result = self.run_stage(ctx, &job, &run_id, git_rev);
                             let _ = tx.send((i, job.grant, t0.elapsed().as_secs_f64(), result));
                         });
                     }
@@ -332,7 +336,13 @@ impl Executor<'_> {
     }
 
     /// Runs in the stage's worker thread: the final key, then the backend.
-    fn run_stage(&self, job: &Job<'_>, run_id: &str, git_rev: Option<String>) -> anyhow::Result<Finished> {
+    fn run_stage(
+        &self,
+        ctx: &RunCtx<'_>,
+        job: &Job<'_>,
+        run_id: &str,
+        git_rev: Option<String>,
+    ) -> anyhow::Result<Finished> {
         let id = &job.planned.id;
         let span = stage_span(run_id, id);
         let _entered = span.enter();
@@ -343,7 +353,7 @@ impl Executor<'_> {
             for r in refs {
                 let record =
                     job.upstream.get(&r.stage).ok_or_else(|| anyhow!("upstream `{}` has no output record", r.stage))?;
-                inputs.entry(name.clone()).or_default().push(crate::stage_run::cached_artifact(
+                inputs.entry(name.clone()).or_default().push(cached_artifact(
                     self.cache,
                     &record.key,
                     &r.stage,
@@ -369,89 +379,8 @@ impl Executor<'_> {
                 meta: serde_json::Map::new(),
             },
         };
-        let (record, status) = self.backend.execute(self, &ready)?;
+        let (record, status) = self.backend.execute(ctx, &ready)?;
         Ok(Finished { record, components, status })
-    }
-}
-
-/// A stage whose upstreams are done and whose key is final, handed to a backend.
-pub struct ReadyStage<'a> {
-    pub planned: &'a PlannedStage,
-    pub decl: &'a StageDecl,
-    /// What the scheduling loop granted (threads, device, memory).
-    pub grant: Grant,
-    pub components: &'a KeyComponents,
-    pub key: Digest,
-    /// Input name -> read-only artifact directories.
-    pub inputs: BTreeMap<String, Vec<Artifact>>,
-    /// Final records of the upstream stages it reads.
-    pub upstream: &'a HashMap<String, ActionRecord>,
-    pub origin: RunOrigin,
-}
-
-/// Where the stages of a run execute. The scheduling loop ([`Executor::run`])
-/// is shared; a backend decides how much may run at once and runs one ready
-/// stage to a published (or reused) record, on a worker thread of the loop.
-pub trait StageBackend: Send + Sync {
-    /// Admission control for the scheduling loop.
-    fn resource_pool(&self, capacity: Capacity) -> ResourcePool;
-    /// Produce the stage's record; `StageStatus::Cached` when it was reused.
-    fn execute(&self, exec: &Executor<'_>, stage: &ReadyStage<'_>) -> anyhow::Result<(ActionRecord, StageStatus)>;
-}
-
-/// Stages run in threads of this process, within this machine's resources.
-pub struct LocalBackend;
-
-impl StageBackend for LocalBackend {
-    fn resource_pool(&self, capacity: Capacity) -> ResourcePool {
-        ResourcePool::new(capacity)
-    }
-
-    fn execute(&self, exec: &Executor<'_>, stage: &ReadyStage<'_>) -> anyhow::Result<(ActionRecord, StageStatus)> {
-        let id = stage.planned.id.as_str();
-        let world_size = stage.planned.ranks;
-        // Ranks 1.. are processes of this binary reading the stage's job spec;
-        // the grant's threads are shared among the ranks.
-        let threads = (stage.grant.threads / world_size.max(1)).max(1);
-        let peers = if world_size > 1 {
-            let cwd = std::env::current_dir().context("reading the current directory")?;
-            let spec = JobSpec::for_stage(exec, stage, cwd, world_size)?;
-            spec.write(exec.cache)?;
-            Some(LocalPeers {
-                exe: std::env::current_exe().context("locating the running `pipeline` binary")?,
-                cache_dir: exec.cache.root().to_path_buf(),
-                key: stage.key.hex(),
-                threads,
-                devices: stage.grant.cuda_devices(),
-                log: stage.origin.log.clone(),
-            })
-        } else {
-            None
-        };
-        let run = StageRun {
-            id,
-            kind: &stage.planned.kind,
-            stage: stage.decl.stage.as_ref(),
-            components: stage.components,
-            key: stage.key,
-            forced: stage.planned.forced,
-            inputs: &stage.inputs,
-            recipe_dir: &recipe_dir(exec.recipe),
-            threads,
-            device: stage.grant.device,
-            memory_mb: stage.grant.memory_mb,
-            origin: &stage.origin,
-            ranks: match &peers {
-                Some(launcher) => Ranks::Spawn { world_size, launcher },
-                None => Ranks::Single,
-            },
-        };
-        let notice = |line: &str| exec.progress.println(line);
-        let result = run_and_publish(exec.cache, &run, exec.progress.stage_sink(id), exec.cancel.clone(), &notice);
-        if peers.is_some() {
-            let _ = std::fs::remove_file(crate::jobspec::spec_path(exec.cache, &stage.key));
-        }
-        result
     }
 }
 
@@ -462,25 +391,21 @@ pub fn error_chain(e: &anyhow::Error) -> String {
     lines.join("\n")
 }
 
-/// Device a stage was resolved to, for display.
-pub fn device_label(d: &Result<DeviceRequest, String>) -> String {
-    match d {
-        Ok(DeviceRequest::Cpu) => "cpu".into(),
-        Ok(DeviceRequest::Cuda) => "cuda".into(),
-        Ok(DeviceRequest::Auto) => "auto".into(),
-        // Only a stage requiring CUDA on a machine without it gets here.
-        Err(_) => "cuda(none here)".into(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::StageContext;
+    use crate::backend::local::LocalBackend;
     use crate::plan::{Selection, make_plan};
-    use crate::progress::PlainProgress;
-    use crate::registry::Registry;
-    use crate::stage::{InputSpec, StageKind};
+    use stage_api::{InputSpec, LogProgress, ProgressSink, Registry, StageContext, StageKind};
+
+    /// Run-level lines go nowhere; stage progress to the log.
+    struct Quiet;
+    impl RunProgress for Quiet {
+        fn stage_sink(&self, _stage_id: &str) -> Arc<dyn ProgressSink> {
+            Arc::new(LogProgress::default())
+        }
+        fn println(&self, _line: &str) {}
+    }
 
     struct Boom;
     #[derive(Debug, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
@@ -517,17 +442,17 @@ mod tests {
         let recipe = crate::recipe::load_recipe_str(src, &dir.join("r.toml"), &[], registry).unwrap();
         let graph = StageGraph::from_recipe(&recipe).unwrap();
         let cache = Cache::open(&dir.join("cache")).unwrap();
-        let env = EngineEnv { cuda_devices: 0, stage_gpus: None, cores: 2, memory_mb: 1024, quiet: true };
+        let env = EngineEnv { cuda_devices: 0, stage_gpus: None, cores: 2, memory_mb: 1024 };
         let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), &env).unwrap();
         let warnings = plan.stages[0].warnings.join("; ");
         let workspace = Workspace { root: dir.to_path_buf() };
-        let exec = Executor {
+        let exec = Scheduler {
             recipe: &recipe,
             graph: &graph,
             cache: &cache,
             env: &env,
             workspace: &workspace,
-            progress: Arc::new(PlainProgress { quiet: true }),
+            progress: Arc::new(Quiet),
             cancel: Arc::new(AtomicBool::new(false)),
             backend: &LocalBackend,
         };
@@ -592,8 +517,8 @@ mod tests {
         const KIND: &'static str = "gpu";
         const VERSION: u32 = 1;
         const SUMMARY: &'static str = "test kind";
-        fn resources(_p: &Self::Params) -> crate::stage::Resources {
-            crate::stage::Resources { cpu: 1, device: DeviceRequest::Cuda, memory_mb: 1 }
+        fn resources(_p: &Self::Params) -> stage_api::Resources {
+            stage_api::Resources { cpu: 1, device: DeviceRequest::Cuda, memory_mb: 1 }
         }
         fn run(_p: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()> {
             std::fs::write(ctx.output_dir().join("device.txt"), format!("{:?}", ctx.device()))?;

@@ -1,21 +1,18 @@
 //! Cache keys of stage runs and the components they are made of, kept so
 //! `plan` and `why` can say WHICH component changed since the last run.
+//! Where each component comes from is [`super::components`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use pipeline_cache::{ActionRecord, Digest, KeyHasher, Manifest};
+use pipeline_cache::{Digest, KeyHasher};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::canonical;
+use super::canonical;
 
 /// Bump when the way keys are computed changes (every key changes with it).
 pub const KEY_SCHEMA_VERSION: u32 = 1;
-
-/// Written by the engine into every output directory; not part of the
-/// artifact's digest (it holds times and hosts, which differ run to run).
-pub const PROVENANCE_FILE: &str = "provenance.json";
 
 /// The digest of one input reference.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,29 +88,6 @@ impl KeyComponents {
     }
 }
 
-/// Why the artifact digest of an input could not be computed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("stage `{stage}` has no output `{output}` (its output directory holds no `{output}/`)")]
-pub struct MissingOutput {
-    pub stage: String,
-    pub output: String,
-}
-
-/// Digest of an upstream artifact: the whole output tree, or one named
-/// output's subtree; `provenance.json` is left out so identical outputs
-/// produced at different times have the same digest.
-pub fn artifact_digest(stage: &str, record: &ActionRecord, output: Option<&str>) -> Result<Digest, MissingOutput> {
-    let content =
-        Manifest::from_entries(record.manifest.files.iter().filter(|f| f.path != PROVENANCE_FILE).cloned().collect());
-    match output {
-        None => Ok(content.tree_digest()),
-        Some(name) => content
-            .subtree(name)
-            .map(|m| m.tree_digest())
-            .ok_or_else(|| MissingOutput { stage: stage.to_string(), output: name.to_string() }),
-    }
-}
-
 /// One sentence saying which component differs between the previous run's
 /// components and now (first difference in order of likely interest).
 pub fn explain_change(stage_id: &str, prev: &KeyComponents, now: &KeyComponents) -> String {
@@ -169,7 +143,6 @@ pub fn explain_change(stage_id: &str, prev: &KeyComponents, now: &KeyComponents)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pipeline_cache::FileEntry;
     use serde_json::json;
 
     fn comps() -> KeyComponents {
@@ -241,32 +214,5 @@ mod tests {
         let mut now = comps();
         now.seed = 1;
         assert_eq!(explain_change("grpo", &prev, &now), "seed changed 17 -> 1");
-    }
-
-    #[test]
-    fn artifact_digest_ignores_provenance_and_selects_outputs() {
-        let entry = |path: &str, content: &[u8]| FileEntry {
-            path: path.into(),
-            digest: Digest::of_bytes(content),
-            size: content.len() as u64,
-            executable: false,
-        };
-        let record = |prov: &[u8]| ActionRecord {
-            key: Digest::of_bytes(b"key"),
-            created_unix_ms: 0,
-            manifest: Manifest::from_entries(vec![
-                entry("train/a.txt", b"a"),
-                entry("test/b.txt", b"b"),
-                entry(PROVENANCE_FILE, prov),
-            ]),
-            meta: json!({}),
-        };
-        let (r1, r2) = (record(b"run at 10:00"), record(b"run at 11:00"));
-        assert_eq!(artifact_digest("s", &r1, None).unwrap(), artifact_digest("s", &r2, None).unwrap());
-        let train = artifact_digest("s", &r1, Some("train")).unwrap();
-        assert_ne!(train, artifact_digest("s", &r1, Some("test")).unwrap());
-        assert_ne!(train, artifact_digest("s", &r1, None).unwrap());
-        let err = artifact_digest("split", &r1, Some("val")).unwrap_err();
-        assert_eq!(err.to_string(), "stage `split` has no output `val` (its output directory holds no `val/`)");
     }
 }

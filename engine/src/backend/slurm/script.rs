@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 
-use crate::recipe::{SlurmConfig, StageDecl};
-use crate::stage::{DeviceRequest, Resources};
+use super::config::SlurmConfig;
+use crate::recipe::StageOverride;
+use stage_api::{DeviceRequest, Resources};
 
 /// The `#SBATCH` options and command of one stage's job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,31 +34,29 @@ pub struct JobRequest {
 /// GPUs a stage's job gets: the `[executor.stage]` override, else one for a
 /// stage that requires CUDA; a stage that merely accepts one (`auto`) runs
 /// on the CPU unless given `gpus`.
-pub fn stage_gpus(cfg: &SlurmConfig, decl: &StageDecl) -> usize {
-    let res = decl.stage.resources();
-    cfg.stage_override(&decl.id, &decl.name).gpus.unwrap_or(usize::from(res.device == DeviceRequest::Cuda))
+pub fn stage_gpus(o: &StageOverride, res: &Resources) -> usize {
+    o.gpus.unwrap_or(usize::from(res.device == DeviceRequest::Cuda))
 }
 
 impl JobRequest {
-    /// Map a stage's resources (and its overrides) onto Slurm options.
+    /// Map a stage's resources (and its `[executor.stage]` override `o`) onto Slurm options.
     pub fn for_stage(
         cfg: &SlurmConfig,
-        decl: &StageDecl,
+        o: &StageOverride,
         res: &Resources,
         log_pattern: PathBuf,
         workdir: PathBuf,
         command: Vec<String>,
         job_name: String,
     ) -> Self {
-        let o = cfg.stage_override(&decl.id, &decl.name);
         JobRequest {
             job_name,
             log_pattern,
             cpus: o.cpus.or((res.cpu > 0).then_some(res.cpu)),
             mem_mb: o.mem_mb.unwrap_or(res.memory_mb).max(1),
-            gpus: stage_gpus(cfg, decl),
+            gpus: stage_gpus(o, res),
             ranks: o.ranks.unwrap_or(1).max(1),
-            time: o.time.or_else(|| cfg.time.clone()),
+            time: o.time.clone().or_else(|| cfg.time.clone()),
             partition: cfg.partition.clone(),
             account: cfg.account.clone(),
             qos: cfg.qos.clone(),
@@ -130,9 +129,8 @@ pub fn job_name(recipe: &str, stage: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::StageContext;
-    use crate::recipe::StageOverride;
-    use crate::stage::StageKind;
+    use stage_api::StageContext;
+    use stage_api::StageKind;
 
     /// Uses every core; requires CUDA when `cuda` is set.
     struct Probe;
@@ -213,7 +211,7 @@ mod tests {
 
     #[test]
     fn overrides_win_over_stage_resources() {
-        let registry = crate::registry::Registry::new().register::<Probe>();
+        let registry = stage_api::Registry::new().register::<Probe>();
         let recipe = crate::recipe::load_recipe_str(
             "[recipe]\nname = \"r\"\n[stage.a]\nkind = \"probe\"\n[stage.b]\nkind = \"probe\"\ncuda = true\n",
             std::path::Path::new("r.toml"),
@@ -222,24 +220,22 @@ mod tests {
         )
         .unwrap();
         let (a, b) = (recipe.stage("a").unwrap(), recipe.stage("b").unwrap());
-        let mut cfg = SlurmConfig { time: Some("10".into()), ..SlurmConfig::default() };
-        let req = |cfg: &SlurmConfig, d: &StageDecl| {
-            JobRequest::for_stage(cfg, d, &d.stage.resources(), "l".into(), "w".into(), vec![], "n".into())
+        let cfg = SlurmConfig { time: Some("10".into()), ..SlurmConfig::default() };
+        let req = |o: &StageOverride, d: &crate::recipe::StageDecl| {
+            JobRequest::for_stage(&cfg, o, &d.stage.resources(), "l".into(), "w".into(), vec![], "n".into())
         };
-        let ra = req(&cfg, a);
+        let none = StageOverride::default();
+        let ra = req(&none, a);
         assert_eq!((ra.cpus, ra.mem_mb, ra.gpus, ra.time.as_deref()), (None, 256, 0, Some("10")));
-        assert_eq!(req(&cfg, b).gpus, 1, "a stage requiring CUDA gets a GPU");
-        cfg.stages.insert(
-            "a".into(),
-            StageOverride {
-                ranks: Some(2),
-                cpus: Some(4),
-                gpus: Some(1),
-                mem_mb: Some(8192),
-                time: Some("1-00".into()),
-            },
-        );
-        let ra = req(&cfg, a);
+        assert_eq!(req(&none, b).gpus, 1, "a stage requiring CUDA gets a GPU");
+        let o = StageOverride {
+            ranks: Some(2),
+            cpus: Some(4),
+            gpus: Some(1),
+            mem_mb: Some(8192),
+            time: Some("1-00".into()),
+        };
+        let ra = req(&o, a);
         assert_eq!((ra.cpus, ra.mem_mb, ra.gpus, ra.time.as_deref()), (Some(4), 8192, 1, Some("1-00")));
         assert_eq!(ra.ranks, 2);
     }

@@ -8,6 +8,9 @@ use petgraph::Direction;
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::{Dfs, Reversed, Walker};
 
+use crate::recipe::Recipe;
+use crate::recipe::order::stable_topo_order;
+
 /// A problem with the shape of the graph.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DagError {
@@ -26,7 +29,7 @@ pub enum DagError {
 pub struct StageGraph {
     graph: DiGraph<String, ()>,
     index: BTreeMap<String, NodeIndex>,
-    /// Topological order, ties broken by declaration order (stable output).
+    /// Topological order, ties broken by declaration order (see [`stable_topo_order`]).
     order: Vec<NodeIndex>,
 }
 
@@ -55,12 +58,22 @@ impl StageGraph {
                 }
             }
         }
-        let order = stable_topo_order(&graph)?;
+        let deps: Vec<Vec<usize>> = graph
+            .node_indices()
+            .map(|ix| graph.neighbors_directed(ix, Direction::Incoming).map(|u| u.index()).collect())
+            .collect();
+        let order = stable_topo_order(&deps)
+            .map_err(|stuck| DagError::Cycle(graph[NodeIndex::new(stuck)].clone()))?
+            .into_iter()
+            .map(NodeIndex::new)
+            .collect();
         Ok(Self { graph, index, order })
     }
 
     /// Build from a parsed recipe: one edge per input reference and `after`.
-    pub fn from_recipe(recipe: &crate::recipe::Recipe) -> Result<Self, DagError> {
+    /// The recipe's stages are already in [the one topological
+    /// order](crate::recipe::order), which therefore comes back unchanged.
+    pub fn from_recipe(recipe: &Recipe) -> Result<Self, DagError> {
         Self::new(
             recipe.stages.iter().map(|s| (s.id.clone(), s.dependencies().into_iter().map(str::to_string).collect())),
         )
@@ -169,29 +182,6 @@ impl StageGraph {
 
 fn escape_dot(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
-}
-
-/// Kahn's algorithm picking the earliest-declared ready node, so the order
-/// is deterministic and follows the recipe where dependencies allow.
-fn stable_topo_order(graph: &DiGraph<String, ()>) -> Result<Vec<NodeIndex>, DagError> {
-    let mut indegree: Vec<usize> =
-        graph.node_indices().map(|ix| graph.neighbors_directed(ix, Direction::Incoming).count()).collect();
-    let mut ready: BTreeSet<NodeIndex> = graph.node_indices().filter(|ix| indegree[ix.index()] == 0).collect();
-    let mut order = Vec::with_capacity(graph.node_count());
-    while let Some(ix) = ready.pop_first() {
-        order.push(ix);
-        for down in graph.neighbors_directed(ix, Direction::Outgoing) {
-            indegree[down.index()] -= 1;
-            if indegree[down.index()] == 0 {
-                ready.insert(down);
-            }
-        }
-    }
-    if order.len() != graph.node_count() {
-        let stuck = graph.node_indices().find(|ix| indegree[ix.index()] > 0).map(|ix| graph[ix].clone());
-        return Err(DagError::Cycle(stuck.unwrap_or_default()));
-    }
-    Ok(order)
 }
 
 #[cfg(test)]

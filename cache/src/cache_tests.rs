@@ -1,6 +1,7 @@
 //! Tests of publish/lookup/hashing against real files in a temp dir.
 
-use std::os::unix::fs::PermissionsExt;
+use std::fs::Permissions;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 
 use super::*;
@@ -149,11 +150,11 @@ fn corrupt_blob_is_quarantined_and_lookup_misses() {
     let victim = cache.artifact_dir(&k).join("x.bin");
     std::fs::set_permissions(&victim, Permissions::from_mode(0o644)).unwrap();
     std::fs::write(&victim, b"ORIGINAL BYTES").unwrap(); // same size
-    let blob = cache.blob_path(&rec.manifest.get("x.bin").unwrap().digest, false);
+    let blob = cache.cas.blob_path(&rec.manifest.get("x.bin").unwrap().digest, false);
 
     assert!(cache.lookup(&k).unwrap().is_none());
     assert!(!blob.exists(), "corrupt blob removed from the store");
-    assert!(!cache.record_path(&k).exists(), "record dropped");
+    assert!(!cache.actions.path(&k).exists(), "record dropped");
     assert!(!cache.artifact_dir(&k).exists(), "view dropped");
     let quarantined: Vec<_> =
         std::fs::read_dir(cache.root().join("quarantine")).unwrap().map(|e| e.unwrap().path()).collect();
@@ -172,7 +173,7 @@ fn truncated_blob_is_detected_without_hashing() {
     let cache = open_cache(dir.path());
     let k = key("t");
     let rec = publish_files(&cache, &k, &[("f", b"0123456789", false)]);
-    let blob = cache.blob_path(&rec.manifest.files[0].digest, false);
+    let blob = cache.cas.blob_path(&rec.manifest.files[0].digest, false);
     std::fs::set_permissions(&blob, Permissions::from_mode(0o644)).unwrap();
     std::fs::write(&blob, b"01234").unwrap();
     assert!(cache.lookup(&k).unwrap().is_none());
@@ -208,22 +209,22 @@ fn crashed_publishes_are_never_served() {
         }]),
         meta: serde_json::Value::Null,
     };
-    cache.write_record(&record).unwrap();
+    cache.actions.write(&record).unwrap();
     assert!(cache.lookup(&k2).unwrap().is_none());
-    assert!(!cache.record_path(&k2).exists(), "useless record removed");
+    assert!(!cache.actions.path(&k2).exists(), "useless record removed");
 
     // 3. Blobs and view written, crash before the record: a miss.
     let k3 = key("no-record");
     publish_files(&cache, &k3, &[("f", b"complete", false)]);
-    std::fs::remove_file(cache.record_path(&k3)).unwrap();
+    std::fs::remove_file(cache.actions.path(&k3)).unwrap();
     assert!(cache.artifact_dir(&k3).exists());
     assert!(cache.lookup(&k3).unwrap().is_none());
 
     // 4. A torn record file is quarantined, not trusted.
     let k4 = key("torn");
-    std::fs::write(cache.record_path(&k4), b"{\"key\": \"").unwrap();
+    std::fs::write(cache.actions.path(&k4), b"{\"key\": \"").unwrap();
     assert!(cache.lookup(&k4).unwrap().is_none());
-    assert!(!cache.record_path(&k4).exists());
+    assert!(!cache.actions.path(&k4).exists());
 }
 
 #[test]
@@ -245,7 +246,7 @@ fn missing_or_damaged_view_is_rebuilt_from_blobs() {
     assert!(!view.join("stray").exists());
     assert_eq!(count_files(&view), 2);
     let c = std::fs::metadata(view.join("c")).unwrap();
-    let blob = std::fs::metadata(cache.blob_path(&Digest::of_bytes(b"sea"), false)).unwrap();
+    let blob = std::fs::metadata(cache.cas.blob_path(&Digest::of_bytes(b"sea"), false)).unwrap();
     assert_eq!(c.ino(), blob.ino());
 }
 
@@ -373,16 +374,6 @@ fn recently_modified_files_are_not_stat_cached() {
     cache.hash_file(&file).unwrap();
     cache.hash_file(&file).unwrap();
     assert_eq!(cache.stat_counters(), StatCounters { hits: 0, hashed: 2 });
-}
-
-#[test]
-fn staging_labels_are_sanitised() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open_cache(dir.path());
-    let s = cache.staging_dir("../../etc/grpo sweep[1]").unwrap();
-    assert_eq!(s.path().parent().unwrap(), cache.root().join("tmp"));
-    let name = s.path().file_name().unwrap().to_str().unwrap();
-    assert!(name.starts_with("stage-______etc_grpo_sweep_1_-"), "{name}");
 }
 
 #[test]

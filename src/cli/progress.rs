@@ -1,21 +1,14 @@
-//! Progress display: indicatif bars on a terminal, plain log lines otherwise
-//! (pipes, files, CI).
+//! Progress of a run on the console: indicatif bars on a terminal, plain
+//! lines otherwise (pipes, files, CI). The engine's [`RunProgress`] is
+//! implemented here so the engine itself never draws or prints.
 
 use std::io::IsTerminal as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-
-use crate::context::{LogProgress, ProgressSink};
-
-/// Hands out one progress sink per running stage and prints run-level lines
-/// without tearing the bars.
-pub trait RunProgress: Send + Sync {
-    fn stage_sink(&self, stage_id: &str) -> Arc<dyn ProgressSink>;
-    /// A line for the user (stage finished, cached, failed).
-    fn println(&self, line: &str);
-}
+use pipeline_engine::run::progress::RunProgress;
+use stage_api::{LogProgress, ProgressSink};
 
 /// Bars when stderr is a terminal and `CI` is unset, plain lines otherwise.
 pub fn for_terminal(quiet: bool) -> Arc<dyn RunProgress> {

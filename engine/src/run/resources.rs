@@ -1,7 +1,8 @@
-//! Resource accounting for the local executor: which ready stage may start
-//! now without oversubscribing cores, CUDA devices or memory.
+//! Resource accounting for the scheduler: which ready stage may start now
+//! without oversubscribing cores, CUDA devices or memory (or, on a
+//! cluster, how many jobs may be in flight).
 
-use crate::stage::{Device, DeviceRequest, Resources};
+use stage_api::{Device, DeviceRequest, Resources};
 
 /// What the machine offers (computed once per run by the binary / engine).
 #[derive(Debug, Clone)]
@@ -29,32 +30,6 @@ impl Grant {
     /// The CUDA devices held, in index order.
     pub fn cuda_devices(&self) -> Vec<usize> {
         (0..64).filter(|i| self.cuda_mask & (1 << i) != 0).collect()
-    }
-}
-
-/// Why a stage cannot run on this machine at all.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DeviceError {
-    #[error(
-        "stage `{stage}` requests a CUDA device but none is available; set `allow_cpu_fallback = true` in [recipe] to run it on the CPU"
-    )]
-    NoCuda { stage: String },
-}
-
-/// Resolve a stage's device request against the machine.
-pub fn resolve_device(
-    stage: &str,
-    request: DeviceRequest,
-    cuda_devices: usize,
-    allow_cpu_fallback: bool,
-) -> Result<DeviceRequest, DeviceError> {
-    match request {
-        DeviceRequest::Cpu => Ok(DeviceRequest::Cpu),
-        DeviceRequest::Auto if cuda_devices > 0 => Ok(DeviceRequest::Cuda),
-        DeviceRequest::Auto => Ok(DeviceRequest::Cpu),
-        DeviceRequest::Cuda if cuda_devices > 0 => Ok(DeviceRequest::Cuda),
-        DeviceRequest::Cuda if allow_cpu_fallback => Ok(DeviceRequest::Cpu),
-        DeviceRequest::Cuda => Err(DeviceError::NoCuda { stage: stage.to_string() }),
     }
 }
 
@@ -257,14 +232,5 @@ mod tests {
         assert!(p.try_acquire(&cpu(1, 1), DeviceRequest::Cpu).is_none(), "jobs");
         p.release(&a);
         assert!(p.try_acquire(&cpu(1, 1), DeviceRequest::Cpu).is_some());
-    }
-
-    #[test]
-    fn device_resolution() {
-        assert_eq!(resolve_device("s", DeviceRequest::Auto, 0, false), Ok(DeviceRequest::Cpu));
-        assert_eq!(resolve_device("s", DeviceRequest::Auto, 1, false), Ok(DeviceRequest::Cuda));
-        assert_eq!(resolve_device("s", DeviceRequest::Cuda, 0, true), Ok(DeviceRequest::Cpu));
-        let err = resolve_device("train_sft", DeviceRequest::Cuda, 0, false).unwrap_err();
-        assert!(err.to_string().contains("stage `train_sft` requests a CUDA device"), "{err}");
     }
 }

@@ -20,13 +20,13 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use pipeline_cache::{ActionRecord, Cache, Digest};
 
-use crate::context::{Artifact, ProgressSink, StageContext};
-use crate::key::KeyComponents;
+use crate::plan::key::KeyComponents;
 use crate::provenance::{Provenance, rfc3339};
-use crate::stage::{ConfiguredStage, Device};
 use crate::workspace::StageStatus;
 use stage_api::DistInfo;
 use stage_api::host_name;
+use stage_api::{Artifact, ProgressSink, StageContext};
+use stage_api::{ConfiguredStage, Device};
 
 /// Where a stage run comes from (for provenance and the action record).
 #[derive(Debug, Clone)]
@@ -318,7 +318,7 @@ pub fn run_peer(cache: &Cache, run: &StageRun<'_>, dist: &DistInfo, cancel: Arc<
     let id = run.id;
     let staging = cache.staging_dir(&format!("{id}.rank{}", dist.rank))?;
     let scratch = cache.staging_dir(&format!("{id}.rank{}.scratch", dist.rank))?;
-    let progress: Arc<dyn ProgressSink> = Arc::new(crate::context::LogProgress::default());
+    let progress: Arc<dyn ProgressSink> = Arc::new(stage_api::LogProgress::default());
     let outcome = run_stage(
         run,
         staging.path(),

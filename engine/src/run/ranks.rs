@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::stage_run::{PeerGroup, PeerLauncher};
+use crate::run::stage_run::{PeerGroup, PeerLauncher};
 use stage_api::DistInfo;
 
 /// How rank 0 starts its peers on this machine.
