@@ -219,7 +219,9 @@ impl StageKind for Grpo {
     // whitespace around the completion allowed, repeated/nested tags and empty
     // blocks not), answers from the first answer block.
     // 4: the loss is normalised by the step's sequences/tokens over all
-    // micro-batches and ranks (a short last micro-batch weighed up to 4x more).
+    // micro-batches and ranks (a short last micro-batch weighed up to 4x more);
+    // no step_time_s in metrics.jsonl, no resumed_from_step in trainable.json
+    // (run facts go to provenance.json).
     const VERSION: u32 = 4;
     const DISTRIBUTED: bool = true;
     const SUMMARY: &'static str =

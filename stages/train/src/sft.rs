@@ -130,7 +130,9 @@ impl StageKind for Sft {
     const KIND: &'static str = "sft";
     // 2: the vision patch embedding trains when `trainable` matches it.
     // 3: the step loss is the mean over all its tokens (was: mean of micro-batch means).
-    const VERSION: u32 = 3;
+    // 4: outputs hold results only: no tokens_per_s in metrics.jsonl, no
+    // resumed_from_step in trainable.json (run facts go to provenance.json).
+    const VERSION: u32 = 4;
     const DISTRIBUTED: bool = true;
     const SUMMARY: &'static str =
         "Supervised fine-tuning of a Qwen2.5-VL checkpoint on a VQA split (loss on assistant tokens only)";

@@ -22,6 +22,12 @@
 //! save (rank 0)       weights, the input's tokenizer/processor files, trainable.json
 //! ```
 //!
+//! Same settings, same bytes: the outputs hold results only. Facts of the
+//! run (the checkpoint it resumed from, step timings) go to the stage log
+//! and to `provenance.json` through `ctx.note`, which the engine keeps out
+//! of the artifact's digest; a resumed run publishes exactly the bytes of
+//! an uninterrupted one.
+//!
 //! The loop owns everything the algorithms used to repeat: the checkpoint
 //! (trainable weights, AdamW state, step, the algorithm's data
 //! [`Position`] and its log files) and the refusal of a checkpoint from
@@ -158,10 +164,12 @@ pub fn run(
     let resume_dir = ctx.resume_dir()?.to_path_buf();
     let start = resume_from(&resume_dir, &out, setup, &mut update, &*algo, total)?;
 
+    ctx.note("resumed_from_step", start);
     ctx.progress().start(algo.phase(), total as u64);
     ctx.progress().advance(start as u64);
-    let mut window = Window::new();
+    let mut times = StepTimes::default();
     for step in start..total {
+        let began = Instant::now();
         ctx.check_cancelled()?;
         algo.prepare(step, ctx, comm)?;
         let local = accumulate(algo)?;
@@ -172,13 +180,13 @@ pub fn run(
         let grad_norm = update.step(lr, comm)?;
         let done = step + 1;
         ctx.progress().advance(1);
-        window.add(algo.tokens());
         if ctx.is_main_rank() && (done % s.log_every.max(1) == 0 || done == total) {
+            let timing = times.last_to_string();
+            tracing::info!("step {done}/{total}: loss {loss:.5}, grad_norm {grad_norm:.4}, lr {lr:.3e}{timing}");
             row.insert("step".into(), done.into());
             row.insert("loss".into(), loss.into());
             row.insert("lr".into(), lr.into());
             row.insert("grad_norm".into(), grad_norm.into());
-            row.extend(window.take());
             ctx.metrics().record(&serde_json::Value::Object(row))?;
         }
         if ctx.is_main_rank() && s.checkpoint_every > 0 && done % s.checkpoint_every == 0 && done < total {
@@ -189,7 +197,9 @@ pub fn run(
             files.extend(algo.log_files());
             resume::save_training(&resume_dir, &state, &setup.model, update.optimizer(), files)?;
         }
+        times.push(began.elapsed().as_secs_f64(), algo.tokens());
     }
+    ctx.note("timing", times.summary());
     ctx.progress().finish();
     if !ctx.is_main_rank() {
         // Rank 0 saves the (identical) weights.
@@ -206,7 +216,6 @@ pub fn run(
     summary.insert("total_parameters".into(), t.total_parameters.into());
     summary.insert("optimizer_steps".into(), total.into());
     summary.insert("ranks".into(), comm.world_size().into());
-    summary.insert("resumed_from_step".into(), start.into());
     summary.extend(algo.summary());
     std::fs::write(out.join("trainable.json"), serde_json::to_vec_pretty(&serde_json::Value::Object(summary))?)?;
     Ok(())
@@ -242,34 +251,88 @@ fn resume_from(
     Ok(state.step)
 }
 
-/// Wall-clock time and tokens since the last metrics row.
-struct Window {
-    since: Instant,
-    steps: usize,
-    tokens: Option<usize>,
+/// Wall-clock seconds and tokens of each step this attempt ran. Timings
+/// are facts of the run, not of its result: they go to the stage log and
+/// `provenance.json` (`ctx.note`), never into the outputs, so identical
+/// training publishes identical bytes.
+#[derive(Default)]
+struct StepTimes {
+    secs: Vec<f64>,
+    tokens: Vec<Option<usize>>,
 }
 
-impl Window {
-    fn new() -> Self {
-        Self { since: Instant::now(), steps: 0, tokens: None }
+impl StepTimes {
+    fn push(&mut self, secs: f64, tokens: Option<usize>) {
+        self.secs.push(secs);
+        self.tokens.push(tokens);
     }
 
-    fn add(&mut self, tokens: Option<usize>) {
-        self.steps += 1;
-        if let Some(t) = tokens {
-            *self.tokens.get_or_insert(0) += t;
+    /// `", 0.412 s, 9123 tokens/s"` of the latest step, for the log.
+    fn last_to_string(&self) -> String {
+        let Some(&secs) = self.secs.last() else { return String::new() };
+        match self.tokens.last().copied().flatten() {
+            Some(tokens) => format!(", {secs:.3} s, {:.0} tokens/s", tokens as f64 / secs.max(1e-9)),
+            None => format!(", {secs:.3} s"),
         }
     }
 
-    /// The window's timings, then start a new window.
-    fn take(&mut self) -> Metrics {
-        let secs = self.since.elapsed().as_secs_f64().max(1e-9);
-        let mut row = Metrics::new();
-        match self.tokens {
-            Some(tokens) => row.insert("tokens_per_s".into(), (tokens as f64 / secs).into()),
-            None => row.insert("step_time_s".into(), (secs / self.steps.max(1) as f64).into()),
-        };
-        *self = Self::new();
-        row
+    /// Steps timed and their seconds, the first (warm-up) step's seconds,
+    /// and the medians of the steps after it (of all steps when there is
+    /// one): seconds per step and, when the algorithm counts tokens, tokens/s.
+    fn summary(&self) -> serde_json::Value {
+        let mut out = Metrics::new();
+        out.insert("steps".into(), self.secs.len().into());
+        out.insert("seconds".into(), self.secs.iter().sum::<f64>().into());
+        if let Some(&first) = self.secs.first() {
+            out.insert("first_step_s".into(), first.into());
+            let skip = usize::from(self.secs.len() > 1);
+            out.insert("step_s_median".into(), median(self.secs[skip..].to_vec()).into());
+            let rates: Option<Vec<f64>> = self.secs[skip..]
+                .iter()
+                .zip(&self.tokens[skip..])
+                .map(|(secs, tokens)| tokens.map(|t| t as f64 / secs.max(1e-9)))
+                .collect();
+            if let Some(rates) = rates {
+                out.insert("tokens_per_s_median".into(), median(rates).into());
+            }
+        }
+        serde_json::Value::Object(out)
+    }
+}
+
+/// The median of a non-empty list (the upper one of an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timing_summary_leaves_the_warm_up_step_out() {
+        let mut t = StepTimes::default();
+        assert_eq!(t.summary(), serde_json::json!({"steps": 0, "seconds": 0.0}));
+        t.push(5.0, Some(100));
+        let one = t.summary();
+        assert_eq!((one["step_s_median"].as_f64(), one["tokens_per_s_median"].as_f64()), (Some(5.0), Some(20.0)));
+        t.push(1.0, Some(100));
+        t.push(3.0, Some(600));
+        t.push(2.0, Some(300));
+        let s = t.summary();
+        assert_eq!(s["steps"], 4);
+        assert_eq!(s["seconds"].as_f64(), Some(11.0));
+        assert_eq!(s["first_step_s"].as_f64(), Some(5.0));
+        assert_eq!(s["step_s_median"].as_f64(), Some(2.0));
+        // Rates of steps 2..: 100, 200, 150 tokens/s.
+        assert_eq!(s["tokens_per_s_median"].as_f64(), Some(150.0));
+        assert_eq!(t.last_to_string(), ", 2.000 s, 150 tokens/s");
+        // An algorithm that counts no tokens reports no throughput.
+        let mut t = StepTimes::default();
+        t.push(1.0, None);
+        t.push(1.5, None);
+        assert!(t.summary().get("tokens_per_s_median").is_none());
+        assert_eq!(t.last_to_string(), ", 1.500 s");
     }
 }
