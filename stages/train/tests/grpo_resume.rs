@@ -6,26 +6,17 @@
 
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use stage_api::StageKind;
 use stages_train::Grpo;
 use stages_train::grpo::{COMPLETIONS_JSONL, GrpoParams};
-
-type Notes = serde_json::Map<String, serde_json::Value>;
+use support::{Dirs, Notes};
 
 fn run(model: &Path, split: &Path, out: &Path, resume: &Path, kill_after: Option<u64>) -> anyhow::Result<Notes> {
-    run_seeded(model, split, out, resume, kill_after, 23)
+    run_seeded(Dirs { model, split, out, resume }, kill_after, 23)
 }
 
-fn run_seeded(
-    model: &Path,
-    split: &Path,
-    out: &Path,
-    resume: &Path,
-    kill_after: Option<u64>,
-    seed: u64,
-) -> anyhow::Result<Notes> {
+fn run_seeded(dirs: Dirs, kill_after: Option<u64>, seed: u64) -> anyhow::Result<Notes> {
     let params = GrpoParams {
         steps: 6,
         prompts_per_step: 2,
@@ -39,18 +30,20 @@ fn run_seeded(
         lr: 1e-3,
         ..Default::default()
     };
-    Grpo::validate(&params).unwrap();
-    let mut ctx = support::training_context("grpo", out, model, split, resume, seed, kill_after)?;
-    Grpo::run(&params, &mut ctx)?;
-    Ok(ctx.notes())
+    support::train::<Grpo>(&params, dirs, seed, kill_after)
+}
+
+/// A split and a tiny model SFT'd into the answer format (rewards differ).
+fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
+    let split = support::write_split(&dir.join("train"), 9);
+    (support::tiny_sft_model(dir, &split, 20), split)
 }
 
 #[test]
 fn two_runs_publish_the_same_bytes() {
     let _serial = support::serial();
     let dir = tempfile::tempdir().unwrap();
-    let split = support::write_split(&dir.path().join("train"), 9);
-    let model = support::tiny_sft_model(dir.path(), &split, 20);
+    let (model, split) = fixture(dir.path());
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     let notes = run(&model, &split, &a, &dir.path().join("resume-a"), None).unwrap();
     run(&model, &split, &b, &dir.path().join("resume-b"), None).unwrap();
@@ -64,8 +57,7 @@ fn two_runs_publish_the_same_bytes() {
 fn killed_run_resumes_to_the_bytes_of_an_uninterrupted_run() {
     let _serial = support::serial();
     let dir = tempfile::tempdir().unwrap();
-    let split = support::write_split(&dir.path().join("train"), 9);
-    let model = support::tiny_sft_model(dir.path(), &split, 20);
+    let (model, split) = fixture(dir.path());
 
     let full = dir.path().join("full");
     run(&model, &split, &full, &dir.path().join("resume-full"), None).unwrap();
@@ -85,7 +77,8 @@ fn killed_run_resumes_to_the_bytes_of_an_uninterrupted_run() {
     std::fs::create_dir_all(&foreign).unwrap();
     let copy = std::process::Command::new("cp").arg("-r").arg(resume.join("step-00000002")).arg(&foreign).status();
     assert!(copy.unwrap().success());
-    let e = run_seeded(&model, &split, &dir.path().join("foreign"), &foreign, None, 24).unwrap_err().to_string();
+    let dirs = Dirs { model: &model, split: &split, out: &dir.path().join("foreign"), resume: &foreign };
+    let e = run_seeded(dirs, None, 24).unwrap_err().to_string();
     assert!(e.contains("does not match this run"), "{e}");
 
     // A new attempt (fresh output dir, as the engine gives) continues from step 2.

@@ -8,11 +8,9 @@ mod support;
 
 use std::path::Path;
 
-use stage_api::StageKind;
 use stages_train::Sft;
 use stages_train::sft::{SftParams, Target};
-
-type Notes = serde_json::Map<String, serde_json::Value>;
+use support::{Dirs, Notes};
 
 /// Run SFT; the notes it made for provenance.json.
 fn run(
@@ -32,10 +30,7 @@ fn run(
         checkpoint_every: 3,
         ..Default::default()
     };
-    Sft::validate(&params).unwrap();
-    let mut ctx = support::training_context("sft", out, init, split, resume, seed, kill_after)?;
-    Sft::run(&params, &mut ctx)?;
-    Ok(ctx.notes())
+    support::train::<Sft>(&params, Dirs { model: init, split, out, resume }, seed, kill_after)
 }
 
 /// The fixture's init_model output (its short SFT is not used here) and a split.

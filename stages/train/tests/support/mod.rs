@@ -67,6 +67,32 @@ pub fn training_context(
     builder.build()
 }
 
+/// What a training stage noted for its provenance.json.
+pub type Notes = serde_json::Map<String, serde_json::Value>;
+
+/// Where a training run of a test reads and writes.
+pub struct Dirs<'a> {
+    pub model: &'a Path,
+    pub split: &'a Path,
+    pub out: &'a Path,
+    pub resume: &'a Path,
+}
+
+/// Validate `params` and run the training stage `K` in `dirs`, cancelled
+/// after `kill_after` steps when given; the notes it made.
+pub fn train<K: StageKind>(
+    params: &K::Params,
+    dirs: Dirs,
+    seed: u64,
+    kill_after: Option<u64>,
+) -> anyhow::Result<Notes> {
+    K::validate(params).unwrap();
+    let Dirs { model, split, out, resume } = dirs;
+    let mut ctx = training_context(K::KIND, out, model, split, resume, seed, kill_after)?;
+    K::run(params, &mut ctx)?;
+    Ok(ctx.notes())
+}
+
 /// Every file under `dir` (relative path -> bytes).
 pub fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     let mut out = std::collections::BTreeMap::new();
