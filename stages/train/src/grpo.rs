@@ -229,7 +229,7 @@ impl StageKind for Grpo {
 
     fn inputs() -> &'static [InputSpec] {
         const I: &[InputSpec] = &[
-            InputSpec::one("model", "HF Qwen2.5-VL checkpoint directory (e.g. an sft stage)"),
+            InputSpec::one("model", "HF Qwen2.5-VL or Qwen2-VL checkpoint directory (e.g. an sft stage)"),
             InputSpec::one("data", "Parquet training split (e.g. `export.train`)"),
         ];
         I

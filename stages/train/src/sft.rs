@@ -139,7 +139,7 @@ impl StageKind for Sft {
 
     fn inputs() -> &'static [InputSpec] {
         const I: &[InputSpec] = &[
-            InputSpec::one("model", "HF Qwen2.5-VL checkpoint directory (e.g. an init_model stage)"),
+            InputSpec::one("model", "HF Qwen2.5-VL or Qwen2-VL checkpoint directory (e.g. an init_model stage)"),
             InputSpec::one("data", "Parquet training split (e.g. `export.train`)"),
         ];
         I
