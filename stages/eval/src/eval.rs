@@ -525,6 +525,18 @@ impl StageKind for Eval {
         }
     }
 
+    fn unkeyed_params(p: &Self::Params) -> Vec<&'static str> {
+        match p.backend {
+            // Where the server is and how patiently it is asked cannot change
+            // its replies (seeds are per item, failures fail the stage), so
+            // moving a server keeps its cached results. The served model's
+            // name and the request params stay in the key.
+            EvalBackend::Http => crate::served::UNKEYED.to_vec(),
+            // Irrelevant to a local run, but keyed as they always were.
+            EvalBackend::Local => Vec::new(),
+        }
+    }
+
     fn validate(p: &Self::Params) -> Result<(), ParamError> {
         if p.batch_size == 0 {
             return Err(ParamError::new(&["batch_size"], "must be at least 1"));
