@@ -45,7 +45,7 @@ use crate::artifacts::{
     GALLERY_DIR, GALLERY_JSON, METRICS_JSON, PREDICTIONS_JSONL, PREDICTIONS_PARQUET, SERVED_JSON, artifact_id,
 };
 use crate::chat_api::{ApiKey, ChatClient};
-use crate::metrics::{CiMethod, EvalSource, ScoredItem, aggregate};
+use crate::metrics::{CiMethod, EvalSource, ScoredItem, aggregate, dataset_identity};
 use crate::predictions::{Prediction, write_jsonl, write_parquet};
 use crate::served::{Hooks, Item, RequestSpec, Served, ServedParams, ServedRecord};
 
@@ -354,22 +354,6 @@ pub fn split_name(output: Option<&str>, data: &Path) -> Option<String> {
         .split_once("-of-")
         .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit()));
     (shard && !prefix.is_empty()).then(|| prefix.to_string())
-}
-
-/// The dataset an eval scored, as the report compares it: the data input
-/// (`stage` or `stage.output`) without its sweep variant, since a sweep
-/// varies how one dataset is made, not which (`export@zoom.test` ->
-/// `export.test`), and `[:limit]` when only a prefix was scored.
-pub fn dataset_identity(stage: &str, output: Option<&str>, limit: Option<usize>) -> String {
-    let base = stage.split_once('@').map_or(stage, |(s, _)| s);
-    let mut id = match output {
-        Some(o) => format!("{base}.{o}"),
-        None => base.to_string(),
-    };
-    if let Some(n) = limit {
-        id += &format!("[:{n}]");
-    }
-    id
 }
 
 /// File-name-safe version of an item id.
@@ -771,13 +755,6 @@ pub(crate) mod tests {
         let params = EvalParams { answer_match: AnswerMatch::VqaAccuracy, ..Default::default() };
         let err = format!("{:#}", Eval::run(&params, &mut ctx).unwrap_err());
         assert!(err.contains("item `q7` has no gold answer list") && err.contains("`answers` column"), "{err}");
-    }
-
-    #[test]
-    fn dataset_identity_drops_the_sweep_variant_and_keeps_the_prefix() {
-        assert_eq!(dataset_identity("export@zoom", Some("test"), None), "export.test");
-        assert_eq!(dataset_identity("chartqa", None, Some(100)), "chartqa[:100]");
-        assert_eq!(dataset_identity("general", None, None), "general");
     }
 
     #[test]
