@@ -170,6 +170,22 @@ fn served_baseline_runs_against_a_fake_server_and_keeps_the_key_secret() {
     let second = pipeline(&args, tmp.path());
     assert!(second.status.success() && text(&second).contains(": 0 ran,"), "rerun:\n{}", text(&second));
     assert_eq!(server.requests(), 2 * n_items);
+    // The server moved and is asked harder: the scores stay cached (those
+    // settings are not in the key)...
+    let mut moved = args.clone();
+    let moved_sets =
+        ["eval_served.http.url=http://127.0.0.1:9/v1", "eval_served.http.concurrency=3", "eval_served.http.retries=7"];
+    for s in moved_sets {
+        moved.extend(["--set", s]);
+    }
+    moved[0] = "plan";
+    let plan = text(&pipeline(&moved, tmp.path()));
+    let line = |p: &str| p.lines().find(|l| l.contains("eval_served ")).unwrap_or_default().to_string();
+    assert!(line(&plan).contains("cached"), "a moved server re-scores:\n{plan}");
+    // ...but another model name is another result.
+    let other = ["plan", RECIPE, "--cache-dir", cache, "--set", "eval_served.http.model=other-72b"];
+    let plan = text(&pipeline(&other, tmp.path()));
+    assert!(!line(&plan).contains("cached"), "another served model reuses the scores:\n{plan}");
 
     // An `http` eval with a `model` input is a recipe error at the line of `backend`.
     let with_model = pipeline(&["plan", RECIPE, "--cache-dir", cache, "--set", "eval_served.model=export"], tmp.path());

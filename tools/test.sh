@@ -7,6 +7,8 @@ setup_libtorch
 cd "$repo"
 step "cargo fmt --check"
 cargo fmt --all -- --check
+step "no import cycles between modules"
+python3 "$repo/tools/check_module_cycles.py"
 step "cargo clippy -D warnings"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 # The NCCL collective (data-parallel training on CUDA) is behind a feature:

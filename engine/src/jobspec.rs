@@ -119,6 +119,7 @@ mod tests {
             external: vec![],
             seed: 3,
             device_class: None,
+            unkeyed: Vec::new(),
         };
         let spec = JobSpec {
             format: JOB_SPEC_FORMAT,

@@ -300,6 +300,7 @@ mod tests {
             external: vec![],
             seed: 7,
             device_class: None,
+            unkeyed: Vec::new(),
         };
         let mut job_inputs = BTreeMap::new();
         job_inputs.insert("up".to_string(), vec![JobInput { stage: "a".into(), output: None, record: up_key }]);

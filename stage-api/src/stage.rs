@@ -110,6 +110,17 @@ pub trait StageKind: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// JSON pointers (RFC 6901, e.g. `/http/url`) into the canonical params
+    /// of settings that cannot change the stage's results — where a server
+    /// is, how many requests are in flight, how long to wait, how often to
+    /// retry. They are left out of the cache key (moving a server to another
+    /// host reuses its results) and out of `why`'s params diff, but still
+    /// reach [`StageKind::run`] and provenance. Declare nothing that could
+    /// change an output byte.
+    fn unkeyed_params(_params: &Self::Params) -> Vec<&'static str> {
+        Vec::new()
+    }
+
     /// Extra checks on params after deserialization (ranges, consistency).
     /// Return the offending key and a message.
     fn validate(_params: &Self::Params) -> Result<(), ParamError> {
@@ -148,6 +159,10 @@ pub trait ConfiguredStage: Send + Sync {
     /// Params with defaults filled in, as canonical JSON (for the cache key,
     /// `show` and provenance).
     fn canonical_params(&self) -> serde_json::Value;
+    /// See [`StageKind::unkeyed_params`].
+    fn unkeyed_params(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
     fn outputs(&self) -> Vec<OutputSpec>;
     fn resources(&self) -> Resources;
     /// See [`StageKind::DISTRIBUTED`].
@@ -217,6 +232,9 @@ impl<K: StageKind> ConfiguredStage for Configured<K> {
         // Serializing our own typed params cannot fail for serde-derived
         // structs; fall back to Null rather than panic.
         serde_json::to_value(&self.params).unwrap_or(serde_json::Value::Null)
+    }
+    fn unkeyed_params(&self) -> Vec<&'static str> {
+        K::unkeyed_params(&self.params)
     }
     fn outputs(&self) -> Vec<OutputSpec> {
         K::outputs(&self.params)

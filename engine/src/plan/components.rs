@@ -109,6 +109,7 @@ impl Subject<'_> {
             external,
             seed: self.seed,
             device_class: self.device_class,
+            unkeyed: self.stage.unkeyed_params().into_iter().map(String::from).collect(),
         }
     }
 }

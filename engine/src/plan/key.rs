@@ -51,6 +51,11 @@ pub struct KeyComponents {
     /// `cpu` / `cuda` for stages that use a device (results may differ).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_class: Option<String>,
+    /// JSON pointers into `params` that the stage declares result-neutral
+    /// (`StageKind::unkeyed_params`): kept here so the job spec carries the
+    /// full params, left out of [`KeyComponents::key`] and of the diff.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unkeyed: Vec<String>,
 }
 
 impl KeyComponents {
@@ -58,7 +63,7 @@ impl KeyComponents {
         let mut h = KeyHasher::new(KEY_SCHEMA_VERSION);
         h.field("kind", self.kind.as_bytes());
         h.field("version", &self.version.to_le_bytes());
-        h.field("params", canonical::canonical_string(&self.params).as_bytes());
+        h.field("params", canonical::canonical_string(&self.keyed_params()).as_bytes());
         for (name, refs) in &self.inputs {
             for (i, r) in refs.iter().enumerate() {
                 h.field(&format!("input:{name}:{i}"), &r.digest.0);
@@ -78,6 +83,15 @@ impl KeyComponents {
         h.finish()
     }
 
+    /// `params` without the [`KeyComponents::unkeyed`] settings: what the key covers.
+    pub fn keyed_params(&self) -> Value {
+        let mut params = self.params.clone();
+        for pointer in &self.unkeyed {
+            remove_pointer(&mut params, pointer);
+        }
+        params
+    }
+
     /// True while some upstream has not produced its output.
     pub fn has_pending_inputs(&self) -> bool {
         self.inputs.values().flatten().any(|r| r.pending)
@@ -85,6 +99,16 @@ impl KeyComponents {
 
     pub fn missing_external(&self) -> impl Iterator<Item = &PathBuf> {
         self.external.iter().filter(|e| e.digest.is_none()).map(|e| &e.path)
+    }
+}
+
+/// Remove the value at a JSON pointer (`/a/b`), if there is one.
+fn remove_pointer(value: &mut Value, pointer: &str) {
+    let Some((parent, last)) = pointer.rsplit_once('/') else { return };
+    let last = last.replace("~1", "/").replace("~0", "~");
+    let parent = if parent.is_empty() { Some(value) } else { value.pointer_mut(parent) };
+    if let Some(Value::Object(map)) = parent {
+        map.remove(&last);
     }
 }
 
@@ -97,7 +121,7 @@ pub fn explain_change(stage_id: &str, prev: &KeyComponents, now: &KeyComponents)
     if prev.version != now.version {
         return format!("code version bumped {} -> {}", prev.version, now.version);
     }
-    let changes = canonical::diff(&prev.params, &now.params);
+    let changes = canonical::diff(&prev.keyed_params(), &now.keyed_params());
     if !changes.is_empty() {
         let shown: Vec<String> = changes.iter().take(3).map(|c| format!("{stage_id}.{c}")).collect();
         let more = if changes.len() > 3 { format!(" (+{} more)", changes.len() - 3) } else { String::new() };
@@ -164,6 +188,7 @@ mod tests {
             external: vec![ExternalDigest { path: "/data/x".into(), digest: Some(Digest::of_bytes(b"x")) }],
             seed: 17,
             device_class: None,
+            unkeyed: Vec::new(),
         }
     }
 
@@ -193,6 +218,31 @@ mod tests {
         let mut moved = comps();
         moved.external[0].path = "/elsewhere/x".into();
         assert_eq!(moved.key(), base.key());
+    }
+
+    #[test]
+    fn unkeyed_params_leave_the_key_and_the_diff_but_stay_in_the_components() {
+        let with_server = |url: &str, retries: u64| {
+            let mut c = comps();
+            c.params = json!({"beta": 0.04, "steps": 10, "http": {"url": url, "model": "m", "retries": retries}});
+            c.unkeyed = vec!["/http/url".into(), "/http/retries".into(), "/not/there".into()];
+            c
+        };
+        let a = with_server("http://a:8000/v1", 3);
+        let b = with_server("http://b:9000/v1", 5);
+        assert_eq!(a.key(), b.key(), "where the server is and how often to retry do not key results");
+        assert_eq!(b.params["http"]["url"], "http://b:9000/v1", "the run still gets them");
+        assert_eq!(a.keyed_params(), json!({"beta": 0.04, "steps": 10, "http": {"model": "m"}}));
+        let mut other_model = with_server("http://a:8000/v1", 3);
+        other_model.params["http"]["model"] = json!("m2");
+        assert_ne!(other_model.key(), a.key(), "keyed params still key");
+        let mut all_keyed = with_server("http://b:9000/v1", 5);
+        all_keyed.unkeyed.clear();
+        assert_ne!(all_keyed.key(), b.key());
+        let prev = with_server("http://a:8000/v1", 3);
+        let mut now = with_server("http://b:9000/v1", 3);
+        now.seed = 18;
+        assert_eq!(explain_change("e", &prev, &now), "seed changed 17 -> 18", "the url change is not news");
     }
 
     #[test]

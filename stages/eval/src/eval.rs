@@ -45,7 +45,7 @@ use crate::artifacts::{
     GALLERY_DIR, GALLERY_JSON, METRICS_JSON, PREDICTIONS_JSONL, PREDICTIONS_PARQUET, SERVED_JSON, artifact_id,
 };
 use crate::chat_api::{ApiKey, ChatClient};
-use crate::metrics::{CiMethod, EvalSource, ScoredItem, aggregate};
+use crate::metrics::{CiMethod, EvalSource, ScoredItem, aggregate, dataset_identity};
 use crate::predictions::{Prediction, write_jsonl, write_parquet};
 use crate::served::{Hooks, Item, RequestSpec, Served, ServedParams, ServedRecord};
 
@@ -356,22 +356,6 @@ pub fn split_name(output: Option<&str>, data: &Path) -> Option<String> {
     (shard && !prefix.is_empty()).then(|| prefix.to_string())
 }
 
-/// The dataset an eval scored, as the report compares it: the data input
-/// (`stage` or `stage.output`) without its sweep variant, since a sweep
-/// varies how one dataset is made, not which (`export@zoom.test` ->
-/// `export.test`), and `[:limit]` when only a prefix was scored.
-pub fn dataset_identity(stage: &str, output: Option<&str>, limit: Option<usize>) -> String {
-    let base = stage.split_once('@').map_or(stage, |(s, _)| s);
-    let mut id = match output {
-        Some(o) => format!("{base}.{o}"),
-        None => base.to_string(),
-    };
-    if let Some(n) = limit {
-        id += &format!("[:{n}]");
-    }
-    id
-}
-
 /// File-name-safe version of an item id.
 pub fn safe_name(id: &str) -> String {
     id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
@@ -524,6 +508,18 @@ impl StageKind for Eval {
             EvalBackend::Local => Resources { cpu: 0, device: p.device.request(), memory_mb: 4096 },
             // Request threads wait on the network: one core, no device.
             _ => Resources { cpu: 1, device: DeviceRequest::Cpu, memory_mb: 512 },
+        }
+    }
+
+    fn unkeyed_params(p: &Self::Params) -> Vec<&'static str> {
+        match p.backend {
+            // Where the server is and how patiently it is asked cannot change
+            // its replies (seeds are per item, failures fail the stage), so
+            // moving a server keeps its cached results. The served model's
+            // name and the request params stay in the key.
+            EvalBackend::Http => crate::served::UNKEYED.to_vec(),
+            // Irrelevant to a local run, but keyed as they always were.
+            EvalBackend::Local => Vec::new(),
         }
     }
 
@@ -761,13 +757,6 @@ pub(crate) mod tests {
         let params = EvalParams { answer_match: AnswerMatch::VqaAccuracy, ..Default::default() };
         let err = format!("{:#}", Eval::run(&params, &mut ctx).unwrap_err());
         assert!(err.contains("item `q7` has no gold answer list") && err.contains("`answers` column"), "{err}");
-    }
-
-    #[test]
-    fn dataset_identity_drops_the_sweep_variant_and_keeps_the_prefix() {
-        assert_eq!(dataset_identity("export@zoom", Some("test"), None), "export.test");
-        assert_eq!(dataset_identity("chartqa", None, Some(100)), "chartqa[:100]");
-        assert_eq!(dataset_identity("general", None, None), "general");
     }
 
     #[test]

@@ -179,12 +179,28 @@ pub struct EvalSource {
     pub prompt: String,
     /// Which data was scored, as the report compares evals: the data input
     /// without its sweep variant, `[:limit]` when a prefix was scored
-    /// (`crate::eval::dataset_identity`). Absent before eval v5.
+    /// ([`dataset_identity`]). Absent before eval v5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,
     /// The `answer_match` the eval scored with. Absent before eval v5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer_match: Option<String>,
+}
+
+/// The dataset an eval scored, as the report compares it: the data input
+/// (`stage` or `stage.output`) without its sweep variant, since a sweep
+/// varies how one dataset is made, not which (`export@zoom.test` ->
+/// `export.test`), and `[:limit]` when only a prefix was scored.
+pub fn dataset_identity(stage: &str, output: Option<&str>, limit: Option<usize>) -> String {
+    let base = stage.split_once('@').map_or(stage, |(s, _)| s);
+    let mut id = match output {
+        Some(o) => format!("{base}.{o}"),
+        None => base.to_string(),
+    };
+    if let Some(n) = limit {
+        id += &format!("[:{n}]");
+    }
+    id
 }
 
 impl EvalSource {
@@ -195,7 +211,7 @@ impl EvalSource {
                 Some((s, o)) => (s, Some(o)),
                 None => (self.data.as_str(), None),
             };
-            crate::eval::dataset_identity(stage, output, None)
+            dataset_identity(stage, output, None)
         })
     }
 }
@@ -429,5 +445,12 @@ mod tests {
         assert!((m.class_headline("all").unwrap() - 0.625).abs() < 1e-12);
         let b = aggregate(&items, &[], CiMethod::Bootstrap { resamples: 500, seed: 1 }).headline();
         assert!(b.lo < 0.625 && b.hi > 0.625 && b.hi <= 1.0, "{b:?}");
+    }
+
+    #[test]
+    fn dataset_identity_drops_the_sweep_variant_and_keeps_the_prefix() {
+        assert_eq!(dataset_identity("export@zoom", Some("test"), None), "export.test");
+        assert_eq!(dataset_identity("chartqa", None, Some(100)), "chartqa[:100]");
+        assert_eq!(dataset_identity("general", None, None), "general");
     }
 }

@@ -57,6 +57,18 @@ pub const RESERVED_FIELDS: &[&str] = &[
     "add_generation_prompt",
 ];
 
+/// The `http` settings that say where the server is and how patiently to
+/// ask it, not what it answers: left out of the eval's cache key.
+pub const UNKEYED: &[&str] = &[
+    "/http/url",
+    "/http/api_key_env",
+    "/http/concurrency",
+    "/http/timeout_s",
+    "/http/retries",
+    "/http/backoff_s",
+    "/http/max_backoff_s",
+];
+
 /// The `http` table of an eval: which served model and how to reach it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
