@@ -36,7 +36,9 @@ pub struct Tcp {
 impl Tcp {
     /// Meet the other ranks of `dist` (blocks until all are there).
     pub fn connect(dist: &DistInfo, timeout: Duration, cancelled: &dyn Fn() -> bool) -> anyhow::Result<Self> {
-        if dist.world_size < 2 || dist.rank >= dist.world_size {
+        // A world of one is allowed: the data-parallel code path (NCCL on
+        // CUDA) run in one process, as tools/gpu_check.sh does.
+        if dist.rank >= dist.world_size {
             bail!("rank {} of {} is not a data-parallel group", dist.rank, dist.world_size);
         }
         let deadline = Instant::now() + timeout;
@@ -318,6 +320,18 @@ mod tests {
             assert_eq!(names, vec!["rank0", "rank1", "rank2"]);
             assert_eq!(counts, vec![3.0, 3.0]);
         }
+    }
+
+    #[test]
+    fn a_world_of_one_connects_and_its_collectives_are_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = &group(dir.path(), 1)[0];
+        let mut c = Tcp::connect(d, Duration::from_secs(5), &|| false).unwrap();
+        let a = Tensor::from_slice(&[1.5f32, -2.0]);
+        c.all_reduce_sum(&[a.shallow_clone()]).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&a).unwrap(), vec![1.5, -2.0]);
+        assert_eq!(all_gather_json(&mut c, &"only".to_string()).unwrap(), vec!["only".to_string()]);
+        assert_eq!(all_reduce_f64(&mut c, &[3.0]).unwrap(), vec![3.0]);
     }
 
     #[test]
