@@ -483,10 +483,14 @@ impl StageKind for Eval {
     // v5: free-form answers are the whole answer block (not `(\w+)`); gold
     //     answer lists, `chartqa` / `vqa_accuracy` matching and the mean credit
     //     (`score`); `source` records the dataset identity and the matching.
-    // (The `http` backend added params, not a version: local results are unchanged.
-    // Nor did device sampling and dropping finished rows from the decode batch:
-    // the same tokens as the host sampler, and eval keeps only the text.)
-    const VERSION: u32 = 5;
+    // (The `http` backend added params, not a version: local results are unchanged.)
+    // v6: tokens chosen on the device (top-k / nucleus candidates drawn in
+    //     vocabulary order) and finished rows dropped from the decode batch.
+    //     Dropping rows changes the batch shape of every matmul, so logits can
+    //     move in the last bits: at 7B decoder shapes a sampled completion
+    //     came out 3 tokens longer (decode_bench), and greedy near-ties can
+    //     flip the same way.
+    const VERSION: u32 = 6;
     const SUMMARY: &'static str = "Score a Qwen2.5-VL / Qwen2-VL checkpoint, or a model served behind an OpenAI-compatible API, on a VQA split: predictions, accuracy (overall, per class, CI) or a benchmark metric (ChartQA, TextVQA), format/validity";
 
     fn inputs() -> &'static [InputSpec] {

@@ -83,7 +83,8 @@ fn parse() -> anyhow::Result<Args> {
             "--dist" => a.dist = true,
             _ => {
                 let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-                let number = |v: &str| v.parse::<usize>().with_context(|| format!("{flag}: expected a count, got {v:?}"));
+                let number =
+                    |v: &str| v.parse::<usize>().with_context(|| format!("{flag}: expected a count, got {v:?}"));
                 match flag.as_str() {
                     "--phase" => a.phase = value,
                     "--work" => a.work = value.into(),
@@ -100,8 +101,11 @@ fn parse() -> anyhow::Result<Args> {
                     "--batch" => a.batch = number(&value)?,
                     "--threads" => a.threads = number(&value)?,
                     "--peak-tflops" => {
-                        a.peak_tflops =
-                            Some(value.parse().with_context(|| format!("--peak-tflops: expected a number, got {value:?}"))?)
+                        a.peak_tflops = Some(
+                            value
+                                .parse()
+                                .with_context(|| format!("--peak-tflops: expected a number, got {value:?}"))?,
+                        )
                     }
                     other => bail!("unknown flag {other}"),
                 }
@@ -275,7 +279,9 @@ fn init(a: &Args) -> anyhow::Result<serde_json::Value> {
                 problem: question(),
                 answer: ["A", "B", "C"][i % 3].into(),
                 answers: Vec::new(),
-                options: ["A. airway abnormalities", "B. emphysema", "C. ground-glass opacity"].map(String::from).to_vec(),
+                options: ["A. airway abnormalities", "B. emphysema", "C. ground-glass opacity"]
+                    .map(String::from)
+                    .to_vec(),
                 class: ["airway", "emphysema", "ggo"][i % 3].into(),
                 class_name: ["airway abnormalities", "emphysema", "ground-glass opacity"][i % 3].into(),
             })

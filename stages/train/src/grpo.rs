@@ -234,9 +234,10 @@ impl StageKind for Grpo {
     // no step_time_s in metrics.jsonl, no resumed_from_step in trainable.json
     // (run facts go to provenance.json).
     // 5: rollouts choose tokens on the device (top-k / nucleus candidates drawn
-    // in vocabulary order; sampler log-probs from a tensor log-softmax: the
-    // same tokens, log-probs within 1e-5, so the sampling-diff metrics move)
-    // and drop finished rows from the decode batch.
+    // in vocabulary order; sampler log-probs from a tensor log-softmax, within
+    // 1e-5 of the host's, so the sampling-diff metrics move) and drop finished
+    // rows from the decode batch (other matmul batch shapes: logits can move
+    // in the last bits and a draw pick another token).
     const VERSION: u32 = 5;
     const DISTRIBUTED: bool = true;
     const SUMMARY: &'static str =

@@ -3,8 +3,10 @@
 //! on a random model with Qwen2.5-VL-7B decoder shapes (`--layers` decoder
 //! layers, full vocabulary unless `--vocab`), for each [`DecodeLoop`]:
 //! the loop before issue 15 (host sampler, finished rows kept), each change
-//! alone, and both (the default). Every loop must produce the same
-//! completions (the bench fails otherwise), so the rates compare equal work.
+//! alone, and both (the default). The loops draw the same tokens up to the
+//! last bits of the logits (dropping rows changes the matmuls' batch shape),
+//! so completions can differ by a few tokens: `same_completions` says whether
+//! they match the first loop's; rates are tokens per second of decoding.
 //!
 //! Lengths: temperature 1 over near-uniform random logits, with `--end-tokens`
 //! end-of-sequence ids spread over the vocabulary, so completions stop after a
@@ -148,10 +150,19 @@ fn main() -> anyhow::Result<()> {
             let secs = t0.elapsed().as_secs_f64();
             let tokens: Vec<Vec<i64>> = out.iter().map(|c| c.token_ids.clone()).collect();
             let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
-            match &reference {
-                None => reference = Some(tokens),
-                Some(r) if *r != tokens => bail!("{name}: different completions than the first loop ({lengths:?})"),
-                Some(_) => {}
+            // Dropping rows changes the batch shape of every matmul, so at
+            // these shapes a row's logits can move in the last bits and a
+            // near-uniform draw pick another token: then the work differs
+            // slightly, which the rates below account for (tokens / s).
+            let same = match &reference {
+                None => {
+                    reference = Some(tokens);
+                    true
+                }
+                Some(r) => *r == tokens,
+            };
+            if !same {
+                eprintln!("{name}: other completions than the first loop (lengths {lengths:?})");
             }
             let n: usize = lengths.iter().sum();
             let decode_s = (secs - prefill_s).max(1e-9);
@@ -161,7 +172,7 @@ fn main() -> anyhow::Result<()> {
                 serde_json::json!({
                     "round": round, "loop": name, "threads": tch::get_num_threads(), "device": format!("{device:?}"),
                     "layers": a.layers, "vocab": a.vocab, "prompt": a.prompt, "group": a.group, "lengths": lengths,
-                    "generated": n, "generate_s": secs, "prefill_s": prefill_s,
+                    "generated": n, "same_completions": same, "generate_s": secs, "prefill_s": prefill_s,
                     "decode_tokens_per_s": n as f64 / decode_s,
                 })
             );

@@ -577,7 +577,7 @@ mod tests {
         // ties among random logits), computed here from a full sort.
         for (k, p) in [(50, 1.0), (0, 0.9), (0, 0.3), (200, 0.95), (5, 0.999)] {
             let cfg = GenerationConfig { temperature: 0.8, top_k: k, top_p: p, ..Default::default() };
-            let (_, probs) = candidate_probs(&(&logits).to_kind(Kind::Float), &cfg);
+            let (_, probs) = candidate_probs(&logits.to_kind(Kind::Float), &cfg);
             for (r, row) in host.iter().enumerate() {
                 let scaled: Vec<f32> = row.iter().map(|l| l / 0.8).collect();
                 let z: f32 = scaled.iter().map(|s| s.exp()).sum();
