@@ -12,6 +12,7 @@
 pub mod context;
 pub mod dist;
 pub mod params;
+pub mod ranges;
 pub mod registry;
 pub mod resources;
 pub mod stage;

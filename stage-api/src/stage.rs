@@ -192,6 +192,7 @@ impl<K: StageKind> DynStageKind for Erased<K> {
     fn configure_canonical(&self, params: serde_json::Value) -> Result<Box<dyn ConfiguredStage>, ParamError> {
         // The exact serde inverse of `canonical_params` (TOML has no null, so
         // `Option` params could not round-trip through `configure`).
+        crate::ranges::check_json(&crate::params::schema_of::<K::Params>(), &params)?;
         let params: K::Params = serde_path_to_error::deserialize(params).map_err(|e| {
             let path = e.path().to_string();
             ParamError { path: vec![path], message: e.inner().to_string(), hint: None }
