@@ -342,6 +342,62 @@ pub fn declared_range(schema: &Value) -> Option<String> {
     Some(range.to_string())
 }
 
+/// The defaults a params schema documents, checked against its ranges (a
+/// default outside its own field's range would fail every recipe that
+/// leaves the field out).
+pub fn check_defaults(schema: &Value) -> Result<(), ParamError> {
+    let defaults: serde_json::Map<String, Value> = schema
+        .get("properties")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, prop)| prop.get("default").map(|d| (k.clone(), d.clone())))
+        .collect();
+    check_json(schema, &Value::Object(defaults))
+}
+
+/// Paths of the integer params in `schema` that declare no range narrower
+/// than their type's (`a.b` for nested tables, `a[]` for list items), so a
+/// test can require one on every count and size.
+pub fn unranged_integers(schema: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let checker = Checker { root: schema };
+    collect_unranged(&checker, schema, "", &mut out, 0);
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn collect_unranged(checker: &Checker<'_>, schema: &Value, path: &str, out: &mut Vec<String>, depth: usize) {
+    if depth > MAX_DEPTH {
+        return;
+    }
+    let schema = checker.resolve(schema);
+    let is_integer = match schema.get("type") {
+        Some(Value::String(t)) => t == "integer",
+        Some(Value::Array(ts)) => ts.iter().any(|t| t == "integer"),
+        _ => false,
+    };
+    if is_integer && declared_range(schema).is_none() {
+        out.push(path.to_string());
+    }
+    for key in ["anyOf", "oneOf", "allOf"] {
+        for alt in schema.get(key).and_then(Value::as_array).into_iter().flatten() {
+            collect_unranged(checker, alt, path, out, depth + 1);
+        }
+    }
+    if let Some(items) = schema.get("items").filter(|i| i.is_object()) {
+        collect_unranged(checker, items, &format!("{path}[]"), out, depth + 1);
+    }
+    if let Some(extra) = schema.get("additionalProperties").filter(|i| i.is_object()) {
+        collect_unranged(checker, extra, &format!("{path}.*"), out, depth + 1);
+    }
+    for (key, prop) in schema.get("properties").and_then(Value::as_object).into_iter().flatten() {
+        let sub = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+        collect_unranged(checker, prop, &sub, out, depth + 1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,7 +405,7 @@ mod tests {
     use serde::Deserialize;
     use std::collections::BTreeMap;
 
-    #[derive(Debug, Deserialize, JsonSchema)]
+    #[derive(Debug, Deserialize, serde::Serialize, JsonSchema)]
     #[serde(deny_unknown_fields, default)]
     #[allow(dead_code)]
     struct Inner {
@@ -461,6 +517,28 @@ mod tests {
         check_json(&schema, &serde_json::json!({"cases": null, "http": {"concurrency": 4}})).unwrap();
         let err = check_json(&schema, &serde_json::json!({"cases": 0})).unwrap_err();
         assert_eq!(err.path, vec!["cases"]);
+    }
+
+    #[test]
+    fn unranged_integers_and_defaults_are_found() {
+        let schema = crate::params::schema_of::<P>();
+        assert_eq!(unranged_integers(&schema), vec!["plain", "side", "small"]);
+
+        #[derive(Debug, Deserialize, serde::Serialize, schemars::JsonSchema)]
+        #[serde(default)]
+        #[allow(dead_code)]
+        struct D {
+            #[schemars(range(min = 1, max = 10))]
+            n: u32,
+            http: Inner,
+        }
+        impl Default for D {
+            fn default() -> Self {
+                Self { n: 5, http: Inner { concurrency: 300 } }
+            }
+        }
+        let err = check_defaults(&crate::params::schema_of::<D>()).unwrap_err();
+        assert_eq!(err.path, vec!["http", "concurrency"]);
     }
 
     #[test]
