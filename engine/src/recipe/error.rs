@@ -11,9 +11,11 @@
 //!
 //! Whatever the input, the rendering stays short: the source line is shown
 //! as a window of at most [`EXCERPT_CHARS`] characters around the column
-//! (`...` where it is cut, as rustc does), and the message, help and notes
-//! at most [`TEXT_CHARS`] characters each (cut in the middle), so a 1 MB
-//! string or a 100 000-deep array gives a few lines, not megabytes.
+//! (`...` where it is cut, as rustc does), a word of the message, help or
+//! notes (a quoted value, a name) at most [`WORD_CHARS`] characters, and
+//! each text at most [`TEXT_CHARS`] characters (cut in the middle), so a
+//! 1 MB string or a 100 000-deep array gives a few lines, not megabytes,
+//! and the words around a long value (what was expected) stay.
 
 use std::fmt;
 
@@ -25,6 +27,10 @@ pub const EXCERPT_CHARS: usize = 100;
 const CONTEXT_BEFORE: usize = 30;
 /// Longest message, help or note an error shows.
 pub const TEXT_CHARS: usize = 400;
+/// Longest run of non-space characters a message, help or note shows:
+/// long enough for any real path, short enough that a pasted value leaves
+/// room for the rest of the sentence.
+pub const WORD_CHARS: usize = 120;
 /// Marks where an excerpt or a text was cut.
 const CUT: &str = "...";
 
@@ -98,7 +104,7 @@ impl RecipeError {
 impl fmt::Display for RecipeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let this = &self.0;
-        write!(f, "error: {}", elide_middle(&this.message, TEXT_CHARS))?;
+        write!(f, "error: {}", shorten(&this.message))?;
         let gutter = match &this.loc {
             Some(loc) => loc.line.to_string().len(),
             None => 0,
@@ -113,10 +119,10 @@ impl fmt::Display for RecipeError {
             }
         }
         for note in &this.notes {
-            write!(f, "\n{pad} = note: {}", elide_middle(note, TEXT_CHARS))?;
+            write!(f, "\n{pad} = note: {}", shorten(note))?;
         }
         if let Some(help) = &this.help {
-            write!(f, "\n{pad} = help: {}", elide_middle(help, TEXT_CHARS))?;
+            write!(f, "\n{pad} = help: {}", shorten(help))?;
         }
         Ok(())
     }
@@ -158,6 +164,38 @@ fn excerpt(line: &str, col: usize, len: usize) -> Excerpt {
     // Carets end at the window (or one past the line, for a span at its end).
     let carets = len.min(to.saturating_sub(start_col)).max(1);
     Excerpt { text: shown, indent, carets }
+}
+
+/// A message, help or note as shown: long words cut, then the whole text.
+fn shorten(text: &str) -> String {
+    elide_middle(&elide_long_words(text, WORD_CHARS), TEXT_CHARS).into_owned()
+}
+
+/// `text` with every run of non-whitespace characters longer than `max`
+/// cut in its middle to `max` characters ([`elide_middle`]).
+fn elide_long_words(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    // Fast path: no word can be longer than `max` in a text that is not.
+    if text.chars().count() <= max {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len().min(4 * TEXT_CHARS));
+    let mut word_start = None;
+    for (i, c) in text.char_indices() {
+        match (c.is_whitespace(), word_start) {
+            (false, None) => word_start = Some(i),
+            (true, Some(start)) => {
+                out.push_str(&elide_middle(&text[start..i], max));
+                out.push(c);
+                word_start = None;
+            }
+            (true, None) => out.push(c),
+            (false, Some(_)) => {}
+        }
+    }
+    if let Some(start) = word_start {
+        out.push_str(&elide_middle(&text[start..], max));
+    }
+    out.into()
 }
 
 /// `text` if it has at most `max` characters; else its start and end with
@@ -243,6 +281,14 @@ error: unknown parameter `box_min_aera` for stage `slices` (kind `lesion_slices`
         assert!(shown.starts_with("error: invalid stage name `nnn"), "{shown}");
         assert!(shown.lines().next().unwrap().ends_with("nnn`: expected at most 64 characters"), "{shown}");
         assert_eq!(elide_middle("short", 10), "short");
+        // A long value keeps the words around it (what was expected).
+        let err = RecipeError::new(format!("invalid type: string \"{name}\", expected u64"));
+        let shown = err.to_string();
+        assert!(shown.len() < 200 && shown.ends_with("nnn\", expected u64"), "{shown}");
+        assert_eq!(elide_long_words("a  bb\tccccccccc d", 7), "a  bb\tcc...cc d");
+        let long = format!("{} /a/real/path.toml", "é".repeat(300));
+        let shown = elide_long_words(&long, 20);
+        assert!(shown.ends_with("éé /a/real/path.toml") && shown.chars().count() == 38, "{shown}");
         assert_eq!(elide_middle("ééééééééééé", 10).chars().count(), 10);
     }
 

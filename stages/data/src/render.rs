@@ -67,8 +67,10 @@ pub enum ZoomBox {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum PatchSide {
-    Pixels(u32),
-    Fraction(f64),
+    // The largest slice side the stage accepts (`max_pixels` = 4096 x 4096).
+    Pixels(#[schemars(range(min = 1, max = 4096))] u32),
+    // > 0 is checked in `validate`.
+    Fraction(#[schemars(range(min = 0.0, max = 1.0))] f64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -440,11 +442,6 @@ impl StageKind for Render {
         match p.patch_side {
             PatchSide::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
                 return Err(ParamError::new(&["patch_side"], format!("a fraction must be in (0, 1], got {f}")));
-            }
-            PatchSide::Pixels(0) => return Err(ParamError::new(&["patch_side"], "must be at least 1 pixel")),
-            // The largest slice side the stage accepts (`max_pixels` = 4096 x 4096).
-            PatchSide::Pixels(n) if n > 4096 => {
-                return Err(ParamError::new(&["patch_side"], format!("{n} pixels: at most 4096")));
             }
             _ => {}
         }
