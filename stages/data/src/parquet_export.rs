@@ -81,11 +81,11 @@ pub struct ParquetExportParams {
     /// Splits to export; each must be found in the `split` input.
     pub splits: Vec<String>,
     /// Target row-group size in MiB of payload (a group closes once it reaches it).
-    // A row group is built in memory; > 0 is checked in `validate`.
-    #[schemars(range(max = 4096.0))]
+    // A row group is built in memory.
+    #[schemars(range(max = 4096.0), extend("exclusiveMinimum" = 0.0))]
     pub row_group_mb: f64,
     /// Target shard size in MiB (a shard closes once it reaches it, at a row-group boundary).
-    #[schemars(range(max = 65_536.0))]
+    #[schemars(range(max = 65_536.0), extend("exclusiveMinimum" = 0.0))]
     pub shard_mb: f64,
     /// zstd level (1-22).
     // zstd's levels.

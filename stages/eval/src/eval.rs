@@ -105,7 +105,7 @@ pub struct EvalParams {
     /// `answers` column's 10 human answers).
     pub answer_match: AnswerMatch,
     /// Confidence intervals: `{ method = "wilson" }` or
-    /// `{ method = "bootstrap", resamples = 1000, seed = 0 }`.
+    /// `{ method = "bootstrap", resamples = 1000, seed = 0 }` (resamples in 1..=1000000).
     pub ci: CiMethod,
     /// Evaluate only the first `limit` items (quick looks).
     #[schemars(range(min = 1, max = 100_000_000))]

@@ -97,8 +97,8 @@ pub struct HttpParams {
     /// Name of an environment variable holding a bearer token (optional).
     pub api_key_env: Option<String>,
     /// Per-request timeout in seconds.
-    // A day; > 0 is checked in `validate`.
-    #[schemars(range(max = 86_400.0))]
+    // A day.
+    #[schemars(range(max = 86_400.0), extend("exclusiveMinimum" = 0.0))]
     pub timeout_s: f64,
     /// Retries after a timeout, connection error, 429 or 5xx (then the item is reported as an error).
     #[schemars(range(max = 100))]
@@ -181,6 +181,8 @@ pub struct JudgeParams {
     /// Count items whose reasoning names no class as inconsistent (else they
     /// are excluded from the rate, still reported).
     pub undetermined_is_inconsistent: bool,
+    /// Confidence intervals: `{ method = "wilson" }` or
+    /// `{ method = "bootstrap", resamples = 1000, seed = 0 }` (resamples in 1..=1000000).
     pub ci: CiMethod,
 }
 

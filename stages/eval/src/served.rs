@@ -72,8 +72,8 @@ pub struct ServedParams {
     #[schemars(range(min = 1, max = 1024))]
     pub concurrency: usize,
     /// Per-request timeout in seconds (connect, generation and reply together).
-    // A day; > 0 is checked in `validate`.
-    #[schemars(range(max = 86_400.0))]
+    // A day.
+    #[schemars(range(max = 86_400.0), extend("exclusiveMinimum" = 0.0))]
     pub timeout_s: f64,
     /// Retries after a timeout, connection error, 429, 5xx or unparseable reply; then the stage fails (replies so far are kept for its rerun).
     // Backoff doubles after each retry: 100 already waits days at `max_backoff_s`.
