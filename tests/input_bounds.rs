@@ -161,6 +161,14 @@ fn a_megabyte_string_gives_a_short_located_error_that_still_says_what_was_expect
     refused(&ws, "kind.toml", &["kind.toml:2:8", "unknown stage kind", "registered kinds"]);
     ws.write("key.toml", &format!("[stage.a]\nkind = \"text\"\n{big} = 1\n"));
     refused(&ws, "key.toml", &["key.toml:3:1", "unknown parameter", "expected one of"]);
+    // The regex error quotes the pattern again; what is wrong with it stays in view.
+    ws.write(
+        "regex.toml",
+        &format!(
+            "[stage.m]\nkind = \"init_model\"\n\n[stage.e]\nkind = \"eval\"\nmodel = \"m\"\ndata = \"m\"\nanswer_regex = \"{big}(\"\n"
+        ),
+    );
+    refused(&ws, "regex.toml", &["regex.toml:8:1", "`answer_regex`", "unclosed group"]);
     // Unterminated: the error is at the end of the megabyte line.
     ws.write("open.toml", &format!("[stage.a]\nkind = \"text\"\ntext = \"{big}\n"));
     refused(&ws, "open.toml", &["open.toml:3:", "invalid TOML"]);
