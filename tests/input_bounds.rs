@@ -86,7 +86,10 @@ fn grpo_counts_and_lengths_beyond_their_ranges_are_refused() {
     ws.write("round.toml", &grpo("prompts_per_step = 4096\nnum_generations = 1024"));
     refused(&ws, "round.toml", &["round.toml:8:", "`prompts_per_step`", "completions per round: at most 65536"]);
     // The paper's settings plan.
-    ws.write("paper.toml", &grpo("steps = 1500\nprompts_per_step = 8\nnum_generations = 5\nmax_completion_length = 256"));
+    ws.write(
+        "paper.toml",
+        &grpo("steps = 1500\nprompts_per_step = 8\nnum_generations = 5\nmax_completion_length = 256"),
+    );
     let ran = run_guarded(ws.command(&["plan", "paper.toml"]));
     assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
 }
@@ -95,7 +98,9 @@ fn grpo_counts_and_lengths_beyond_their_ranges_are_refused() {
 fn eval_and_served_backend_sizes_are_refused_beyond_their_ranges() {
     let ws = Workspace::new();
     let eval = |extra: &str| {
-        format!("[stage.m]\nkind = \"init_model\"\n\n[stage.e]\nkind = \"eval\"\nmodel = \"m\"\ndata = \"m\"\n{extra}\n")
+        format!(
+            "[stage.m]\nkind = \"init_model\"\n\n[stage.e]\nkind = \"eval\"\nmodel = \"m\"\ndata = \"m\"\n{extra}\n"
+        )
     };
     ws.write("tokens.toml", &eval("max_new_tokens = 1_099_511_627_776"));
     refused(&ws, "tokens.toml", &["tokens.toml:8:", "`max_new_tokens`", "expected 1..=32768"]);
@@ -139,10 +144,7 @@ fn recipes_above_the_size_limit_are_refused() {
 fn deeply_nested_arrays_give_a_short_located_error() {
     let ws = Workspace::new();
     let depth = 100_000;
-    ws.write(
-        "deep.toml",
-        &format!("[stage.a]\nkind = \"text\"\ntext = {}{}\n", "[".repeat(depth), "]".repeat(depth)),
-    );
+    ws.write("deep.toml", &format!("[stage.a]\nkind = \"text\"\ntext = {}{}\n", "[".repeat(depth), "]".repeat(depth)));
     refused(&ws, "deep.toml", &["deep.toml:3:", "invalid TOML"]);
     ws.write(
         "tables.toml",

@@ -291,7 +291,9 @@ impl Range {
     fn contains(&self, n: Num) -> bool {
         let above = match self.min {
             None => true,
-            Some((b, excl)) => matches!(n.cmp(b), Some(Ordering::Greater)) || (!excl && n.cmp(b) == Some(Ordering::Equal)),
+            Some((b, excl)) => {
+                matches!(n.cmp(b), Some(Ordering::Greater)) || (!excl && n.cmp(b) == Some(Ordering::Equal))
+            }
         };
         let below = match self.max {
             None => true,

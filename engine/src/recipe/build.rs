@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use super::decl::{InputRef, StageDecl};
 use super::error::RecipeError;
+use super::names::{check_name, check_stage_id};
 use super::order::stable_topo_order;
 use super::source::{Origin, SourceMap};
-use super::names::{check_name, check_stage_id};
 use super::sweep::SweepDef;
 use super::tree::{Node, NodeValue, Table};
 use stage_api::Registry;

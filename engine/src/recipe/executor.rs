@@ -98,12 +98,7 @@ fn count_in(
     Err(RecipeError::at(
         sources,
         &node.origin,
-        format!(
-            "`{what}` = {n} {} {}..={}",
-            stage_api::ranges::OUT_OF_RANGE,
-            range.start(),
-            range.end()
-        ),
+        format!("`{what}` = {n} {} {}..={}", stage_api::ranges::OUT_OF_RANGE, range.start(), range.end()),
     ))
 }
 

@@ -391,7 +391,12 @@ impl StageKind for ParquetExport {
             let mut sizes = Vec::with_capacity(rows.len());
             for r in &rows {
                 if !crate::paths::is_plain_relative(Path::new(&r.image)) {
-                    bail!("{}: item `{}`: image `{}` is not a path inside the `images` input", src.display(), r.id, r.image);
+                    bail!(
+                        "{}: item `{}`: image `{}` is not a path inside the `images` input",
+                        src.display(),
+                        r.id,
+                        r.image
+                    );
                 }
                 let p = images_dir.join(&r.image);
                 let meta = std::fs::metadata(&p).with_context(|| format!("image of `{}`: {}", r.id, p.display()))?;

@@ -1083,7 +1083,10 @@ mod tests {
         assert_eq!(err("size = 32").path, vec!["size"]);
         assert_eq!(err("val_fraction = 1.5").path, vec!["val_fraction"]);
         let e = err("cases = 1000000000000");
-        assert_eq!((e.path, e.message.as_str()), (vec!["cases".into()], "1000000000000 is out of range: expected 1..=100000"));
+        assert_eq!(
+            (e.path, e.message.as_str()),
+            (vec!["cases".into()], "1000000000000 is out of range: expected 1..=100000")
+        );
         // Each side within its range, the volume not.
         assert_eq!(err("slices = 2048\nsize = 2048").path, vec!["slices"]);
         stage_api::configure_params::<Phantom>("slices = 1024\nsize = 1024\ncases = 100000".parse().unwrap()).unwrap();

@@ -646,7 +646,10 @@ mod tests {
         assert_eq!(InitModel::validate(&p).unwrap_err().path, vec!["mrope_section"]);
         // Sizes, through the recipe path: their declared ranges.
         let e = stage_api::configure_params::<InitModel>(toml::toml! { mrope_section = [10, -1, -1] }).unwrap_err();
-        assert_eq!((e.path, e.message.as_str()), (vec!["mrope_section".into(), "1".into()], "-1 is out of range: expected 0..=32768"));
+        assert_eq!(
+            (e.path, e.message.as_str()),
+            (vec!["mrope_section".into(), "1".into()], "-1 is out of range: expected 0..=32768")
+        );
         let e = stage_api::configure_params::<InitModel>(toml::toml! { vocab_size = 299 }).unwrap_err();
         assert_eq!(e.path, vec!["vocab_size"]);
         let p = InitModelParams { dtype: "int8".into(), ..Default::default() };
