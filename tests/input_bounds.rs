@@ -182,10 +182,20 @@ fn stage_names_longer_than_the_limit_are_refused_at_the_header() {
     let name = "a".repeat(5000);
     ws.write("name.toml", &format!("[stage.{name}]\nkind = \"text\"\n"));
     refused(&ws, "name.toml", &["name.toml:1:8", "stage name", "5000 characters long: at most 64"]);
-    // 64 characters plan (and name their files).
-    ws.write("ok.toml", &format!("[stage.{}]\nkind = \"text\"\n", "a".repeat(64)));
-    let ran = run_guarded(ws.command(&["plan", "ok.toml"]));
+    // The longest names run, and the log file named after the id exists.
+    let (stage, variant) = ("s".repeat(64), "v".repeat(64));
+    ws.write(
+        "ok.toml",
+        &format!(
+            "[stage.{stage}]\nkind = \"text\"\n\n[sweep.w]\nstage = \"{stage}\"\nvariants = {{ {variant} = {{ repeat = 2 }} }}\n"
+        ),
+    );
+    let ran = run_guarded(ws.command(&["run", "ok.toml"]));
     assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+    let log = format!("{stage}@{variant}.log");
+    let runs = std::fs::read_dir(ws.cache().join("logs")).unwrap();
+    let logged = runs.flatten().any(|run| run.path().join(&log).is_file());
+    assert!(logged, "no {log} under {}", ws.cache().join("logs").display());
     // Characters outside the allowed set.
     ws.write("chars.toml", "[stage.\"a/b\"]\nkind = \"text\"\n");
     refused(&ws, "chars.toml", &["chars.toml:1:", "invalid stage name", "letters, digits, `_` and `-`"]);
