@@ -55,6 +55,8 @@ pub enum Target {
 #[serde(deny_unknown_fields, default)]
 pub struct SftParams {
     /// Passes over the training split (paper: 2).
+    // The paper runs 2.
+    #[schemars(range(min = 1, max = 10_000))]
     pub epochs: usize,
     /// Peak learning rate (paper: 1e-5).
     pub lr: f64,
@@ -67,8 +69,10 @@ pub struct SftParams {
     /// Decoupled weight decay.
     pub weight_decay: f64,
     /// Items per forward pass (per rank).
+    #[schemars(range(min = 1, max = 4096))]
     pub batch_size: usize,
     /// Forward passes per optimizer step (global batch = batch_size × this × ranks).
+    #[schemars(range(min = 1, max = 4096))]
     pub grad_accum: usize,
     /// Clip the global gradient norm to this (0 = no clipping).
     pub max_grad_norm: f64,
@@ -82,18 +86,23 @@ pub struct SftParams {
     /// Prompt variant of the user turn (`think`, `no_think` or `dataset`).
     pub prompt: PromptVariant,
     /// Stop after this many optimizer steps (quick looks); all epochs when absent.
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub max_steps: Option<usize>,
     /// Log a metrics row every this many optimizer steps.
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub log_every: usize,
     /// `cpu`, `auto` (CUDA when present) or `cuda`.
     pub device: DeviceChoice,
     /// `auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16`.
     pub dtype: String,
     /// Largest safetensors shard of the saved checkpoint, in MiB.
+    // Up to 1 TiB per shard; bytes = MiB x 2^20 must not overflow.
+    #[schemars(range(min = 1, max = 1_048_576))]
     pub max_shard_mb: u64,
     /// Save a resumable checkpoint (trainable weights, AdamW state, step) to
     /// the engine's resume directory every this many optimizer steps; a
     /// killed run continues from the newest (0 = never).
+    #[schemars(range(max = 1_000_000))]
     pub checkpoint_every: usize,
 }
 
@@ -154,12 +163,6 @@ impl StageKind for Sft {
     }
 
     fn validate(p: &SftParams) -> Result<(), ParamError> {
-        let positive = [("epochs", p.epochs), ("batch_size", p.batch_size), ("grad_accum", p.grad_accum)];
-        for (key, v) in positive {
-            if v == 0 {
-                return Err(ParamError::new(&[key], "must be at least 1"));
-            }
-        }
         if !(p.lr > 0.0 && p.lr.is_finite()) {
             return Err(ParamError::new(&["lr"], format!("must be a positive number, got {}", p.lr)));
         }
@@ -588,8 +591,8 @@ mod tests {
     fn bad_params_name_the_key() {
         let e = Sft::validate(&SftParams { trainable: vec!["(".into()], ..Default::default() }).unwrap_err();
         assert_eq!(e.path, vec!["trainable"]);
-        let e = Sft::validate(&SftParams { batch_size: 0, ..Default::default() }).unwrap_err();
-        assert_eq!(e.path, vec!["batch_size"]);
+        let e = stage_api::configure_params::<Sft>(toml::toml! { batch_size = 0 }).unwrap_err();
+        assert_eq!((e.path, e.message.as_str()), (vec!["batch_size".into()], "0 is out of range: expected 1..=4096"));
         let e = Sft::validate(&SftParams { prompt: PromptVariant::CotForcing, ..Default::default() }).unwrap_err();
         assert_eq!(e.path, vec!["prompt"]);
     }
