@@ -17,7 +17,7 @@ use stage_api::RENDEZVOUS_ABANDONED;
 use stage_api::host_name;
 use tch::Tensor;
 
-use super::collective::{Collective, flatten_f32, unflatten_into};
+use super::collective::{Collective, check_bucket, flatten_f32, unflatten_into};
 
 /// How long ranks wait for each other to show up (model loading included).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(900);
@@ -207,6 +207,74 @@ impl Collective for Tcp {
             decode_parts(&self.recv(0, s)?)
         }
     }
+
+    /// Every rank sends its whole bucket to rank 0, which sums in rank order
+    /// (as `all_reduce_sum`: the same bits as the replicated path) and sends
+    /// each rank its chunk of the sum.
+    fn reduce_scatter_sum(&mut self, input: &Tensor, output: &Tensor) -> anyhow::Result<()> {
+        let n = check_bucket("reduce-scatter", self.world, output, input)?;
+        let mut values = flatten_f32(std::slice::from_ref(input))?;
+        let mine = if self.rank == 0 {
+            for (i, s) in self.streams.iter().enumerate() {
+                let part = self.recv(i + 1, s)?;
+                if part.len() != values.len() * 4 {
+                    bail!("rank {} sent {} values to reduce-scatter, rank 0 has {}", i + 1, part.len() / 4, values.len());
+                }
+                for (acc, c) in values.iter_mut().zip(part.chunks_exact(4)) {
+                    *acc += f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            for (i, s) in self.streams.iter().enumerate() {
+                self.send(i + 1, s, &f32_bytes(&values[(i + 1) * n..(i + 2) * n]))?;
+            }
+            values.truncate(n);
+            values
+        } else {
+            let s = &self.streams[0];
+            self.send(0, s, &f32_bytes(&values))?;
+            let chunk = f32_values(&self.recv(0, s)?);
+            if chunk.len() != n {
+                bail!("rank 0 returned {} reduce-scattered values, expected {n}", chunk.len());
+            }
+            chunk
+        };
+        unflatten_into(&mine, std::slice::from_ref(output))
+    }
+
+    /// Every rank sends its chunk to rank 0, which concatenates them in rank
+    /// order and sends the whole bucket back.
+    fn all_gather(&mut self, input: &Tensor, output: &Tensor) -> anyhow::Result<()> {
+        let n = check_bucket("all-gather", self.world, input, output)?;
+        let mine = flatten_f32(std::slice::from_ref(input))?;
+        let all = if self.rank == 0 {
+            let mut all = mine;
+            for (i, s) in self.streams.iter().enumerate() {
+                let part = f32_values(&self.recv(i + 1, s)?);
+                if part.len() != n {
+                    bail!("rank {} sent {} values to all-gather, expected {n}", i + 1, part.len());
+                }
+                all.extend(part);
+            }
+            let bytes = f32_bytes(&all);
+            for (i, s) in self.streams.iter().enumerate() {
+                self.send(i + 1, s, &bytes)?;
+            }
+            all
+        } else {
+            let s = &self.streams[0];
+            self.send(0, s, &f32_bytes(&mine))?;
+            let all = f32_values(&self.recv(0, s)?);
+            if all.len() != n * self.world {
+                bail!("rank 0 returned {} all-gathered values, expected {}", all.len(), n * self.world);
+            }
+            all
+        };
+        unflatten_into(&all, std::slice::from_ref(output))
+    }
+}
+
+fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
@@ -364,6 +432,62 @@ mod tests {
             Tcp::connect(&r1, Duration::from_secs(20), &|| false).unwrap();
             zero.join().unwrap().unwrap();
         });
+    }
+}
+
+#[cfg(test)]
+mod bucket_tests {
+    use super::*;
+    use tch::Kind;
+
+    /// Run `f(rank, comm)` on `world` TCP ranks (threads); results in rank order.
+    fn on_ranks<T: Send>(world: usize, f: impl Fn(usize, &mut Tcp) -> T + Sync) -> Vec<T> {
+        let dir = tempfile::tempdir().unwrap();
+        std::thread::scope(|s| {
+            let f = &f;
+            let hs: Vec<_> = (0..world)
+                .map(|rank| {
+                    let d = DistInfo { rank, world_size: world, rendezvous: dir.path().to_path_buf(), token: "b".into() };
+                    s.spawn(move || f(rank, &mut Tcp::connect(&d, Duration::from_secs(20), &|| false).unwrap()))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn reduce_scatter_sums_in_rank_order_and_all_gather_concatenates() {
+        for (world, n) in [(2, 1), (3, 5), (3, 0)] {
+            // Rank r's bucket: value i·(r+1) + r/10 at position i.
+            let got = on_ranks(world, |rank, c| {
+                let input: Vec<f32> = (0..world * n).map(|i| i as f32 * (rank + 1) as f32 + rank as f32 / 10.0).collect();
+                let out = Tensor::zeros([n as i64], (Kind::Float, tch::Device::Cpu));
+                c.reduce_scatter_sum(&Tensor::from_slice(&input), &out).unwrap();
+                let chunk = Vec::<f32>::try_from(&out).unwrap();
+                let all = Tensor::zeros([(world * n) as i64], (Kind::BFloat16, tch::Device::Cpu));
+                let mine = Tensor::full([n as i64], rank as f64 + 0.5, (Kind::BFloat16, tch::Device::Cpu));
+                c.all_gather(&mine, &all).unwrap();
+                (chunk, Vec::<f32>::try_from(&all.to_kind(Kind::Float)).unwrap())
+            });
+            for (rank, (chunk, all)) in got.iter().enumerate() {
+                let want: Vec<f32> = (rank * n..(rank + 1) * n)
+                    .map(|i| (0..world).fold(0.0f32, |acc, r| acc + (i as f32 * (r + 1) as f32 + r as f32 / 10.0)))
+                    .collect();
+                assert_eq!(chunk, &want, "world {world}, rank {rank}");
+                let gathered: Vec<f32> = (0..world).flat_map(|r| std::iter::repeat_n(r as f32 + 0.5, n)).collect();
+                assert_eq!(all, &gathered, "world {world}, rank {rank}");
+            }
+        }
+    }
+
+    #[test]
+    fn buckets_that_do_not_split_evenly_are_refused() {
+        let errs = on_ranks(2, |_, c| {
+            let out = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu));
+            let e = c.reduce_scatter_sum(&Tensor::zeros([5], (Kind::Float, tch::Device::Cpu)), &out).unwrap_err();
+            format!("{e:#}")
+        });
+        assert!(errs.iter().all(|e| e.contains("does not split into 2 chunks of 2")), "{errs:?}");
     }
 }
 
