@@ -45,7 +45,7 @@ use crate::policy_loss::{LossConfig, LossInputs, LossStats, LossType, StepScale,
 use crate::prompt::PromptEncoder;
 use crate::rewards::{REWARD_NAMES, RewardError, Rewards, paper_weights};
 use crate::rollout::{DataOrder, Rollout, RolloutSpec, Sampler, rollout, round_seed};
-use crate::trainer::{self, ShardLevel, LoopSettings, Metrics, Position, Setup, regex_union};
+use crate::trainer::{self, LoopSettings, Metrics, Position, Setup, ShardLevel, regex_union};
 
 /// Sample completions written by the stage.
 pub const COMPLETIONS_JSONL: &str = "completions.jsonl";
@@ -141,7 +141,11 @@ pub struct GrpoParams {
     /// micro-batch; ZeRO-2). See docs/scaling.md. The same training up to
     /// float summation order; in the cache key when not `none` (the last
     /// bits of the weights can differ).
+    // Left out of the params JSON at its default, so the cache keys of
+    // recipes written before it existed do not move (the schema still
+    // documents the default).
     #[serde(skip_serializing_if = "ShardLevel::is_none")]
+    #[schemars(extend("default" = "none"))]
     pub shard: ShardLevel,
 }
 

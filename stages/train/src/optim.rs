@@ -106,7 +106,8 @@ impl AdamW {
                     Some(master) => master.shallow_clone(),
                     None => p.to_kind(Kind::Float),
                 };
-                let new = adamw_update(&self.cfg, bias, lr, &g.to_kind(Kind::Float), &mut self.m[i], &mut self.v[i], pf);
+                let new =
+                    adamw_update(&self.cfg, bias, lr, &g.to_kind(Kind::Float), &mut self.m[i], &mut self.v[i], pf);
                 p.copy_(&new.to_kind(p.kind()));
                 if let Some(master) = &mut self.master[i] {
                     *master = new;

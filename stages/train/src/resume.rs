@@ -185,8 +185,9 @@ pub fn save(dir: &Path, snap: &Snapshot) -> anyhow::Result<PathBuf> {
     for rank in 0..snap.shards {
         let staged = shard_staging(dir, snap.state.step, rank);
         let into = tmp.join(SHARDS_DIR).join(shard_name(rank));
-        std::fs::rename(&staged, &into)
-            .with_context(|| format!("moving rank {rank}'s optimizer shard {} into the checkpoint", staged.display()))?;
+        std::fs::rename(&staged, &into).with_context(|| {
+            format!("moving rank {rank}'s optimizer shard {} into the checkpoint", staged.display())
+        })?;
     }
     let files = tmp.join("files");
     std::fs::create_dir_all(&files)?;

@@ -36,7 +36,7 @@ use tch::{Kind, Reduction, Tensor};
 use crate::dist::{self, Collective};
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::prompt::PromptEncoder;
-use crate::trainer::{self, ShardLevel, Algorithm as _, LoopSettings, Metrics, Position, Setup, regex_union};
+use crate::trainer::{self, Algorithm as _, LoopSettings, Metrics, Position, Setup, ShardLevel, regex_union};
 
 /// Label of tokens that carry no loss (prompt, image, padding).
 pub const IGNORE: i64 = -100;
@@ -102,7 +102,11 @@ pub struct SftParams {
     /// micro-batch; ZeRO-2). See docs/scaling.md. The same training up to
     /// float summation order; in the cache key when not `none` (the last
     /// bits of the weights can differ).
+    // Left out of the params JSON at its default, so the cache keys of
+    // recipes written before it existed do not move (the schema still
+    // documents the default).
     #[serde(skip_serializing_if = "ShardLevel::is_none")]
+    #[schemars(extend("default" = "none"))]
     pub shard: ShardLevel,
 }
 

@@ -182,7 +182,11 @@ pub fn run(
         comm.rank(),
         state_bytes as f64 / 1048576.0,
         update.level(),
-        if grad_bytes > 0 { format!(", gradient shard {:.1} MiB", grad_bytes as f64 / 1048576.0) } else { String::new() }
+        if grad_bytes > 0 {
+            format!(", gradient shard {:.1} MiB", grad_bytes as f64 / 1048576.0)
+        } else {
+            String::new()
+        }
     );
     ctx.note("optimizer_state_bytes", state_bytes);
     let out = ctx.output_dir().to_path_buf();
@@ -312,10 +316,9 @@ fn resume_from(
             "{}: the optimizer state is sharded over {saved} ranks, this run does not shard it (shard = \"none\")",
             ck.dir.display()
         ),
-        None if sharded => bail!(
-            "{}: the optimizer state is not sharded, this run shards it over {world} ranks",
-            ck.dir.display()
-        ),
+        None if sharded => {
+            bail!("{}: the optimizer state is not sharded, this run shards it over {world} ranks", ck.dir.display())
+        }
         _ => {}
     }
     let expected = algo.position(state.step);

@@ -58,9 +58,8 @@ where
 {
     let root = tempfile::tempdir().unwrap();
     let resume = root.path().join("resume");
-    for (rank, result) in support::train_ranks::<K>(params, world, model, split, root.path(), &resume, None)
-        .into_iter()
-        .enumerate()
+    for (rank, result) in
+        support::train_ranks::<K>(params, world, model, split, root.path(), &resume, None).into_iter().enumerate()
     {
         if let Err(e) = result {
             panic!("rank {rank} of {world}: {e:#}");
@@ -200,17 +199,36 @@ fn killed_sharded_sft_resumes_to_the_bytes_of_an_uninterrupted_run() {
     }
     let ck = resume.join("step-00000003");
     for rank in 0..2 {
-        assert!(ck.join(format!("optimizer-shards/rank-{rank:05}")).is_dir(), "rank {rank}'s shard in {}", ck.display());
+        assert!(
+            ck.join(format!("optimizer-shards/rank-{rank:05}")).is_dir(),
+            "rank {rank}'s shard in {}",
+            ck.display()
+        );
     }
 
     // Another rank count (same global batch: 3 ranks × 2) is refused, naming both.
     let other = SftParams { grad_accum: 2, ..params.clone() };
     let (_, results) = run("three", 3, &other, &resume, None);
-    let e = format!("{:#}", results[0].as_ref().err().expect("3 ranks refuse a 2-rank checkpoint"));
+    let e = format!("{:#}", results[0].as_ref().expect_err("3 ranks refuse a 2-rank checkpoint"));
     assert!(e.contains("step-00000003") && e.contains("sharded over 2 ranks, this run has 3"), "{e}");
 
     let (resumed, results) = run("resumed", 2, &params, &resume, None);
     let notes = results.into_iter().next().unwrap().unwrap();
     assert_eq!(notes["resumed_from_step"], 3);
     support::assert_same_files(&full, &resumed);
+}
+
+#[test]
+fn shard_enters_the_canonical_params_only_when_not_none() {
+    // The cache key hashes the params' JSON: `none` (the default, whether
+    // written or not) keeps every existing key; a sharded run may differ
+    // from it in the last bits, so it gets keys of its own.
+    let json = |p: &SftParams| serde_json::to_value(p).unwrap();
+    let none: SftParams = serde_json::from_value(serde_json::json!({"shard": "none"})).unwrap();
+    assert_eq!(json(&none), json(&SftParams::default()));
+    assert!(json(&none).get("shard").is_none());
+    assert_eq!(json(&sft_params(ShardLevel::Gradients, 1))["shard"], "gradients");
+    let grpo = GrpoParams { shard: ShardLevel::Optimizer, ..Default::default() };
+    assert_eq!(serde_json::to_value(&grpo).unwrap()["shard"], "optimizer");
+    assert!(serde_json::to_value(GrpoParams::default()).unwrap().get("shard").is_none());
 }

@@ -218,7 +218,12 @@ impl Collective for Tcp {
             for (i, s) in self.streams.iter().enumerate() {
                 let part = self.recv(i + 1, s)?;
                 if part.len() != values.len() * 4 {
-                    bail!("rank {} sent {} values to reduce-scatter, rank 0 has {}", i + 1, part.len() / 4, values.len());
+                    bail!(
+                        "rank {} sent {} values to reduce-scatter, rank 0 has {}",
+                        i + 1,
+                        part.len() / 4,
+                        values.len()
+                    );
                 }
                 for (acc, c) in values.iter_mut().zip(part.chunks_exact(4)) {
                     *acc += f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
@@ -447,7 +452,8 @@ mod bucket_tests {
             let f = &f;
             let hs: Vec<_> = (0..world)
                 .map(|rank| {
-                    let d = DistInfo { rank, world_size: world, rendezvous: dir.path().to_path_buf(), token: "b".into() };
+                    let d =
+                        DistInfo { rank, world_size: world, rendezvous: dir.path().to_path_buf(), token: "b".into() };
                     s.spawn(move || f(rank, &mut Tcp::connect(&d, Duration::from_secs(20), &|| false).unwrap()))
                 })
                 .collect();
@@ -460,7 +466,8 @@ mod bucket_tests {
         for (world, n) in [(2, 1), (3, 5), (3, 0)] {
             // Rank r's bucket: value i·(r+1) + r/10 at position i.
             let got = on_ranks(world, |rank, c| {
-                let input: Vec<f32> = (0..world * n).map(|i| i as f32 * (rank + 1) as f32 + rank as f32 / 10.0).collect();
+                let input: Vec<f32> =
+                    (0..world * n).map(|i| i as f32 * (rank + 1) as f32 + rank as f32 / 10.0).collect();
                 let out = Tensor::zeros([n as i64], (Kind::Float, tch::Device::Cpu));
                 c.reduce_scatter_sum(&Tensor::from_slice(&input), &out).unwrap();
                 let chunk = Vec::<f32>::try_from(&out).unwrap();

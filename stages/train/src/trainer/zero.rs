@@ -231,7 +231,11 @@ impl ShardedUpdate {
         let (kind, device) = (first.kind(), first.device());
         for (name, p) in &params {
             if p.kind() != kind || p.device() != device {
-                bail!("sharded training needs one dtype and device for all trainable tensors: `{name}` is {:?} on {:?}, the first {kind:?} on {device:?}", p.kind(), p.device());
+                bail!(
+                    "sharded training needs one dtype and device for all trainable tensors: `{name}` is {:?} on {:?}, the first {kind:?} on {device:?}",
+                    p.kind(),
+                    p.device()
+                );
             }
             if !p.is_contiguous() {
                 bail!("sharded training needs contiguous parameters: `{name}` is not");
@@ -427,8 +431,8 @@ impl ShardedUpdate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dist::tcp::Tcp;
     use crate::dist::Single;
+    use crate::dist::tcp::Tcp;
     use crate::optim::{AdamW, clip_grad_norm};
     use stage_api::DistInfo;
     use std::time::Duration;
@@ -454,7 +458,8 @@ mod tests {
                 seen.extend((p.at..p.at + p.len).map(|i| (p.tensor, i)));
             }
         }
-        let want: Vec<(usize, usize)> = [(0, 7), (2, 12), (3, 6)].iter().flat_map(|&(t, n)| (0..n).map(move |i| (t, i))).collect();
+        let want: Vec<(usize, usize)> =
+            [(0, 7), (2, 12), (3, 6)].iter().flat_map(|&(t, n)| (0..n).map(move |i| (t, i))).collect();
         assert_eq!(seen, want);
         assert_eq!(l.buckets(4), [0..4, 4..8, 8..9]);
         // An even split needs no padding; one rank owns everything.
@@ -519,12 +524,20 @@ mod tests {
 
     /// The sharded update on `world` TCP ranks (threads); rank 0's weights and norms
     /// (every rank's weights are checked equal).
-    fn sharded(kind: Kind, world: usize, micro: usize, level: ShardLevel, bucket: usize, max_norm: f64) -> (Vec<f32>, Vec<f64>) {
+    fn sharded(
+        kind: Kind,
+        world: usize,
+        micro: usize,
+        level: ShardLevel,
+        bucket: usize,
+        max_norm: f64,
+    ) -> (Vec<f32>, Vec<f64>) {
         let dir = tempfile::tempdir().unwrap();
         let results: Vec<(Vec<f32>, Vec<f64>, usize)> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..world)
                 .map(|rank| {
-                    let d = DistInfo { rank, world_size: world, rendezvous: dir.path().to_path_buf(), token: "z".into() };
+                    let d =
+                        DistInfo { rank, world_size: world, rendezvous: dir.path().to_path_buf(), token: "z".into() };
                     s.spawn(move || {
                         let mut comm: Box<dyn Collective> = if world == 1 {
                             Box::new(Single)
@@ -532,7 +545,8 @@ mod tests {
                             Box::new(Tcp::connect(&d, Duration::from_secs(20), &|| false).unwrap())
                         };
                         let ps = params(kind);
-                        let mut u = ShardedUpdate::new(shallow(&ps), cfg(), max_norm, level, comm.as_ref(), bucket).unwrap();
+                        let mut u =
+                            ShardedUpdate::new(shallow(&ps), cfg(), max_norm, level, comm.as_ref(), bucket).unwrap();
                         let mut norms = Vec::new();
                         for step in 0..3 {
                             for m in 0..micro {
@@ -553,7 +567,8 @@ mod tests {
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        let per_rank = Layout::new(SIZES.iter().map(|s| s.iter().product::<i64>() as usize).collect(), world).per_rank();
+        let per_rank =
+            Layout::new(SIZES.iter().map(|s| s.iter().product::<i64>() as usize).collect(), world).per_rank();
         let masters = usize::from(matches!(kind, Kind::BFloat16));
         for (rank, (w, _, bytes)) in results.iter().enumerate() {
             assert_eq!(w, &results[0].0, "rank {rank} holds other weights than rank 0");
@@ -576,12 +591,19 @@ mod tests {
         let start = flat(&params(Kind::Float));
         for max_norm in [0.0, 1.0] {
             for world in [1, 2, 3] {
-                for (level, micro) in [(ShardLevel::Optimizer, 2), (ShardLevel::Gradients, 2), (ShardLevel::Gradients, 1)] {
+                for (level, micro) in
+                    [(ShardLevel::Optimizer, 2), (ShardLevel::Gradients, 2), (ShardLevel::Gradients, 1)]
+                {
                     let at = format!("{level:?}, {world} rank(s), {micro} micro-batches, clip {max_norm}");
                     let (want, want_norms) = replicated(Kind::Float, world, micro, max_norm);
                     let (got, norms) = sharded(Kind::Float, world, micro, level, 6, max_norm);
                     assert_close(&at, &got, &want, 1e-6);
-                    assert_close(&at, &got.iter().zip(&start).map(|(a, b)| a - b).collect::<Vec<_>>(), &want.iter().zip(&start).map(|(a, b)| a - b).collect::<Vec<_>>(), 1e-5);
+                    assert_close(
+                        &at,
+                        &got.iter().zip(&start).map(|(a, b)| a - b).collect::<Vec<_>>(),
+                        &want.iter().zip(&start).map(|(a, b)| a - b).collect::<Vec<_>>(),
+                        1e-5,
+                    );
                     for (n, w) in norms.iter().zip(&want_norms) {
                         assert!((n - w).abs() <= 1e-6 * w, "{at}: norm {n} vs {w}");
                     }
