@@ -189,6 +189,7 @@ pub fn run(
         }
     );
     ctx.note("optimizer_state_bytes", state_bytes);
+    ctx.note("gradient_shard_bytes", grad_bytes);
     let out = ctx.output_dir().to_path_buf();
     let resume_dir = ctx.resume_dir()?.to_path_buf();
     let start = resume_from(&resume_dir, &out, setup, &mut update, &*algo, total, &*comm)?;

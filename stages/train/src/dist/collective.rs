@@ -4,7 +4,7 @@
 //! it without importing `dist`, which picks among them.
 
 use anyhow::{Context as _, bail};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// What the ranks of a training stage do together. Every call is collective:
 /// all ranks make the same calls in the same order.
@@ -139,34 +139,6 @@ pub fn shard(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
     let (base, extra) = (n / world, n % world);
     let start = rank * base + rank.min(extra);
     start..start + base + usize::from(rank < extra)
-}
-
-/// Flatten tensors into one f32 CPU buffer (and back): the wire format of
-/// the TCP backend.
-pub(crate) fn flatten_f32(tensors: &[Tensor]) -> anyhow::Result<Vec<f32>> {
-    if tensors.is_empty() {
-        return Ok(Vec::new());
-    }
-    let flat: Vec<Tensor> =
-        tensors.iter().map(|t| t.to_device(tch::Device::Cpu).to_kind(Kind::Float).reshape([-1])).collect();
-    Ok(Vec::<f32>::try_from(&Tensor::cat(&flat, 0))?)
-}
-
-pub(crate) fn unflatten_into(values: &[f32], tensors: &[Tensor]) -> anyhow::Result<()> {
-    let total: i64 = tensors.iter().map(Tensor::numel).map(|n| n as i64).sum();
-    if total != values.len() as i64 {
-        bail!("reduced buffer holds {} values, the tensors {total}", values.len());
-    }
-    let mut offset = 0usize;
-    tch::no_grad(|| {
-        for t in tensors {
-            let n = t.numel();
-            let src = Tensor::from_slice(&values[offset..offset + n]).view(t.size().as_slice());
-            t.shallow_clone().copy_(&src.to_kind(t.kind()).to_device(t.device()));
-            offset += n;
-        }
-    });
-    Ok(())
 }
 
 #[cfg(test)]

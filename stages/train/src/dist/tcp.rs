@@ -15,9 +15,9 @@ use anyhow::{Context as _, bail};
 use stage_api::DistInfo;
 use stage_api::RENDEZVOUS_ABANDONED;
 use stage_api::host_name;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
-use super::collective::{Collective, check_bucket, flatten_f32, unflatten_into};
+use super::collective::{Collective, check_bucket};
 
 /// How long ranks wait for each other to show up (model loading included).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(900);
@@ -157,33 +157,23 @@ impl Collective for Tcp {
     }
 
     fn all_reduce_sum(&mut self, tensors: &[Tensor]) -> anyhow::Result<()> {
-        let mut values = flatten_f32(tensors)?;
-        if self.rank == 0 {
-            for (i, s) in self.streams.iter().enumerate() {
-                let part = self.recv(i + 1, s)?;
-                if part.len() != values.len() * 4 {
-                    bail!("rank {} sent {} values to sum, rank 0 has {}", i + 1, part.len() / 4, values.len());
-                }
-                for (acc, c) in values.iter_mut().zip(part.chunks_exact(4)) {
-                    *acc += f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
-            let bytes = f32_bytes(&values);
+        let flat = flat_f32(tensors);
+        let sum = self.sum_on_rank0(&flat)?;
+        let values = if self.rank == 0 {
+            let bytes = f32_bytes(&sum)?;
             for (i, s) in self.streams.iter().enumerate() {
                 self.send(i + 1, s, &bytes)?;
             }
+            sum
         } else {
-            let s = &self.streams[0];
-            self.send(0, s, &f32_bytes(&values))?;
-            let sum = self.recv(0, s)?;
-            if sum.len() != values.len() * 4 {
-                bail!("rank 0 returned {} summed values, expected {}", sum.len() / 4, values.len());
+            let sum = f32_tensor(&self.recv(0, &self.streams[0])?);
+            if sum.numel() != flat.numel() {
+                bail!("rank 0 returned {} summed values, expected {}", sum.numel(), flat.numel());
             }
-            for (v, c) in values.iter_mut().zip(sum.chunks_exact(4)) {
-                *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        unflatten_into(&values, tensors)
+            sum
+        };
+        copy_into(&values, tensors);
+        Ok(())
     }
 
     fn all_gather_bytes(&mut self, bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
@@ -212,78 +202,116 @@ impl Collective for Tcp {
     /// (as `all_reduce_sum`: the same bits as the replicated path) and sends
     /// each rank its chunk of the sum.
     fn reduce_scatter_sum(&mut self, input: &Tensor, output: &Tensor) -> anyhow::Result<()> {
-        let n = check_bucket("reduce-scatter", self.world, output, input)?;
-        let mut values = flatten_f32(std::slice::from_ref(input))?;
+        let n = check_bucket("reduce-scatter", self.world, output, input)? as i64;
+        let sum = self.sum_on_rank0(&flat_f32(std::slice::from_ref(input)))?;
         let mine = if self.rank == 0 {
             for (i, s) in self.streams.iter().enumerate() {
-                let part = self.recv(i + 1, s)?;
-                if part.len() != values.len() * 4 {
-                    bail!(
-                        "rank {} sent {} values to reduce-scatter, rank 0 has {}",
-                        i + 1,
-                        part.len() / 4,
-                        values.len()
-                    );
-                }
-                for (acc, c) in values.iter_mut().zip(part.chunks_exact(4)) {
-                    *acc += f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
+                self.send(i + 1, s, &f32_bytes(&sum.narrow(0, (i as i64 + 1) * n, n))?)?;
             }
-            for (i, s) in self.streams.iter().enumerate() {
-                self.send(i + 1, s, &f32_bytes(&values[(i + 1) * n..(i + 2) * n]))?;
-            }
-            values.truncate(n);
-            values
+            sum.narrow(0, 0, n)
         } else {
-            let s = &self.streams[0];
-            self.send(0, s, &f32_bytes(&values))?;
-            let chunk = f32_values(&self.recv(0, s)?);
-            if chunk.len() != n {
-                bail!("rank 0 returned {} reduce-scattered values, expected {n}", chunk.len());
+            let chunk = f32_tensor(&self.recv(0, &self.streams[0])?);
+            if chunk.numel() as i64 != n {
+                bail!("rank 0 returned {} reduce-scattered values, expected {n}", chunk.numel());
             }
             chunk
         };
-        unflatten_into(&mine, std::slice::from_ref(output))
+        copy_into(&mine, std::slice::from_ref(output));
+        Ok(())
     }
 
     /// Every rank sends its chunk to rank 0, which concatenates them in rank
     /// order and sends the whole bucket back.
     fn all_gather(&mut self, input: &Tensor, output: &Tensor) -> anyhow::Result<()> {
         let n = check_bucket("all-gather", self.world, input, output)?;
-        let mine = flatten_f32(std::slice::from_ref(input))?;
+        let mine = flat_f32(std::slice::from_ref(input));
         let all = if self.rank == 0 {
-            let mut all = mine;
+            let mut parts = vec![mine];
             for (i, s) in self.streams.iter().enumerate() {
-                let part = f32_values(&self.recv(i + 1, s)?);
-                if part.len() != n {
-                    bail!("rank {} sent {} values to all-gather, expected {n}", i + 1, part.len());
+                let part = f32_tensor(&self.recv(i + 1, s)?);
+                if part.numel() != n {
+                    bail!("rank {} sent {} values to all-gather, expected {n}", i + 1, part.numel());
                 }
-                all.extend(part);
+                parts.push(part);
             }
-            let bytes = f32_bytes(&all);
+            let all = Tensor::cat(&parts, 0);
+            let bytes = f32_bytes(&all)?;
             for (i, s) in self.streams.iter().enumerate() {
                 self.send(i + 1, s, &bytes)?;
             }
             all
         } else {
-            let s = &self.streams[0];
-            self.send(0, s, &f32_bytes(&mine))?;
-            let all = f32_values(&self.recv(0, s)?);
-            if all.len() != n * self.world {
-                bail!("rank 0 returned {} all-gathered values, expected {}", all.len(), n * self.world);
+            self.send(0, &self.streams[0], &f32_bytes(&mine)?)?;
+            let all = f32_tensor(&self.recv(0, &self.streams[0])?);
+            if all.numel() != n * self.world {
+                bail!("rank 0 returned {} all-gathered values, expected {}", all.numel(), n * self.world);
             }
             all
         };
-        unflatten_into(&all, std::slice::from_ref(output))
+        copy_into(&all, std::slice::from_ref(output));
+        Ok(())
     }
 }
 
-fn f32_values(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+impl Tcp {
+    /// Rank 0: `flat` plus every other rank's `flat`, added in rank order
+    /// (f32; every rank's sum has the same bits). Other ranks: send `flat`
+    /// to rank 0 and return it unchanged.
+    fn sum_on_rank0(&self, flat: &Tensor) -> anyhow::Result<Tensor> {
+        if self.rank != 0 {
+            self.send(0, &self.streams[0], &f32_bytes(flat)?)?;
+            return Ok(flat.shallow_clone());
+        }
+        let mut acc = flat.copy();
+        for (i, s) in self.streams.iter().enumerate() {
+            let part = f32_tensor(&self.recv(i + 1, s)?);
+            if part.numel() != acc.numel() {
+                bail!("rank {} sent {} values to sum, rank 0 has {}", i + 1, part.numel(), acc.numel());
+            }
+            acc += part;
+        }
+        Ok(acc)
+    }
 }
 
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+/// `tensors` flattened into one f32 CPU tensor (the wire's values).
+fn flat_f32(tensors: &[Tensor]) -> Tensor {
+    let flat: Vec<Tensor> =
+        tensors.iter().map(|t| t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Float).reshape([-1])).collect();
+    match flat.len() {
+        0 => Tensor::zeros([0], (Kind::Float, tch::Device::Cpu)),
+        1 => flat[0].contiguous(),
+        _ => Tensor::cat(&flat, 0),
+    }
+}
+
+/// The bytes of a flat f32 CPU tensor (the host's byte order: the ranks of
+/// a job run on one architecture), copied in one piece.
+fn f32_bytes(t: &Tensor) -> anyhow::Result<Vec<u8>> {
+    let t = t.contiguous();
+    let n = t.numel();
+    let mut out = vec![0u8; n * 4];
+    t.f_copy_data_u8(&mut out, n)?;
+    Ok(out)
+}
+
+/// The flat f32 tensor of [`f32_bytes`] (a torn message: its whole values).
+fn f32_tensor(bytes: &[u8]) -> Tensor {
+    let n = bytes.len() / 4;
+    Tensor::from_data_size(&bytes[..n * 4], &[n as i64], Kind::Float)
+}
+
+/// Copy consecutive stretches of flat `values` into `tensors` (their kinds and devices).
+fn copy_into(values: &Tensor, tensors: &[Tensor]) {
+    let mut offset = 0i64;
+    tch::no_grad(|| {
+        for t in tensors {
+            let n = t.numel() as i64;
+            let src = values.narrow(0, offset, n).view(t.size().as_slice());
+            t.shallow_clone().copy_(&src.to_kind(t.kind()).to_device(t.device()));
+            offset += n;
+        }
+    });
 }
 
 /// `count, (len, bytes)*` as rank 0 sends a gather's result.
