@@ -6,7 +6,7 @@
 //! ```text
 //! cargo run -p stages-train --example zero_bench -- <dir> [float32|bfloat16]
 //! ```
-//! prepares a model (LM MLPs of 12.6 M parameters, the trainable set) and a
+//! prepares a model (LM MLPs of 37.7 M parameters, the trainable set) and a
 //! split in `<dir>` once, then for each level starts 2 rank processes of
 //! itself and prints one markdown row per rank: the optimizer state it
 //! allocated (AdamW moments + f32 masters, bytes of tensors), its peak RSS
@@ -122,7 +122,7 @@ fn rank_main(rank: usize, shard: &str, run: &Path, dtype: &str) -> anyhow::Resul
     Ok(())
 }
 
-/// The model (init_model: LM MLPs 4 × 3 × 256 × 4096 = 12.6 M parameters)
+/// The model (init_model: LM MLPs 6 × 3 × 256 × 8192 = 37.7 M parameters)
 /// and a 16-row split, once.
 fn prepare(dir: &Path) -> anyhow::Result<()> {
     let init = dir.join("init");
@@ -140,8 +140,8 @@ fn prepare(dir: &Path) -> anyhow::Result<()> {
     let p = InitModelParams {
         vocab_size: 300,
         hidden_size: 256,
-        intermediate_size: 4096,
-        num_hidden_layers: 4,
+        intermediate_size: 8192,
+        num_hidden_layers: 6,
         num_attention_heads: 4,
         num_key_value_heads: 2,
         mrope_section: [8, 12, 12],

@@ -340,51 +340,50 @@ impl ShardedUpdate {
     /// Clip this rank's gradient shard to the global norm, take one AdamW
     /// step on the part, all-gather the updated parameters into every
     /// rank's model and clear the shard; returns the norm before clipping.
-    /// Collective.
+    /// Collective. Bucket by bucket: AdamW's temporaries are the size of a
+    /// bucket's chunk, not of the part (at 7B over 8 ranks a part is 713 M
+    /// values, 2.9 GB per f32 temporary).
     pub fn step(&mut self, lr: f64, comm: &mut dyn Collective) -> anyhow::Result<f64> {
         let local = squared_norm(std::slice::from_ref(&self.grad));
-        let total = if comm.world_size() > 1 { dist::all_reduce_f64(comm, &[local])?[0] } else { local };
+        let world = comm.world_size();
+        let total = if world > 1 { dist::all_reduce_f64(comm, &[local])?[0] } else { local };
         let norm = total.sqrt();
         self.t += 1;
         let bias = BiasCorrection::at(&self.cfg, self.t);
-        let values = tch::no_grad(|| {
+        let targets = self.flat_params();
+        let own = self.layout.owned(self.rank).start;
+        tch::no_grad(|| -> anyhow::Result<()> {
             if let Some(scale) = clip_scale(norm, self.max_grad_norm) {
                 let _ = self.grad.f_mul_scalar_(scale);
             }
-            let pf = match &self.master {
-                Some(master) => master.shallow_clone(),
-                None => self.owned_values(),
-            };
-            let new = adamw_update(&self.cfg, bias, lr, &self.grad, &mut self.m, &mut self.v, pf);
-            let values = new.to_kind(self.kind);
-            if self.master.is_some() {
-                self.master = Some(new);
-            }
-            let _ = self.grad.zero_();
-            values
-        });
-        self.gather_params(&values, comm)?;
-        Ok(norm)
-    }
-
-    /// All-gather every rank's part of the parameters (`values`: this
-    /// rank's, in the parameters' dtype) into the model tensors.
-    fn gather_params(&self, values: &Tensor, comm: &mut dyn Collective) -> anyhow::Result<()> {
-        let world = comm.world_size();
-        let targets = self.flat_params();
-        tch::no_grad(|| {
             for bucket in self.layout.buckets(self.chunk) {
-                let n = bucket.len();
-                let input = values.narrow(0, bucket.start as i64, n as i64).contiguous();
-                let out = Tensor::zeros([(n * world) as i64], (self.kind, self.device));
-                comm.all_gather(&input, &out)?;
+                let (at, n) = (bucket.start as i64, bucket.len() as i64);
+                let pf = match &self.master {
+                    Some(master) => master.narrow(0, at, n).copy(),
+                    None => {
+                        let flat: Vec<Option<Tensor>> = targets.iter().map(|t| Some(t.shallow_clone())).collect();
+                        self.layout.gather(own + bucket.start..own + bucket.end, &flat, Kind::Float, self.device)
+                    }
+                };
+                let (mut m, mut v) = (self.m.narrow(0, at, n), self.v.narrow(0, at, n));
+                let new = adamw_update(&self.cfg, bias, lr, &self.grad.narrow(0, at, n), &mut m, &mut v, pf);
+                self.m.narrow(0, at, n).copy_(&m);
+                self.v.narrow(0, at, n).copy_(&v);
+                if let Some(master) = &self.master {
+                    master.narrow(0, at, n).copy_(&new);
+                }
+                // All-gather this bucket of every rank's updated part into the model.
+                let out = Tensor::zeros([n * world as i64], (self.kind, self.device));
+                comm.all_gather(&new.to_kind(self.kind), &out)?;
                 for r in 0..world {
                     let start = self.layout.owned(r).start + bucket.start;
-                    self.layout.scatter(start..start + n, &out.narrow(0, (r * n) as i64, n as i64), &targets);
+                    self.layout.scatter(start..start + bucket.len(), &out.narrow(0, r as i64 * n, n), &targets);
                 }
             }
+            let _ = self.grad.zero_();
             Ok(())
-        })
+        })?;
+        Ok(norm)
     }
 
     /// This rank's state by name, for its checkpoint shard: `exp_avg`,
