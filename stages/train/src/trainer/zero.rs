@@ -213,9 +213,6 @@ pub struct ShardedUpdate {
     release: tch::COptimizer,
 }
 
-// The libtorch optimizer is only used from the thread that owns the update.
-unsafe impl Send for ShardedUpdate {}
-
 impl ShardedUpdate {
     /// `params` share storage with the model (one dtype, one device,
     /// contiguous); `bucket_elements` values per collective call.
