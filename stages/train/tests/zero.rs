@@ -4,8 +4,8 @@
 //! weights equal the single process's to 1e-6 relative (one libtorch
 //! thread per rank; only the float summation order differs). A sharded run
 //! killed between checkpoints resumes (each rank its part of the optimizer
-//! state) to the bytes of an uninterrupted one, and another rank count is
-//! refused. Its own test binary: libtorch's thread count is process-global.
+//! state) to the bytes of an uninterrupted one (SFT and GRPO), and another
+//! rank count is refused. Its own test binary: libtorch's thread count is process-global.
 
 mod support;
 
@@ -215,6 +215,36 @@ fn killed_sharded_sft_resumes_to_the_bytes_of_an_uninterrupted_run() {
     let (resumed, results) = run("resumed", 2, &params, &resume, None);
     let notes = results.into_iter().next().unwrap().unwrap();
     assert_eq!(notes["resumed_from_step"], 3);
+    support::assert_same_files(&full, &resumed);
+}
+
+#[test]
+fn killed_sharded_grpo_resumes_to_the_bytes_of_an_uninterrupted_run() {
+    let _serial = support::serial();
+    let (split, _, sft) = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    // 2 ranks, one prompt each, 2 steps per generation round (the clip
+    // matters), checkpoints between rounds.
+    let params = GrpoParams {
+        steps: 4,
+        num_iterations: 2,
+        checkpoint_every: 2,
+        log_completions_every: 1,
+        ..grpo_params(ShardLevel::Optimizer, 2)
+    };
+    let run = |name: &str, resume: &Path, kill: Option<u64>| {
+        let root = dir.path().join(name);
+        let results = support::train_ranks::<Grpo>(&params, 2, sft, split, &root, resume, kill);
+        (root.join("rank-0"), results)
+    };
+    let (full, results) = run("full", &dir.path().join("resume-full"), None);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let resume = dir.path().join("resume");
+    let (_, results) = run("killed", &resume, Some(3));
+    assert!(results.iter().all(Result::is_err), "{results:?}");
+    assert!(resume.join("step-00000002/optimizer-shards/rank-00001").is_dir());
+    let (resumed, results) = run("resumed", &resume, None);
+    assert_eq!(results.into_iter().next().unwrap().unwrap()["resumed_from_step"], 2);
     support::assert_same_files(&full, &resumed);
 }
 
