@@ -166,7 +166,7 @@ impl Collective for Tcp {
             }
             sum
         } else {
-            let sum = f32_tensor(&self.recv(0, &self.streams[0])?);
+            let sum = f32_tensor(&self.recv(0, &self.streams[0])?)?;
             if sum.numel() != flat.numel() {
                 bail!("rank 0 returned {} summed values, expected {}", sum.numel(), flat.numel());
             }
@@ -210,7 +210,7 @@ impl Collective for Tcp {
             }
             sum.narrow(0, 0, n)
         } else {
-            let chunk = f32_tensor(&self.recv(0, &self.streams[0])?);
+            let chunk = f32_tensor(&self.recv(0, &self.streams[0])?)?;
             if chunk.numel() as i64 != n {
                 bail!("rank 0 returned {} reduce-scattered values, expected {n}", chunk.numel());
             }
@@ -228,7 +228,7 @@ impl Collective for Tcp {
         let all = if self.rank == 0 {
             let mut parts = vec![mine];
             for (i, s) in self.streams.iter().enumerate() {
-                let part = f32_tensor(&self.recv(i + 1, s)?);
+                let part = f32_tensor(&self.recv(i + 1, s)?)?;
                 if part.numel() != n {
                     bail!("rank {} sent {} values to all-gather, expected {n}", i + 1, part.numel());
                 }
@@ -242,7 +242,7 @@ impl Collective for Tcp {
             all
         } else {
             self.send(0, &self.streams[0], &f32_bytes(&mine)?)?;
-            let all = f32_tensor(&self.recv(0, &self.streams[0])?);
+            let all = f32_tensor(&self.recv(0, &self.streams[0])?)?;
             if all.numel() != n * self.world {
                 bail!("rank 0 returned {} all-gathered values, expected {}", all.numel(), n * self.world);
             }
@@ -264,7 +264,7 @@ impl Tcp {
         }
         let mut acc = flat.copy();
         for (i, s) in self.streams.iter().enumerate() {
-            let part = f32_tensor(&self.recv(i + 1, s)?);
+            let part = f32_tensor(&self.recv(i + 1, s)?)?;
             if part.numel() != acc.numel() {
                 bail!("rank {} sent {} values to sum, rank 0 has {}", i + 1, part.numel(), acc.numel());
             }
@@ -296,9 +296,9 @@ fn f32_bytes(t: &Tensor) -> anyhow::Result<Vec<u8>> {
 }
 
 /// The flat f32 tensor of [`f32_bytes`] (a torn message: its whole values).
-fn f32_tensor(bytes: &[u8]) -> Tensor {
+fn f32_tensor(bytes: &[u8]) -> anyhow::Result<Tensor> {
     let n = bytes.len() / 4;
-    Tensor::from_data_size(&bytes[..n * 4], &[n as i64], Kind::Float)
+    Ok(Tensor::f_from_data_size(&bytes[..n * 4], &[n as i64], Kind::Float)?)
 }
 
 /// Copy consecutive stretches of flat `values` into `tensors` (their kinds and devices).
