@@ -45,7 +45,7 @@ use crate::policy_loss::{LossConfig, LossInputs, LossStats, LossType, StepScale,
 use crate::prompt::PromptEncoder;
 use crate::rewards::{REWARD_NAMES, RewardError, Rewards, paper_weights};
 use crate::rollout::{DataOrder, Rollout, RolloutSpec, Sampler, rollout, round_seed};
-use crate::trainer::{self, LoopSettings, Metrics, Position, Setup, regex_union};
+use crate::trainer::{self, LoopSettings, Metrics, Position, Setup, ShardLevel, regex_union};
 
 /// Sample completions written by the stage.
 pub const COMPLETIONS_JSONL: &str = "completions.jsonl";
@@ -152,6 +152,19 @@ pub struct GrpoParams {
     // Up to 1 TiB per shard; bytes = MiB x 2^20 must not overflow.
     #[schemars(range(min = 1, max = 1_048_576))]
     pub max_shard_mb: u64,
+    /// Training state each data-parallel rank keeps: `none` (all of it, as
+    /// DDP), `optimizer` (AdamW moments and f32 masters of its 1/N part of
+    /// the flattened trainable parameters; ZeRO-1) or `gradients` (also
+    /// the summed gradients of its part only, reduce-scattered after every
+    /// micro-batch; ZeRO-2). See docs/scaling.md. The same training up to
+    /// float summation order; in the cache key when not `none` (the last
+    /// bits of the weights can differ).
+    // Left out of the params JSON at its default, so the cache keys of
+    // recipes written before it existed do not move (the schema still
+    // documents the default).
+    #[serde(skip_serializing_if = "ShardLevel::is_none")]
+    #[schemars(extend("default" = "none"))]
+    pub shard: ShardLevel,
 }
 
 impl Default for GrpoParams {
@@ -190,6 +203,7 @@ impl Default for GrpoParams {
             device: DeviceChoice::Cpu,
             dtype: "auto".into(),
             max_shard_mb: 2048,
+            shard: ShardLevel::None,
         }
     }
 }
@@ -384,6 +398,7 @@ impl StageKind for Grpo {
             log_every: p.log_every,
             checkpoint_every: p.checkpoint_every,
             max_shard_mb: p.max_shard_mb,
+            shard: p.shard,
         };
         trainer::run(ctx, &settings, &setup, comm.as_mut(), &mut steps)
     }

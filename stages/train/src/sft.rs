@@ -36,7 +36,7 @@ use tch::{Kind, Reduction, Tensor};
 use crate::dist::{self, Collective};
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::prompt::PromptEncoder;
-use crate::trainer::{self, Algorithm as _, LoopSettings, Metrics, Position, Setup, regex_union};
+use crate::trainer::{self, Algorithm as _, LoopSettings, Metrics, Position, Setup, ShardLevel, regex_union};
 
 /// Label of tokens that carry no loss (prompt, image, padding).
 pub const IGNORE: i64 = -100;
@@ -104,6 +104,19 @@ pub struct SftParams {
     /// killed run continues from the newest (0 = never).
     #[schemars(range(max = 1_000_000))]
     pub checkpoint_every: usize,
+    /// Training state each data-parallel rank keeps: `none` (all of it, as
+    /// DDP), `optimizer` (AdamW moments and f32 masters of its 1/N part of
+    /// the flattened trainable parameters; ZeRO-1) or `gradients` (also
+    /// the summed gradients of its part only, reduce-scattered after every
+    /// micro-batch; ZeRO-2). See docs/scaling.md. The same training up to
+    /// float summation order; in the cache key when not `none` (the last
+    /// bits of the weights can differ).
+    // Left out of the params JSON at its default, so the cache keys of
+    // recipes written before it existed do not move (the schema still
+    // documents the default).
+    #[serde(skip_serializing_if = "ShardLevel::is_none")]
+    #[schemars(extend("default" = "none"))]
+    pub shard: ShardLevel,
 }
 
 impl Default for SftParams {
@@ -128,6 +141,7 @@ impl Default for SftParams {
             dtype: "auto".into(),
             max_shard_mb: 2048,
             checkpoint_every: 0,
+            shard: ShardLevel::None,
         }
     }
 }
@@ -201,6 +215,7 @@ impl StageKind for Sft {
             log_every: p.log_every,
             checkpoint_every: p.checkpoint_every,
             max_shard_mb: p.max_shard_mb,
+            shard: p.shard,
         };
         trainer::run(ctx, &settings, &setup, comm.as_mut(), &mut steps)
     }

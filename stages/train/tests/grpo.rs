@@ -261,7 +261,7 @@ fn step_on_ranks(world: usize, micro_batch_size: usize, completions: &[Completio
                             let mut p = p.clone();
                             p.loss_type = loss_type;
                             let policy = GrpoLoss { p: &p, model: &model, reference: None, loss: p.loss_config() };
-                            for t in update.optimizer().params() {
+                            for t in update.params() {
                                 let mut g = t.grad();
                                 if g.defined() {
                                     let _ = g.zero_();
@@ -276,7 +276,7 @@ fn step_on_ranks(world: usize, micro_batch_size: usize, completions: &[Completio
                             }
                             update.sync_gradients(comm.as_mut()).unwrap();
                             let loss = dist::all_reduce_f64(comm.as_mut(), &[local]).unwrap()[0];
-                            let grads: Vec<Tensor> = update.optimizer().params().map(|t| t.grad().view([-1])).collect();
+                            let grads: Vec<Tensor> = update.params().map(|t| t.grad().view([-1])).collect();
                             (loss, Vec::<f32>::try_from(&Tensor::cat(&grads, 0)).unwrap())
                         })
                         .collect()
