@@ -32,3 +32,37 @@ pub fn registry() -> Registry {
         .register::<stages_eval::ReportStage>()
         .register::<stages_eval::GeneralVqa>()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::registry;
+
+    /// Integer params that are not counts or sizes, so need no range of their own.
+    const NOT_COUNTS: &[(&str, &str, &str)] = &[
+        ("eval", "seed", "any u64 is a seed"),
+        ("eval", "ci.seed", "any u64 is a seed"),
+        ("judge", "ci.seed", "any u64 is a seed"),
+        ("lesion_slices", "connectivity", "4 or 8, checked by its type"),
+        ("render", "box_color[]", "an RGB channel: u8 is its range"),
+        ("render", "patch_border_color[]", "an RGB channel: u8 is its range"),
+    ];
+
+    /// Issue 17: every count and size of every kind has a range that `plan`
+    /// checks and docs/recipes.md shows, and every default is inside it.
+    #[test]
+    fn every_count_and_size_param_declares_a_range_its_default_is_in() {
+        let mut unranged = Vec::new();
+        for kind in registry().iter() {
+            let doc = kind.doc();
+            if let Err(e) = stage_api::ranges::check_defaults(&doc.params_schema) {
+                panic!("{}: default of `{}` is outside its range: {}", doc.kind, e.path.join("."), e.message);
+            }
+            for path in stage_api::ranges::unranged_integers(&doc.params_schema) {
+                if !NOT_COUNTS.iter().any(|(k, p, _)| *k == doc.kind && *p == path) {
+                    unranged.push(format!("{}.{path}", doc.kind));
+                }
+            }
+        }
+        assert!(unranged.is_empty(), "integer params without a declared range: {unranged:?}");
+    }
+}

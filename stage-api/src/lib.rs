@@ -11,7 +11,9 @@
 
 pub mod context;
 pub mod dist;
+pub mod param_error;
 pub mod params;
+pub mod ranges;
 pub mod registry;
 pub mod resources;
 pub mod stage;
@@ -21,7 +23,7 @@ pub use dist::{DistInfo, RENDEZVOUS_ABANDONED, host_name};
 pub use params::ParamError;
 pub use registry::Registry;
 pub use resources::{Device, DeviceRequest, Resources};
-pub use stage::{ConfiguredStage, DynStageKind, InputSpec, OutputSpec, StageDoc, StageKind};
+pub use stage::{ConfiguredStage, DynStageKind, InputSpec, OutputSpec, StageDoc, StageKind, configure_params};
 
 // Re-exported so stage crates derive params with the same versions.
 pub use schemars;

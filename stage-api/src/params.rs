@@ -1,30 +1,33 @@
 //! Typed stage params from recipe tables, with errors that name the key.
+//!
+//! # Ranges: one mechanism
+//!
+//! Every count or size param declares its allowed range on its field, with
+//! a short reason for the bounds in the doc comment or a comment beside it:
+//!
+//! ```ignore
+//! /// Number of CT volumes.
+//! // ReXGroundingCT has 3,142 volumes: 100 000 is 30 times that.
+//! #[schemars(range(min = 1, max = 100_000))]
+//! pub cases: Option<usize>,
+//! ```
+//!
+//! The attribute puts `minimum` / `maximum` into the params JSON schema;
+//! [`parse_params`] checks every number the recipe writes against it
+//! ([`crate::ranges`]: `Option`, nested tables, maps and lists included;
+//! `#[schemars(inner(range(..)))]` bounds the items of a list) and
+//! reports `` `cases` = 1000000000000 `` as "1000000000000 is out of range:
+//! expected 1..=100000" at that key. The generated reference in
+//! `docs/recipes.md` shows the same ranges, read from the same schema.
+//! Limits one field cannot express (a product of several params, one param
+//! bounded by another) stay in [`StageKind::validate`](crate::StageKind::validate).
+//! Ranges are about sanity (what a real run could ever use), not memory;
+//! they never enter a cache key (canonical params are the values, not the schema).
 
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 
-/// A params problem, located by its key path inside the stage table (the
-/// engine turns the path into file:line:column).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct ParamError {
-    /// Key path inside the stage table, e.g. `["reward_weights", "format"]`;
-    /// empty when the problem is the table as a whole.
-    pub path: Vec<String>,
-    pub message: String,
-    /// e.g. "did you mean `box_min_area`?"
-    pub hint: Option<String>,
-}
-
-impl ParamError {
-    pub fn new(path: &[&str], message: impl Into<String>) -> Self {
-        Self { path: path.iter().map(|s| s.to_string()).collect(), message: message.into(), hint: None }
-    }
-    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
-        self.hint = Some(hint.into());
-        self
-    }
-}
+pub use crate::param_error::ParamError;
 
 /// JSON schema of a params type (draft 2020-12, as schemars emits it).
 pub fn schema_of<P: JsonSchema>() -> serde_json::Value {
@@ -33,7 +36,10 @@ pub fn schema_of<P: JsonSchema>() -> serde_json::Value {
 
 /// Names of the top-level properties a params type accepts.
 pub fn param_names<P: JsonSchema>() -> Vec<String> {
-    let schema = schema_of::<P>();
+    property_names(&schema_of::<P>())
+}
+
+fn property_names(schema: &serde_json::Value) -> Vec<String> {
     schema
         .get("properties")
         .and_then(|p| p.as_object())
@@ -51,10 +57,12 @@ pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str
         .map(|(_, c)| c)
 }
 
-/// Deserialize params, reporting unknown keys (with a did-you-mean hint) and
-/// type errors with the path of the offending key.
+/// Deserialize params, reporting unknown keys (with a did-you-mean hint),
+/// numbers outside their declared range ([`crate::ranges`]) and type errors
+/// with the path of the offending key.
 pub fn parse_params<P: DeserializeOwned + JsonSchema>(table: toml::Table) -> Result<P, ParamError> {
-    let known = param_names::<P>();
+    let schema = schema_of::<P>();
+    let known = property_names(&schema);
     for key in table.keys() {
         if !known.iter().any(|k| k == key) {
             let mut err = ParamError::new(&[key], format!("unknown parameter `{key}`"));
@@ -66,6 +74,7 @@ pub fn parse_params<P: DeserializeOwned + JsonSchema>(table: toml::Table) -> Res
             return Err(err);
         }
     }
+    crate::ranges::check_toml(&schema, &table)?;
     serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
         let path: Vec<String> = e
             .path()

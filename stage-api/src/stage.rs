@@ -175,6 +175,16 @@ pub trait ConfiguredStage: Send + Sync {
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()>;
 }
 
+/// Params of kind `K` from a recipe table, exactly as the engine gets them:
+/// unknown keys, declared ranges ([`crate::ranges`]) and types checked by
+/// [`parse_params`], then [`StageKind::validate`]. Stage crates test their
+/// params checks through it.
+pub fn configure_params<K: StageKind>(table: toml::Table) -> Result<K::Params, ParamError> {
+    let params: K::Params = parse_params::<K::Params>(table)?;
+    K::validate(&params)?;
+    Ok(params)
+}
+
 pub(crate) struct Erased<K: StageKind>(std::marker::PhantomData<K>);
 
 impl<K: StageKind> Erased<K> {
@@ -211,13 +221,13 @@ impl<K: StageKind> DynStageKind for Erased<K> {
         K::DISTRIBUTED
     }
     fn configure(&self, params: toml::Table) -> Result<Box<dyn ConfiguredStage>, ParamError> {
-        let params: K::Params = parse_params::<K::Params>(params)?;
-        K::validate(&params)?;
+        let params = configure_params::<K>(params)?;
         Ok(Box::new(Configured::<K> { params }))
     }
     fn configure_canonical(&self, params: serde_json::Value) -> Result<Box<dyn ConfiguredStage>, ParamError> {
         // The exact serde inverse of `canonical_params` (TOML has no null, so
         // `Option` params could not round-trip through `configure`).
+        crate::ranges::check_json(&crate::params::schema_of::<K::Params>(), &params)?;
         let params: K::Params = serde_path_to_error::deserialize(params).map_err(|e| {
             let path = e.path().to_string();
             ParamError { path: vec![path], message: e.inner().to_string(), hint: None }

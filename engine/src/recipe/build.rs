@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use super::decl::{InputRef, StageDecl};
 use super::error::RecipeError;
+use super::names::{check_name, check_stage_id};
 use super::order::stable_topo_order;
 use super::source::{Origin, SourceMap};
-use super::sweep::{SweepDef, check_name};
+use super::sweep::SweepDef;
 use super::tree::{Node, NodeValue, Table};
 use stage_api::Registry;
 use stage_api::params::{ParamError, did_you_mean};
@@ -308,6 +309,7 @@ fn parse_ref(ctx: &InstanceCtx<'_>, node: &Node, names: &[&str], input: &str) ->
 /// value; everything else (unknown keys, `validate()` errors) at the key.
 fn is_value_error(message: &str) -> bool {
     ["invalid type", "invalid value", "invalid length", "unknown variant"].iter().any(|p| message.starts_with(p))
+        || message.contains(stage_api::ranges::OUT_OF_RANGE)
 }
 
 fn param_error(ctx: &InstanceCtx<'_>, params: &Table, mut err: ParamError) -> RecipeError {
@@ -545,9 +547,11 @@ fn expand(
             for r in &inst.after {
                 after.extend(resolve(r)?);
             }
+            let id = stage_id(&spec.name, variant.as_deref());
+            check_stage_id(sources, &spec.header, &id)?;
             let (loc, _) = sources.locate(&spec.header);
             out.push(StageDecl {
-                id: stage_id(&spec.name, variant.as_deref()),
+                id,
                 name: spec.name.clone(),
                 variant,
                 kind: spec.kind.clone(),

@@ -1,6 +1,7 @@
 //! The generated part of `docs/recipes.md`: every registered stage kind
-//! with its inputs and params (name, type, default, description), rendered
-//! from the kinds' declarations and params JSON schemas so it cannot drift.
+//! with its inputs and params (name, type with its allowed range, default,
+//! description), rendered from the kinds' declarations and params JSON
+//! schemas so it cannot drift from what is parsed and checked.
 
 use serde_json::Value;
 
@@ -168,12 +169,13 @@ fn type_name(schema: &Value, defs: &Value) -> String {
         _ => Vec::new(),
     };
     let nullable = types.contains(&"null");
+    let range = stage_api::ranges::declared_range(schema).map(|r| format!(" in {r}")).unwrap_or_default();
     let names: Vec<String> = types
         .iter()
         .filter(|t| **t != "null")
         .map(|t| match *t {
-            "integer" => "integer".to_string(),
-            "number" => "float".to_string(),
+            "integer" => format!("integer{range}"),
+            "number" => format!("float{range}"),
             "boolean" => "bool".to_string(),
             "string" => "string".to_string(),
             "array" => match schema.get("items") {
@@ -254,6 +256,9 @@ mod tests {
     struct Params {
         /// Minimum box area in pixels | strict.
         box_min_area: u64,
+        /// Cases.
+        #[schemars(range(min = 1, max = 100_000))]
+        cases: Option<usize>,
         /// HU window.
         window: Window,
         /// Optional root.
@@ -269,6 +274,7 @@ mod tests {
         fn default() -> Self {
             Self {
                 box_min_area: 1300,
+                cases: None,
                 window: Window::Wide,
                 root: None,
                 names: vec!["a".into()],
@@ -304,6 +310,7 @@ mod tests {
             text.contains("| `box_min_area` | integer | `1300` | Minimum box area in pixels \\| strict. |"),
             "{text}"
         );
+        assert!(text.contains("| `cases` | integer in 1..=100000 (optional) | `none` | Cases. |"), "{text}");
         assert!(text.contains("| `window` | \"wide\" or \"lung\" | `\"wide\"` | HU window. |"), "{text}");
         assert!(text.contains("| `root` | string (optional) | `none` | Optional root. |"), "{text}");
         assert!(text.contains("| `names` | list of string | `[\"a\"]` | Names. |"), "{text}");

@@ -73,6 +73,35 @@ fn count(sources: &SourceMap, node: &Node, what: &str) -> Result<u64, RecipeErro
     }
 }
 
+/// Sanity bounds of the executor's counts: far above any real job, low
+/// enough that a typo cannot ask for a billion processes.
+/// Data-parallel processes of one stage (8 GPUs per node x 128 nodes).
+const RANKS: std::ops::RangeInclusive<u64> = 1..=1024;
+/// CPU cores per rank (the largest nodes have a few hundred).
+const CPUS: std::ops::RangeInclusive<u64> = 1..=4096;
+/// GPUs per rank (one node).
+const GPUS: std::ops::RangeInclusive<u64> = 0..=64;
+/// Resubmissions of a lost Slurm job.
+const MAX_RESUBMITS: std::ops::RangeInclusive<u64> = 0..=100;
+
+/// A count within `range`, else a located error naming the range.
+fn count_in(
+    sources: &SourceMap,
+    node: &Node,
+    what: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, RecipeError> {
+    let n = count(sources, node, what)?;
+    if range.contains(&n) {
+        return Ok(n);
+    }
+    Err(RecipeError::at(
+        sources,
+        &node.origin,
+        format!("`{what}` = {n} {} {}..={}", stage_api::ranges::OUT_OF_RANGE, range.start(), range.end()),
+    ))
+}
+
 /// Slurm's time formats: `M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S`
 /// (an integer is minutes).
 fn time_value(sources: &SourceMap, node: &Node, what: &str) -> Result<String, RecipeError> {
@@ -138,8 +167,8 @@ pub(crate) fn parse_executor(
             "time" => slurm.time = Some(time_value(sources, value, &what)?),
             "log_dir" => slurm.log_dir = Some(PathBuf::from(string(sources, value, &what)?)),
             "max_resubmits" => {
-                slurm.max_resubmits = u32::try_from(count(sources, value, &what)?)
-                    .map_err(|_| expected(sources, value, &what, "a small non-negative integer"))?;
+                // In range, so it fits.
+                slurm.max_resubmits = count_in(sources, value, &what, MAX_RESUBMITS)? as u32;
             }
             "poll_interval" => {
                 let seconds = match value.value {
@@ -147,8 +176,9 @@ pub(crate) fn parse_executor(
                     NodeValue::Scalar(toml::Value::Float(x)) => x,
                     _ => f64::NAN,
                 };
-                if !(seconds.is_finite() && seconds > 0.0) {
-                    return Err(expected(sources, value, &what, "a positive number of seconds"));
+                // An hour between polls is already slower than any job's state matters.
+                if !(seconds > 0.0 && seconds <= 3600.0) {
+                    return Err(expected(sources, value, &what, "a number of seconds in (0, 3600]"));
                 }
                 slurm.poll_interval_s = seconds;
             }
@@ -209,15 +239,9 @@ fn parse_stage_override(sources: &SourceMap, table: &Table, what: &str) -> Resul
         let value = &entry.value;
         let field = format!("{what}.{key}");
         match key {
-            "ranks" => match count(sources, value, &field)? {
-                0 => return Err(expected(sources, value, &field, "at least 1")),
-                n => o.ranks = Some(n as usize),
-            },
-            "cpus" => match count(sources, value, &field)? {
-                0 => return Err(expected(sources, value, &field, "at least 1")),
-                n => o.cpus = Some(n as usize),
-            },
-            "gpus" => o.gpus = Some(count(sources, value, &field)? as usize),
+            "ranks" => o.ranks = Some(count_in(sources, value, &field, RANKS)? as usize),
+            "cpus" => o.cpus = Some(count_in(sources, value, &field, CPUS)? as usize),
+            "gpus" => o.gpus = Some(count_in(sources, value, &field, GPUS)? as usize),
             "mem" => o.mem_mb = Some(mem_value(sources, value, &field)?),
             "time" => o.time = Some(time_value(sources, value, &field)?),
             _ => return Err(unknown_key(sources, &entry.key, key, &format!("[{what}]"), STAGE_KEYS)),

@@ -12,6 +12,7 @@ pub mod docs;
 mod error;
 mod executor;
 mod load;
+pub mod names;
 pub mod order;
 mod overrides;
 mod source;
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 pub use decl::{ExecutorConfig, ExecutorKind, InputRef, Recipe, StageDecl, StageOverride, SweepInfo};
 pub use docs::{render_stage_reference, update_stage_reference};
 pub use error::RecipeError;
+pub use load::MAX_RECIPE_BYTES;
 pub use source::SourceLoc;
 
 use source::{Origin, SourceMap};
@@ -32,7 +34,7 @@ use tree::{Node, Table};
 
 /// Read, merge, override and check a recipe file.
 pub fn load_recipe(path: &Path, sets: &[String], registry: &Registry) -> Result<Recipe, RecipeError> {
-    let src = std::fs::read_to_string(path)
+    let src = load::read_recipe_file(path, MAX_RECIPE_BYTES)
         .map_err(|e| RecipeError::new(format!("cannot read recipe `{}`: {e}", path.display())))?;
     load_recipe_str(&src, path, sets, registry)
 }
@@ -45,6 +47,13 @@ pub fn load_recipe_str(
     sets: &[String],
     registry: &Registry,
 ) -> Result<Recipe, RecipeError> {
+    if src.len() as u64 > MAX_RECIPE_BYTES {
+        return Err(RecipeError::new(format!(
+            "cannot read recipe `{}`: {}",
+            virtual_path.display(),
+            load::ReadError::TooLarge
+        )));
+    }
     let mut sources = SourceMap::default();
     let top = sources.add(virtual_path.to_path_buf(), src.to_string());
     let mut files = Vec::new();
@@ -165,7 +174,10 @@ struct Header {
 fn parse_header(sources: &SourceMap, node: Option<&Node>, path: &Path) -> Result<Header, RecipeError> {
     let default_name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let mut header = Header { name: default_name, seed: 0, allow_cpu_fallback: false, description: None };
-    let Some(node) = node else { return Ok(header) };
+    let Some(node) = node else {
+        names::check_recipe_name(sources, None, &header.name)?;
+        return Ok(header);
+    };
     let Some(table) = node.as_table() else {
         return Err(RecipeError::at(
             sources,
@@ -173,6 +185,7 @@ fn parse_header(sources: &SourceMap, node: Option<&Node>, path: &Path) -> Result
             format!("`recipe` must be a table, found {}", node.type_name()),
         ));
     };
+    let mut name_origin = None;
     for (key, entry) in table.in_order(sources) {
         let value = &entry.value;
         let expected = |what: &str| {
@@ -183,7 +196,10 @@ fn parse_header(sources: &SourceMap, node: Option<&Node>, path: &Path) -> Result
             )
         };
         match key {
-            "name" => header.name = value.as_str().ok_or_else(|| expected("a string"))?.to_string(),
+            "name" => {
+                header.name = value.as_str().ok_or_else(|| expected("a string"))?.to_string();
+                name_origin = Some(&value.origin);
+            }
             "description" => header.description = Some(value.as_str().ok_or_else(|| expected("a string"))?.to_string()),
             "seed" => header.seed = build::seed_value(sources, value, "recipe.seed")?,
             "allow_cpu_fallback" => match value.to_toml() {
@@ -200,6 +216,7 @@ fn parse_header(sources: &SourceMap, node: Option<&Node>, path: &Path) -> Result
             }
         }
     }
+    names::check_recipe_name(sources, name_origin, &header.name)?;
     Ok(header)
 }
 

@@ -8,6 +8,7 @@
 //! ```
 
 use super::error::RecipeError;
+use super::names::check_name;
 use super::source::{Origin, SourceMap};
 use super::tree::{Node, NodeValue, Table};
 use stage_api::params::did_you_mean;
@@ -189,17 +190,4 @@ fn parse_variants(sources: &SourceMap, sweep: &str, node: &Node) -> Result<Vec<V
         }
     }
     Ok(out)
-}
-
-/// Stage, sweep and variant names become parts of stage ids
-/// (`stage@variant+variant`, `stage.output`), so they are restricted to
-/// letters, digits, `_` and `-`.
-pub(crate) fn check_name(sources: &SourceMap, origin: &Origin, name: &str, what: &str) -> Result<(), RecipeError> {
-    let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if ok {
-        Ok(())
-    } else {
-        Err(RecipeError::at(sources, origin, format!("invalid {what} name `{name}`"))
-            .with_help("use letters, digits, `_` and `-` only (`.`, `@` and `+` separate parts of stage ids)"))
-    }
 }

@@ -98,6 +98,7 @@ impl StageKind for Split {
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 struct Weights {
+    #[schemars(range(min = 0.0, max = 10.0))]
     format: f64,
     validity: f64,
     correctness: f64,
@@ -110,6 +111,7 @@ impl Default for Weights {
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 struct GrpoParams {
+    #[schemars(range(min = 1, max = 100_000))]
     steps: u64,
     lr: f64,
     reward_weights: Weights,
@@ -702,6 +704,158 @@ fn executor_mistakes_are_located() {
     assert_eq!(e.message(), "`executor.time`: `2h` is not a Slurm time limit");
 
     let e = load_err(&base, &["executor.poll_interval=0"]);
-    assert_eq!(e.message(), "`executor.poll_interval` must be a positive number of seconds, found integer");
+    assert_eq!(e.message(), "`executor.poll_interval` must be a number of seconds in (0, 3600], found integer");
     assert_eq!(at(&e).0, "<--set #1>");
+}
+
+// ---- bounds on every input ---------------------------------------------------
+
+#[test]
+fn params_out_of_their_declared_range_point_at_the_value_and_name_the_range() {
+    let e = load_err(&MINI.replace("[stage.grpo]\n", "[stage.grpo]\nsteps = 1000000000000\n"), &[]);
+    assert_eq!(
+        e.message(),
+        "parameter `steps` of stage `grpo` (kind `grpo`): 1000000000000 is out of range: expected 1..=100000"
+    );
+    let loc = e.loc().unwrap();
+    assert_eq!((loc.col, loc.len), (9, 13), "{e}");
+    // Nested keys, from `--set`.
+    let e = load_err(MINI, &["grpo.reward_weights.format=11"]);
+    assert_eq!(
+        e.message(),
+        "parameter `reward_weights.format` of stage `grpo` (kind `grpo`): 11 is out of range: expected 0.0..=10.0"
+    );
+    assert_eq!(at(&e), ("<--set #1>".to_string(), 1, 28));
+    // The boundaries themselves are in range.
+    load(MINI, &["grpo.steps=100000", "grpo.reward_weights.format=10"]).unwrap();
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn recipe_files_above_the_size_limit_are_refused_before_being_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let filler = format!("# {}\n", "x".repeat(1023)).repeat((MAX_RECIPE_BYTES / 1024) as usize + 1);
+    let big = write(dir.path(), "big.toml", &format!("{MINI}{filler}"));
+    let e = load_recipe(&big, &[], &registry()).unwrap_err();
+    assert!(e.message().starts_with("cannot read recipe `"), "{e}");
+    assert!(e.message().ends_with("may hold at most 4 MiB"), "{e}");
+
+    // An `extends` chain counts as one recipe: each file fits, together they do not.
+    let half = format!("# {}\n", "x".repeat(1023)).repeat((MAX_RECIPE_BYTES / 1024 / 2) as usize);
+    write(dir.path(), "base.toml", &format!("{MINI}{half}"));
+    write(dir.path(), "middle.toml", &format!("[recipe]\nextends = \"base.toml\"\n{half}"));
+    let top = write(dir.path(), "top.toml", "[recipe]\nextends = \"middle.toml\"\n");
+    let e = load_recipe(&top, &[], &registry()).unwrap_err();
+    assert!(e.message().starts_with("cannot read extended recipe `"), "{e}");
+    assert!(e.message().contains("base.toml"), "{e}");
+    assert!(e.loc().unwrap().file.ends_with("middle.toml"), "{e}");
+    // Without the filler of the middle file, it loads.
+    write(dir.path(), "middle.toml", "[recipe]\nextends = \"base.toml\"\n");
+    load_recipe(&top, &[], &registry()).unwrap();
+
+    let text = format!("{MINI}{filler}");
+    let e = load_recipe_str(&text, Path::new("r.toml"), &[], &registry()).unwrap_err();
+    assert!(e.message().ends_with("may hold at most 4 MiB"), "{e}");
+}
+
+#[cfg(unix)]
+#[test]
+fn devices_fifos_and_directories_are_refused_as_recipes() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = write(dir.path(), "r.toml", "[recipe]\nextends = \"/dev/zero\"\n");
+    let e = load_recipe(&top, &[], &registry()).unwrap_err();
+    assert_eq!(e.message(), "cannot read extended recipe `/dev/zero`: it is a character device, not a regular file");
+    assert_eq!(at(&e).1, 2);
+
+    let fifo = dir.path().join("fifo.toml");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only reads it.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    // Nobody writes to the FIFO: reading it would block forever.
+    let e = load_recipe(&fifo, &[], &registry()).unwrap_err();
+    assert!(e.message().ends_with("it is a FIFO, not a regular file"), "{e}");
+    write(dir.path(), "r.toml", "[recipe]\nextends = \"fifo.toml\"\n");
+    let e = load_recipe(&top, &[], &registry()).unwrap_err();
+    assert!(e.message().ends_with("it is a FIFO, not a regular file"), "{e}");
+
+    let e = load_recipe(dir.path(), &[], &registry()).unwrap_err();
+    assert!(e.message().ends_with("it is a directory, not a regular file"), "{e}");
+}
+
+#[test]
+fn errors_about_huge_or_deeply_nested_values_stay_short() {
+    // A 1 MB string that is never closed: a TOML syntax error on a 1 MB line.
+    let src = format!("{MINI}[stage.report]\ntitle = \"{}\n", "a".repeat(1_000_000));
+    let shown = load_err(&src, &[]).to_string();
+    assert!(shown.len() < 1024, "{} bytes: {}", shown.len(), &shown[..shown.len().min(2000)]);
+    assert!(shown.starts_with("error: invalid TOML"), "{shown}");
+
+    // A 1 MB string of the wrong type: serde's message quotes the value.
+    let src = MINI.replace("[stage.grpo]\n", &format!("[stage.grpo]\nsteps = \"{}\"\n", "a".repeat(1_000_000)));
+    let shown = load_err(&src, &[]).to_string();
+    assert!(shown.len() < 1024, "{} bytes", shown.len());
+    assert!(shown.contains("invalid type: string"), "{shown}");
+
+    // 100 000 nested arrays: the parser's recursion limit, as a located error.
+    let depth = 100_000;
+    let src = format!("{MINI}[stage.report]\ntitle = {}{}\n", "[".repeat(depth), "]".repeat(depth));
+    let e = load_err(&src, &[]);
+    let shown = e.to_string();
+    assert!(shown.len() < 1024, "{} bytes", shown.len());
+    assert!(e.message().starts_with("invalid TOML"), "{shown}");
+    assert_eq!(at(&e).1, MINI.lines().count() + 2, "{shown}");
+}
+
+#[test]
+fn stage_names_and_the_ids_made_of_them_are_limited() {
+    let long = "s".repeat(names::MAX_NAME_CHARS + 1);
+    let e = load_err(&format!("{MINI}[stage.{long}]\nkind = \"phantom\"\n"), &[]);
+    assert!(e.message().starts_with("stage name `sss"), "{e}");
+    assert!(e.message().ends_with("is 65 characters long: at most 64 are allowed"), "{e}");
+    load(&format!("{MINI}[stage.{}]\nkind = \"phantom\"\n", &long[1..]), &[]).unwrap();
+
+    // A stage varying with three sweeps of 64-character variant names.
+    let chain = |last: &str| {
+        let [a, b, c] = ["a", "b", "c"].map(|x| x.repeat(names::MAX_NAME_CHARS));
+        format!(
+            "[stage.v]\nkind = \"phantom\"\n[stage.s]\nkind = \"lesion_slices\"\ninput = \"v\"\n\
+             [stage.{last}]\nkind = \"split\"\ninput = \"s\"\n\
+             [sweep.x]\nstage = \"v\"\nvariants = {{ {a} = {{}} }}\n\
+             [sweep.y]\nstage = \"s\"\nvariants = {{ {b} = {{}} }}\n\
+             [sweep.z]\nstage = \"{last}\"\nvariants = {{ {c} = {{}} }}\n"
+        )
+    };
+    let r = load(&chain("ppppp"), &[]).unwrap();
+    assert_eq!(r.stages[2].id.len(), names::MAX_STAGE_ID_BYTES);
+    let e = load_err(&chain("pppppp"), &[]);
+    assert!(e.message().ends_with("is 201 characters long: at most 200 are allowed"), "{e}");
+    assert_eq!(at(&e).1, 6, "points at the stage's header: {e}");
+}
+
+#[test]
+fn recipe_names_must_make_valid_directory_names() {
+    let e = load_err(&MINI.replace("name = \"mini\"", "name = \"../../x\""), &[]);
+    assert_eq!(e.message(), "recipe name `../../x` starts with `.`");
+    assert_eq!(at(&e), ("recipes/mini.toml".to_string(), 2, 8));
+    let e = load_err(&MINI.replace("name = \"mini\"", &format!("name = \"{}\"", "r".repeat(101))), &[]);
+    assert!(e.message().ends_with("is 101 bytes long: at most 100 are allowed"), "{e}");
+    // The default name is the file's: a file named `..toml` has none usable.
+    let src = MINI.replace("name = \"mini\"\n", "");
+    let e = load_recipe_str(&src, Path::new("dir/..toml"), &[], &registry()).unwrap_err();
+    assert!(e.message().contains("(it is the recipe file's name)"), "{e}");
+}
+
+#[test]
+fn executor_counts_have_ranges() {
+    let e = load_err(&format!("{MINI}[executor.stage.grpo]\nranks = 1000000000\n"), &[]);
+    assert_eq!(e.message(), "`executor.stage.grpo.ranks` = 1000000000 is out of range: expected 1..=1024");
+    let e = load_err(&format!("{MINI}[executor.stage.grpo]\ncpus = 0\n"), &[]);
+    assert_eq!(e.message(), "`executor.stage.grpo.cpus` = 0 is out of range: expected 1..=4096");
+    let e = load_err(&format!("{MINI}[executor]\nmax_resubmits = 5000000000\n"), &[]);
+    assert!(e.message().ends_with("expected 0..=100"), "{e}");
 }

@@ -19,6 +19,8 @@ pub struct ChecksumParams {
     /// default: it differs between runs).
     pub exclude: Vec<String>,
     /// Hashing threads (0 = all cores).
+    // More than any machine has cores.
+    #[schemars(range(max = 1024))]
     pub threads: usize,
 }
 

@@ -19,10 +19,14 @@ pub struct TextParams {
     /// Content of `text.txt`.
     pub text: String,
     /// How many times `text` is written.
+    // MAX_BYTES of a one-byte text; `validate` bounds text length x repeat.
+    #[schemars(range(max = 1_073_741_824))]
     pub repeat: u64,
     /// Fail (after the delay) instead of writing anything.
     pub fail: bool,
     /// Sleep this long before working, checking for cancellation.
+    // A day: an engine exercise never waits longer.
+    #[schemars(range(max = 86_400_000))]
     pub delay_ms: u64,
 }
 

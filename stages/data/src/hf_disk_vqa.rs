@@ -77,7 +77,9 @@ pub struct HfDiskVqaParams {
     #[serde(default)]
     pub columns: DiskColumns,
     /// Read only the first `limit` rows.
+    // CT-RATE-VQA has ~10^5 rows; 10^8 is more than any VQA set.
     #[serde(default)]
+    #[schemars(range(min = 1, max = 100_000_000))]
     pub limit: Option<usize>,
 }
 
@@ -198,9 +200,6 @@ impl StageKind for HfDiskVqa {
     fn validate(p: &HfDiskVqaParams) -> Result<(), ParamError> {
         if p.path.as_os_str().is_empty() {
             return Err(ParamError::new(&["path"], "`path` is empty: expected a save_to_disk directory"));
-        }
-        if p.limit == Some(0) {
-            return Err(ParamError::new(&["limit"], "must be at least 1"));
         }
         if let Some(n) = &p.name
             && (n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))

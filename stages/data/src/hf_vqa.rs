@@ -92,7 +92,9 @@ pub struct HfVqaParams {
     #[serde(default)]
     pub split: Option<String>,
     /// Read only the first `limit` rows, in shard order (quick subsets).
+    // TextVQA and ChartQA have thousands of test rows; 10^8 is more than any VQA set.
     #[serde(default)]
+    #[schemars(range(min = 1, max = 100_000_000))]
     pub limit: Option<usize>,
     /// Column names overriding the preset's, e.g. `{ question = "query" }`.
     #[serde(default)]
@@ -379,9 +381,6 @@ impl StageKind for HfVqa {
     fn validate(p: &HfVqaParams) -> Result<(), ParamError> {
         if p.path.as_os_str().is_empty() {
             return Err(ParamError::new(&["path"], "`path` is empty: expected the downloaded dataset"));
-        }
-        if p.limit == Some(0) {
-            return Err(ParamError::new(&["limit"], "must be at least 1"));
         }
         let lay = p.layout()?;
         if lay.split.is_empty() || !lay.split.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {

@@ -19,6 +19,7 @@ pub mod inspect;
 pub mod jsonl;
 pub mod nifti;
 pub mod parquet_export;
+pub mod paths;
 pub mod phantom;
 pub mod render;
 pub mod rexgct;

@@ -81,10 +81,15 @@ pub struct ParquetExportParams {
     /// Splits to export; each must be found in the `split` input.
     pub splits: Vec<String>,
     /// Target row-group size in MiB of payload (a group closes once it reaches it).
+    // A row group is built in memory.
+    #[schemars(range(max = 4096.0), extend("exclusiveMinimum" = 0.0))]
     pub row_group_mb: f64,
     /// Target shard size in MiB (a shard closes once it reaches it, at a row-group boundary).
+    #[schemars(range(max = 65_536.0), extend("exclusiveMinimum" = 0.0))]
     pub shard_mb: f64,
     /// zstd level (1-22).
+    // zstd's levels.
+    #[schemars(range(min = 1, max = 22))]
     pub zstd_level: i32,
     /// Name written into the dataset card and `dataset_info.json`.
     pub dataset_name: String,
@@ -365,9 +370,6 @@ impl StageKind for ParquetExport {
                 return Err(ParamError::new(&[key], format!("must be a positive size in MiB, got {v}")));
             }
         }
-        if !(1..=22).contains(&p.zstd_level) {
-            return Err(ParamError::new(&["zstd_level"], format!("must be in 1..=22, got {}", p.zstd_level)));
-        }
         Ok(())
     }
 
@@ -388,6 +390,14 @@ impl StageKind for ParquetExport {
             let rows: Vec<Row> = jsonl::read(src)?;
             let mut sizes = Vec::with_capacity(rows.len());
             for r in &rows {
+                if !crate::paths::is_plain_relative(Path::new(&r.image)) {
+                    bail!(
+                        "{}: item `{}`: image `{}` is not a path inside the `images` input",
+                        src.display(),
+                        r.id,
+                        r.image
+                    );
+                }
                 let p = images_dir.join(&r.image);
                 let meta = std::fs::metadata(&p).with_context(|| format!("image of `{}`: {}", r.id, p.display()))?;
                 sizes.push(meta.len() + (r.problem.len() + r.id.len() + 64) as u64);

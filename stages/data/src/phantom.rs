@@ -80,27 +80,45 @@ pub struct PhantomParams {
     /// Size preset (`mini` | `bench`) giving the defaults below.
     pub preset: Preset,
     /// Number of CT volumes (default from the preset: mini 40, bench 8).
+    // ReXGroundingCT has 3,142 volumes: 100 000 is 30 times the real corpus.
+    #[schemars(range(min = 1, max = 100_000))]
     pub cases: Option<usize>,
     /// Axial slices per volume (mini 32, bench 300).
+    // Chest CTs have 100-1000 axial slices; 8 leaves room for a lesion above and below.
+    #[schemars(range(min = 8, max = 2048))]
     pub slices: Option<usize>,
     /// In-plane size in pixels, square (mini 160, bench 512).
+    // CT slices are 512 px (some 1024); below 64 px no lung fits a lesion.
+    #[schemars(range(min = 64, max = 2048))]
     pub size: Option<usize>,
     /// Fraction of patients put in the `val` partition (named `valid_*`).
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub val_fraction: f64,
     /// The box-area threshold (px) the lesion sizes are planted around;
     /// default `round(1300 · (size/512)²)`.
+    // 1 % of the largest slice (2048 px); `validate` bounds it by the actual size.
+    #[schemars(range(min = 4, max = 41_943))]
     pub box_min_area_hint: Option<u64>,
     /// Fraction of lesions planted below `box_min_area_hint`.
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub small_fraction: f64,
     /// Fraction of cases with out-of-field padding at −8192 HU.
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub padding_fraction: f64,
     /// Number of cases with one corrupt finding channel filling a whole axial plane.
+    // At most `cases` (checked in `validate`), so within the range of `cases`.
+    #[schemars(range(max = 100_000))]
     pub corrupt_planes: usize,
     /// Most findings (mask channels) per case, micronodule finding excluded.
+    // One finding per lesion class at most.
+    #[schemars(range(min = 1, max = 7))]
     pub max_findings: usize,
     /// Probability that a case also gets a micronodule (1e) finding.
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub micronodule_fraction: f64,
     /// gzip level of the written `.nii.gz` files.
+    // gzip's levels.
+    #[schemars(range(max = 9))]
     pub gz_level: u32,
 }
 
@@ -162,15 +180,15 @@ impl StageKind for Phantom {
     }
 
     fn validate(params: &Self::Params) -> Result<(), ParamError> {
+        // Each field's range is declared on it; here the limits between fields.
         let c = params.config();
-        if c.cases == 0 {
-            return Err(ParamError::new(&["cases"], "must be at least 1"));
-        }
-        if !(8..=2048).contains(&c.slices) {
-            return Err(ParamError::new(&["slices"], format!("{}: expected 8..=2048", c.slices)));
-        }
-        if !(64..=2048).contains(&c.size) {
-            return Err(ParamError::new(&["size"], format!("{}: expected 64..=2048 pixels", c.size)));
+        // 2^30 voxels (2 GiB of CT at 16 bits, before masks) is 4x the
+        // largest real chest CT (1000 slices of 512 x 512).
+        if c.slices.saturating_mul(c.size).saturating_mul(c.size) > 1 << 30 {
+            return Err(ParamError::new(
+                &["slices"],
+                format!("{} slices of {} x {} px: more than 2^30 voxels per volume", c.slices, c.size, c.size),
+            ));
         }
         let area = (c.size * c.size) as f64;
         if c.hint < 4.0 || c.hint * 8.0 > area * 0.08 {
@@ -183,22 +201,6 @@ impl StageKind for Phantom {
                     c.size
                 ),
             ));
-        }
-        for (key, v) in [
-            ("val_fraction", params.val_fraction),
-            ("small_fraction", params.small_fraction),
-            ("padding_fraction", params.padding_fraction),
-            ("micronodule_fraction", params.micronodule_fraction),
-        ] {
-            if !(0.0..=1.0).contains(&v) {
-                return Err(ParamError::new(&[key], format!("{v}: expected a fraction in 0..=1")));
-            }
-        }
-        if !(1..=7).contains(&params.max_findings) {
-            return Err(ParamError::new(&["max_findings"], "expected 1..=7"));
-        }
-        if params.gz_level > 9 {
-            return Err(ParamError::new(&["gz_level"], "expected 0..=9"));
         }
         if params.corrupt_planes > c.cases {
             return Err(ParamError::new(&["corrupt_planes"], format!("more than the {} cases", c.cases)));
@@ -1077,9 +1079,16 @@ mod tests {
 
     #[test]
     fn bad_params_are_rejected_with_the_key() {
-        let p = PhantomParams { size: Some(32), ..PhantomParams::default() };
-        assert_eq!(Phantom::validate(&p).unwrap_err().path, vec!["size"]);
-        let p = PhantomParams { val_fraction: 1.5, ..PhantomParams::default() };
-        assert_eq!(Phantom::validate(&p).unwrap_err().path, vec!["val_fraction"]);
+        let err = |src: &str| stage_api::configure_params::<Phantom>(src.parse().unwrap()).unwrap_err();
+        assert_eq!(err("size = 32").path, vec!["size"]);
+        assert_eq!(err("val_fraction = 1.5").path, vec!["val_fraction"]);
+        let e = err("cases = 1000000000000");
+        assert_eq!(
+            (e.path, e.message.as_str()),
+            (vec!["cases".into()], "1000000000000 is out of range: expected 1..=100000")
+        );
+        // Each side within its range, the volume not.
+        assert_eq!(err("slices = 2048\nsize = 2048").path, vec!["slices"]);
+        stage_api::configure_params::<Phantom>("slices = 1024\nsize = 1024\ncases = 100000".parse().unwrap()).unwrap();
     }
 }

@@ -67,8 +67,10 @@ pub enum ZoomBox {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum PatchSide {
-    Pixels(u32),
-    Fraction(f64),
+    // The largest slice side the stage accepts (`max_pixels` = 4096 x 4096).
+    Pixels(#[schemars(range(min = 1, max = 4096))] u32),
+    // > 0 is checked in `validate`.
+    Fraction(#[schemars(range(min = 0.0, max = 1.0))] f64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -111,26 +113,35 @@ pub struct RenderParams {
     /// Which box the patch magnifies: `largest` or `union`.
     pub zoom_box: ZoomBox,
     /// Context around the zoom box, as a fraction of its longer side on each side.
+    #[schemars(range(min = 0.0, max = 2.0))]
     pub zoom_margin: f64,
     /// Patch side: fraction of the shorter output side (float) or pixels (integer).
     pub patch_side: PatchSide,
     /// RGB colour of the patch border (paper: green).
     pub patch_border_color: [u8; 3],
     /// Patch border width in pixels.
+    // Wider than that is no border but a frame filling the patch.
+    #[schemars(range(max = 256))]
     pub patch_border_width: u32,
     /// Draw the localisation box around the zoom box on the slice.
     pub draw_box: bool,
     /// RGB colour of the localisation box (paper: red).
     pub box_color: [u8; 3],
     /// Localisation box line width in pixels.
+    #[schemars(range(max = 256))]
     pub box_width: u32,
     /// Resize to the model's input grid (`smart_resize`); false keeps the native size.
     pub resize: bool,
     /// Upper bound on output pixels (401,408 = 512 visual tokens of 28x28).
+    // 4096 x 4096: above Qwen2.5-VL's own processor maximum (12,845,056).
+    #[schemars(range(min = 1, max = 16_777_216))]
     pub max_pixels: u64,
     /// Lower bound on output pixels.
+    #[schemars(range(max = 16_777_216))]
     pub min_pixels: u64,
     /// Output sides are multiples of this (Qwen2.5-VL: 28).
+    // Qwen2.5-VL: 28 (14 px patches, merged 2 x 2).
+    #[schemars(range(min = 1, max = 1024))]
     pub size_factor: u32,
     /// Resampling filter: `nearest`, `triangle` (bilinear), `catmull_rom`, `lanczos3`.
     pub filter: ResizeFilter,
@@ -428,18 +439,11 @@ impl StageKind for Render {
             let key = if p.window.is_some() { "window" } else { "clip" };
             return Err(ParamError::new(&[key], format!("HU range must satisfy lo < hi, got [{lo}, {hi}]")));
         }
-        if !(0.0..=2.0).contains(&p.zoom_margin) {
-            return Err(ParamError::new(&["zoom_margin"], format!("must be in [0, 2], got {}", p.zoom_margin)));
-        }
         match p.patch_side {
             PatchSide::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
                 return Err(ParamError::new(&["patch_side"], format!("a fraction must be in (0, 1], got {f}")));
             }
-            PatchSide::Pixels(0) => return Err(ParamError::new(&["patch_side"], "must be at least 1 pixel")),
             _ => {}
-        }
-        if p.size_factor == 0 {
-            return Err(ParamError::new(&["size_factor"], "must be at least 1"));
         }
         if p.resize && p.min_pixels > p.max_pixels {
             return Err(ParamError::new(&["min_pixels"], "must not exceed max_pixels"));

@@ -81,9 +81,10 @@ pub enum OnInvalid {
 pub struct RexgctIndexParams {
     /// Dataset root outside the cache (relative to the recipe); give this or the `dataset` input.
     pub root: Option<PathBuf>,
-    /// Directory of the CT volumes under the root.
+    /// Directory of the CT volumes under the root (a relative path must stay
+    /// inside the root, symlinks included; an absolute path is used as is).
     pub ct_dir: String,
-    /// Directory of the 4D masks under the root.
+    /// Directory of the 4D masks under the root (same rule as `ct_dir`).
     pub mask_dir: String,
     /// Partitions of `dataset.json` to index (only train and val ship masks).
     pub splits: Vec<String>,
@@ -194,6 +195,13 @@ impl StageKind for RexgctIndex {
         if params.splits.is_empty() {
             return Err(ParamError::new(&["splits"], "needs at least one partition"));
         }
+        for (key, dir) in [("ct_dir", &params.ct_dir), ("mask_dir", &params.mask_dir)] {
+            if !crate::paths::stays_inside(Path::new(dir)) {
+                return Err(ParamError::new(&[key], format!("`{dir}` leaves the dataset root")).with_hint(
+                    "a relative directory must stay inside the root (no `..`); write an absolute path to read from elsewhere",
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -204,11 +212,8 @@ impl StageKind for RexgctIndex {
             (Some(dir), None) => (dir.to_path_buf(), false),
             (None, Some(r)) => (ctx.resolve(r), true),
         };
-        let root = if external {
-            root.canonicalize().with_context(|| format!("dataset root {}", root.display()))?
-        } else {
-            root
-        };
+        // Canonical, so that files can be checked to resolve inside it.
+        let root = root.canonicalize().with_context(|| format!("dataset root {}", root.display()))?;
         let index = build_index(params, &root, external, ctx)?;
         let out = ctx.output_dir().join("index.json");
         let mut text = serde_json::to_string_pretty(&index)?;
@@ -404,13 +409,14 @@ fn check_entry(
         }
     }
 
-    let ct_rel = format!("{}/{file}", params.ct_dir);
-    let mask_rel = format!("{}/{file}", params.mask_dir);
+    let ct_rel = Path::new(&params.ct_dir).join(file);
+    let mask_rel = Path::new(&params.mask_dir).join(file);
     let (ct, mask) = (root.join(&ct_rel), root.join(&mask_rel));
-    for (what, p) in [("CT volume", &ct), ("mask", &mask)] {
+    for (what, dir, p) in [("CT volume", &params.ct_dir, &ct), ("mask", &params.mask_dir, &mask)] {
         if !p.is_file() {
             return Err(format!("{what} {} is missing", p.display()));
         }
+        check_resolves_inside(root, Path::new(dir), p).map_err(|e| format!("{what} {e}"))?;
     }
     if params.check_headers {
         let ct_h = nifti::read_header(&ct).map_err(|e| e.to_string())?;
@@ -434,10 +440,31 @@ fn check_entry(
         "name": case,
         "patient_id": patient,
         "split": split,
-        "ct": ct_rel,
-        "mask": mask_rel,
+        "ct": ct_rel.to_string_lossy(),
+        "mask": mask_rel.to_string_lossy(),
         "findings": out,
     })))
+}
+
+/// A file found through a relative directory param must resolve inside the
+/// (canonical) dataset root: a symlink in the dataset pointing elsewhere
+/// makes the entry invalid. Files under an absolute directory param are
+/// where the recipe said.
+fn check_resolves_inside(root: &Path, dir: &Path, file: &Path) -> Result<(), String> {
+    if dir.is_absolute() {
+        return Ok(());
+    }
+    let real = file.canonicalize().map_err(|e| format!("{}: {e}", file.display()))?;
+    if real.starts_with(root) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} resolves to {}, outside the dataset root {} (a symlink?); give the directory as an absolute path to read files from there",
+            file.display(),
+            real.display(),
+            root.display()
+        ))
+    }
 }
 
 /// Number of finding channels of a mask whose spatial grid must equal `grid`:
@@ -585,6 +612,46 @@ mod tests {
         let p: RexgctIndexParams = stage_api::params::parse_params(table).unwrap();
         assert_eq!(p.ordered_classes(), vec!["nodule_mass"]);
         RexgctIndex::validate(&p).unwrap();
+    }
+
+    #[test]
+    fn dataset_paths_stay_inside_the_root_unless_given_absolute() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = make_root(dir.path(), vec![]);
+        let configure = |src: &str| stage_api::configure_params::<RexgctIndex>(src.parse().unwrap());
+        for escape in ["../images", "images/../../x", "/"] {
+            let src = format!("ct_dir = {escape:?}");
+            if escape.starts_with('/') {
+                configure(&src).unwrap();
+                continue;
+            }
+            let e = configure(&src).unwrap_err();
+            assert_eq!(e.path, vec!["ct_dir"], "{escape}");
+            assert!(e.message.contains("leaves the dataset root"), "{}", e.message);
+        }
+        assert_eq!(configure("mask_dir = \"..\"").unwrap_err().path, vec!["mask_dir"]);
+        configure("ct_dir = \"./images\"\nmask_dir = \"a/b\"").unwrap();
+
+        // A symlink inside the root pointing outside it: that entry is invalid.
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        let ct = root.join("images/train_12_a_1.nii.gz");
+        std::fs::rename(&ct, outside.join("train_12_a_1.nii.gz")).unwrap();
+        std::os::unix::fs::symlink(outside.join("train_12_a_1.nii.gz"), &ct).unwrap();
+        let mut params = RexgctIndexParams { root: Some("root".into()), ..Default::default() };
+        let e = format!("{:#}", run(&params, dir.path()).unwrap_err());
+        assert!(e.contains("train_12_a_1") && e.contains("outside the dataset root"), "{e}");
+
+        // The same volumes named by an absolute `ct_dir` are read where it says.
+        std::fs::remove_file(&ct).unwrap();
+        for other in ["train_12_a_2", "valid_12_a_1", "train_5_b_1"] {
+            let name = format!("{other}.nii.gz");
+            std::fs::rename(root.join("images").join(&name), outside.join(&name)).unwrap();
+        }
+        params.ct_dir = outside.to_str().unwrap().to_string();
+        let index = run(&params, dir.path()).unwrap();
+        assert_eq!(index["cases"].as_array().unwrap().len(), 2);
+        assert_eq!(index["cases"][0]["ct"].as_str(), Some(outside.join("train_12_a_1.nii.gz").to_str().unwrap()));
     }
 
     #[test]

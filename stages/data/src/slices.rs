@@ -57,10 +57,14 @@ pub struct LesionSlicesParams {
     /// Pixel neighbourhood of connected components: 4 or 8.
     pub connectivity: Connectivity,
     /// Keep boxes with area `w * h` strictly greater than this (paper: 1300 at 512 px).
+    // The area of a 4096 x 4096 slice: no CT slice is larger.
+    #[schemars(range(max = 16_777_216))]
     pub box_min_area: u64,
     /// Drop boxes covering more than this fraction of the slice (corrupt full-plane masks).
     pub max_box_fraction: f64,
     /// At most this many slices per `cap_scope` group, sampled uniformly.
+    // More than any volume has slices (chest CTs: up to ~1000).
+    #[schemars(range(min = 1, max = 10_000))]
     pub max_slices: usize,
     /// `case_class` (default) or `case`.
     pub cap_scope: CapScope,
@@ -135,6 +139,11 @@ pub struct IndexFinding {
 pub fn load_index(ctx: &StageContext) -> anyhow::Result<(IndexFile, PathBuf)> {
     let path = ctx.input("index")?.join("index.json");
     let index: IndexFile = jsonl::read_json(&path).context("reading the case index")?;
+    for case in &index.cases {
+        if let Some(p) = [&case.ct, &case.mask].into_iter().find(|p| !crate::paths::stays_inside(p)) {
+            bail!("{}: case `{}`: `{}` leaves the dataset directory", path.display(), case.name, p.display());
+        }
+    }
     let base = match (ctx.optional_input("dataset")?, &index.root) {
         (Some(dir), _) => dir.to_path_buf(),
         (None, Some(root)) => root.clone(),
@@ -418,9 +427,6 @@ impl StageKind for LesionSlices {
                 &["max_box_fraction"],
                 format!("must be in (0, 1], got {}", p.max_box_fraction),
             ));
-        }
-        if p.max_slices == 0 {
-            return Err(ParamError::new(&["max_slices"], "must be at least 1"));
         }
         Ok(())
     }

@@ -79,16 +79,21 @@ pub struct EvalParams {
     /// Optional system message (else the chat template's default).
     pub system: Option<String>,
     /// Generation budget per completion (the paper's evaluation: 256).
+    // Qwen2.5-VL's context is 32,768 tokens, prompt included.
+    #[schemars(range(min = 1, max = 32_768))]
     pub max_new_tokens: usize,
     /// 0 = greedy (the paper's evaluation); > 0 samples with `seed`.
     pub temperature: f64,
     /// Nucleus sampling threshold (1 = off).
     pub top_p: f64,
     /// Keep the k most likely tokens when sampling (0 = off).
+    // Larger than any vocabulary (Qwen2.5: 151,936).
+    #[schemars(range(max = 1_048_576))]
     pub top_k: usize,
     /// Sampling seed; defaults to the recipe seed.
     pub seed: Option<u64>,
     /// Prompts per generate call (backend `local`).
+    #[schemars(range(min = 1, max = 4096))]
     pub batch_size: usize,
     /// Regex searched in the completion's first `<answer>...</answer>` block
     /// (tags included); its first group is the answer. Default: `<answer>\s*(\w+)\s*</answer>`
@@ -100,15 +105,18 @@ pub struct EvalParams {
     /// `answers` column's 10 human answers).
     pub answer_match: AnswerMatch,
     /// Confidence intervals: `{ method = "wilson" }` or
-    /// `{ method = "bootstrap", resamples = 1000, seed = 0 }`.
+    /// `{ method = "bootstrap", resamples = 1000, seed = 0 }` (resamples in 1..=1000000).
     pub ci: CiMethod,
     /// Evaluate only the first `limit` items (quick looks).
+    #[schemars(range(min = 1, max = 100_000_000))]
     pub limit: Option<usize>,
     /// Backend `local`: `auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16`, `float16`.
     pub dtype: String,
     /// Backend `local`: `cpu`, `auto` (CUDA when present) or `cuda`.
     pub device: DeviceChoice,
     /// Correct and wrong examples (each) kept with their image for the report gallery.
+    // Examples embedded in report.html, with their images.
+    #[schemars(range(max = 10_000))]
     pub gallery: usize,
 }
 
@@ -528,12 +536,6 @@ impl StageKind for Eval {
     }
 
     fn validate(p: &Self::Params) -> Result<(), ParamError> {
-        if p.batch_size == 0 {
-            return Err(ParamError::new(&["batch_size"], "must be at least 1"));
-        }
-        if p.max_new_tokens == 0 {
-            return Err(ParamError::new(&["max_new_tokens"], "must be at least 1"));
-        }
         // Written positively so NaN fails too.
         let ok = p.temperature >= 0.0 && p.top_p > 0.0 && p.top_p <= 1.0;
         if !ok {
@@ -544,9 +546,6 @@ impl StageKind for Eval {
                 &["dtype"],
                 format!("expected auto, float32, bfloat16 or float16, got {:?}", p.dtype),
             ));
-        }
-        if let CiMethod::Bootstrap { resamples: 0, .. } = p.ci {
-            return Err(ParamError::new(&["ci", "resamples"], "must be at least 1"));
         }
         for (key, t) in [("think_template", &p.think_template), ("no_think_template", &p.no_think_template)] {
             if !t.contains("{Question}") {
@@ -780,9 +779,13 @@ pub(crate) mod tests {
     fn validate_names_bad_keys() {
         let bad = EvalParams { answer_regex: Some("(".into()), ..Default::default() };
         assert!(format!("{:?}", Eval::validate(&bad).unwrap_err()).contains("answer_regex"));
-        let bad = EvalParams { batch_size: 0, ..Default::default() };
-        assert!(format!("{:?}", Eval::validate(&bad).unwrap_err()).contains("batch_size"));
         assert!(Eval::validate(&EvalParams::default()).is_ok());
+        // Counts and sizes, through the recipe path: their declared ranges.
+        let path = |src: &str| stage_api::configure_params::<Eval>(src.parse().unwrap()).unwrap_err().path.join(".");
+        assert_eq!(path("batch_size = 0"), "batch_size");
+        assert_eq!(path("max_new_tokens = 1_099_511_627_776"), "max_new_tokens");
+        assert_eq!(path("ci = { method = \"bootstrap\", resamples = 0, seed = 1 }"), "ci.resamples");
+        stage_api::configure_params::<Eval>("max_new_tokens = 256\nbatch_size = 16".parse().unwrap()).unwrap();
     }
 
     #[test]

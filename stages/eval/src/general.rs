@@ -37,10 +37,15 @@ pub const FREE_FORM_TEMPLATE: &str =
 #[serde(deny_unknown_fields, default)]
 pub struct GeneralVqaParams {
     /// Bar-chart questions ("What is the value of bar C?", numeric answers).
+    // General-VQA sanity checks use hundreds; ChartQA has 2,500 test questions.
+    #[schemars(range(max = 100_000))]
     pub charts: usize,
     /// Rendered-word questions ("What word is written in the image?").
+    #[schemars(range(max = 100_000))]
     pub words: usize,
     /// Image side in pixels.
+    // Two 28 px visual tokens a side at least.
+    #[schemars(range(min = 56, max = 4096))]
     pub size: u32,
     /// Words drawn from for the text questions.
     pub vocabulary: Vec<String>,
@@ -190,9 +195,6 @@ impl StageKind for GeneralVqa {
     fn validate(p: &Self::Params) -> Result<(), ParamError> {
         if p.charts + p.words == 0 {
             return Err(ParamError::new(&["charts"], "charts + words must be at least 1"));
-        }
-        if p.size < 56 {
-            return Err(ParamError::new(&["size"], "must be at least 56 pixels"));
         }
         if p.words > 0 && p.vocabulary.is_empty() {
             return Err(ParamError::new(&["vocabulary"], "must not be empty when words > 0"));

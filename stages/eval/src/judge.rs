@@ -69,8 +69,11 @@ pub enum Pick {
 #[serde(deny_unknown_fields, default)]
 pub struct LocalModelParams {
     /// Reply budget in tokens (greedy decoding).
+    // The local model's context (Qwen2.5: 32,768 tokens), prompt included.
+    #[schemars(range(min = 1, max = 32_768))]
     pub max_new_tokens: usize,
     /// Prompts per generate call.
+    #[schemars(range(min = 1, max = 4096))]
     pub batch_size: usize,
     /// `auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16`, `float16`.
     pub dtype: String,
@@ -94,14 +97,23 @@ pub struct HttpParams {
     /// Name of an environment variable holding a bearer token (optional).
     pub api_key_env: Option<String>,
     /// Per-request timeout in seconds.
+    // A day.
+    #[schemars(range(max = 86_400.0), extend("exclusiveMinimum" = 0.0))]
     pub timeout_s: f64,
     /// Retries after a timeout, connection error, 429 or 5xx (then the item is reported as an error).
+    #[schemars(range(max = 100))]
     pub retries: u32,
     /// First backoff in seconds; doubles after each failed attempt.
+    // Doubles after each retry: an hour to start with is already days in all.
+    #[schemars(range(min = 0.0, max = 3600.0))]
     pub backoff_s: f64,
     /// Requests in flight at once.
+    // Requests in flight, each a thread.
+    #[schemars(range(min = 1, max = 1024))]
     pub concurrency: usize,
     /// Reply budget (reasoning judges such as gpt-oss think before answering).
+    // gpt-oss's context is 131,072 tokens.
+    #[schemars(range(min = 1, max = 131_072))]
     pub max_tokens: u32,
     /// Optional system message.
     pub system: Option<String>,
@@ -169,6 +181,8 @@ pub struct JudgeParams {
     /// Count items whose reasoning names no class as inconsistent (else they
     /// are excluded from the rate, still reported).
     pub undetermined_is_inconsistent: bool,
+    /// Confidence intervals: `{ method = "wilson" }` or
+    /// `{ method = "bootstrap", resamples = 1000, seed = 0 }` (resamples in 1..=1000000).
     pub ci: CiMethod,
 }
 
@@ -578,9 +592,6 @@ impl StageKind for Judge {
             let ok = p.http.timeout_s > 0.0 && p.http.backoff_s >= 0.0;
             if !ok {
                 return Err(ParamError::new(&["http", "timeout_s"], "timeout_s must be > 0 and backoff_s >= 0"));
-            }
-            if p.http.concurrency == 0 {
-                return Err(ParamError::new(&["http", "concurrency"], "must be at least 1"));
             }
         }
         Ok(())

@@ -28,7 +28,12 @@ pub enum CiMethod {
     #[default]
     Wilson,
     /// Percentile bootstrap over items, seeded.
-    Bootstrap { resamples: u32, seed: u64 },
+    Bootstrap {
+        // 1000 is the usual choice; a million resamples already takes minutes per metric.
+        #[schemars(range(min = 1, max = 1_000_000))]
+        resamples: u32,
+        seed: u64,
+    },
 }
 
 /// A proportion with its 95% confidence interval.

@@ -80,14 +80,24 @@ pub struct ServedParams {
     /// Name of an environment variable holding a bearer token, read at run time (never recorded).
     pub api_key_env: Option<String>,
     /// Requests in flight at once.
+    // Each request in flight is a thread; vLLM's default batch is 256 sequences.
+    #[schemars(range(min = 1, max = 1024))]
     pub concurrency: usize,
     /// Per-request timeout in seconds (connect, generation and reply together).
+    // A day.
+    #[schemars(range(max = 86_400.0), extend("exclusiveMinimum" = 0.0))]
     pub timeout_s: f64,
     /// Retries after a timeout, connection error, 429, 5xx or unparseable reply; then the stage fails (replies so far are kept for its rerun).
+    // Backoff doubles after each retry: 100 already waits days at `max_backoff_s`.
+    #[schemars(range(max = 100))]
     pub retries: u32,
     /// First backoff in seconds; doubles after each failed attempt. A `Retry-After` header replaces it.
+    // An hour before the second attempt is already a server that is down.
+    #[schemars(range(min = 0.0, max = 3600.0))]
     pub backoff_s: f64,
     /// Longest wait between attempts in seconds (caps the backoff and `Retry-After`).
+    // A day between attempts.
+    #[schemars(range(min = 0.0, max = 86_400.0))]
     pub max_backoff_s: f64,
     /// Extra top-level request fields for server-specific settings (vLLM: `repetition_penalty`, `chat_template_kwargs`, ...); may not repeat a field the eval sets.
     pub extra_body: BTreeMap<String, serde_json::Value>,
@@ -125,9 +135,6 @@ impl ServedParams {
             return Err(ParamError::new(&["http", "model"], "backend `http` needs the served model name").with_hint(
                 "e.g. `http = { url = \"http://127.0.0.1:8000/v1\", model = \"Qwen/Qwen2.5-VL-72B-Instruct\" }`",
             ));
-        }
-        if self.concurrency == 0 {
-            return Err(ParamError::new(&["http", "concurrency"], "must be at least 1"));
         }
         // Written positively so NaN fails too.
         if !(self.timeout_s > 0.0 && self.timeout_s.is_finite()) {
@@ -585,7 +592,6 @@ mod tests {
         assert_eq!(path(ServedParams::default()), "http.model");
         assert_eq!(path(ServedParams { url: "https://x/v1".into(), ..ok.clone() }), "http.url");
         assert_eq!(path(ServedParams { url: "x".into(), ..ok.clone() }), "http.url");
-        assert_eq!(path(ServedParams { concurrency: 0, ..ok.clone() }), "http.concurrency");
         assert_eq!(path(ServedParams { timeout_s: f64::NAN, ..ok.clone() }), "http.timeout_s");
         assert_eq!(path(ServedParams { max_backoff_s: -1.0, ..ok.clone() }), "http.max_backoff_s");
         let extra = BTreeMap::from([("temperature".to_string(), serde_json::json!(1))]);

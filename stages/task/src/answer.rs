@@ -29,6 +29,23 @@ pub enum AnswerRegexError {
     NoGroup { pattern: String },
 }
 
+/// A regex error in one line. The regex crate's syntax errors take three
+/// (the pattern, a caret line under the fault, `error: what`), but a recipe
+/// error shows one, and the pattern is quoted there already: keep what is
+/// wrong and at which character.
+pub fn regex_error_text(e: &regex::Error) -> String {
+    let regex::Error::Syntax(text) = e else { return e.to_string() };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let Some(what) = lines.last().map(|l| l.trim().trim_start_matches("error: ")) else { return e.to_string() };
+    // `regex parse error:`, a one-line pattern, its caret line (4 spaces of
+    // indent, then the column), `error: what`.
+    let caret = lines.iter().find(|l| l.trim() != "" && l.trim().chars().all(|c| c == '^'));
+    match caret.and_then(|l| l.find('^')) {
+        Some(i) if lines.len() == 4 => format!("{what} (at character {})", i.saturating_sub(4) + 1),
+        _ => what.to_string(),
+    }
+}
+
 /// Why no answer could be read from a completion (every case counts as wrong).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -131,7 +148,7 @@ impl Scorer {
     /// first capture group is the answer.
     pub fn new(answer_regex: &str, format: ResponseFormat, matching: AnswerMatch) -> Result<Self, AnswerRegexError> {
         let answer = Regex::new(answer_regex)
-            .map_err(|e| AnswerRegexError::Invalid { pattern: answer_regex.into(), message: e.to_string() })?;
+            .map_err(|e| AnswerRegexError::Invalid { pattern: answer_regex.into(), message: regex_error_text(&e) })?;
         if answer.captures_len() < 2 {
             return Err(AnswerRegexError::NoGroup { pattern: answer_regex.into() });
         }
@@ -269,6 +286,17 @@ pub fn relaxed_match(prediction: &str, gold: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn regex_errors_are_one_line_saying_what_and_where() {
+        let e = Scorer::new("<answer>(\\w+</answer>", ResponseFormat::Think, AnswerMatch::Choice).unwrap_err();
+        let text = e.to_string();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.ends_with("is invalid: unclosed group (at character 9)"), "{text}");
+        // Not a syntax error: the regex crate's own text.
+        let too_big = regex::RegexBuilder::new("\\w{1000}").size_limit(10).build().unwrap_err();
+        assert_eq!(regex_error_text(&too_big), too_big.to_string());
+    }
 
     fn choice() -> Scorer {
         Scorer::new(DEFAULT_ANSWER_REGEX, ResponseFormat::Think, AnswerMatch::Choice).unwrap()

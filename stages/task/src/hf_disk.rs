@@ -44,6 +44,12 @@ fn read_json(path: &Path) -> Result<Value, HfDiskError> {
     serde_json::from_str(&text).map_err(|e| file_err(path, format!("not valid JSON: {e}")))
 }
 
+/// One plain name: joined to a directory it names an entry of that
+/// directory (no separator, not `.` or `..`, not empty).
+fn is_file_name(name: &str) -> bool {
+    !(name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\\'))
+}
+
 /// Whether `dir` is a `Dataset.save_to_disk` directory (has `state.json`).
 pub fn is_saved_dataset(dir: &Path) -> bool {
     dir.join(STATE_JSON).is_file()
@@ -62,6 +68,10 @@ pub fn dict_splits(dir: &Path) -> Result<Option<Vec<String>>, HfDiskError> {
         .and_then(Value::as_array)
         .and_then(|a| a.iter().map(|s| s.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
         .ok_or_else(|| file_err(&path, "expected {\"splits\": [\"train\", ...]}"))?;
+    // Each split is a directory next to dataset_dict.json; a path out of it is not a split.
+    if let Some(bad) = splits.iter().find(|s| !is_file_name(s)) {
+        return Err(file_err(&path, format!("split `{bad}` is not a directory name")));
+    }
     Ok(Some(splits))
 }
 
@@ -114,7 +124,7 @@ impl SavedDataset {
                 file_err(&state_path, format!("`_data_files[{i}]`: expected {{\"filename\": \"data-....arrow\"}}"))
             })?;
             // Shards live next to state.json; a path out of it is not a shard.
-            if name.contains('/') || name.contains('\\') || name == ".." {
+            if !is_file_name(name) {
                 return Err(file_err(&state_path, format!("`_data_files[{i}]`: `{name}` is not a file name")));
             }
             let path = dir.join(name);
@@ -361,5 +371,28 @@ mod tests {
         assert_eq!(dict_splits(&dict).unwrap().unwrap(), ["train"]);
         let e = SavedDataset::open(&dict).unwrap_err().to_string();
         assert!(e.contains("this is a DatasetDict"), "{e}");
+    }
+
+    #[test]
+    fn shards_and_splits_that_leave_the_dataset_directory_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("ds");
+        std::fs::create_dir_all(&d).unwrap();
+        // A real shard outside the dataset: reachable by `..`, but not a shard of it.
+        let b = batch(&["x"]);
+        let mut w = ShardWriter::create(&dir.path().join("outside.arrow"), &b.schema()).unwrap();
+        w.write(&b).unwrap();
+        w.finish().unwrap();
+        let features = r#"{"q": {"dtype": "string", "_type": "Value"}}"#;
+        for name in ["../outside.arrow", "..", ".", "", "/etc/passwd"] {
+            write_metadata(&d, "t", "test", features, &[name.to_string()]).unwrap();
+            let e = SavedDataset::open(&d).unwrap_err().to_string();
+            assert!(e.contains("state.json: `_data_files[0]`") && e.contains("is not a file name"), "{name}: {e}");
+        }
+        for split in ["../ds", "..", "a/b"] {
+            write_dict(&d, &["train".into(), split.into()]).unwrap();
+            let e = dict_splits(&d).unwrap_err().to_string();
+            assert!(e.contains("dataset_dict.json: split") && e.contains("is not a directory name"), "{split}: {e}");
+        }
     }
 }

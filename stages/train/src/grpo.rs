@@ -45,7 +45,7 @@ use crate::policy_loss::{LossConfig, LossInputs, LossStats, LossType, StepScale,
 use crate::prompt::PromptEncoder;
 use crate::rewards::{REWARD_NAMES, RewardError, Rewards, paper_weights};
 use crate::rollout::{DataOrder, Rollout, RolloutSpec, Sampler, rollout, round_seed};
-use crate::trainer::{self, LoopSettings, Metrics, Position, Setup, regex_union};
+use crate::trainer::{self, LoopSettings, Metrics, Position, Setup, ShardLevel, regex_union};
 
 /// Sample completions written by the stage.
 pub const COMPLETIONS_JSONL: &str = "completions.jsonl";
@@ -62,22 +62,35 @@ pub enum LrScheduleKind {
 #[serde(deny_unknown_fields, default)]
 pub struct GrpoParams {
     /// Completions sampled per prompt, the group (paper: N = 5).
+    // A group needs two completions to have an advantage; TRL runs use up to 64.
+    #[schemars(range(min = 2, max = 1024))]
     pub num_generations: usize,
     /// Optimizer steps (paper: 1500).
+    // The paper runs 1500; a million is years of GRPO at any scale.
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub steps: usize,
     /// Prompts per generation round (CHOSEN: 8; the paper does not say).
+    // Prompts x generations per round is bounded in `validate` too.
+    #[schemars(range(min = 1, max = 4096))]
     pub prompts_per_step: usize,
     /// Completions per forward/backward pass (gradient accumulation within a step).
+    #[schemars(range(min = 1, max = 4096))]
     pub micro_batch_size: usize,
     /// Optimizer steps per generation round; the clip only matters when > 1 (TRL's μ).
+    // TRL's mu: 1 to 4 in practice.
+    #[schemars(range(min = 1, max = 64))]
     pub num_iterations: usize,
     /// Sampling temperature (1.0); log-probs are taken at the same temperature.
     pub temperature: f64,
     /// Nucleus sampling threshold (1 = off).
     pub top_p: f64,
     /// Keep the k most likely tokens when sampling (0 = off).
+    // Larger than any vocabulary (Qwen2.5: 151,936).
+    #[schemars(range(max = 1_048_576))]
     pub top_k: usize,
     /// Generation budget per completion; longer ones are truncated.
+    // Qwen2.5-VL's context is 32,768 tokens, prompt included.
+    #[schemars(range(min = 1, max = 32_768))]
     pub max_completion_length: usize,
     /// Stop a completion once its text contains one of these (besides the
     /// end-of-turn token); empty = only EOS, as TRL.
@@ -123,16 +136,21 @@ pub struct GrpoParams {
     /// (default: the language model's MLP layers, as the paper's SFT).
     pub trainable: Vec<String>,
     /// Log a metrics row every this many steps.
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub log_every: usize,
     /// Write the round's completions to completions.jsonl every this many steps (0 = never).
+    #[schemars(range(max = 1_000_000))]
     pub log_completions_every: usize,
     /// Save a resumable checkpoint every this many steps (0 = never); a multiple of num_iterations.
+    #[schemars(range(max = 1_000_000))]
     pub checkpoint_every: usize,
     /// `cpu`, `auto` (CUDA when present) or `cuda`.
     pub device: DeviceChoice,
     /// `auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16`.
     pub dtype: String,
     /// Largest safetensors shard of the saved checkpoint, in MiB.
+    // Up to 1 TiB per shard; bytes = MiB x 2^20 must not overflow.
+    #[schemars(range(min = 1, max = 1_048_576))]
     pub max_shard_mb: u64,
     /// Activation checkpointing in the policy update: keep only each decoder
     /// layer's and vision block's input during the forward pass and recompute
@@ -144,6 +162,19 @@ pub struct GrpoParams {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     #[schemars(extend("default" = false))]
     pub gradient_checkpointing: bool,
+    /// Training state each data-parallel rank keeps: `none` (all of it, as
+    /// DDP), `optimizer` (AdamW moments and f32 masters of its 1/N part of
+    /// the flattened trainable parameters; ZeRO-1) or `gradients` (also
+    /// the summed gradients of its part only, reduce-scattered after every
+    /// micro-batch; ZeRO-2). See docs/scaling.md. The same training up to
+    /// float summation order; in the cache key when not `none` (the last
+    /// bits of the weights can differ).
+    // Left out of the params JSON at its default, so the cache keys of
+    // recipes written before it existed do not move (the schema still
+    // documents the default).
+    #[serde(skip_serializing_if = "ShardLevel::is_none")]
+    #[schemars(extend("default" = "none"))]
+    pub shard: ShardLevel,
 }
 
 impl Default for GrpoParams {
@@ -183,6 +214,7 @@ impl Default for GrpoParams {
             dtype: "auto".into(),
             max_shard_mb: 2048,
             gradient_checkpointing: false,
+            shard: ShardLevel::None,
         }
     }
 }
@@ -256,20 +288,18 @@ impl StageKind for Grpo {
     }
 
     fn validate(p: &GrpoParams) -> Result<(), ParamError> {
-        let at_least_one = [
-            ("steps", p.steps),
-            ("prompts_per_step", p.prompts_per_step),
-            ("micro_batch_size", p.micro_batch_size),
-            ("num_iterations", p.num_iterations),
-            ("max_completion_length", p.max_completion_length),
-        ];
-        for (key, v) in at_least_one {
-            if v == 0 {
-                return Err(ParamError::new(&[key], "must be at least 1"));
-            }
-        }
-        if p.num_generations < 2 {
-            return Err(ParamError::new(&["num_generations"], "a group needs at least 2 completions"));
+        // Each count's range is declared on its field; here the limits between fields.
+        // 65,536 completions per round (the paper: 8 x 5 = 40) keeps a
+        // round's generated tokens below 2^31 at the longest completion.
+        let completions = p.prompts_per_step.saturating_mul(p.num_generations);
+        if completions > 65_536 {
+            return Err(ParamError::new(
+                &["prompts_per_step"],
+                format!(
+                    "{} prompts x {} generations = {completions} completions per round: at most 65536",
+                    p.prompts_per_step, p.num_generations
+                ),
+            ));
         }
         let positive = [("lr", p.lr), ("temperature", p.temperature), ("epsilon", p.epsilon)];
         for (key, v) in positive {
@@ -384,6 +414,7 @@ impl StageKind for Grpo {
             log_every: p.log_every,
             checkpoint_every: p.checkpoint_every,
             max_shard_mb: p.max_shard_mb,
+            shard: p.shard,
         };
         trainer::run(ctx, &settings, &setup, comm.as_mut(), &mut steps)
     }

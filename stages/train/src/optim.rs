@@ -95,30 +95,19 @@ impl AdamW {
     /// One update with learning rate `lr`, then clear the gradients.
     pub fn step(&mut self, lr: f64) {
         self.t += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
-        let bc1 = 1.0 - beta1.powi(self.t);
-        let bc2 = 1.0 - beta2.powi(self.t);
+        let bias = BiasCorrection::at(&self.cfg, self.t);
         tch::no_grad(|| {
             for (i, (_, p)) in self.params.iter_mut().enumerate() {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
-                let g = g.to_kind(Kind::Float);
-                let m = &mut self.m[i];
-                let v = &mut self.v[i];
-                *m = &*m * beta1 + &g * (1.0 - beta1);
-                *v = &*v * beta2 + (&g * &g) * (1.0 - beta2);
-                let denom = (&*v / bc2).sqrt() + eps;
-                let mut update = (&*m / bc1) / denom;
                 let pf = match &self.master[i] {
                     Some(master) => master.shallow_clone(),
                     None => p.to_kind(Kind::Float),
                 };
-                if weight_decay != 0.0 {
-                    update += &pf * weight_decay;
-                }
-                let new = pf - update * lr;
+                let new =
+                    adamw_update(&self.cfg, bias, lr, &g.to_kind(Kind::Float), &mut self.m[i], &mut self.v[i], pf);
                 p.copy_(&new.to_kind(p.kind()));
                 if let Some(master) = &mut self.master[i] {
                     *master = new;
@@ -127,16 +116,65 @@ impl AdamW {
             }
         });
     }
+
+    /// Bytes of optimizer state this optimizer holds (moments and masters).
+    pub fn state_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        self.m.iter().chain(&self.v).chain(self.master.iter().flatten()).map(bytes).sum()
+    }
+}
+
+/// AdamW's bias-correction factors `1 - β^t` of update `t` (1-based).
+#[derive(Debug, Clone, Copy)]
+pub struct BiasCorrection {
+    bc1: f64,
+    bc2: f64,
+}
+
+impl BiasCorrection {
+    pub fn at(cfg: &AdamWConfig, t: i32) -> Self {
+        Self { bc1: 1.0 - cfg.beta1.powi(t), bc2: 1.0 - cfg.beta2.powi(t) }
+    }
+}
+
+/// One AdamW update of f32 values `pf` with f32 gradient `g`: updates the
+/// moments `m`, `v` in place and returns the new f32 values. The one place
+/// the update's arithmetic lives: the replicated [`AdamW`] (per tensor) and
+/// the sharded update (over a rank's flat slice) call it, so an element's
+/// update is the same operations either way.
+pub fn adamw_update(
+    cfg: &AdamWConfig,
+    bias: BiasCorrection,
+    lr: f64,
+    g: &Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    pf: Tensor,
+) -> Tensor {
+    *m = &*m * cfg.beta1 + g * (1.0 - cfg.beta1);
+    *v = &*v * cfg.beta2 + (g * g) * (1.0 - cfg.beta2);
+    let denom = (&*v / bias.bc2).sqrt() + cfg.eps;
+    let mut update = (&*m / bias.bc1) / denom;
+    if cfg.weight_decay != 0.0 {
+        update += &pf * cfg.weight_decay;
+    }
+    pf - update * lr
+}
+
+/// Sum of the squares of every value of `tensors` (in f32, summed in f64
+/// over the tensors in order): the local part of the global gradient norm.
+/// The one function every norm goes through (replicated clipping and each
+/// rank's shard), so the summation order is decided here.
+pub fn squared_norm(tensors: &[Tensor]) -> f64 {
+    tensors.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float).double_value(&[])).sum()
 }
 
 /// Scale gradients so their global L2 norm is at most `max_norm` (0 = no
 /// clipping); returns the norm before clipping.
 pub fn clip_grad_norm<'a>(params: impl Iterator<Item = &'a Tensor>, max_norm: f64) -> f64 {
     let grads: Vec<Tensor> = params.map(|p| p.grad()).filter(|g| g.defined()).collect();
-    let total: f64 = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float).double_value(&[])).sum();
-    let norm = total.sqrt();
-    if max_norm > 0.0 && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
+    let norm = squared_norm(&grads).sqrt();
+    if let Some(scale) = clip_scale(norm, max_norm) {
         tch::no_grad(|| {
             for g in &grads {
                 let mut g = g.shallow_clone();
@@ -145,6 +183,12 @@ pub fn clip_grad_norm<'a>(params: impl Iterator<Item = &'a Tensor>, max_norm: f6
         });
     }
     norm
+}
+
+/// The factor gradients of global norm `norm` are scaled by to clip them
+/// to `max_norm` (None: no clipping needed, or `max_norm` 0 = off).
+pub fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
+    (max_norm > 0.0 && norm > max_norm).then(|| max_norm / (norm + 1e-6))
 }
 
 /// Linear warmup to `peak`, then cosine decay to 0 at `total` steps (or

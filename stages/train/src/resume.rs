@@ -5,11 +5,16 @@
 //! <resume dir>/step-00000010/
 //!     state.json              TrainState: step, optimizer step count, data cursor, next sampling seed, ...
 //!     weights/                trainable tensors (safetensors, the model's dtype: exact)
-//!     optimizer/              AdamW moments (safetensors, f32)
+//!     optimizer/              AdamW moments (safetensors, f32); empty when sharded
+//!     optimizer-shards/rank-00001/   sharded runs: each rank's part of the AdamW state
+//!                                    (exp_avg, exp_avg_sq, master: flat f32)
 //!     files/                  the stage's logs so far (metrics.jsonl, completions.jsonl)
 //! ```
 //! A checkpoint is written into a hidden temp directory and renamed into
 //! place, so any `step-*` directory is complete; older ones are then removed.
+//! In a sharded run every rank first writes its part to a hidden directory
+//! beside it ([`save_shard`]); rank 0 moves the parts in before the rename
+//! (the resume directory must be shared by the ranks, as the engine's is).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,7 +24,6 @@ use serde::{Deserialize, Serialize};
 use stages_vlm::Qwen25Vl;
 use stages_vlm::checkpoint::{load_dir, save_dir};
 
-use crate::optim::AdamW;
 use tch::{Device, Kind, Tensor};
 
 const STATE_FILE: &str = "state.json";
@@ -39,6 +43,9 @@ pub struct TrainState {
     pub next_sampling_seed: u64,
     /// Names of the trainable tensors (must match on resume).
     pub trainable: Vec<String>,
+    /// Ranks the optimizer state is sharded over (absent: not sharded, in `optimizer/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_ranks: Option<usize>,
 }
 
 impl TrainState {
@@ -49,7 +56,7 @@ impl TrainState {
         next_sampling_seed: u64,
         trainable: Vec<String>,
     ) -> Self {
-        Self { format: FORMAT, step, optimizer_steps, data_cursor, next_sampling_seed, trainable }
+        Self { format: FORMAT, step, optimizer_steps, data_cursor, next_sampling_seed, trainable, shard_ranks: None }
     }
 }
 
@@ -65,6 +72,14 @@ impl Checkpoint {
     }
     pub fn moments(&self, device: Device) -> anyhow::Result<BTreeMap<String, Tensor>> {
         Ok(load_dir(&self.dir.join("optimizer"), Kind::Float, device)?)
+    }
+    /// Rank `rank`'s part of a sharded optimizer state.
+    pub fn shard(&self, rank: usize, device: Device) -> anyhow::Result<BTreeMap<String, Tensor>> {
+        let dir = self.dir.join(SHARDS_DIR).join(shard_name(rank));
+        if !dir.is_dir() {
+            bail!("{}: no optimizer shard of rank {rank} ({} is missing)", self.dir.display(), dir.display());
+        }
+        Ok(load_dir(&dir, Kind::Float, device)?)
     }
     /// Copy the saved logs back to `out` (same file names).
     pub fn restore_files(&self, out: &Path) -> anyhow::Result<()> {
@@ -82,6 +97,28 @@ impl Checkpoint {
 
 fn step_dir_name(step: usize) -> String {
     format!("step-{step:08}")
+}
+
+const SHARDS_DIR: &str = "optimizer-shards";
+
+fn shard_name(rank: usize) -> String {
+    format!("rank-{rank:05}")
+}
+
+/// Where rank `rank` writes its optimizer shard of step `step` before rank 0 moves it in.
+fn shard_staging(dir: &Path, step: usize, rank: usize) -> PathBuf {
+    dir.join(format!(".{}.{}.tmp", step_dir_name(step), shard_name(rank)))
+}
+
+/// Write this rank's part of a sharded optimizer state for the checkpoint
+/// of `step` (every rank, before rank 0's [`save`] with `shards` set).
+pub fn save_shard(dir: &Path, step: usize, rank: usize, state: &BTreeMap<String, Tensor>) -> anyhow::Result<()> {
+    let staging = shard_staging(dir, step, rank);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
+    }
+    save_dir(&staging, state, Kind::Float, u64::MAX)?;
+    Ok(())
 }
 
 fn parse_step(name: &str) -> Option<usize> {
@@ -128,6 +165,8 @@ pub struct Snapshot<'a> {
     pub moments: &'a BTreeMap<String, Tensor>,
     /// Files copied into the checkpoint (the logs written so far).
     pub files: Vec<PathBuf>,
+    /// Ranks whose optimizer shards ([`save_shard`]) go into the checkpoint (0: not sharded).
+    pub shards: usize,
 }
 
 /// Write `snap` as `dir/step-N` atomically, then drop older checkpoints.
@@ -140,6 +179,16 @@ pub fn save(dir: &Path, snap: &Snapshot) -> anyhow::Result<PathBuf> {
     }
     save_dir(&tmp.join("weights"), snap.weights, snap.weights_kind, u64::MAX)?;
     save_dir(&tmp.join("optimizer"), snap.moments, Kind::Float, u64::MAX)?;
+    if snap.shards > 0 {
+        std::fs::create_dir_all(tmp.join(SHARDS_DIR))?;
+    }
+    for rank in 0..snap.shards {
+        let staged = shard_staging(dir, snap.state.step, rank);
+        let into = tmp.join(SHARDS_DIR).join(shard_name(rank));
+        std::fs::rename(&staged, &into).with_context(|| {
+            format!("moving rank {rank}'s optimizer shard {} into the checkpoint", staged.display())
+        })?;
+    }
     let files = tmp.join("files");
     std::fs::create_dir_all(&files)?;
     for f in &snap.files {
@@ -169,29 +218,27 @@ pub fn save(dir: &Path, snap: &Snapshot) -> anyhow::Result<PathBuf> {
 }
 
 /// Checkpoint a training loop into `dir`: the trainable tensors of `model`
-/// (those `state` names), `opt`'s state and the logs in `files`.
+/// (those `state` names), the replicated optimizer `moments` (empty when
+/// sharded: the `state.shard_ranks` ranks' shards are moved in) and the
+/// logs in `files`.
 pub fn save_training(
     dir: &Path,
     state: &TrainState,
     model: &Qwen25Vl,
-    opt: &AdamW,
+    moments: &BTreeMap<String, Tensor>,
     files: Vec<PathBuf>,
 ) -> anyhow::Result<PathBuf> {
     let weights = state.trainable.iter().map(|n| (n.clone(), model.params[n].shallow_clone())).collect();
-    let snap = Snapshot { state, weights: &weights, weights_kind: model.kind, moments: &opt.moments(), files };
+    let shards = state.shard_ranks.unwrap_or(0);
+    let snap = Snapshot { state, weights: &weights, weights_kind: model.kind, moments, files, shards };
     let saved = save(dir, &snap)?;
     tracing::info!("checkpoint at step {}: {}", state.step, saved.display());
     Ok(saved)
 }
 
-/// Load a checkpoint into the policy, the optimizer and the output logs.
-pub fn restore(
-    ck: &Checkpoint,
-    model: &Qwen25Vl,
-    opt: &mut AdamW,
-    trainable: &[String],
-    out: &Path,
-) -> anyhow::Result<()> {
+/// Load a checkpoint's weights into the policy and its logs into `out`
+/// (the optimizer state is the update's: [`Checkpoint::moments`], [`Checkpoint::shard`]).
+pub fn restore(ck: &Checkpoint, model: &Qwen25Vl, trainable: &[String], out: &Path) -> anyhow::Result<()> {
     if ck.state.trainable != trainable {
         bail!(
             "{}: the checkpoint trains {} tensors, this run {}: not the same run",
@@ -212,8 +259,6 @@ pub fn restore(
         }
         Ok(())
     })?;
-    opt.restore(&ck.moments(model.device)?, ck.state.optimizer_steps)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", ck.dir.display()))?;
     ck.restore_files(out)
 }
 
@@ -240,6 +285,7 @@ mod tests {
                 weights_kind: Kind::Float,
                 moments: &m,
                 files: vec![log.clone()],
+                shards: 0,
             };
             save(&root, &snap).unwrap();
         }

@@ -36,7 +36,7 @@ use tch::{Kind, Reduction, Tensor};
 use crate::dist::{self, Collective};
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::prompt::PromptEncoder;
-use crate::trainer::{self, Algorithm as _, LoopSettings, Metrics, Position, Setup, regex_union};
+use crate::trainer::{self, Algorithm as _, LoopSettings, Metrics, Position, Setup, ShardLevel, regex_union};
 
 /// Label of tokens that carry no loss (prompt, image, padding).
 pub const IGNORE: i64 = -100;
@@ -55,6 +55,8 @@ pub enum Target {
 #[serde(deny_unknown_fields, default)]
 pub struct SftParams {
     /// Passes over the training split (paper: 2).
+    // The paper runs 2.
+    #[schemars(range(min = 1, max = 10_000))]
     pub epochs: usize,
     /// Peak learning rate (paper: 1e-5).
     pub lr: f64,
@@ -67,8 +69,10 @@ pub struct SftParams {
     /// Decoupled weight decay.
     pub weight_decay: f64,
     /// Items per forward pass (per rank).
+    #[schemars(range(min = 1, max = 4096))]
     pub batch_size: usize,
     /// Forward passes per optimizer step (global batch = batch_size × this × ranks).
+    #[schemars(range(min = 1, max = 4096))]
     pub grad_accum: usize,
     /// Clip the global gradient norm to this (0 = no clipping).
     pub max_grad_norm: f64,
@@ -82,18 +86,23 @@ pub struct SftParams {
     /// Prompt variant of the user turn (`think`, `no_think` or `dataset`).
     pub prompt: PromptVariant,
     /// Stop after this many optimizer steps (quick looks); all epochs when absent.
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub max_steps: Option<usize>,
     /// Log a metrics row every this many optimizer steps.
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub log_every: usize,
     /// `cpu`, `auto` (CUDA when present) or `cuda`.
     pub device: DeviceChoice,
     /// `auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16`.
     pub dtype: String,
     /// Largest safetensors shard of the saved checkpoint, in MiB.
+    // Up to 1 TiB per shard; bytes = MiB x 2^20 must not overflow.
+    #[schemars(range(min = 1, max = 1_048_576))]
     pub max_shard_mb: u64,
     /// Save a resumable checkpoint (trainable weights, AdamW state, step) to
     /// the engine's resume directory every this many optimizer steps; a
     /// killed run continues from the newest (0 = never).
+    #[schemars(range(max = 1_000_000))]
     pub checkpoint_every: usize,
     /// Activation checkpointing: keep only each decoder layer's and vision
     /// block's input during the forward pass and recompute the block in the
@@ -105,6 +114,19 @@ pub struct SftParams {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     #[schemars(extend("default" = false))]
     pub gradient_checkpointing: bool,
+    /// Training state each data-parallel rank keeps: `none` (all of it, as
+    /// DDP), `optimizer` (AdamW moments and f32 masters of its 1/N part of
+    /// the flattened trainable parameters; ZeRO-1) or `gradients` (also
+    /// the summed gradients of its part only, reduce-scattered after every
+    /// micro-batch; ZeRO-2). See docs/scaling.md. The same training up to
+    /// float summation order; in the cache key when not `none` (the last
+    /// bits of the weights can differ).
+    // Left out of the params JSON at its default, so the cache keys of
+    // recipes written before it existed do not move (the schema still
+    // documents the default).
+    #[serde(skip_serializing_if = "ShardLevel::is_none")]
+    #[schemars(extend("default" = "none"))]
+    pub shard: ShardLevel,
 }
 
 impl Default for SftParams {
@@ -130,6 +152,7 @@ impl Default for SftParams {
             max_shard_mb: 2048,
             checkpoint_every: 0,
             gradient_checkpointing: false,
+            shard: ShardLevel::None,
         }
     }
 }
@@ -165,12 +188,6 @@ impl StageKind for Sft {
     }
 
     fn validate(p: &SftParams) -> Result<(), ParamError> {
-        let positive = [("epochs", p.epochs), ("batch_size", p.batch_size), ("grad_accum", p.grad_accum)];
-        for (key, v) in positive {
-            if v == 0 {
-                return Err(ParamError::new(&[key], "must be at least 1"));
-            }
-        }
         if !(p.lr > 0.0 && p.lr.is_finite()) {
             return Err(ParamError::new(&["lr"], format!("must be a positive number, got {}", p.lr)));
         }
@@ -209,6 +226,7 @@ impl StageKind for Sft {
             log_every: p.log_every,
             checkpoint_every: p.checkpoint_every,
             max_shard_mb: p.max_shard_mb,
+            shard: p.shard,
         };
         trainer::run(ctx, &settings, &setup, comm.as_mut(), &mut steps)
     }
@@ -629,8 +647,8 @@ mod tests {
     fn bad_params_name_the_key() {
         let e = Sft::validate(&SftParams { trainable: vec!["(".into()], ..Default::default() }).unwrap_err();
         assert_eq!(e.path, vec!["trainable"]);
-        let e = Sft::validate(&SftParams { batch_size: 0, ..Default::default() }).unwrap_err();
-        assert_eq!(e.path, vec!["batch_size"]);
+        let e = stage_api::configure_params::<Sft>(toml::toml! { batch_size = 0 }).unwrap_err();
+        assert_eq!((e.path, e.message.as_str()), (vec!["batch_size".into()], "0 is out of range: expected 1..=4096"));
         let e = Sft::validate(&SftParams { prompt: PromptVariant::CotForcing, ..Default::default() }).unwrap_err();
         assert_eq!(e.path, vec!["prompt"]);
     }

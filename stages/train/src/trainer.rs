@@ -16,10 +16,13 @@
 //!                                 activation checkpointing (`gradient_checkpointing`);
 //!                                 each loss is already divided by the step's GLOBAL
 //!                                 normaliser (tokens, sequences), so the gradients sum
-//!                                 to the whole step's gradient
-//!     update.sync_gradients()     sum across ranks                  } the seam of ZeRO-1/2
+//!                                 to the whole step's gradient;
+//!       update.after_backward()   shard = "gradients": reduce-scatter, free the gradients
+//!     update.sync_gradients()     sum across ranks (all-reduce, or reduce-scatter into
+//!                                 each rank's part: shard = "optimizer")
 //!     algo.metrics()              the algorithm's statistics, combined across ranks
-//!     update.step(lr)             global-norm clip + AdamW          }   (trainer/update.rs)
+//!     update.step(lr)             global-norm clip + AdamW (sharded: on the rank's part,
+//!                                 then all-gather the parameters; trainer/update.rs, zero.rs)
 //!     metrics.jsonl row (every log_every steps), checkpoint (every checkpoint_every)
 //! save (rank 0)       weights, the input's tokenizer/processor files, trainable.json
 //! ```
@@ -37,15 +40,15 @@
 //! or global batch), the loss reduction across ranks, the `step`, `loss`,
 //! `lr` and `grad_norm` metrics and the output.
 //!
-//! Where the next pieces go: optimizer/gradient sharding replaces
-//! [`ParamUpdate`]'s `sync_gradients` and `step` (see its module);
-//! activation checkpointing is a property of the model's forward, switched
+//! Where the next pieces go: activation checkpointing is a property of the model's forward, switched
 //! on in [`Setup::start`]; a per-rank memory model reads the trainable set
 //! and the update's strategy.
 
 pub mod setup;
 pub mod update;
+pub mod zero;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -54,7 +57,8 @@ use stage_api::StageContext;
 use stages_vlm::checkpoint::copy_aux_files;
 
 pub use setup::{Setup, ThreadsGuard, Trainable, regex_union};
-pub use update::ParamUpdate;
+pub use update::{OptimizerState, ParamUpdate};
+pub use zero::ShardLevel;
 
 use crate::dist::{self, Collective};
 use crate::optim::{AdamWConfig, LrSchedule};
@@ -140,14 +144,25 @@ pub struct LoopSettings<'a> {
     /// 0 = never.
     pub checkpoint_every: usize,
     pub max_shard_mb: u64,
+    /// Which training state the ranks shard (zero.rs).
+    pub shard: ShardLevel,
 }
 
 /// Backpropagate this rank's micro-batches of the prepared step; returns
-/// the sum of their losses (this rank's share of the step loss).
-pub fn accumulate(algo: &mut impl Algorithm) -> anyhow::Result<f64> {
+/// the sum of their losses (this rank's share of the step loss). Collective
+/// when the update reduces gradients per micro-batch (`shard = "gradients"`).
+pub fn accumulate(
+    algo: &mut impl Algorithm,
+    update: &mut ParamUpdate,
+    comm: &mut dyn Collective,
+) -> anyhow::Result<f64> {
+    let mine = algo.micro_batches();
     let mut local = 0.0;
-    for micro in 0..algo.micro_batches() {
-        local += algo.backward(micro)?;
+    for micro in 0..update.backward_rounds(mine, comm)? {
+        if micro < mine {
+            local += algo.backward(micro)?;
+        }
+        update.after_backward(comm)?;
     }
     Ok(local)
 }
@@ -162,10 +177,25 @@ pub fn run(
 ) -> anyhow::Result<()> {
     let total = algo.total_steps();
     let names = &setup.trainable.names;
-    let mut update = ParamUpdate::new(setup.trainable.tensors(&setup.model), s.optimizer, s.max_grad_norm);
+    let params = setup.trainable.tensors(&setup.model);
+    let mut update = ParamUpdate::with_shard(params, s.optimizer, s.max_grad_norm, s.shard, &*comm)?;
+    let (state_bytes, grad_bytes) = (update.state_bytes(), update.grad_shard_bytes());
+    tracing::info!(
+        "rank {}: optimizer state {:.1} MiB (shard = {:?}{})",
+        comm.rank(),
+        state_bytes as f64 / 1048576.0,
+        update.level(),
+        if grad_bytes > 0 {
+            format!(", gradient shard {:.1} MiB", grad_bytes as f64 / 1048576.0)
+        } else {
+            String::new()
+        }
+    );
+    ctx.note("optimizer_state_bytes", state_bytes);
+    ctx.note("gradient_shard_bytes", grad_bytes);
     let out = ctx.output_dir().to_path_buf();
     let resume_dir = ctx.resume_dir()?.to_path_buf();
-    let start = resume_from(&resume_dir, &out, setup, &mut update, &*algo, total)?;
+    let start = resume_from(&resume_dir, &out, setup, &mut update, &*algo, total, &*comm)?;
 
     ctx.note("resumed_from_step", start);
     ctx.progress().start(algo.phase(), total as u64);
@@ -175,7 +205,7 @@ pub fn run(
         let began = Instant::now();
         ctx.check_cancelled()?;
         algo.prepare(step, ctx, comm)?;
-        let local = accumulate(algo)?;
+        let local = accumulate(algo, &mut update, comm)?;
         update.sync_gradients(comm)?;
         let loss = if comm.world_size() > 1 { dist::all_reduce_f64(comm, &[local])?[0] } else { local };
         let mut row = algo.metrics(comm)?;
@@ -192,13 +222,12 @@ pub fn run(
             row.insert("grad_norm".into(), grad_norm.into());
             ctx.metrics().record(&serde_json::Value::Object(row))?;
         }
-        if ctx.is_main_rank() && s.checkpoint_every > 0 && done % s.checkpoint_every == 0 && done < total {
+        if s.checkpoint_every > 0 && done % s.checkpoint_every == 0 && done < total {
             let at = algo.position(done);
-            let state =
-                TrainState::new(done, update.optimizer().steps(), at.data_cursor, at.sampling_seed, names.clone());
+            let state = TrainState::new(done, update.steps(), at.data_cursor, at.sampling_seed, names.clone());
             let mut files = vec![ctx.metrics().path().to_path_buf()];
             files.extend(algo.log_files());
-            resume::save_training(&resume_dir, &state, &setup.model, update.optimizer(), files)?;
+            checkpoint(ctx, &resume_dir, state, setup, &update, files, comm)?;
         }
         times.push(began.elapsed().as_secs_f64(), algo.tokens());
     }
@@ -224,6 +253,50 @@ pub fn run(
     Ok(())
 }
 
+/// Write the checkpoint of `state`: replicated, rank 0 writes it all;
+/// sharded, every rank writes its part of the optimizer state, then rank 0
+/// the rest (weights, logs, state) and publishes the directory. Collective.
+fn checkpoint(
+    ctx: &StageContext,
+    dir: &Path,
+    mut state: TrainState,
+    setup: &Setup,
+    update: &ParamUpdate,
+    files: Vec<PathBuf>,
+    comm: &mut dyn Collective,
+) -> anyhow::Result<()> {
+    match update.state() {
+        OptimizerState::Replicated(moments) => {
+            if ctx.is_main_rank() {
+                resume::save_training(dir, &state, &setup.model, &moments, files)?;
+            }
+            Ok(())
+        }
+        OptimizerState::Shard(part) => {
+            let (rank, world) = (comm.rank(), comm.world_size());
+            let written = resume::save_shard(dir, state.step, rank, &part).map_err(|e| format!("{e:#}"));
+            // Every rank learns whether every part is on disk (and nobody waits forever on a failed one).
+            let results = dist::all_gather_json(comm, &written.err())?;
+            if let Some((r, e)) = results.iter().enumerate().find_map(|(r, e)| e.as_ref().map(|e| (r, e))) {
+                bail!("checkpoint of step {}: rank {r} could not write its optimizer shard: {e}", state.step);
+            }
+            let published = if ctx.is_main_rank() {
+                state.shard_ranks = Some(world);
+                resume::save_training(dir, &state, &setup.model, &BTreeMap::new(), files).map(|_| ())
+            } else {
+                Ok(())
+            };
+            // The checkpoint is complete (or failed) for every rank before any moves on.
+            let results = dist::all_gather_json(comm, &published.as_ref().err().map(|e| format!("{e:#}")))?;
+            published?;
+            if let Some(e) = results.into_iter().flatten().next() {
+                bail!("checkpoint of step {}: rank 0 could not write it: {e}", state.step);
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Restore the newest checkpoint of this run, if any; the step it was taken at (0: none).
 fn resume_from(
     dir: &Path,
@@ -232,9 +305,26 @@ fn resume_from(
     update: &mut ParamUpdate,
     algo: &impl Algorithm,
     total: usize,
+    comm: &dyn Collective,
 ) -> anyhow::Result<usize> {
     let Some(ck) = resume::latest(dir)? else { return Ok(0) };
     let state = &ck.state;
+    let (sharded, world) = (update.level() != ShardLevel::None, comm.world_size());
+    match state.shard_ranks {
+        Some(saved) if sharded && saved != world => bail!(
+            "{}: the optimizer state is sharded over {saved} ranks, this run has {world}; re-sharding is not \
+             implemented: resume with {saved} ranks, or remove the checkpoint to start over",
+            ck.dir.display()
+        ),
+        Some(saved) if !sharded => bail!(
+            "{}: the optimizer state is sharded over {saved} ranks, this run does not shard it (shard = \"none\")",
+            ck.dir.display()
+        ),
+        None if sharded => {
+            bail!("{}: the optimizer state is not sharded, this run shards it over {world} ranks", ck.dir.display())
+        }
+        _ => {}
+    }
     let expected = algo.position(state.step);
     if (state.data_cursor, state.next_sampling_seed) != (expected.data_cursor, expected.sampling_seed)
         || state.step >= total
@@ -249,7 +339,13 @@ fn resume_from(
             expected.sampling_seed,
         );
     }
-    resume::restore(&ck, &setup.model, update.optimizer_mut(), &setup.trainable.names, out)?;
+    resume::restore(&ck, &setup.model, &setup.trainable.names, out)?;
+    let saved = if sharded {
+        OptimizerState::Shard(ck.shard(comm.rank(), setup.model.device)?)
+    } else {
+        OptimizerState::Replicated(ck.moments(setup.model.device)?)
+    };
+    update.restore(&saved, state.optimizer_steps).map_err(|e| anyhow::anyhow!("{}: {e}", ck.dir.display()))?;
     tracing::info!("resuming from the checkpoint at step {} ({})", state.step, ck.dir.display());
     Ok(state.step)
 }

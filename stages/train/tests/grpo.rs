@@ -261,7 +261,7 @@ fn step_on_ranks(world: usize, micro_batch_size: usize, completions: &[Completio
                             let mut p = p.clone();
                             p.loss_type = loss_type;
                             let policy = GrpoLoss { p: &p, model: &model, reference: None, loss: p.loss_config() };
-                            for t in update.optimizer().params() {
+                            for t in update.params() {
                                 let mut g = t.grad();
                                 if g.defined() {
                                     let _ = g.zero_();
@@ -274,7 +274,7 @@ fn step_on_ranks(world: usize, micro_batch_size: usize, completions: &[Completio
                             }
                             update.sync_gradients(comm.as_mut()).unwrap();
                             let loss = dist::all_reduce_f64(comm.as_mut(), &[local]).unwrap()[0];
-                            let grads: Vec<Tensor> = update.optimizer().params().map(|t| t.grad().view([-1])).collect();
+                            let grads: Vec<Tensor> = update.params().map(|t| t.grad().view([-1])).collect();
                             (loss, Vec::<f32>::try_from(&Tensor::cat(&grads, 0)).unwrap())
                         })
                         .collect()
@@ -408,7 +408,30 @@ fn stage_without_kl_trains_logs_trl_metrics_and_writes_a_loadable_checkpoint() {
 #[test]
 fn params_are_validated_by_key_and_weights_lay_over_the_paper_defaults() {
     let bad = |p: GrpoParams| Grpo::validate(&p).unwrap_err().path;
-    assert_eq!(bad(GrpoParams { num_generations: 1, ..Default::default() }), ["num_generations"]);
+    // Counts and sizes, through the recipe path: their declared ranges.
+    let configure = |src: &str| stage_api::configure_params::<Grpo>(src.parse().unwrap());
+    let out_of_range = |src: &str| {
+        let e = configure(src).unwrap_err();
+        (e.path.join("."), e.message)
+    };
+    assert_eq!(
+        out_of_range("num_generations = 1"),
+        ("num_generations".into(), "1 is out of range: expected 2..=1024".into())
+    );
+    assert_eq!(
+        out_of_range("prompts_per_step = 1_000_000_000_000_000"),
+        ("prompts_per_step".into(), "1000000000000000 is out of range: expected 1..=4096".into())
+    );
+    assert_eq!(
+        out_of_range("max_completion_length = 1_099_511_627_776"),
+        ("max_completion_length".into(), "1099511627776 is out of range: expected 1..=32768".into())
+    );
+    // Each within its range, the round not.
+    let (key, message) = out_of_range("prompts_per_step = 4096\nnum_generations = 32");
+    assert_eq!(key, "prompts_per_step");
+    assert!(message.ends_with("131072 completions per round: at most 65536"), "{message}");
+    // The paper's settings (recipes/full.toml) pass.
+    configure("steps = 1500\nnum_generations = 5\nprompts_per_step = 8\nmax_completion_length = 256").unwrap();
     assert_eq!(bad(GrpoParams { checkpoint_every: 3, num_iterations: 2, ..Default::default() }), ["checkpoint_every"]);
     assert_eq!(bad(GrpoParams { prompt: PromptVariant::CotForcing, ..Default::default() }), ["prompt"]);
     assert_eq!(bad(GrpoParams { beta: -1.0, ..Default::default() }), ["beta"]);

@@ -65,38 +65,62 @@ pub struct InitModelParams {
     #[schemars(extend("default" = DEFAULT_MODEL_TYPE))]
     pub model_type: String,
     /// Text model width.
+    // Sanity bounds, each far above Qwen2.5-VL-72B (8192 wide, 29568 MLP, 80 layers, 64 heads).
+    #[schemars(range(min = 1, max = 65_536))]
     pub hidden_size: i64,
     /// Text MLP width.
+    #[schemars(range(min = 1, max = 262_144))]
     pub intermediate_size: i64,
     /// Text decoder layers.
+    #[schemars(range(min = 1, max = 1024))]
     pub num_hidden_layers: i64,
+    #[schemars(range(min = 1, max = 1024))]
     pub num_attention_heads: i64,
     /// Key/value heads (grouped-query attention); divides num_attention_heads.
+    #[schemars(range(min = 1, max = 1024))]
     pub num_key_value_heads: i64,
     /// mRoPE rotary dims for (time, height, width); must sum to head_dim / 2.
+    // Sums to head_dim / 2 (checked in `validate`).
+    #[schemars(inner(range(min = 0, max = 32_768)))]
     pub mrope_section: [i64; 3],
     pub rope_theta: f64,
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
     /// Vision blocks.
+    // Qwen2.5-VL: 32 blocks of 1280 wide, 16 heads, 3420 MLP.
+    #[schemars(range(min = 1, max = 1024))]
     pub vision_depth: i64,
+    #[schemars(range(min = 1, max = 65_536))]
     pub vision_hidden_size: i64,
+    #[schemars(range(min = 1, max = 262_144))]
     pub vision_intermediate_size: i64,
+    #[schemars(range(min = 1, max = 1024))]
     pub vision_num_heads: i64,
     /// Window side in pixels for window attention (multiple of 28).
+    // Qwen2.5-VL: 112; a multiple of 28 (checked in `validate`).
+    #[schemars(range(min = 28, max = 4096))]
     pub window_size: i64,
     /// Vision blocks that attend over the whole image.
+    // Below vision_depth (checked in `validate`).
+    #[schemars(inner(range(min = 0, max = 1023)))]
     pub fullatt_block_indexes: Vec<i64>,
     /// BPE vocabulary size before the 11 added tokens.
+    // 256 byte symbols + merges at least; Qwen2.5 has 151,643.
+    #[schemars(range(min = 300, max = 1_048_576))]
     pub vocab_size: usize,
     /// Std of the normal init of weight matrices (HF initializer_range).
     pub initializer_range: f64,
     /// Image processor pixel bounds (multiples of 28x28 per visual token).
+    // One 28 x 28 visual token at least, 4096 x 4096 px at most.
+    #[schemars(range(min = 784, max = 16_777_216))]
     pub min_pixels: usize,
+    #[schemars(range(min = 784, max = 16_777_216))]
     pub max_pixels: usize,
     /// Storage dtype of the weights: "float32" | "bfloat16".
     pub dtype: String,
     /// Largest safetensors shard, in MiB.
+    // Up to 1 TiB per shard; bytes = MiB x 2^20 must not overflow.
+    #[schemars(range(min = 1, max = 1_048_576))]
     pub max_shard_mb: u64,
 }
 
@@ -402,22 +426,8 @@ impl StageKind for InitModel {
         if let Some(i) = p.fullatt_block_indexes.iter().find(|&&i| i < 0 || i >= p.vision_depth) {
             return bad("fullatt_block_indexes", format!("index {i} is outside 0..{}", p.vision_depth));
         }
-        if p.vocab_size < 300 {
-            return bad("vocab_size", "must be at least 300 (256 byte symbols + merges)".into());
-        }
-        if p.min_pixels > p.max_pixels || p.min_pixels < 28 * 28 {
-            return bad("min_pixels", "must be >= 784 and <= max_pixels".into());
-        }
-        for (key, v) in [
-            ("hidden_size", p.hidden_size),
-            ("intermediate_size", p.intermediate_size),
-            ("num_hidden_layers", p.num_hidden_layers),
-            ("vision_depth", p.vision_depth),
-            ("vision_intermediate_size", p.vision_intermediate_size),
-        ] {
-            if v <= 0 {
-                return bad(key, "must be positive".into());
-            }
+        if p.min_pixels > p.max_pixels {
+            return bad("min_pixels", "must not exceed max_pixels".into());
         }
         Ok(())
     }
@@ -634,6 +644,14 @@ mod tests {
     fn bad_params_name_the_key() {
         let p = InitModelParams { mrope_section: [4, 4, 4], ..Default::default() };
         assert_eq!(InitModel::validate(&p).unwrap_err().path, vec!["mrope_section"]);
+        // Sizes, through the recipe path: their declared ranges.
+        let e = stage_api::configure_params::<InitModel>(toml::toml! { mrope_section = [10, -1, -1] }).unwrap_err();
+        assert_eq!(
+            (e.path, e.message.as_str()),
+            (vec!["mrope_section".into(), "1".into()], "-1 is out of range: expected 0..=32768")
+        );
+        let e = stage_api::configure_params::<InitModel>(toml::toml! { vocab_size = 299 }).unwrap_err();
+        assert_eq!(e.path, vec!["vocab_size"]);
         let p = InitModelParams { dtype: "int8".into(), ..Default::default() };
         let e = InitModel::validate(&p).unwrap_err();
         assert_eq!(e.path, vec!["dtype"]);

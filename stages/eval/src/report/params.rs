@@ -80,6 +80,7 @@ pub struct ReportParams {
     /// their means rather than as plots of their own).
     pub train_metrics: Vec<String>,
     /// Gallery items shown per eval.
+    #[schemars(range(max = 10_000))]
     pub gallery: usize,
     /// Splits whose evals become accuracy columns ("train acc") of the eval
     /// of the same model and prompt on another split, instead of rows.

@@ -4,7 +4,7 @@
 //! it without importing `dist`, which picks among them.
 
 use anyhow::{Context as _, bail};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// What the ranks of a training stage do together. Every call is collective:
 /// all ranks make the same calls in the same order.
@@ -15,6 +15,29 @@ pub trait Collective: Send {
     fn all_reduce_sum(&mut self, tensors: &[Tensor]) -> anyhow::Result<()>;
     /// Every rank's `bytes`, in rank order.
     fn all_gather_bytes(&mut self, bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>>;
+    /// Reduce-scatter of one flat bucket: `input` holds `world × n` values
+    /// (1-D, same length and kind on every rank), `output` `n` values of the
+    /// same kind; rank `r` receives the sum over ranks of `input[r·n..(r+1)·n]`.
+    /// One call per bucket (the caller packs many tensors into it).
+    fn reduce_scatter_sum(&mut self, input: &Tensor, output: &Tensor) -> anyhow::Result<()>;
+    /// All-gather of one flat bucket: `input` holds `n` values (1-D), `output`
+    /// `world × n` of the same kind: every rank's `input`, in rank order.
+    fn all_gather(&mut self, input: &Tensor, output: &Tensor) -> anyhow::Result<()>;
+}
+
+/// The `world × n` / `n` shapes every backend checks before a bucket collective.
+pub(crate) fn check_bucket(what: &str, world: usize, chunk: &Tensor, full: &Tensor) -> anyhow::Result<usize> {
+    if chunk.dim() != 1 || full.dim() != 1 {
+        bail!("{what}: buckets are flat (1-D) tensors, got shapes {:?} and {:?}", chunk.size(), full.size());
+    }
+    let n = chunk.numel();
+    if full.numel() != n * world {
+        bail!("{what}: a bucket of {} values does not split into {world} chunks of {n}", full.numel());
+    }
+    if chunk.kind() != full.kind() {
+        bail!("{what}: input and output kinds differ ({:?} vs {:?})", chunk.kind(), full.kind());
+    }
+    Ok(n)
 }
 
 /// One process: every collective is the identity.
@@ -32,6 +55,16 @@ impl Collective for Single {
     }
     fn all_gather_bytes(&mut self, bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
         Ok(vec![bytes.to_vec()])
+    }
+    fn reduce_scatter_sum(&mut self, input: &Tensor, output: &Tensor) -> anyhow::Result<()> {
+        check_bucket("reduce-scatter", 1, output, input)?;
+        tch::no_grad(|| output.shallow_clone().copy_(input));
+        Ok(())
+    }
+    fn all_gather(&mut self, input: &Tensor, output: &Tensor) -> anyhow::Result<()> {
+        check_bucket("all-gather", 1, input, output)?;
+        tch::no_grad(|| output.shallow_clone().copy_(input));
+        Ok(())
     }
 }
 
@@ -106,34 +139,6 @@ pub fn shard(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
     let (base, extra) = (n / world, n % world);
     let start = rank * base + rank.min(extra);
     start..start + base + usize::from(rank < extra)
-}
-
-/// Flatten tensors into one f32 CPU buffer (and back): the wire format of
-/// the TCP backend.
-pub(crate) fn flatten_f32(tensors: &[Tensor]) -> anyhow::Result<Vec<f32>> {
-    if tensors.is_empty() {
-        return Ok(Vec::new());
-    }
-    let flat: Vec<Tensor> =
-        tensors.iter().map(|t| t.to_device(tch::Device::Cpu).to_kind(Kind::Float).reshape([-1])).collect();
-    Ok(Vec::<f32>::try_from(&Tensor::cat(&flat, 0))?)
-}
-
-pub(crate) fn unflatten_into(values: &[f32], tensors: &[Tensor]) -> anyhow::Result<()> {
-    let total: i64 = tensors.iter().map(Tensor::numel).map(|n| n as i64).sum();
-    if total != values.len() as i64 {
-        bail!("reduced buffer holds {} values, the tensors {total}", values.len());
-    }
-    let mut offset = 0usize;
-    tch::no_grad(|| {
-        for t in tensors {
-            let n = t.numel();
-            let src = Tensor::from_slice(&values[offset..offset + n]).view(t.size().as_slice());
-            t.shallow_clone().copy_(&src.to_kind(t.kind()).to_device(t.device()));
-            offset += n;
-        }
-    });
-    Ok(())
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use cudarc::nccl::result as nccl;
 use cudarc::nccl::sys;
 use tch::{Kind, Tensor};
 
-use super::collective::Collective;
+use super::collective::{Collective, check_bucket};
 use super::tcp::Tcp;
 
 pub struct Nccl {
@@ -103,6 +103,64 @@ impl Collective for Nccl {
 
     fn all_gather_bytes(&mut self, bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
         self.tcp.all_gather_bytes(bytes)
+    }
+
+    /// `ncclReduceScatter` of one bucket, in the bucket's dtype, on the
+    /// default stream (ordered after the backward kernels, before the reads).
+    fn reduce_scatter_sum(&mut self, input: &Tensor, output: &Tensor) -> anyhow::Result<()> {
+        let n = check_bucket("reduce-scatter", self.world_size(), output, input)?;
+        let (input, out) = (self.on_device(input)?, self.on_device(output)?);
+        unsafe {
+            nccl::reduce_scatter(
+                input.data_ptr(),
+                out.data_ptr(),
+                n,
+                nccl_type(input.kind())?,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        }
+        .map_err(|e| anyhow::anyhow!("ncclReduceScatter of {n} values per rank: {e:?}"))?;
+        copy_back(&out, output);
+        Ok(())
+    }
+
+    /// `ncclAllGather` of one bucket.
+    fn all_gather(&mut self, input: &Tensor, output: &Tensor) -> anyhow::Result<()> {
+        let n = check_bucket("all-gather", self.world_size(), input, output)?;
+        let (input, out) = (self.on_device(input)?, self.on_device(output)?);
+        unsafe {
+            nccl::all_gather(
+                input.data_ptr(),
+                out.data_ptr(),
+                n,
+                nccl_type(input.kind())?,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        }
+        .map_err(|e| anyhow::anyhow!("ncclAllGather of {n} values per rank: {e:?}"))?;
+        copy_back(&out, output);
+        Ok(())
+    }
+}
+
+impl Nccl {
+    /// `t` itself when it is a contiguous tensor on this rank's GPU (NCCL
+    /// reads and writes raw device memory), else an error.
+    fn on_device(&self, t: &Tensor) -> anyhow::Result<Tensor> {
+        if t.device() != tch::Device::Cuda(self.device) {
+            bail!("NCCL buckets must be on cuda:{}, got {:?}", self.device, t.device());
+        }
+        Ok(if t.is_contiguous() { t.shallow_clone() } else { t.contiguous() })
+    }
+}
+
+/// `out` was a contiguous copy of a non-contiguous `target`: write it back.
+fn copy_back(out: &Tensor, target: &Tensor) {
+    if out.data_ptr() != target.data_ptr() {
+        tch::no_grad(|| target.shallow_clone().copy_(out));
     }
 }
 

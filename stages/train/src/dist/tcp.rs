@@ -15,9 +15,9 @@ use anyhow::{Context as _, bail};
 use stage_api::DistInfo;
 use stage_api::RENDEZVOUS_ABANDONED;
 use stage_api::host_name;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
-use super::collective::{Collective, flatten_f32, unflatten_into};
+use super::collective::{Collective, check_bucket};
 
 /// How long ranks wait for each other to show up (model loading included).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(900);
@@ -159,33 +159,23 @@ impl Collective for Tcp {
     }
 
     fn all_reduce_sum(&mut self, tensors: &[Tensor]) -> anyhow::Result<()> {
-        let mut values = flatten_f32(tensors)?;
-        if self.rank == 0 {
-            for (i, s) in self.streams.iter().enumerate() {
-                let part = self.recv(i + 1, s)?;
-                if part.len() != values.len() * 4 {
-                    bail!("rank {} sent {} values to sum, rank 0 has {}", i + 1, part.len() / 4, values.len());
-                }
-                for (acc, c) in values.iter_mut().zip(part.chunks_exact(4)) {
-                    *acc += f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
-            let bytes = f32_bytes(&values);
+        let flat = flat_f32(tensors);
+        let sum = self.sum_on_rank0(&flat)?;
+        let values = if self.rank == 0 {
+            let bytes = f32_bytes(&sum)?;
             for (i, s) in self.streams.iter().enumerate() {
                 self.send(i + 1, s, &bytes)?;
             }
+            sum
         } else {
-            let s = &self.streams[0];
-            self.send(0, s, &f32_bytes(&values))?;
-            let sum = self.recv(0, s)?;
-            if sum.len() != values.len() * 4 {
-                bail!("rank 0 returned {} summed values, expected {}", sum.len() / 4, values.len());
+            let sum = f32_tensor(&self.recv(0, &self.streams[0])?)?;
+            if sum.numel() != flat.numel() {
+                bail!("rank 0 returned {} summed values, expected {}", sum.numel(), flat.numel());
             }
-            for (v, c) in values.iter_mut().zip(sum.chunks_exact(4)) {
-                *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        unflatten_into(&values, tensors)
+            sum
+        };
+        copy_into(&values, tensors);
+        Ok(())
     }
 
     fn all_gather_bytes(&mut self, bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
@@ -209,10 +199,121 @@ impl Collective for Tcp {
             decode_parts(&self.recv(0, s)?)
         }
     }
+
+    /// Every rank sends its whole bucket to rank 0, which sums in rank order
+    /// (as `all_reduce_sum`: the same bits as the replicated path) and sends
+    /// each rank its chunk of the sum.
+    fn reduce_scatter_sum(&mut self, input: &Tensor, output: &Tensor) -> anyhow::Result<()> {
+        let n = check_bucket("reduce-scatter", self.world, output, input)? as i64;
+        let sum = self.sum_on_rank0(&flat_f32(std::slice::from_ref(input)))?;
+        let mine = if self.rank == 0 {
+            for (i, s) in self.streams.iter().enumerate() {
+                self.send(i + 1, s, &f32_bytes(&sum.narrow(0, (i as i64 + 1) * n, n))?)?;
+            }
+            sum.narrow(0, 0, n)
+        } else {
+            let chunk = f32_tensor(&self.recv(0, &self.streams[0])?)?;
+            if chunk.numel() as i64 != n {
+                bail!("rank 0 returned {} reduce-scattered values, expected {n}", chunk.numel());
+            }
+            chunk
+        };
+        copy_into(&mine, std::slice::from_ref(output));
+        Ok(())
+    }
+
+    /// Every rank sends its chunk to rank 0, which concatenates them in rank
+    /// order and sends the whole bucket back.
+    fn all_gather(&mut self, input: &Tensor, output: &Tensor) -> anyhow::Result<()> {
+        let n = check_bucket("all-gather", self.world, input, output)?;
+        let mine = flat_f32(std::slice::from_ref(input));
+        let all = if self.rank == 0 {
+            let mut parts = vec![mine];
+            for (i, s) in self.streams.iter().enumerate() {
+                let part = f32_tensor(&self.recv(i + 1, s)?)?;
+                if part.numel() != n {
+                    bail!("rank {} sent {} values to all-gather, expected {n}", i + 1, part.numel());
+                }
+                parts.push(part);
+            }
+            let all = Tensor::cat(&parts, 0);
+            let bytes = f32_bytes(&all)?;
+            for (i, s) in self.streams.iter().enumerate() {
+                self.send(i + 1, s, &bytes)?;
+            }
+            all
+        } else {
+            self.send(0, &self.streams[0], &f32_bytes(&mine)?)?;
+            let all = f32_tensor(&self.recv(0, &self.streams[0])?)?;
+            if all.numel() != n * self.world {
+                bail!("rank 0 returned {} all-gathered values, expected {}", all.numel(), n * self.world);
+            }
+            all
+        };
+        copy_into(&all, std::slice::from_ref(output));
+        Ok(())
+    }
 }
 
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+impl Tcp {
+    /// Rank 0: `flat` plus every other rank's `flat`, added in rank order
+    /// (f32; every rank's sum has the same bits). Other ranks: send `flat`
+    /// to rank 0 and return it unchanged.
+    fn sum_on_rank0(&self, flat: &Tensor) -> anyhow::Result<Tensor> {
+        if self.rank != 0 {
+            self.send(0, &self.streams[0], &f32_bytes(flat)?)?;
+            return Ok(flat.shallow_clone());
+        }
+        let mut acc = flat.copy();
+        for (i, s) in self.streams.iter().enumerate() {
+            let part = f32_tensor(&self.recv(i + 1, s)?)?;
+            if part.numel() != acc.numel() {
+                bail!("rank {} sent {} values to sum, rank 0 has {}", i + 1, part.numel(), acc.numel());
+            }
+            acc += part;
+        }
+        Ok(acc)
+    }
+}
+
+/// `tensors` flattened into one f32 CPU tensor (the wire's values).
+fn flat_f32(tensors: &[Tensor]) -> Tensor {
+    let flat: Vec<Tensor> =
+        tensors.iter().map(|t| t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Float).reshape([-1])).collect();
+    match flat.len() {
+        0 => Tensor::zeros([0], (Kind::Float, tch::Device::Cpu)),
+        1 => flat[0].contiguous(),
+        _ => Tensor::cat(&flat, 0),
+    }
+}
+
+/// The bytes of a flat f32 CPU tensor (the host's byte order: the ranks of
+/// a job run on one architecture), copied in one piece.
+fn f32_bytes(t: &Tensor) -> anyhow::Result<Vec<u8>> {
+    let t = t.contiguous();
+    let n = t.numel();
+    let mut out = vec![0u8; n * 4];
+    t.f_copy_data_u8(&mut out, n)?;
+    Ok(out)
+}
+
+/// The flat f32 tensor of [`f32_bytes`] (a torn message: its whole values).
+fn f32_tensor(bytes: &[u8]) -> anyhow::Result<Tensor> {
+    let n = bytes.len() / 4;
+    Ok(Tensor::f_from_data_size(&bytes[..n * 4], &[n as i64], Kind::Float)?)
+}
+
+/// Copy consecutive stretches of flat `values` into `tensors` (their kinds and devices).
+fn copy_into(values: &Tensor, tensors: &[Tensor]) {
+    let mut offset = 0i64;
+    tch::no_grad(|| {
+        for t in tensors {
+            let n = t.numel() as i64;
+            let src = values.narrow(0, offset, n).view(t.size().as_slice());
+            t.shallow_clone().copy_(&src.to_kind(t.kind()).to_device(t.device()));
+            offset += n;
+        }
+    });
 }
 
 /// `count, (len, bytes)*` as rank 0 sends a gather's result.
@@ -378,6 +479,64 @@ mod tests {
             Tcp::connect(&r1, Duration::from_secs(20), &|| false).unwrap();
             zero.join().unwrap().unwrap();
         });
+    }
+}
+
+#[cfg(test)]
+mod bucket_tests {
+    use super::*;
+    use tch::Kind;
+
+    /// Run `f(rank, comm)` on `world` TCP ranks (threads); results in rank order.
+    fn on_ranks<T: Send>(world: usize, f: impl Fn(usize, &mut Tcp) -> T + Sync) -> Vec<T> {
+        let dir = tempfile::tempdir().unwrap();
+        std::thread::scope(|s| {
+            let f = &f;
+            let hs: Vec<_> = (0..world)
+                .map(|rank| {
+                    let d =
+                        DistInfo { rank, world_size: world, rendezvous: dir.path().to_path_buf(), token: "b".into() };
+                    s.spawn(move || f(rank, &mut Tcp::connect(&d, Duration::from_secs(20), &|| false).unwrap()))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn reduce_scatter_sums_in_rank_order_and_all_gather_concatenates() {
+        for (world, n) in [(2, 1), (3, 5), (3, 0)] {
+            // Rank r's bucket: value i·(r+1) + r/10 at position i.
+            let got = on_ranks(world, |rank, c| {
+                let input: Vec<f32> =
+                    (0..world * n).map(|i| i as f32 * (rank + 1) as f32 + rank as f32 / 10.0).collect();
+                let out = Tensor::zeros([n as i64], (Kind::Float, tch::Device::Cpu));
+                c.reduce_scatter_sum(&Tensor::from_slice(&input), &out).unwrap();
+                let chunk = Vec::<f32>::try_from(&out).unwrap();
+                let all = Tensor::zeros([(world * n) as i64], (Kind::BFloat16, tch::Device::Cpu));
+                let mine = Tensor::full([n as i64], rank as f64 + 0.5, (Kind::BFloat16, tch::Device::Cpu));
+                c.all_gather(&mine, &all).unwrap();
+                (chunk, Vec::<f32>::try_from(&all.to_kind(Kind::Float)).unwrap())
+            });
+            for (rank, (chunk, all)) in got.iter().enumerate() {
+                let want: Vec<f32> = (rank * n..(rank + 1) * n)
+                    .map(|i| (0..world).fold(0.0f32, |acc, r| acc + (i as f32 * (r + 1) as f32 + r as f32 / 10.0)))
+                    .collect();
+                assert_eq!(chunk, &want, "world {world}, rank {rank}");
+                let gathered: Vec<f32> = (0..world).flat_map(|r| std::iter::repeat_n(r as f32 + 0.5, n)).collect();
+                assert_eq!(all, &gathered, "world {world}, rank {rank}");
+            }
+        }
+    }
+
+    #[test]
+    fn buckets_that_do_not_split_evenly_are_refused() {
+        let errs = on_ranks(2, |_, c| {
+            let out = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu));
+            let e = c.reduce_scatter_sum(&Tensor::zeros([5], (Kind::Float, tch::Device::Cpu)), &out).unwrap_err();
+            format!("{e:#}")
+        });
+        assert!(errs.iter().all(|e| e.contains("does not split into 2 chunks of 2")), "{errs:?}");
     }
 }
 

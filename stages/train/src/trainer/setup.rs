@@ -18,7 +18,7 @@ use crate::dist::{self, Collective};
 /// `(?:a)|(?:b)` of the given regexes, checked to compile.
 pub fn regex_union(patterns: &[String]) -> Result<String, String> {
     let union = patterns.iter().map(|p| format!("(?:{p})")).collect::<Vec<_>>().join("|");
-    regex::Regex::new(&union).map_err(|e| format!("invalid regex: {e}"))?;
+    regex::Regex::new(&union).map_err(|e| format!("invalid regex: {}", stages_task::answer::regex_error_text(&e)))?;
     Ok(union)
 }
 

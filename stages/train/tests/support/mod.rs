@@ -196,3 +196,59 @@ pub fn tiny_sft_model(root: &Path, split: &Path, sft_epochs: usize) -> PathBuf {
     Sft::run(&params, &mut ctx).unwrap();
     sft
 }
+
+/// Run the training stage `K` as `world` data-parallel ranks (threads,
+/// TCP, one libtorch thread each) reading `model` and `split`: rank `r`
+/// writes `root/rank-r` (rank 0's is the stage output), all share the
+/// resume directory `resume` as the engine's ranks do. With `kill_after`,
+/// every rank is cancelled once that many steps are done. Each rank's
+/// result, in rank order.
+pub fn train_ranks<K: StageKind>(
+    params: &K::Params,
+    world: usize,
+    model: &Path,
+    split: &Path,
+    root: &Path,
+    resume: &Path,
+    kill_after: Option<u64>,
+) -> Vec<anyhow::Result<Notes>>
+where
+    K::Params: Sync,
+{
+    K::validate(params).unwrap();
+    tch::set_num_threads(1);
+    let rendezvous = root.join("rendezvous");
+    let _ = std::fs::remove_dir_all(&rendezvous);
+    std::fs::create_dir_all(&rendezvous).unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                let dist = (world > 1).then(|| stage_api::DistInfo {
+                    rank,
+                    world_size: world,
+                    rendezvous: rendezvous.clone(),
+                    token: "ranks".into(),
+                });
+                let out = root.join(format!("rank-{rank}"));
+                s.spawn(move || {
+                    let cancel = Arc::new(AtomicBool::new(false));
+                    let mut builder = StageContext::builder(K::KIND, &out)
+                        .input("model", "up", None, model)
+                        .input("data", "export", Some("train"), split)
+                        .resume_dir(resume)
+                        .cancel_flag(cancel.clone())
+                        .threads(1)
+                        .dist(dist)
+                        .seed(17);
+                    if let Some(after) = kill_after {
+                        builder = builder.progress(Arc::new(KillAfter::new(after, cancel)));
+                    }
+                    let mut ctx = builder.build()?;
+                    K::run(params, &mut ctx)?;
+                    Ok(ctx.notes())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
