@@ -32,11 +32,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Commands {
     #[command(flatten)]
-    Engine(pipeline_engine::Command),
+    Engine(cli::args::Command),
     /// Model tools: generate, convert, bench (Qwen2.5-VL on tch).
     #[command(subcommand)]
     Model(cli::model::ModelCommand),
-    /// Show a NIfTI file's header, orientation and value statistics.
+    /// Show a NIfTI-1/NIfTI-2 file's header, orientation and value statistics.
     Inspect(cli::inspect::InspectArgs),
     /// Compare runs side by side: one report.html / report.md from the evals,
     /// judges and training curves of several runs (runs/<time>-<recipe>/).
@@ -84,9 +84,8 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Commands::Engine(cmd) => {
-            let mut env = pipeline_engine::EngineEnv::detect(tch::Cuda::device_count().max(0) as usize);
-            env.quiet = cli.quiet;
-            pipeline_engine::execute(cmd, &registry::registry(), &env)
+            let env = pipeline_engine::EngineEnv::detect(tch::Cuda::device_count().max(0) as usize);
+            cli::execute(cmd, &registry::registry(), &env, cli.quiet)
         }
         Commands::Model(cmd) => cli::model::model_main(&cmd).map(|()| ExitCode::SUCCESS),
         Commands::Inspect(args) => cli::inspect::inspect(&args).map(|()| ExitCode::SUCCESS),
@@ -106,7 +105,7 @@ fn main() -> ExitCode {
             for cause in err.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            ExitCode::from(pipeline_engine::exit_code_for(&err))
+            ExitCode::from(cli::exit::exit_code_for(&err))
         }
     }
 }

@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use pipeline_engine::workspace::{RunStatus, RunSummary, StageStatus, StageSummary};
-use stages_eval::dataset::VqaRow;
-use stages_eval::eval::{EvalParams, METRICS_JSON, metrics_of, predict};
+use stages_eval::artifacts::{METRICS_JSON, PREDICTIONS_JSONL};
+use stages_eval::eval::{EvalParams, metrics_of, predict};
 use stages_eval::metrics::EvalSource;
-use stages_eval::predictions::{PREDICTIONS_JSONL, write_jsonl};
+use stages_eval::predictions::write_jsonl;
+use stages_task::dataset::VqaRow;
 
 fn pipeline(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pipeline")).args(args).current_dir(cwd).output().expect("running pipeline")
@@ -34,6 +35,7 @@ fn write_eval(dir: &Path, answers: &[&str], split: &str) {
                 image: None,
                 problem: "Which lesion?".into(),
                 answer: gold.into(),
+                answers: Vec::new(),
                 options: options.clone(),
                 class: class.into(),
                 class_name: class.into(),
@@ -49,6 +51,8 @@ fn write_eval(dir: &Path, answers: &[&str], split: &str) {
         data: format!("export.{split}"),
         split: Some(split.into()),
         prompt: "think".into(),
+        dataset: Some(format!("export.{split}")),
+        answer_match: Some("choice".into()),
     });
     std::fs::write(dir.join(METRICS_JSON), serde_json::to_string_pretty(&m).unwrap()).unwrap();
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Write small NIfTI fixtures with nibabel (an independent writer) plus the
-values/orientation nibabel reads back, for the Rust reader tests.
+"""Write small NIfTI-1 and NIfTI-2 fixtures with nibabel (an independent
+writer) plus the values/orientation nibabel reads back, for the Rust reader
+tests (stages/data/tests/nifti_fixtures.rs).
 
     tools/nifti_fixtures.py stages/data/tests/fixtures/nifti
 
@@ -80,6 +81,8 @@ def main(out_dir):
             "axcodes": "".join(nib.aff2axcodes(back.affine)),
             "scl_slope": None if slope is None else float(slope),
             "scl_inter": None if inter is None else float(inter),
+            "version": 2 if isinstance(back, nib.Nifti2Image) else 1,
+            "big_endian": hdr.endianness == ">",
             "sform_code": int(hdr["sform_code"]),
             "qform_code": int(hdr["qform_code"]),
             "labels": labels,
@@ -138,6 +141,49 @@ def main(out_dir):
     hdr = nib.Nifti1Header(endianness=">")
     hdr.set_data_dtype(">i2")
     record("i16_4d_bigendian.nii", nib.Nifti1Image(data, lps(1, 1, 1), header=hdr), labels=True)
+
+    # NIfTI-2 (540-byte header, f64 fields). A separate generator so the
+    # NIfTI-1 fixtures above stay byte-identical. Zooms, slopes and affine
+    # entries are chosen not to be float32-representable, so a reader that
+    # narrows any f64 field to f32 fails the comparison.
+    rng2 = np.random.default_rng(20250101)
+
+    # int16 CT with scl_slope/inter + sform, plain and gzip. The scaling is
+    # set explicitly: nibabel computes its own in float32 (arraywriters'
+    # scaler_dtype), which would not exercise the f64 fields; with slope and
+    # intercept set in the header, nibabel stores the int16 values as given.
+    raw = rng2.integers(-2000, 3000, size=(5, 4, 3)).astype(np.int16)
+    # (gzip first: save() writes the .gz through a temporary plain file of the same name)
+    for name in ["n2_ct_i16_scaled.nii.gz", "n2_ct_i16_scaled.nii"]:
+        img = nib.Nifti2Image(raw, lps(0.7, 0.7000000001, 1.25, origin=(120.123456789, 80.1, -300.3)))
+        img.header.set_slope_inter(0.3141592653589793, -1024.1)
+        record(name, img)
+
+    # float32, big-endian, oblique + sheared sform
+    data = rng2.normal(0, 100, size=(4, 5, 3)).astype(">f4")
+    a = np.eye(4)
+    a[:3, :3] = rot_z(25) @ rot_x(-8) @ np.diag([0.9, 1.1, 2.0])
+    a[0, 1] += 0.05  # shear
+    a[:3, 3] = [-10.1, 5.2, 42.3]
+    hdr = nib.Nifti2Header(endianness=">")
+    hdr.set_data_dtype(">f4")
+    record("n2_f32_oblique_bigendian.nii", nib.Nifti2Image(data, a, header=hdr))
+
+    # uint8 4D label volume (F, X, Y, Z), gzip
+    mask = np.zeros((2, 5, 4, 3), dtype=np.uint8)
+    mask[0, 1:3, 1:3, 0:2] = 1
+    mask[1, 3:5, 0:2, 2] = 7
+    record("n2_mask_u8_4d.nii.gz", nib.Nifti2Image(mask, np.eye(4)), labels=True)
+
+    # int16 with only a qform (sform_code 0): rotated, left-handed (qfac -1)
+    data = rng2.integers(-1000, 1000, size=(3, 4, 5)).astype(np.int16)
+    a = np.eye(4)
+    a[:3, :3] = rot_z(-15) @ rot_x(5) @ np.diag([-0.8, 0.8, 2.5])
+    a[:3, 3] = [1.1, 2.2, 3.3]
+    img = nib.Nifti2Image(data, None)
+    img.header.set_qform(a, code=1)
+    img.header.set_sform(None, code=0)
+    record("n2_i16_qform_only.nii", img)
 
     with open(os.path.join(out_dir, "expected.json"), "w") as f:
         json.dump({"nibabel": nib.__version__, "files": expected}, f, indent=None, separators=(",", ":"))

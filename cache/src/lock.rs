@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CacheError, IoContext};
+use crate::files::now_unix_ms;
 
 /// How long the break guard may exist before it is presumed abandoned; it is
 /// normally held for a few system calls.
@@ -95,10 +96,6 @@ impl Drop for KeyLock {
             _ => tracing::warn!("lock {} was taken over while held (judged stale?)", self.path.display()),
         }
     }
-}
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 pub(crate) fn host_name() -> String {

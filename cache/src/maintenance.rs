@@ -1,18 +1,19 @@
-//! Whole-cache maintenance: verify, gc and size.
+//! Whole-cache maintenance across the three stores: `verify` (rehash every
+//! blob), `gc` (drop records nothing keeps, then unreferenced blobs, views
+//! and leftovers) and `size`.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::ErrorKind;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::cache::Cache;
 use crate::digest::Digest;
 use crate::error::{CacheError, IoContext};
+use crate::files::{ctime_of, remove_any, tree_bytes};
 use crate::hashing::{FileStat, hash_contents};
-use crate::store::Cache;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcOptions {
@@ -73,78 +74,11 @@ pub struct CacheSize {
     pub quarantine_bytes: u64,
 }
 
-/// A blob file on disk.
-struct BlobFile {
-    path: PathBuf,
-    /// `None` when the name is not a digest (stray file).
-    digest: Option<Digest>,
-    size: u64,
-    ctime: SystemTime,
-}
-
-fn ctime_of(meta: &std::fs::Metadata) -> SystemTime {
-    let secs = meta.ctime().max(0) as u64;
-    SystemTime::UNIX_EPOCH + Duration::new(secs, meta.ctime_nsec().clamp(0, 999_999_999) as u32)
-}
-
-/// Total size of the regular files under `dir` (0 if it does not exist).
-fn tree_bytes(dir: &Path) -> u64 {
-    walkdir::WalkDir::new(dir)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter_map(|e| e.metadata().ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
-        .sum()
-}
-
-fn remove_any(path: &Path) -> Result<(), CacheError> {
-    let result = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
-        Ok(_) => std::fs::remove_file(path),
-        Err(e) => Err(e),
-    };
-    match result {
-        Err(e) if e.kind() != ErrorKind::NotFound => Err(e).ctx("remove", path),
-        _ => Ok(()),
-    }
-}
-
 impl Cache {
-    fn list_blobs(&self) -> Result<Vec<BlobFile>, CacheError> {
-        let root = self.root.join("blobs");
-        let mut out = Vec::new();
-        for shard in std::fs::read_dir(&root).ctx("list", &root)? {
-            let shard = shard.ctx("list", &root)?;
-            let shard_name = shard.file_name().to_string_lossy().into_owned();
-            let shard_path = shard.path();
-            if !shard_path.is_dir() {
-                continue;
-            }
-            for f in std::fs::read_dir(&shard_path).ctx("list", &shard_path)? {
-                let f = f.ctx("list", &shard_path)?;
-                let Ok(meta) = f.metadata() else { continue };
-                if !meta.is_file() {
-                    continue;
-                }
-                let name = f.file_name().to_string_lossy().into_owned();
-                let hex = format!("{shard_name}{}", name.strip_suffix(".x").unwrap_or(&name));
-                out.push(BlobFile {
-                    path: f.path(),
-                    digest: hex.parse().ok(),
-                    size: meta.len(),
-                    ctime: ctime_of(&meta),
-                });
-            }
-        }
-        out.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(out)
-    }
-
     /// Rehashes every blob (in parallel, ignoring the stat cache). Corrupt
     /// blobs are quarantined and the records that need them removed.
     pub fn verify(&self) -> Result<VerifyReport, CacheError> {
-        let blobs = self.list_blobs()?;
+        let blobs = self.cas.list()?;
         let mut report = VerifyReport {
             blobs_checked: blobs.len(),
             bytes_checked: blobs.iter().map(|b| b.size).sum(),
@@ -169,12 +103,12 @@ impl Cache {
             .collect::<Result<Vec<bool>, CacheError>>()?;
         for (b, ok) in blobs.iter().zip(results) {
             if !ok {
-                let dest = self.quarantine(&b.path)?;
+                let dest = self.cas.quarantine(&b.path)?;
                 report.corrupt.push(CorruptBlob { digest: b.digest, path: b.path.clone(), quarantined_to: dest });
             }
         }
         for record in self.records()? {
-            let complete = record.manifest.files.iter().all(|f| self.blob_path(&f.digest, f.executable).is_file());
+            let complete = record.manifest.files.iter().all(|f| self.cas.blob_path(&f.digest, f.executable).is_file());
             if !complete {
                 self.remove_record(&record.key)?;
                 report.records_removed.push(record.key);
@@ -191,11 +125,11 @@ impl Cache {
     /// gc grace period are left alone (a publish may be in flight).
     pub fn gc(&self, keep: &BTreeSet<Digest>, opts: &GcOptions) -> Result<GcReport, CacheError> {
         let mut report = GcReport { dry_run: opts.dry_run, ..GcReport::default() };
-        let mut records = self.records_with_mtime()?;
+        let mut records = self.actions.list()?;
         // Oldest use first: the eviction order.
         records.sort_by_key(|(r, used)| (*used, r.key));
 
-        let blob_size = |e: &crate::FileEntry| (self.blob_path(&e.digest, e.executable), e.size);
+        let blob_size = |e: &crate::FileEntry| (self.cas.blob_path(&e.digest, e.executable), e.size);
         let mut refcount: HashMap<PathBuf, (usize, u64)> = HashMap::new();
         let mut alive: Vec<bool> = Vec::with_capacity(records.len());
         for (r, _) in &records {
@@ -264,7 +198,7 @@ impl Cache {
         let now = SystemTime::now();
         let older_than = |t: SystemTime, age: Duration| now.duration_since(t).is_ok_and(|a| a >= age);
 
-        for b in self.list_blobs()? {
+        for b in self.cas.list()? {
             if referenced.contains(&b.path) {
                 report.bytes_remaining += b.size;
                 continue;
@@ -280,9 +214,9 @@ impl Cache {
             }
         }
 
-        let views = self.root.join("artifacts");
-        for v in std::fs::read_dir(&views).ctx("list", &views)? {
-            let v = v.ctx("list", &views)?;
+        let views = self.views.artifacts();
+        for v in std::fs::read_dir(views).ctx("list", views)? {
+            let v = v.ctx("list", views)?;
             let name = v.file_name().to_string_lossy().into_owned();
             // Views of removed records were counted above; what is left here
             // are orphans from crashed publishes.
@@ -315,10 +249,10 @@ impl Cache {
         }
         // Restart state of stages that were killed and never rerun; a key
         // whose lock is held belongs to a running stage and is kept.
-        let resume = self.root.join("resume");
+        let resume = self.views.resume();
         if resume.is_dir() {
-            for t in std::fs::read_dir(&resume).ctx("list", &resume)? {
-                let t = t.ctx("list", &resume)?;
+            for t in std::fs::read_dir(resume).ctx("list", resume)? {
+                let t = t.ctx("list", resume)?;
                 let in_use = match t.file_name().to_string_lossy().parse::<Digest>() {
                     Ok(k) => self.try_lock(&k)?.is_none(),
                     Err(_) => false,
@@ -343,15 +277,15 @@ impl Cache {
 
     /// What the cache holds and how big it is.
     pub fn size(&self) -> Result<CacheSize, CacheError> {
-        let blobs = self.list_blobs()?;
-        let views_dir = self.root.join("artifacts");
-        let views = std::fs::read_dir(&views_dir).ctx("list", &views_dir)?.filter_map(Result::ok).count();
+        let blobs = self.cas.list()?;
+        let views_dir = self.views.artifacts();
+        let views = std::fs::read_dir(views_dir).ctx("list", views_dir)?.filter_map(Result::ok).count();
         Ok(CacheSize {
-            records: self.records_with_mtime()?.len(),
+            records: self.actions.list()?.len(),
             blobs: blobs.len(),
             blob_bytes: blobs.iter().map(|b| b.size).sum(),
             views,
-            tmp_bytes: tree_bytes(&self.root.join("tmp")),
+            tmp_bytes: tree_bytes(self.views.tmp()),
             quarantine_bytes: tree_bytes(&self.root.join("quarantine")),
         })
     }
@@ -363,12 +297,12 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
-    use crate::store::CacheOptions;
-    use crate::store::tests::{count_blobs, fast_options, key, open_cache, publish_files};
+    use crate::cache::CacheOptions;
+    use crate::cache::tests::{count_blobs, fast_options, key, open_cache, publish_files};
 
     fn set_last_used(cache: &Cache, k: &Digest, secs_ago: u64) {
         let t = SystemTime::now() - Duration::from_secs(secs_ago);
-        File::options().write(true).open(cache.record_path(k)).unwrap().set_modified(t).unwrap();
+        File::options().write(true).open(cache.actions.path(k)).unwrap().set_modified(t).unwrap();
     }
 
     #[test]
@@ -382,7 +316,7 @@ mod tests {
         assert_eq!(clean.blobs_checked, 2);
         assert_eq!(clean.bytes_checked, 8);
 
-        let x = cache.blob_path(&rec.manifest.get("x").unwrap().digest, false);
+        let x = cache.cas.blob_path(&rec.manifest.get("x").unwrap().digest, false);
         std::fs::set_permissions(&x, Permissions::from_mode(0o644)).unwrap();
         std::fs::write(&x, b"XXXX").unwrap();
         let report = cache.verify().unwrap();
@@ -463,7 +397,7 @@ mod tests {
             Cache::open_with(cache.root(), CacheOptions { gc_grace: Duration::from_secs(3600), ..fast_options() })
                 .unwrap();
         publish_files(&graceful, &key("fresh"), &[("f", b"fresh", false)]);
-        std::fs::remove_file(graceful.record_path(&key("fresh"))).unwrap();
+        std::fs::remove_file(graceful.actions.path(&key("fresh"))).unwrap();
         let report = graceful.gc(&[key("busy")].into(), &GcOptions::default()).unwrap();
         assert_eq!(report.blobs_removed, 0);
         assert_eq!(report.views_removed, 0);

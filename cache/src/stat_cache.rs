@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::error::{CacheError, IoContext};
-use crate::hashing::FileStat;
+use crate::hashing::{FileStat, hash_contents};
 
 const LOG_NAME: &str = "log.jsonl";
 const COMPACT_LOCK: &str = "compact.lock";
@@ -146,6 +146,29 @@ impl StatCache {
         let mut state = self.lock_state();
         state.map.insert((st.dev, st.ino), entry.clone());
         state.pending.push(entry);
+    }
+
+    /// Digest of the contents of `path`, whose stat is `st`: from the cache
+    /// when the stat is unchanged, else hashed and remembered.
+    pub fn digest(&self, path: &Path, mut st: FileStat) -> Result<Digest, CacheError> {
+        if let Some(d) = self.get(&st) {
+            return Ok(d);
+        }
+        // A writer racing with us shows up as a stat change; retry once, then
+        // give up rather than cache a digest of mixed contents.
+        for _ in 0..2 {
+            let started = SystemTime::now();
+            let digest = hash_contents(path, st.size)?;
+            self.note_hashed();
+            let after = FileStat::read(path)?;
+            if after == st {
+                let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+                self.insert(&abs, &st, digest, started);
+                return Ok(digest);
+            }
+            st = after;
+        }
+        Err(CacheError::ChangedWhileHashing { path: path.to_owned() })
     }
 
     pub fn counters(&self) -> StatCounters {

@@ -13,8 +13,6 @@ pub struct EngineEnv {
     pub cores: usize,
     /// Memory available to stages, MiB.
     pub memory_mb: u64,
-    /// `-q`: no per-stage progress lines.
-    pub quiet: bool,
 }
 
 impl EngineEnv {
@@ -24,7 +22,7 @@ impl EngineEnv {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let memory_mb =
             std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| mem_available_mb(&text)).unwrap_or(4096);
-        Self { cuda_devices, stage_gpus: None, cores, memory_mb, quiet: false }
+        Self { cuda_devices, stage_gpus: None, cores, memory_mb }
     }
 
     /// CUDA devices stage `id` can use where it runs.

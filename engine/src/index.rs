@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use pipeline_cache::Digest;
 use serde::{Deserialize, Serialize};
 
-use crate::key::KeyComponents;
+use crate::plan::key::KeyComponents;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IndexEntry {

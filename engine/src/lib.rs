@@ -1,37 +1,36 @@
-//! The pipeline engine: recipe TOML -> typed stages -> DAG -> scheduler ->
-//! content-addressed cache. It knows nothing about medicine or any stage kind.
+//! The pipeline engine: a TOML recipe becomes typed stages, a DAG, a plan
+//! with one cache key per stage, and a run whose outputs the
+//! content-addressed cache (`pipeline-cache`) publishes. It names no stage
+//! kind (the binary's [`stage_api::Registry`] does) and has no command line:
+//! the `pipeline` binary parses arguments, prints, handles signals and draws
+//! progress bars; the engine reports through [`run::progress::RunProgress`]
+//! and is told to stop through a plain `Arc<AtomicBool>`.
+//!
+//! The rooms, in the order a recipe travels through them:
+//! * [`recipe`]: TOML -> [`recipe::Recipe`] (`extends`, sweeps, `--set`,
+//!   located errors), its stages in the one topological order.
+//! * [`plan`]: the stage graph, ALL key derivation, what a run selects, and
+//!   for each stage: cached or run, and why.
+//! * [`run`]: the scheduler (dependencies, resources, `--jobs`,
+//!   `--keep-going`, cancellation), and [`run::stage_run`], the one path
+//!   that locks a key, runs a stage into staging and publishes it.
+//! * [`backend`]: where a ready stage runs (this machine, or a Slurm job).
+//! * [`jobspec`] + [`worker`]: a stage handed to another process as plain
+//!   data, and `pipeline exec-stage` running it through the same stage_run.
+//! * [`workspace`], [`provenance`], [`index`], [`env`](mod@env), [`stage_log`]: what
+//!   a run leaves for people and remembers for next time, the machine, and
+//!   per-stage log files.
 
-pub mod recipe;
-
-// The Stage API lives in its own crate (stage crates import it alone); the
-// engine uses it under the same module names.
-pub use stage_api::{context, params, registry, stage};
-
-pub use context::{Artifact, LogProgress, MetricsSink, ProgressSink, StageContext, StageContextBuilder};
-pub use params::ParamError;
-pub use registry::Registry;
-pub use stage::{
-    ConfiguredStage, Device, DeviceRequest, DynStageKind, InputSpec, OutputSpec, Resources, StageDoc, StageKind,
-};
-pub use stage_api::DistInfo;
-
-pub mod canonical;
-pub mod cli;
-pub mod dag;
+pub mod backend;
 pub mod env;
-pub mod executor;
 pub mod index;
 pub mod jobspec;
-pub mod key;
 pub mod plan;
-pub mod progress;
 pub mod provenance;
-pub mod ranks;
-pub mod schedule;
-pub mod slurm;
+pub mod recipe;
+pub mod run;
 pub mod stage_log;
-pub mod stage_run;
+pub mod worker;
 pub mod workspace;
 
-pub use cli::{Command, execute, exit_code_for};
 pub use env::EngineEnv;

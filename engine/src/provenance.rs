@@ -7,7 +7,11 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
-use crate::key::{ExternalDigest, InputDigest};
+use crate::plan::key::{ExternalDigest, InputDigest};
+
+/// Written by the engine into every output directory; not part of the
+/// artifact's digest (it holds times and hosts, which differ run to run).
+pub const PROVENANCE_FILE: &str = "provenance.json";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Provenance {
@@ -39,6 +43,11 @@ pub struct Provenance {
     pub finished: String,
     pub duration_s: f64,
     pub run_id: String,
+    /// What the stage noted about this run (`StageContext::note`: e.g. the
+    /// checkpoint it resumed from, step timings); facts of the run, not of
+    /// its result, so they live here, outside the artifact's digest.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub notes: serde_json::Map<String, serde_json::Value>,
 }
 
 fn one() -> usize {
@@ -48,11 +57,11 @@ fn one() -> usize {
 impl Provenance {
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         let text = serde_json::to_string_pretty(self)?;
-        std::fs::write(dir.join(crate::key::PROVENANCE_FILE), text + "\n")
+        std::fs::write(dir.join(PROVENANCE_FILE), text + "\n")
     }
 
     pub fn read(dir: &Path) -> anyhow::Result<Self> {
-        let path = dir.join(crate::key::PROVENANCE_FILE);
+        let path = dir.join(PROVENANCE_FILE);
         let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
         serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))
     }
@@ -106,6 +115,7 @@ mod tests {
             finished: rfc3339(chrono::Utc::now()),
             duration_s: 0.5,
             run_id: "r".into(),
+            notes: serde_json::json!({"resumed_from_step": 6}).as_object().cloned().unwrap_or_default(),
         };
         // A temp dir is not a repository.
         assert_eq!(p.git_revision, None);

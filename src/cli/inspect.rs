@@ -7,7 +7,7 @@ use stages_data::inspect::{inspect_file, render_text};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct InspectArgs {
-    /// NIfTI file (`.nii` or `.nii.gz`).
+    /// NIfTI-1 or NIfTI-2 file (`.nii` or `.nii.gz`).
     pub file: PathBuf,
     /// Print one JSON object instead of text.
     #[arg(long)]

@@ -8,9 +8,11 @@ use tch::{Device, Kind, Tensor};
 
 use stages_vlm::chat::{ChatTokenizer, Message};
 use stages_vlm::checkpoint;
+use stages_vlm::device::{DTYPES, Dtype};
 use stages_vlm::generate::{GenerationConfig, generate};
 use stages_vlm::model::{Batch, Qwen25Vl};
-use stages_vlm::processor::{ImageProcessor, open_image};
+use stages_vlm::pretrained::Pretrained;
+use stages_vlm::processor::open_image;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ModelCommand {
@@ -107,29 +109,15 @@ fn device_and_kind(args: &ModelArgs) -> anyhow::Result<(Device, Kind)> {
         "auto" => Device::cuda_if_available(),
         other => bail!("--device: expected cpu, cuda or auto, got {other:?}"),
     };
-    let kind = match (args.dtype.as_str(), device) {
-        ("auto", Device::Cpu) | ("float32", _) => Kind::Float,
-        ("auto", _) | ("bfloat16", _) => Kind::BFloat16,
-        ("float16", _) => Kind::Half,
-        (other, _) => bail!("--dtype: expected auto, float32, bfloat16 or float16, got {other:?}"),
+    let Ok(dtype) = args.dtype.parse::<Dtype>() else {
+        bail!("--dtype: expected {DTYPES}, got {:?}", args.dtype);
     };
-    Ok((device, kind))
+    Ok((device, dtype.kind(device)))
 }
 
-struct Loaded {
-    model: Qwen25Vl,
-    tokenizer: ChatTokenizer,
-    processor: ImageProcessor,
-}
-
-fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {
+fn load(args: &ModelArgs) -> anyhow::Result<Pretrained> {
     let (device, kind) = device_and_kind(args)?;
-    let dir = &args.checkpoint;
-    let model = Qwen25Vl::load(dir, kind, device).with_context(|| format!("loading checkpoint {}", dir.display()))?;
-    let tokenizer = ChatTokenizer::load(dir, &model.config.eos_token_id)?;
-    let pp = dir.join("preprocessor_config.json");
-    let processor = if pp.exists() { ImageProcessor::from_file(&pp)? } else { ImageProcessor::default() };
-    Ok(Loaded { model, tokenizer, processor })
+    Ok(Pretrained::load(&args.checkpoint, kind, device)?)
 }
 
 /// Processed prompt tensors, kept alive for a `Batch` borrowing them.
@@ -151,7 +139,7 @@ impl Prepared {
     }
 }
 
-fn prepare(l: &Loaded, p: &PromptArgs, copies: usize) -> anyhow::Result<Prepared> {
+fn prepare(l: &Pretrained, p: &PromptArgs, copies: usize) -> anyhow::Result<Prepared> {
     let images = p.image.iter().map(|f| open_image(f)).collect::<Result<Vec<_>, _>>()?;
     let mut messages = Vec::new();
     if let Some(s) = &p.system {

@@ -11,14 +11,15 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use pipeline_engine::cli::UsageError;
 use pipeline_engine::workspace::{RunSummary, StageStatus};
 use serde::Deserialize;
 
-use stages_eval::eval::METRICS_JSON;
-use stages_eval::judge::CONSISTENCY_JSON;
-use stages_eval::predictions::PREDICTIONS_JSONL;
+use stages_eval::artifacts::{
+    CONSISTENCY_JSON, METRICS_JSON, PREDICTIONS_JSONL, REPORT_HTML, REPORT_MD, TRAIN_METRICS_JSONL,
+};
 use stages_eval::report::{EvalRun, Report, ReportParams, TrainRun, attach_judge, load_eval, load_train};
+
+use super::exit::UsageError;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReportArgs {
@@ -78,7 +79,7 @@ fn role_of(kind: &str, dir: &Path) -> Option<Role> {
         "eval" => Some(Role::Eval),
         "judge" => Some(Role::Judge),
         "report" => None,
-        _ if dir.join("metrics.jsonl").is_file() => Some(Role::Train),
+        _ if dir.join(TRAIN_METRICS_JSONL).is_file() => Some(Role::Train),
         _ => None,
     }
 }
@@ -89,7 +90,7 @@ fn sniff(dir: &Path) -> Option<Role> {
         Some(Role::Eval)
     } else if dir.join(CONSISTENCY_JSON).is_file() {
         Some(Role::Judge)
-    } else if dir.join("metrics.jsonl").is_file() {
+    } else if dir.join(TRAIN_METRICS_JSONL).is_file() {
         Some(Role::Train)
     } else {
         None
@@ -233,6 +234,6 @@ pub fn report_main(args: &ReportArgs) -> anyhow::Result<()> {
     let report = build(args)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     report.write(&args.out)?;
-    println!("wrote {} and report.md", args.out.join("report.html").display());
+    println!("wrote {} and {REPORT_MD}", args.out.join(REPORT_HTML).display());
     Ok(())
 }

@@ -13,15 +13,15 @@ pub mod context;
 pub mod dist;
 pub mod params;
 pub mod registry;
+pub mod resources;
 pub mod stage;
 
 pub use context::{Artifact, LogProgress, MetricsSink, ProgressSink, StageContext, StageContextBuilder, derive_seed};
 pub use dist::{DistInfo, RENDEZVOUS_ABANDONED, host_name};
 pub use params::ParamError;
 pub use registry::Registry;
-pub use stage::{
-    ConfiguredStage, Device, DeviceRequest, DynStageKind, InputSpec, OutputSpec, Resources, StageDoc, StageKind,
-};
+pub use resources::{Device, DeviceRequest, Resources};
+pub use stage::{ConfiguredStage, DynStageKind, InputSpec, OutputSpec, StageDoc, StageKind};
 
 // Re-exported so stage crates derive params with the same versions.
 pub use schemars;

@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 
 use crate::context::StageContext;
 use crate::params::{ParamError, parse_params};
+use crate::resources::Resources;
 
 /// A named input of a stage kind. In a recipe, the stage table key `name`
 /// holds a reference `"stage"` (the whole output directory of that stage) or
@@ -51,55 +52,6 @@ pub struct OutputSpec {
 impl OutputSpec {
     pub fn new(name: impl Into<String>, doc: impl Into<String>) -> Self {
         Self { name: name.into(), doc: doc.into() }
-    }
-}
-
-/// Where a stage wants to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceRequest {
-    /// CPU only.
-    #[default]
-    Cpu,
-    /// A CUDA device if one exists, else the CPU.
-    Auto,
-    /// A CUDA device; an error when none exists (unless the recipe allows fallback).
-    Cuda,
-}
-
-/// What a stage needs from the scheduler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Resources {
-    /// CPU threads for the stage's rayon pool; 0 = all cores.
-    pub cpu: usize,
-    pub device: DeviceRequest,
-    /// Rough peak memory estimate in MiB (shown by `plan`, used to avoid
-    /// co-scheduling stages that would not fit).
-    pub memory_mb: u64,
-}
-
-impl Default for Resources {
-    fn default() -> Self {
-        Self { cpu: 1, device: DeviceRequest::Cpu, memory_mb: 256 }
-    }
-}
-
-/// The device a stage was given. Stages that use tch convert it with
-/// `tch::Device::Cuda(i)` / `tch::Device::Cpu`; the engine itself has no tch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
-pub enum Device {
-    #[default]
-    Cpu,
-    Cuda(usize),
-}
-
-impl Device {
-    /// Resource class recorded in the cache key when results depend on it.
-    pub fn class(&self) -> &'static str {
-        match self {
-            Device::Cpu => "cpu",
-            Device::Cuda(_) => "cuda",
-        }
     }
 }
 
@@ -164,6 +116,13 @@ pub trait StageKind: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Checks that depend on which inputs the recipe binds: an optional input
+    /// that one setting of the params needs and another has no use for.
+    /// `given` names the inputs present. Return the param to blame.
+    fn validate_inputs(_params: &Self::Params, _given: &[&str]) -> Result<(), ParamError> {
+        Ok(())
+    }
+
     /// Do the work: read `ctx` inputs, write into `ctx.output_dir()`.
     /// Anything written there is published atomically on success.
     fn run(params: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()>;
@@ -194,6 +153,10 @@ pub trait ConfiguredStage: Send + Sync {
     /// See [`StageKind::DISTRIBUTED`].
     fn distributed(&self) -> bool;
     fn external_inputs(&self, recipe_dir: &Path) -> Vec<PathBuf>;
+    /// See [`StageKind::validate_inputs`].
+    fn validate_inputs(&self, _given: &[&str]) -> Result<(), ParamError> {
+        Ok(())
+    }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()>;
 }
 
@@ -266,6 +229,9 @@ impl<K: StageKind> ConfiguredStage for Configured<K> {
     }
     fn external_inputs(&self, recipe_dir: &Path) -> Vec<PathBuf> {
         K::external_inputs(&self.params, recipe_dir)
+    }
+    fn validate_inputs(&self, given: &[&str]) -> Result<(), ParamError> {
+        K::validate_inputs(&self.params, given)
     }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
         K::run(&self.params, ctx)

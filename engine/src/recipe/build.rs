@@ -4,14 +4,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::decl::{InputRef, StageDecl};
 use super::error::RecipeError;
+use super::order::stable_topo_order;
 use super::source::{Origin, SourceMap};
 use super::sweep::{SweepDef, check_name};
 use super::tree::{Node, NodeValue, Table};
-use super::{InputRef, StageDecl};
-use crate::params::{ParamError, did_you_mean};
-use crate::registry::Registry;
-use crate::stage::{ConfiguredStage, DynStageKind};
+use stage_api::Registry;
+use stage_api::params::{ParamError, did_you_mean};
+use stage_api::{ConfiguredStage, DynStageKind};
 
 /// Keys of a stage table that are neither inputs nor params.
 pub(crate) const RESERVED_KEYS: &[&str] = &["kind", "seed", "after"];
@@ -257,6 +258,8 @@ fn parse_instance(
         params.remove(key);
     }
     let configured = ctx.kind.configure(params.to_toml()).map_err(|e| param_error(ctx, &params, e))?;
+    let given: Vec<&str> = inputs.keys().map(String::as_str).collect();
+    configured.validate_inputs(&given).map_err(|e| param_error(ctx, &params, e))?;
     Ok(Instance { variant: ctx.variant.map(str::to_string), seed, after, inputs, configured: Arc::from(configured) })
 }
 
@@ -387,7 +390,13 @@ fn dependency_order(sources: &SourceMap, specs: &[StageSpec]) -> Result<Vec<usiz
             d
         })
         .collect();
+    let upstreams: Vec<Vec<usize>> = deps.iter().map(|d| d.iter().map(|(u, _)| *u).collect()).collect();
+    stable_topo_order(&upstreams).map_err(|_| cycle_error(sources, specs, &deps))
+}
 
+/// The first dependency cycle a depth-first walk in declaration order
+/// meets, as an error at the reference that closes it.
+fn cycle_error(sources: &SourceMap, specs: &[StageSpec], deps: &[Vec<(usize, &Origin)>]) -> RecipeError {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         New,
@@ -399,7 +408,6 @@ fn dependency_order(sources: &SourceMap, specs: &[StageSpec]) -> Result<Vec<usiz
         deps: &[Vec<(usize, &Origin)>],
         marks: &mut [Mark],
         stack: &mut Vec<usize>,
-        order: &mut Vec<usize>,
     ) -> Option<(Vec<usize>, Origin)> {
         marks[x] = Mark::Active;
         stack.push(x);
@@ -412,7 +420,7 @@ fn dependency_order(sources: &SourceMap, specs: &[StageSpec]) -> Result<Vec<usiz
                     return Some((cycle, (*origin).clone()));
                 }
                 Mark::New => {
-                    if let Some(found) = visit(*u, deps, marks, stack, order) {
+                    if let Some(found) = visit(*u, deps, marks, stack) {
                         return Some(found);
                     }
                 }
@@ -421,46 +429,26 @@ fn dependency_order(sources: &SourceMap, specs: &[StageSpec]) -> Result<Vec<usiz
         }
         stack.pop();
         marks[x] = Mark::Done;
-        order.push(x);
         None
     }
 
     let mut marks = vec![Mark::New; specs.len()];
-    let mut order = Vec::with_capacity(specs.len());
     for x in 0..specs.len() {
-        if marks[x] == Mark::New {
-            let mut stack = Vec::new();
-            if let Some((cycle, origin)) = visit(x, &deps, &mut marks, &mut stack, &mut order) {
-                let path: Vec<String> = cycle.iter().map(|i| format!("`{}`", specs[*i].name)).collect();
-                let (last, first) = (cycle[cycle.len() - 2], cycle[cycle.len() - 1]);
-                return Err(RecipeError::at(sources, &origin, format!("dependency cycle: {}", path.join(" -> ")))
-                    .with_note("`a -> b` means stage `a` takes input from (or runs after) stage `b`")
-                    .with_help(format!(
-                        "stage `{}` cannot depend on `{}`: remove one reference of the cycle",
-                        specs[last].name, specs[first].name
-                    )));
-            }
+        if marks[x] == Mark::New
+            && let Some((cycle, origin)) = visit(x, deps, &mut marks, &mut Vec::new())
+        {
+            let path: Vec<String> = cycle.iter().map(|i| format!("`{}`", specs[*i].name)).collect();
+            let (last, first) = (cycle[cycle.len() - 2], cycle[cycle.len() - 1]);
+            return RecipeError::at(sources, &origin, format!("dependency cycle: {}", path.join(" -> ")))
+                .with_note("`a -> b` means stage `a` takes input from (or runs after) stage `b`")
+                .with_help(format!(
+                    "stage `{}` cannot depend on `{}`: remove one reference of the cycle",
+                    specs[last].name, specs[first].name
+                ));
         }
     }
-    // Post-order DFS from declaration order is a valid topological order,
-    // but it visits dependencies depth-first; a Kahn pass keeps unrelated
-    // stages in the order they were written.
-    let mut indegree: Vec<usize> = deps.iter().map(Vec::len).collect();
-    let mut ready: std::collections::BTreeSet<usize> = (0..specs.len()).filter(|x| indegree[*x] == 0).collect();
-    let mut sorted = Vec::with_capacity(specs.len());
-    while let Some(x) = ready.pop_first() {
-        sorted.push(x);
-        for (y, d) in deps.iter().enumerate() {
-            if d.iter().any(|(u, _)| *u == x) {
-                indegree[y] -= 1;
-                if indegree[y] == 0 {
-                    ready.insert(y);
-                }
-            }
-        }
-    }
-    debug_assert_eq!(sorted.len(), order.len());
-    Ok(sorted)
+    // Unreachable: the topological sort found a cycle.
+    RecipeError::new("dependency cycle between stages")
 }
 
 /// Variant choice per sweep for one stage instance: `(sweep index, variant index)`.

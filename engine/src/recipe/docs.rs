@@ -4,8 +4,8 @@
 
 use serde_json::Value;
 
-use crate::registry::Registry;
-use crate::stage::StageDoc;
+use stage_api::Registry;
+use stage_api::StageDoc;
 
 pub const BEGIN_MARKER: &str = "<!-- BEGIN GENERATED STAGE REFERENCE -->";
 pub const END_MARKER: &str = "<!-- END GENERATED STAGE REFERENCE -->";
@@ -223,10 +223,10 @@ fn cell(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::StageContext;
-    use crate::stage::{InputSpec, StageKind};
     use schemars::JsonSchema;
     use serde::{Deserialize, Serialize};
+    use stage_api::StageContext;
+    use stage_api::{InputSpec, StageKind};
     use std::collections::BTreeMap;
 
     #[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, Default)]

@@ -10,25 +10,8 @@
 //! ```
 
 use std::fmt;
-use std::path::PathBuf;
 
-use super::source::{Origin, SourceMap};
-
-/// A position in a recipe file (or `<--set #N>` for a command-line
-/// override). Line and column are 1-based; `len` counts characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceLoc {
-    pub file: PathBuf,
-    pub line: usize,
-    pub col: usize,
-    pub len: usize,
-}
-
-impl fmt::Display for SourceLoc {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}", self.file.display(), self.line, self.col)
-    }
-}
+use super::source::{Origin, SourceLoc, SourceMap};
 
 /// Anything wrong with a recipe, located where it was written.
 ///

@@ -20,98 +20,22 @@
 //! time = "1-00:00:00"
 //! ```
 //!
+//! The job-wide Slurm settings fill the Slurm backend's own
+//! [`SlurmConfig`](crate::backend::slurm::config::SlurmConfig) (plain data that imports nothing of the engine), so a
+//! typo in them is a located recipe error like any other.
+//!
 //! Nothing here enters a cache key: the same stage run locally or on Slurm,
 //! as one rank or eight, has the same key (data-parallel ranks compute the
 //! single-process result up to float rounding; provenance records `ranks`).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::StageDecl;
+use super::decl::{ExecutorConfig, ExecutorKind, StageDecl, StageOverride};
 use super::error::RecipeError;
 use super::source::{Origin, SourceMap};
 use super::tree::{Node, NodeValue, Table};
-use crate::params::did_you_mean;
-
-/// Which executor runs the stages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum ExecutorKind {
-    /// Threads of this process, within this machine's cores, memory and GPUs.
-    #[default]
-    Local,
-    /// One `sbatch` job per stage, against a cache on a shared filesystem.
-    Slurm,
-}
-
-impl ExecutorKind {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            ExecutorKind::Local => "local",
-            ExecutorKind::Slurm => "slurm",
-        }
-    }
-}
-
-/// The parsed `[executor]` table.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct ExecutorConfig {
-    pub kind: ExecutorKind,
-    pub slurm: SlurmConfig,
-}
-
-/// Slurm settings (read even with `kind = "local"`, so `--executor slurm` finds them).
-#[derive(Debug, Clone, PartialEq)]
-pub struct SlurmConfig {
-    pub partition: Option<String>,
-    pub account: Option<String>,
-    /// Default `--time` of every job (Slurm syntax: `MM`, `HH:MM:SS`, `D-HH:MM`, ...).
-    pub time: Option<String>,
-    pub qos: Option<String>,
-    /// Passed to `sbatch` as they are, before the script.
-    pub extra_args: Vec<String>,
-    pub poll_interval_s: f64,
-    pub max_resubmits: u32,
-    /// Where job logs go; relative paths resolve against the recipe's directory.
-    /// `None`: `<cache>/logs/<run id>/slurm/`.
-    pub log_dir: Option<PathBuf>,
-    /// Overrides by stage name or id (`sft`, `grpo@all`).
-    pub stages: BTreeMap<String, StageOverride>,
-}
-
-impl Default for SlurmConfig {
-    fn default() -> Self {
-        Self {
-            partition: None,
-            account: None,
-            time: None,
-            qos: None,
-            extra_args: Vec::new(),
-            poll_interval_s: 5.0,
-            max_resubmits: 2,
-            log_dir: None,
-            stages: BTreeMap::new(),
-        }
-    }
-}
-
-impl SlurmConfig {
-    /// The override for a stage: its exact id wins over its name.
-    pub fn stage_override(&self, id: &str, name: &str) -> StageOverride {
-        self.stages.get(id).or_else(|| self.stages.get(name)).cloned().unwrap_or_default()
-    }
-}
-
-/// `[executor.stage.<id>]`: how one stage runs: its data-parallel ranks
-/// (both executors) and what its job asks Slurm for.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct StageOverride {
-    /// Processes running the stage together (absent: 1).
-    pub ranks: Option<usize>,
-    pub cpus: Option<usize>,
-    pub gpus: Option<usize>,
-    pub mem_mb: Option<u64>,
-    pub time: Option<String>,
-}
+use crate::backend::slurm::config::{parse_mem_mb, valid_slurm_time};
+use stage_api::params::did_you_mean;
 
 const EXECUTOR_KEYS: &[&str] = &[
     "kind",
@@ -163,35 +87,6 @@ fn time_value(sources: &SourceMap, node: &Node, what: &str) -> Result<String, Re
         Err(RecipeError::at(sources, &node.origin, format!("`{what}`: `{text}` is not a Slurm time limit"))
             .with_help("write minutes, \"HH:MM:SS\", \"D-HH\", \"D-HH:MM\" or \"D-HH:MM:SS\""))
     }
-}
-
-pub(crate) fn valid_slurm_time(text: &str) -> bool {
-    let (days, rest) = match text.split_once('-') {
-        Some((d, r)) => (Some(d), r),
-        None => (None, text),
-    };
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    let parts: Vec<&str> = rest.split(':').collect();
-    days.is_none_or(digits) && parts.iter().all(|p| digits(p)) && parts.len() <= 3
-}
-
-/// Memory as Slurm writes it: MiB as an integer, or a string with a K/M/G/T
-/// suffix (binary units, like `sbatch --mem`).
-pub(crate) fn parse_mem_mb(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let (num, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => (&text[..i], text[i..].trim()),
-        None => (text, ""),
-    };
-    let n: u64 = num.parse().ok()?;
-    let mb = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
-        "" | "M" => n,
-        "K" => n.div_ceil(1024),
-        "G" => n.checked_mul(1024)?,
-        "T" => n.checked_mul(1024 * 1024)?,
-        _ => return None,
-    };
-    (mb > 0).then_some(mb)
 }
 
 fn mem_value(sources: &SourceMap, node: &Node, what: &str) -> Result<u64, RecipeError> {
@@ -299,7 +194,7 @@ pub(crate) fn parse_executor(
                         )
                         .with_help("data-parallel ranks are for training kinds (`pipeline kinds` marks them)"));
                     }
-                    slurm.stages.insert(id.to_string(), o);
+                    cfg.stages.insert(id.to_string(), o);
                 }
             }
             _ => return Err(unknown_key(sources, &entry.key, key, "[executor]", EXECUTOR_KEYS)),
@@ -329,27 +224,4 @@ fn parse_stage_override(sources: &SourceMap, table: &Table, what: &str) -> Resul
         }
     }
     Ok(o)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn memory_and_time_syntax() {
-        assert_eq!(parse_mem_mb("4096"), Some(4096));
-        assert_eq!(parse_mem_mb("16G"), Some(16 * 1024));
-        assert_eq!(parse_mem_mb("500M"), Some(500));
-        assert_eq!(parse_mem_mb("2GiB"), Some(2048));
-        assert_eq!(parse_mem_mb("1T"), Some(1024 * 1024));
-        assert_eq!(parse_mem_mb("2048K"), Some(2));
-        assert_eq!(parse_mem_mb("lots"), None);
-        assert_eq!(parse_mem_mb("0"), None);
-        for ok in ["30", "30:00", "02:00:00", "1-00", "1-12:00", "2-00:00:00"] {
-            assert!(valid_slurm_time(ok), "{ok}");
-        }
-        for bad in ["", "1h", "1-", "-1", "1:2:3:4", "a:00"] {
-            assert!(!valid_slurm_time(bad), "{bad}");
-        }
-    }
 }

@@ -7,126 +7,28 @@
 //! `docs/recipes.md`.
 
 mod build;
+mod decl;
 pub mod docs;
 mod error;
-pub mod executor;
+mod executor;
 mod load;
+pub mod order;
 mod overrides;
 mod source;
 mod sweep;
 mod tree;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
+pub use decl::{ExecutorConfig, ExecutorKind, InputRef, Recipe, StageDecl, StageOverride, SweepInfo};
 pub use docs::{render_stage_reference, update_stage_reference};
-pub use error::{RecipeError, SourceLoc};
-pub use executor::{ExecutorConfig, ExecutorKind, SlurmConfig, StageOverride};
+pub use error::RecipeError;
+pub use source::SourceLoc;
 
-use crate::params::did_you_mean;
-use crate::registry::Registry;
-use crate::stage::{ConfiguredStage, DynStageKind};
 use source::{Origin, SourceMap};
+use stage_api::Registry;
+use stage_api::params::did_you_mean;
 use tree::{Node, Table};
-
-/// One resolved input reference of a stage.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InputRef {
-    /// Resolved upstream stage id, including the variant (`"sft"`, `"grpo@all"`).
-    pub stage: String,
-    /// Named output of the upstream stage (`"split.train"` -> `train`), or
-    /// `None` for its whole output directory.
-    pub output: Option<String>,
-    /// Where the reference was written.
-    pub loc: SourceLoc,
-}
-
-/// One stage instance to plan and run (sweeps already expanded).
-#[derive(Clone)]
-pub struct StageDecl {
-    /// `"slices"`, or `"grpo@no_validity"` for a sweep variant.
-    pub id: String,
-    /// The stage table name in the recipe (`"grpo"`).
-    pub name: String,
-    /// `"no_validity"`, or `"a+x"` where independent sweeps multiply.
-    pub variant: Option<String>,
-    pub kind: Arc<dyn DynStageKind>,
-    /// Parsed and validated params.
-    pub stage: Arc<dyn ConfiguredStage>,
-    /// Input name -> references (exactly one for an input that is not `many`).
-    pub inputs: BTreeMap<String, Vec<InputRef>>,
-    /// Ordering-only dependencies (stage ids), from `after = [...]`.
-    pub after: Vec<String>,
-    pub seed: u64,
-    /// The `[stage.NAME]` header (or the inline table) declaring the stage.
-    pub loc: SourceLoc,
-}
-
-impl std::fmt::Debug for StageDecl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StageDecl")
-            .field("id", &self.id)
-            .field("kind", &self.kind.kind())
-            .field("params", &self.stage.canonical_params())
-            .field("inputs", &self.inputs)
-            .field("after", &self.after)
-            .field("seed", &self.seed)
-            .finish()
-    }
-}
-
-impl StageDecl {
-    /// Ids of every stage this one depends on (data inputs, then `after`),
-    /// without duplicates, in recipe order.
-    pub fn dependencies(&self) -> Vec<&str> {
-        let mut out: Vec<&str> = Vec::new();
-        let refs = self.inputs.values().flatten().map(|r| r.stage.as_str());
-        for id in refs.chain(self.after.iter().map(String::as_str)) {
-            if !out.contains(&id) {
-                out.push(id);
-            }
-        }
-        out
-    }
-}
-
-/// A sweep as declared (for `plan`/`show`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SweepInfo {
-    pub name: String,
-    pub stage: String,
-    pub variants: Vec<String>,
-}
-
-/// A loaded recipe: merged with its `extends` chain, `--set` applied,
-/// params parsed, sweeps expanded, stages in dependency order.
-#[derive(Debug, Clone)]
-pub struct Recipe {
-    pub name: String,
-    pub path: PathBuf,
-    /// Directory of the top recipe file (`.` when the path has none):
-    /// relative paths in params resolve here.
-    pub dir: PathBuf,
-    pub seed: u64,
-    pub allow_cpu_fallback: bool,
-    pub description: Option<String>,
-    /// blake3 (hex) of the merged, `--set`-applied recipe in canonical form.
-    pub digest: String,
-    /// Topologically sorted; ties keep declaration order.
-    pub stages: Vec<StageDecl>,
-    pub sweeps: Vec<SweepInfo>,
-    /// This file and every file it extends (top first).
-    pub files: Vec<PathBuf>,
-    /// `[executor]`: where stages run (never part of a cache key).
-    pub executor: ExecutorConfig,
-}
-
-impl Recipe {
-    pub fn stage(&self, id: &str) -> Option<&StageDecl> {
-        self.stages.iter().find(|s| s.id == id)
-    }
-}
 
 /// Read, merge, override and check a recipe file.
 pub fn load_recipe(path: &Path, sets: &[String], registry: &Registry) -> Result<Recipe, RecipeError> {

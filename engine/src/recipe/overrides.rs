@@ -12,7 +12,7 @@ use std::ops::Range;
 use super::error::RecipeError;
 use super::source::{Origin, SourceId, SourceMap};
 use super::tree::{Entry, Node, NodeValue, Table, parse_value};
-use crate::params::did_you_mean;
+use stage_api::params::did_you_mean;
 
 /// Apply `sets` in order on the merged recipe tree.
 pub(crate) fn apply_sets(

@@ -1,11 +1,26 @@
 //! The texts a recipe was assembled from (recipe files, `extends` files and
 //! `--set` arguments) and the conversion of byte spans into line/column.
 
+use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::error::SourceLoc;
+/// A position in a recipe file (or `<--set #N>` for a command-line
+/// override). Line and column are 1-based; `len` counts characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceLoc {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub len: usize,
+}
+
+impl fmt::Display for SourceLoc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.col)
+    }
+}
 
 /// Index of a text in a [`SourceMap`].
 pub(crate) type SourceId = usize;

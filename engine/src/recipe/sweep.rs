@@ -10,7 +10,7 @@
 use super::error::RecipeError;
 use super::source::{Origin, SourceMap};
 use super::tree::{Node, NodeValue, Table};
-use crate::params::did_you_mean;
+use stage_api::params::did_you_mean;
 
 #[derive(Debug, Clone)]
 pub(crate) struct SweepDef {

@@ -8,9 +8,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::*;
-use crate::context::StageContext;
-use crate::params::ParamError;
-use crate::stage::{InputSpec, OutputSpec, StageKind};
+use stage_api::StageContext;
+use stage_api::params::ParamError;
+use stage_api::{InputSpec, OutputSpec, StageKind};
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -242,7 +242,7 @@ fn loads_a_linear_recipe_in_dependency_order() {
     let r = load(MINI, &[]).unwrap();
     assert_eq!(r.name, "mini");
     assert_eq!(r.seed, 17);
-    assert_eq!(r.dir, Path::new("recipes"));
+    assert_eq!(r.dir(), Path::new("recipes"));
     assert_eq!(ids(&r), ["volumes", "slices", "split", "grpo", "eval", "report"]);
     let grpo = r.stage("grpo").unwrap();
     assert_eq!(grpo.inputs["data"][0].stage, "split");
@@ -661,8 +661,8 @@ fn executor_table_is_parsed_with_defaults_and_stage_overrides() {
     assert_eq!(s.log_dir.as_deref(), Some(Path::new("logs")));
     let grpo =
         StageOverride { ranks: None, cpus: Some(8), gpus: Some(2), mem_mb: Some(65536), time: Some("90".into()) };
-    assert_eq!(s.stage_override("grpo", "grpo"), grpo);
-    assert_eq!(s.stage_override("eval", "eval"), StageOverride::default());
+    assert_eq!(r.executor.stage_override("grpo", "grpo"), grpo);
+    assert_eq!(r.executor.stage_override("eval", "eval"), StageOverride::default());
     // The executor never enters a key, but a --set of it is a recipe value like any other.
     assert_eq!(load(&src, &["executor.kind=local"]).unwrap().executor.kind, ExecutorKind::Local);
 }

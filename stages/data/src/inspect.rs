@@ -2,7 +2,7 @@
 //! their data before a long run. Uses the same reader as the stages, so a
 //! file that inspects cleanly also loads in `lesion_slices`.
 //!
-//! Prints the header (datatype, shape, zooms, affine and where it came from,
+//! Prints the header (NIfTI version, datatype, shape, zooms, affine and where it came from,
 //! orientation code such as `LPS`, scl slope/intercept), value statistics
 //! after scaling (min, max, mean, non-zero count, NaN/Inf count), and for a
 //! 4D integer volume the voxel count of every label per channel. The channel
@@ -16,7 +16,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::nifti::{self, NiftiHeader, NiftiScalar, VoxelReader, decode_chunk, dispatch_datatype};
+use crate::nifti::{self, NiftiHeader, NiftiScalar, NiftiVersion, VoxelReader, decode_chunk, dispatch_datatype};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ValueStats {
@@ -41,18 +41,20 @@ pub struct InspectReport {
     pub file: String,
     pub file_bytes: u64,
     pub gzip: bool,
+    /// NIfTI version: 1 or 2.
+    pub version: u8,
     pub endianness: &'static str,
     pub datatype: &'static str,
     pub bitpix: i16,
     pub dims: Vec<usize>,
-    pub zooms: Vec<f32>,
+    pub zooms: Vec<f64>,
     pub affine: [[f64; 4]; 4],
     pub affine_source: &'static str,
-    pub qform_code: i16,
-    pub sform_code: i16,
+    pub qform_code: i32,
+    pub sform_code: i32,
     pub orientation: String,
-    pub scl_slope: f32,
-    pub scl_inter: f32,
+    pub scl_slope: f64,
+    pub scl_inter: f64,
     pub scaling_applied: bool,
     pub vox_offset: u64,
     pub descrip: String,
@@ -72,6 +74,16 @@ fn affine_source(h: &NiftiHeader) -> &'static str {
     }
 }
 
+/// A header float for display: a NIfTI-1 field is an f32, and its widened
+/// f64 would print as 0.699999988079071 where the file says 0.7, so it is
+/// shown as the shortest decimal of the f32. NIfTI-2 fields are f64 already.
+fn as_stored(v: f64, version: NiftiVersion) -> f64 {
+    match version {
+        NiftiVersion::V1 => (v as f32).to_string().parse().unwrap_or(v),
+        NiftiVersion::V2 => v,
+    }
+}
+
 /// Build the report (reads the whole file unless `header_only`).
 pub fn inspect_file(path: &Path, header_only: bool) -> anyhow::Result<InspectReport> {
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
@@ -87,18 +99,19 @@ pub fn inspect_file(path: &Path, header_only: bool) -> anyhow::Result<InspectRep
         file: path.display().to_string(),
         file_bytes: meta.len(),
         gzip: magic == [0x1f, 0x8b],
+        version: h.version.number(),
         endianness: if h.big_endian { "big" } else { "little" },
         datatype: h.datatype.name(),
         bitpix: h.bitpix,
         dims: h.dims.clone(),
-        zooms: h.pixdim.clone(),
+        zooms: h.pixdim.iter().map(|&z| as_stored(z, h.version)).collect(),
         affine: h.affine,
         affine_source: affine_source(&h),
         qform_code: h.qform_code,
         sform_code: h.sform_code,
         orientation: nifti::orientation(&h.affine).iter().collect(),
-        scl_slope: h.scl_slope,
-        scl_inter: h.scl_inter,
+        scl_slope: as_stored(h.scl_slope, h.version),
+        scl_inter: as_stored(h.scl_inter, h.version),
         scaling_applied: h.has_scaling(),
         vox_offset: h.vox_offset,
         descrip: h.descrip.clone(),
@@ -164,10 +177,10 @@ struct Accumulator {
 }
 
 impl Accumulator {
-    fn new((slope, inter): (f32, f32), scaled: bool, channels: usize) -> Self {
+    fn new((slope, inter): (f64, f64), scaled: bool, channels: usize) -> Self {
         Self {
-            slope: slope as f64,
-            inter: inter as f64,
+            slope,
+            inter,
             scaled,
             count: 0,
             min: f64::INFINITY,
@@ -249,6 +262,7 @@ pub fn render_text(r: &InspectReport) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let _ = writeln!(s, "file         {} ({} bytes{})", r.file, r.file_bytes, if r.gzip { ", gzip" } else { "" });
+    let _ = writeln!(s, "format       NIfTI-{}", r.version);
     let _ = writeln!(s, "datatype     {} (bitpix {}, {}-endian)", r.datatype, r.bitpix, r.endianness);
     let dims: Vec<String> = r.dims.iter().map(|d| d.to_string()).collect();
     let _ = writeln!(s, "shape        {}", dims.join(" x "));
@@ -346,6 +360,9 @@ mod tests {
         let r = inspect_file(&p, false).unwrap();
         assert_eq!(r.orientation, "LPS");
         assert!(r.scaling_applied);
+        // NIfTI-1 zooms are f32 in the file and shown as such, not as 0.699999988079071.
+        assert_eq!((r.version, r.zooms.as_slice()), (1, &[0.7, 0.7, 1.5][..]));
+        assert!(render_text(&r).contains("format       NIfTI-1\n"));
         let st = r.stats.unwrap();
         assert_eq!((st.min, st.max, st.nonzero), (Some(-1024.0), Some(1024.0), 3));
         assert_eq!(st.mean, Some(-250.0));
@@ -356,6 +373,23 @@ mod tests {
         let r = inspect_file(&p, false).unwrap();
         assert_eq!(r.stats.as_ref().unwrap().nan, 1);
         assert!(render_text(&r).contains("1 NaN"));
+    }
+
+    #[test]
+    fn reports_the_nifti2_version_and_f64_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ct2.nii.gz");
+        let a = [[-0.7000000001, 0.0, 0.0, 1.0], [0.0, -0.7, 0.0, 2.0], [0.0, 0.0, 1.25, 3.0], [0.0, 0.0, 0.0, 1.0]];
+        let options = nifti::WriteOptions { version: NiftiVersion::V2, ..Default::default() };
+        nifti::write_with(&p, &[2, 2, 1], &[0i16, 10, 20, 30], &a, Some((0.1, -1024.0)), options).unwrap();
+        let r = inspect_file(&p, false).unwrap();
+        assert_eq!(r.version, 2);
+        assert_eq!(r.zooms, vec![0.7000000001, 0.7, 1.25]);
+        assert_eq!((r.scl_slope, r.scl_inter), (0.1, -1024.0));
+        assert_eq!(r.affine[0][0], -0.7000000001);
+        assert_eq!(r.stats.as_ref().unwrap().max, Some(30.0 * 0.1 - 1024.0));
+        assert!(render_text(&r).contains("format       NIfTI-2\n"), "{}", render_text(&r));
+        assert_eq!(serde_json::to_value(&r).unwrap()["version"], 2);
     }
 
     #[test]

@@ -1,7 +1,11 @@
 //! Stage `parquet_export`: the CT-RATE-VQA dataset as sharded Parquet that a
 //! Hugging Face `datasets` user loads with
 //! `load_dataset("parquet", data_files={"train": "train/*.parquet", ...})`
-//! or `load_dataset(<output dir>)` (the README card declares the configs).
+//! or `load_dataset(<output dir>)` (the README card declares the configs);
+//! or, with `format = "hf_arrow"`, in the `save_to_disk` layout the authors
+//! released theirs in (`load_from_disk(<output dir>)`: `dataset_dict.json`,
+//! and per split `data-NNNNN-of-NNNNN.arrow` Arrow IPC stream shards,
+//! `state.json`, `dataset_info.json`; [`stages_task::hf_disk`]).
 //!
 //! Inputs: `split` (one or more references: the whole `split` output, whose
 //! sub-directories `train/`, `test/` hold `items.jsonl`, or single sides like
@@ -10,12 +14,10 @@
 //! `<split>-NNNNN-of-MMMMM.parquet` shards, plus `dataset_info.json` and a
 //! `README.md` dataset card with features and counts.
 //!
-//! Columns (in this order): `id`, `image` struct {bytes: binary, path: string}
-//! (what `datasets` writes for an `Image` feature; the schema carries the
-//! `huggingface` metadata so it decodes to a PIL image without a cast),
-//! `problem`, `solution`, `answer`, `options`, `class`, `class_name`,
-//! `case_id`, `patient_id`, `slice_index`, `boxes` (list of {x0, y0, x1, y1}
-//! in pixel coordinates of the stored image, x1/y1 exclusive), `split`.
+//! Columns: the task contract's export layout ([`stages_task::schema`]: `id`,
+//! the HF `image` struct, `problem`, `solution`, `answer`, `options`, the
+//! class, case, patient and slice, `boxes`, `split`), read back by
+//! [`stages_task::read_split`].
 //!
 //! Shards and row groups are planned before writing from the PNG sizes (row
 //! groups close once they reach `row_group_mb`, shards once they reach
@@ -31,7 +33,7 @@ use std::sync::Arc;
 use anyhow::{Context as _, bail};
 use arrow_array::{ArrayRef, BinaryArray, Int32Array, ListArray, RecordBatch, StringArray, StructArray};
 use arrow_buffer::OffsetBuffer;
-use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef};
+use arrow_schema::{DataType, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -41,13 +43,41 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use stage_api::{InputSpec, OutputSpec, ParamError, StageContext, StageKind};
+use stages_task::hf_disk;
+use stages_task::schema::{
+    EXPORT_COLUMNS, box_fields, card_features_yaml, column, export_schema, hf_features_json, image_fields, list_item,
+};
 
 use crate::components::BBox;
 use crate::jsonl;
 
+/// The file layout of the export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    /// Sharded zstd Parquet (`load_dataset`).
+    #[default]
+    Parquet,
+    /// `datasets`' `save_to_disk` layout: Arrow IPC stream shards (`load_from_disk`).
+    HfArrow,
+}
+
+impl ExportFormat {
+    /// The default is left out of the canonical params: adding the choice
+    /// does not change the cache key of existing Parquet exports.
+    fn is_parquet(&self) -> bool {
+        *self == ExportFormat::Parquet
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ParquetExportParams {
+    /// `parquet` (sharded zstd Parquet) or `hf_arrow` (the `save_to_disk`
+    /// layout the authors released CT-RATE-VQA in; `row_group_mb` and
+    /// `zstd_level` do not apply, a record batch per planned row group).
+    #[serde(skip_serializing_if = "ExportFormat::is_parquet")]
+    pub format: ExportFormat,
     /// Splits to export; each must be found in the `split` input.
     pub splits: Vec<String>,
     /// Target row-group size in MiB of payload (a group closes once it reaches it).
@@ -63,11 +93,21 @@ pub struct ParquetExportParams {
 impl Default for ParquetExportParams {
     fn default() -> Self {
         Self {
+            format: ExportFormat::Parquet,
             splits: vec!["train".into(), "test".into()],
             row_group_mb: 128.0,
             shard_mb: 512.0,
             zstd_level: 3,
             dataset_name: "CT-RATE-VQA".into(),
+        }
+    }
+}
+
+impl ExportFormat {
+    fn label(self) -> &'static str {
+        match self {
+            ExportFormat::Parquet => "parquet",
+            ExportFormat::HfArrow => "hf_arrow",
         }
     }
 }
@@ -122,67 +162,6 @@ fn plan_shards(sizes: &[u64], row_group_bytes: u64, shard_bytes: u64) -> Vec<Sha
     shards
 }
 
-fn box_fields() -> Fields {
-    Fields::from(["x0", "y0", "x1", "y1"].map(|n| Field::new(n, DataType::Int32, true)).to_vec())
-}
-
-fn image_fields() -> Fields {
-    Fields::from(vec![Field::new("bytes", DataType::Binary, true), Field::new("path", DataType::Utf8, true)])
-}
-
-const STRING_COLUMNS_HEAD: [&str; 4] = ["problem", "solution", "answer", "options"];
-
-/// HF `datasets` feature declarations (JSON text), in column order. Nested
-/// struct fields must follow the Arrow field order too, hence text, not maps.
-fn hf_features() -> Vec<(&'static str, String)> {
-    let string = r#"{"dtype": "string", "_type": "Value"}"#.to_string();
-    let int32 = r#"{"dtype": "int32", "_type": "Value"}"#.to_string();
-    let coords: Vec<(&str, String)> = ["x0", "y0", "x1", "y1"].iter().map(|c| (*c, int32.clone())).collect();
-    vec![
-        ("id", string.clone()),
-        ("image", r#"{"_type": "Image"}"#.to_string()),
-        ("problem", string.clone()),
-        ("solution", string.clone()),
-        ("answer", string.clone()),
-        ("options", format!("[{string}]")),
-        ("class", string.clone()),
-        ("class_name", string.clone()),
-        ("case_id", string.clone()),
-        ("patient_id", string.clone()),
-        ("slice_index", int32),
-        ("boxes", format!("[{}]", ordered_object(&coords))),
-        ("split", string),
-    ]
-}
-
-/// `{"a": .., "b": ..}` from JSON texts, keeping the given order.
-fn ordered_object(pairs: &[(&str, String)]) -> String {
-    let body: Vec<String> = pairs.iter().map(|(k, v)| format!("{}: {v}", serde_json::Value::from(*k))).collect();
-    format!("{{{}}}", body.join(", "))
-}
-
-fn schema() -> SchemaRef {
-    let s = |n: &str| Field::new(n, DataType::Utf8, true);
-    let list_of = |f: Field| DataType::List(Arc::new(f));
-    let fields = vec![
-        s("id"),
-        Field::new("image", DataType::Struct(image_fields()), true),
-        s(STRING_COLUMNS_HEAD[0]),
-        s(STRING_COLUMNS_HEAD[1]),
-        s(STRING_COLUMNS_HEAD[2]),
-        Field::new("options", list_of(Field::new("item", DataType::Utf8, true)), true),
-        s("class"),
-        s("class_name"),
-        s("case_id"),
-        s("patient_id"),
-        Field::new("slice_index", DataType::Int32, true),
-        Field::new("boxes", list_of(Field::new("item", DataType::Struct(box_fields()), true)), true),
-        s("split"),
-    ];
-    let hf = format!("{{\"info\": {{\"features\": {}}}}}", ordered_object(&hf_features()));
-    Arc::new(Schema::new(fields).with_metadata(HashMap::from([("huggingface".to_string(), hf)])))
-}
-
 /// File name an image gets in the `path` field (what `datasets` stores).
 fn image_name(rel: &str) -> &str {
     rel.rsplit('/').next().unwrap_or(rel)
@@ -206,7 +185,7 @@ fn batch(schema: &SchemaRef, rows: &[Row], images_dir: &Path) -> anyhow::Result<
     )?);
     let options_values = StringArray::from_iter_values(rows.iter().flat_map(|r| r.options.iter()));
     let options: ArrayRef = Arc::new(ListArray::try_new(
-        Arc::new(Field::new("item", DataType::Utf8, true)),
+        list_item(DataType::Utf8),
         OffsetBuffer::from_lengths(rows.iter().map(|r| r.options.len())),
         Arc::new(options_values),
         None,
@@ -223,26 +202,32 @@ fn batch(schema: &SchemaRef, rows: &[Row], images_dir: &Path) -> anyhow::Result<
         None,
     )?;
     let boxes: ArrayRef = Arc::new(ListArray::try_new(
-        Arc::new(Field::new("item", DataType::Struct(box_fields()), true)),
+        list_item(DataType::Struct(box_fields())),
         OffsetBuffer::from_lengths(all.iter().map(Vec::len)),
         Arc::new(box_struct),
         None,
     )?);
-    let columns: Vec<ArrayRef> = vec![
-        strings(&|r| &r.id),
-        image,
-        strings(&|r| &r.problem),
-        strings(&|r| &r.solution),
-        strings(&|r| &r.answer),
-        options,
-        strings(&|r| &r.class),
-        strings(&|r| r.class_name.as_deref().unwrap_or(&r.class)),
-        strings(&|r| &r.case),
-        strings(&|r| &r.patient_id),
-        Arc::new(Int32Array::from(rows.iter().map(|r| r.slice).collect::<Vec<_>>())),
-        boxes,
-        strings(&|r| &r.split),
-    ];
+    let mut named: HashMap<&str, ArrayRef> = HashMap::from([
+        (column::ID, strings(&|r| &r.id)),
+        (column::IMAGE, image),
+        (column::PROBLEM, strings(&|r| &r.problem)),
+        (column::SOLUTION, strings(&|r| &r.solution)),
+        (column::ANSWER, strings(&|r| &r.answer)),
+        (column::OPTIONS, options),
+        (column::CLASS, strings(&|r| &r.class)),
+        (column::CLASS_NAME, strings(&|r| r.class_name.as_deref().unwrap_or(&r.class))),
+        (column::CASE_ID, strings(&|r| &r.case)),
+        (column::PATIENT_ID, strings(&|r| &r.patient_id)),
+        (column::SLICE_INDEX, Arc::new(Int32Array::from(rows.iter().map(|r| r.slice).collect::<Vec<_>>())) as ArrayRef),
+        (column::BOXES, boxes),
+        (column::SPLIT, strings(&|r| &r.split)),
+    ]);
+    // The schema fixes the order; every column it declares must be filled.
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| named.remove(f.name().as_str()).with_context(|| format!("no values for column `{}`", f.name())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
@@ -283,25 +268,6 @@ fn find_split_sources(ctx: &StageContext) -> anyhow::Result<BTreeMap<String, Pat
     Ok(out)
 }
 
-fn yaml_features() -> String {
-    let mut y = String::from("  - name: id\n    dtype: string\n");
-    y += "  - name: image\n    dtype: image\n";
-    for name in ["problem", "solution", "answer"] {
-        y += &format!("  - name: {name}\n    dtype: string\n");
-    }
-    y += "  - name: options\n    list: string\n";
-    for name in ["class", "class_name", "case_id", "patient_id"] {
-        y += &format!("  - name: {name}\n    dtype: string\n");
-    }
-    y += "  - name: slice_index\n    dtype: int32\n";
-    y += "  - name: boxes\n    list:\n";
-    for c in ["x0", "y0", "x1", "y1"] {
-        y += &format!("    - name: {c}\n      dtype: int32\n");
-    }
-    y += "  - name: split\n    dtype: string\n";
-    y
-}
-
 struct SplitSummary {
     name: String,
     rows: usize,
@@ -312,12 +278,17 @@ struct SplitSummary {
 }
 
 fn dataset_card(params: &ParquetExportParams, splits: &[SplitSummary]) -> String {
-    let mut s = String::from("---\nconfigs:\n- config_name: default\n  data_files:\n");
-    for sp in splits {
-        s += &format!("  - split: {0}\n    path: {0}/*.parquet\n", sp.name);
+    let mut s = String::from("---\n");
+    // The configs tell `load_dataset(DIR)` where the Parquet shards are; a
+    // save_to_disk layout is loaded with `load_from_disk(DIR)` instead.
+    if params.format == ExportFormat::Parquet {
+        s += "configs:\n- config_name: default\n  data_files:\n";
+        for sp in splits {
+            s += &format!("  - split: {0}\n    path: {0}/*.parquet\n", sp.name);
+        }
     }
     s += "dataset_info:\n  features:\n";
-    s += &yaml_features().lines().map(|l| format!("  {l}\n")).collect::<String>();
+    s += &card_features_yaml().lines().map(|l| format!("  {l}\n")).collect::<String>();
     s += "  splits:\n";
     for sp in splits {
         s += &format!("  - name: {}\n    num_bytes: {}\n    num_examples: {}\n", sp.name, sp.bytes, sp.rows);
@@ -331,6 +302,9 @@ fn dataset_card(params: &ParquetExportParams, splits: &[SplitSummary]) -> String
          (`<answer> X </answer>`), the `answer` letter and the lesion `class`. Splits are by patient.\n\n",
         params.dataset_name
     );
+    if params.format == ExportFormat::HfArrow {
+        s += "Saved in the `datasets` `save_to_disk` layout: load it with `datasets.load_from_disk(<this directory>)`.\n\n";
+    }
     s += "| split | rows | patients | shards |\n|---|---|---|---|\n";
     for sp in splits {
         s += &format!("| {} | {} | {} | {} |\n", sp.name, sp.rows, sp.patients, sp.shards.len());
@@ -359,8 +333,7 @@ impl StageKind for ParquetExport {
     type Params = ParquetExportParams;
     const KIND: &'static str = "parquet_export";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str =
-        "Sharded zstd Parquet in the Hugging Face `datasets` layout (Image struct column) plus a dataset card";
+    const SUMMARY: &'static str = "Sharded zstd Parquet in the Hugging Face `datasets` layout (Image struct column), or the `save_to_disk` Arrow layout, plus a dataset card";
 
     fn inputs() -> &'static [InputSpec] {
         const INPUTS: &[InputSpec] = &[
@@ -401,7 +374,7 @@ impl StageKind for ParquetExport {
     fn run(params: &ParquetExportParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         let sources = find_split_sources(ctx)?;
         let images_dir = ctx.input("images")?.to_path_buf();
-        let schema = schema();
+        let schema = export_schema();
         let props = writer_properties(params.zstd_level)?;
         let mib = |v: f64| (v * 1024.0 * 1024.0) as u64;
         let mut summaries = vec![];
@@ -422,25 +395,42 @@ impl StageKind for ParquetExport {
             let plan = plan_shards(&sizes, mib(params.row_group_mb), mib(params.shard_mb));
             let out_dir = ctx.output(split)?;
             let n = plan.len();
-            let names: Vec<String> = (0..n).map(|i| format!("{split}-{i:05}-of-{n:05}.parquet")).collect();
-            ctx.progress().start(&format!("parquet {split}"), n as u64);
+            let names: Vec<String> = match params.format {
+                ExportFormat::Parquet => (0..n).map(|i| format!("{split}-{i:05}-of-{n:05}.parquet")).collect(),
+                ExportFormat::HfArrow => (0..n).map(|i| hf_disk::shard_name(i, n)).collect(),
+            };
+            ctx.progress().start(&format!("{} {split}", params.format.label()), n as u64);
             let progress = ctx.progress();
             ctx.pool().install(|| {
                 plan.par_iter().zip(names.par_iter()).try_for_each(|(shard, name)| -> anyhow::Result<()> {
                     let path = out_dir.join(name);
-                    let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-                    let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props.clone()))?;
-                    for g in &shard.groups {
-                        w.write(&batch(&schema, &rows[g.clone()], &images_dir)?)
-                            .with_context(|| format!("writing {}", path.display()))?;
-                        w.flush()?; // one planned row group
+                    match params.format {
+                        ExportFormat::Parquet => {
+                            let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+                            let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props.clone()))?;
+                            for g in &shard.groups {
+                                w.write(&batch(&schema, &rows[g.clone()], &images_dir)?)
+                                    .with_context(|| format!("writing {}", path.display()))?;
+                                w.flush()?; // one planned row group
+                            }
+                            w.close().with_context(|| format!("closing {}", path.display()))?;
+                        }
+                        ExportFormat::HfArrow => {
+                            let mut w = hf_disk::ShardWriter::create(&path, &schema)?;
+                            for g in &shard.groups {
+                                w.write(&batch(&schema, &rows[g.clone()], &images_dir)?)?;
+                            }
+                            w.finish()?;
+                        }
                     }
-                    w.close().with_context(|| format!("closing {}", path.display()))?;
                     progress.advance(1);
                     Ok(())
                 })
             })?;
             progress.finish();
+            if params.format == ExportFormat::HfArrow {
+                hf_disk::write_metadata(&out_dir, &params.dataset_name, split, &hf_features_json(), &names)?;
+            }
             let mut classes = BTreeMap::new();
             for r in &rows {
                 *classes.entry(r.class.clone()).or_insert(0usize) += 1;
@@ -459,14 +449,17 @@ impl StageKind for ParquetExport {
         }
         let info = json!({
             "dataset_name": params.dataset_name,
-            "features": serde_json::from_str::<serde_json::Value>(&ordered_object(&hf_features()))?,
-            "column_order": hf_features().iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            "features": serde_json::from_str::<serde_json::Value>(&hf_features_json())?,
+            "column_order": EXPORT_COLUMNS.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
             "splits": summaries.iter().map(|s| (s.name.clone(), json!({
                 "name": s.name, "num_examples": s.rows, "num_bytes": s.bytes, "num_patients": s.patients,
                 "shards": s.shards, "class_counts": s.classes,
             }))).collect::<serde_json::Map<_, _>>(),
         });
         jsonl::write_json(&ctx.output_dir().join("dataset_info.json"), &info)?;
+        if params.format == ExportFormat::HfArrow {
+            hf_disk::write_dict(ctx.output_dir(), &params.splits)?;
+        }
         std::fs::write(ctx.output_dir().join("README.md"), dataset_card(params, &summaries))
             .context("writing README.md")?;
         Ok(())
@@ -570,6 +563,15 @@ pub(crate) mod tests {
             }
         }
         assert!(groups > shards.len(), "several row groups per shard");
+        // The task contract's reader sees the rows the export wrote.
+        let rows = stages_task::read_split(&out.join("train")).unwrap();
+        assert_eq!(rows.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), ids);
+        let first = &rows[0];
+        assert_eq!(
+            (first.answer.as_str(), first.class.as_str(), first.class_name.as_str(), first.options.len()),
+            ("D", "nodule_mass", "pulmonary nodules/masses", 4)
+        );
+        assert!(rows.iter().all(|r| r.problem.starts_with('q') && r.image.is_some()));
         assert_eq!(ids, (0..9).map(|i| format!("train_{i}_a_1/nodule_mass/{i:03}")).collect::<Vec<_>>());
         let info: serde_json::Value = jsonl::read_json(&out.join("dataset_info.json")).unwrap();
         assert_eq!(info["splits"]["train"]["num_examples"], 9);
@@ -577,6 +579,38 @@ pub(crate) mod tests {
         assert_eq!(info["splits"]["test"]["class_counts"]["nodule_mass"], 3);
         let card = std::fs::read_to_string(out.join("README.md")).unwrap();
         assert!(card.contains("path: train/*.parquet") && card.contains("num_examples: 9"), "{card}");
+    }
+
+    #[test]
+    fn hf_arrow_export_holds_the_same_rows_in_the_save_to_disk_layout() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let small = |format| ParquetExportParams {
+            format,
+            row_group_mb: 400.0 / 1048576.0,
+            shard_mb: 800.0 / 1048576.0,
+            ..Default::default()
+        };
+        let parquet = export(a.path(), &small(ExportFormat::Parquet));
+        let arrow = export(b.path(), &small(ExportFormat::HfArrow));
+        let dict: serde_json::Value = jsonl::read_json(&arrow.join("dataset_dict.json")).unwrap();
+        assert_eq!(dict, json!({"splits": ["train", "test"]}));
+        let state: serde_json::Value = jsonl::read_json(&arrow.join("train/state.json")).unwrap();
+        let shards = state["_data_files"].as_array().unwrap();
+        assert!(shards.len() > 1, "planned shards: {state}");
+        assert_eq!(shards[0]["filename"], format!("data-00000-of-{:05}.arrow", shards.len()));
+        assert_eq!(state["_split"], "train");
+        let info: serde_json::Value = jsonl::read_json(&arrow.join("train/dataset_info.json")).unwrap();
+        assert_eq!(info["features"]["image"], json!({"_type": "Image"}));
+        for split in ["train", "test"] {
+            let (p, h) = (stages_task::read_split(&parquet.join(split)), stages_task::read_split(&arrow.join(split)));
+            assert_eq!(p.unwrap(), h.unwrap(), "{split}: same rows in both formats");
+        }
+        let card = std::fs::read_to_string(arrow.join("README.md")).unwrap();
+        assert!(!card.contains("configs:") && card.contains("load_from_disk"), "{card}");
+        // The default format stays out of the canonical params (cache keys of Parquet exports unchanged).
+        let canonical = serde_json::to_value(ParquetExportParams::default()).unwrap();
+        assert!(canonical.get("format").is_none(), "{canonical}");
+        assert_eq!(serde_json::to_value(small(ExportFormat::HfArrow)).unwrap()["format"], "hf_arrow");
     }
 
     #[test]

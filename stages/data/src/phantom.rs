@@ -217,7 +217,7 @@ impl StageKind for Phantom {
                 .with_context(|| format!("creating {}", root.join(dir).display()))?;
         }
         ctx.progress().start("phantom", plans.len() as u64);
-        let options = WriteOptions { gz_level: params.gz_level };
+        let options = WriteOptions { gz_level: params.gz_level, ..WriteOptions::default() };
         let ctx_ref = &*ctx;
         let truths: Vec<Value> = ctx_ref.pool().install(|| {
             plans
@@ -896,7 +896,7 @@ fn generate_case(plan: &CasePlan, cfg: &Config, root: &Path, options: WriteOptio
         &[g.nx, g.ny, g.nz],
         &raw,
         &affine,
-        Some((1.0, plan.scl_inter)),
+        Some((1.0, plan.scl_inter.into())),
         options,
     )?;
     drop(raw);

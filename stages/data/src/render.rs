@@ -7,7 +7,8 @@
 //! 1. HU window: clip to `clip = [lo, hi]` (default [-1000, 1000], the CT-RATE
 //!    normalisation; out-of-field padding such as -8192 lands on black) or
 //!    `window = {level, width}`, then `floor((v - lo) * 255 / (hi - lo) + 0.5)`;
-//! 2. output size: with `resize` the Qwen2.5-VL `smart_resize` (sides
+//! 2. output size: with `resize` the model processor's `smart_resize`
+//!    (`stages-vlm-resize`, HF `Qwen2VLImageProcessor`'s rule: sides
 //!    multiples of `size_factor` = 28, area within [`min_pixels`,
 //!    `max_pixels`] = 401,408), else the native slice size; the grey slice
 //!    is resized with `filter`, boxes are scaled outward (floor/ceil);
@@ -38,6 +39,7 @@ use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
+use stages_vlm_resize::smart_resize;
 
 use crate::components::BBox;
 use crate::jsonl;
@@ -178,6 +180,8 @@ pub enum RenderError {
     BoxOutside(BBox, usize, usize),
     #[error("PNG encoding: {0}")]
     Png(String),
+    #[error("resizing the {rows} x {cols} slice: {message}")]
+    Resize { rows: u32, cols: u32, message: String },
 }
 
 /// HU -> 8-bit grey, row-major.
@@ -186,22 +190,18 @@ pub fn window_to_gray(hu: &[f32], lo: f32, hi: f32) -> Vec<u8> {
     hu.iter().map(|&v| ((v.clamp(lo, hi) - lo) * scale + 0.5).floor() as u8).collect()
 }
 
-/// Qwen2.5-VL `smart_resize`: `(height, width)` multiples of `factor` with
-/// area in `[min_pixels, max_pixels]`, aspect ratio kept as far as possible.
-pub fn smart_resize(height: u32, width: u32, factor: u32, min_pixels: u64, max_pixels: u64) -> (u32, u32) {
-    let (h, w, f) = (height as f64, width as f64, factor as f64);
-    let round_to = |v: f64| ((v / f).round_ties_even() * f).max(f);
-    let (mut hb, mut wb) = (round_to(h), round_to(w));
-    if hb * wb > max_pixels as f64 {
-        let beta = (h * w / max_pixels as f64).sqrt();
-        hb = ((h / beta / f).floor() * f).max(f);
-        wb = ((w / beta / f).floor() * f).max(f);
-    } else if hb * wb < min_pixels as f64 {
-        let beta = (min_pixels as f64 / (h * w)).sqrt();
-        hb = (h * beta / f).ceil() * f;
-        wb = (w * beta / f).ceil() * f;
+/// The output size with `resize`: the model processor's `smart_resize` (so
+/// the processor keeps the image as rendered), within this stage's bounds.
+fn output_size(rows: u32, cols: u32, p: &RenderParams) -> Result<(u32, u32), RenderError> {
+    let err = |message: String| RenderError::Resize { rows, cols, message };
+    // u64 -> usize is lossless on the 64-bit targets libtorch exists for.
+    let (min, max) = (p.min_pixels as usize, p.max_pixels as usize);
+    let (h, w) =
+        smart_resize(rows as usize, cols as usize, p.size_factor as usize, min, max).map_err(|e| err(e.to_string()))?;
+    match (u32::try_from(h), u32::try_from(w)) {
+        (Ok(h), Ok(w)) => Ok((h, w)),
+        _ => Err(err(format!("output size {h} x {w} does not fit in u32"))),
     }
-    (hb as u32, wb as u32)
 }
 
 /// A rendered slice before encoding, with where things were drawn.
@@ -278,7 +278,7 @@ pub fn compose(
         rows,
         cols,
     })?;
-    let (h, w) = if p.resize { smart_resize(r, c, p.size_factor, p.min_pixels, p.max_pixels) } else { (r, c) };
+    let (h, w) = if p.resize { output_size(r, c, p)? } else { (r, c) };
     let filter: FilterType = p.filter.into();
     let base = if (h, w) == (r, c) { native.clone() } else { imageops::resize(&native, w, h, filter) };
     let mut img = gray_to_rgb(&base);

@@ -24,11 +24,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use stage_api::derive_seed;
 use stage_api::{InputSpec, ParamError, StageContext, StageKind};
+use stages_task::answer::option_text;
+use stages_task::completion::ResponseFormat;
+use stages_task::prompt::{NO_THINK_TEMPLATE, THINK_TEMPLATE};
 
 use crate::jsonl;
-
-pub const THINK_TEMPLATE: &str = "{Question} Your task: 1. Think through the question step by step, enclose your reasoning process in <think>...</think> tags. 2. Then provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags. 3. No extra information or text outside of these tags.";
-pub const NO_THINK_TEMPLATE: &str = "{Question} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags. 2. No extra information or text outside of this tag.";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -37,15 +37,6 @@ pub enum OptionOrder {
     Fixed,
     /// A seeded per-item permutation (reproducible from the seed and item id).
     Shuffled,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum PromptVariant {
-    /// Ask for `<think>...</think><answer>...</answer>` (GRPO format).
-    Think,
-    /// Ask for `<answer>...</answer>` only.
-    NoThink,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -59,7 +50,7 @@ pub struct VqaParams {
     /// `fixed` (index class order) or `shuffled` (seeded per item).
     pub option_order: OptionOrder,
     /// Which prompt wraps the question into `problem`: `think` or `no_think`.
-    pub prompt: PromptVariant,
+    pub prompt: ResponseFormat,
     /// Think prompt; `{Question}` is replaced by the question block (domain notes §4).
     pub think_template: String,
     /// No-think prompt; `{Question}` is replaced by the question block (domain notes §4).
@@ -72,7 +63,7 @@ impl Default for VqaParams {
             question: "Which type of lesion is marked in this chest CT slice?".into(),
             question_template: "{question}\nOptions:\n{options}".into(),
             option_order: OptionOrder::Fixed,
-            prompt: PromptVariant::Think,
+            prompt: ResponseFormat::Think,
             think_template: THINK_TEMPLATE.into(),
             no_think_template: NO_THINK_TEMPLATE.into(),
         }
@@ -111,7 +102,7 @@ pub fn build_question(
     for (i, c) in order.iter().enumerate() {
         let letter = char::from(b'A' + i as u8);
         let name = names.get(*c).map(String::as_str).unwrap_or(c);
-        options.push(format!("{letter}. {name}"));
+        options.push(option_text(letter, name));
         if *c == class {
             answer = Some(letter.to_string());
         }
@@ -120,8 +111,8 @@ pub fn build_question(
     let question =
         params.question_template.replace("{question}", &params.question).replace("{options}", &options.join("\n"));
     let template = match params.prompt {
-        PromptVariant::Think => &params.think_template,
-        PromptVariant::NoThink => &params.no_think_template,
+        ResponseFormat::Think => &params.think_template,
+        ResponseFormat::NoThink => &params.no_think_template,
     };
     let problem = template.replace("{Question}", &question);
     Ok(Question { question, options, problem, answer })
@@ -259,7 +250,8 @@ mod tests {
     #[test]
     fn shuffled_order_is_seeded_and_answer_follows_the_class() {
         let dir = tempfile::tempdir().unwrap();
-        let p = VqaParams { option_order: OptionOrder::Shuffled, prompt: PromptVariant::NoThink, ..Default::default() };
+        let p =
+            VqaParams { option_order: OptionOrder::Shuffled, prompt: ResponseFormat::NoThink, ..Default::default() };
         let a = run(dir.path(), &p, 7, "a");
         let b = run(dir.path(), &p, 7, "b");
         let c = run(dir.path(), &p, 8, "c");

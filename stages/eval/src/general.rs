@@ -1,8 +1,9 @@
 //! Stage `general_vqa`: a small synthetic general-VQA set (rendered bar
 //! charts and words, free-form answers) so a recipe can show the
 //! general-ability check of the paper (ChartQA/TextVQA must not collapse)
-//! without downloading a benchmark. Users with a real benchmark in Parquet
-//! point `eval` at it instead (`answer_match = "relaxed"`).
+//! without downloading a benchmark. The real benchmarks come in through
+//! `hf_vqa` (ChartQA, TextVQA) and are scored with their harness metrics
+//! (`answer_match = "chartqa"` / `"vqa_accuracy"`), as in `recipes/full.toml`.
 //!
 //! Output: `general-00000-of-00001.parquet` with columns `id`, `image`
 //! {bytes, path}, `question`, `answer`, `class` (`chart` | `text`).
@@ -12,7 +13,6 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray, StructArray};
-use arrow_schema::{DataType, Field, Fields};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -23,6 +23,7 @@ use rand::seq::IndexedRandom;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use stage_api::{ParamError, StageContext, StageKind};
+use stages_task::schema::{column, image_fields};
 
 use crate::plots::{PlotError, render_canvas};
 
@@ -149,7 +150,7 @@ fn write_parquet(path: &std::path::Path, items: &[GeneralItem]) -> anyhow::Resul
         Arc::new(StringArray::from_iter_values(items.iter().map(f)))
     };
     let image = StructArray::try_new(
-        Fields::from(vec![Field::new("bytes", DataType::Binary, true), Field::new("path", DataType::Utf8, true)]),
+        image_fields(),
         vec![
             Arc::new(BinaryArray::from_iter_values(items.iter().map(|i| i.png.as_slice()))),
             s(&|i| format!("{}.png", i.id.replace('/', "_"))),
@@ -157,11 +158,11 @@ fn write_parquet(path: &std::path::Path, items: &[GeneralItem]) -> anyhow::Resul
         None,
     )?;
     let batch = RecordBatch::try_from_iter(vec![
-        ("id", s(&|i| i.id.clone())),
-        ("image", Arc::new(image) as ArrayRef),
-        ("question", s(&|i| i.question.clone())),
-        ("answer", s(&|i| i.answer.clone())),
-        ("class", s(&|i| i.class.clone())),
+        (column::ID, s(&|i| i.id.clone())),
+        (column::IMAGE, Arc::new(image) as ArrayRef),
+        (column::QUESTION, s(&|i| i.question.clone())),
+        (column::ANSWER, s(&|i| i.answer.clone())),
+        (column::CLASS, s(&|i| i.class.clone())),
     ])?;
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
@@ -214,8 +215,9 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
-    use crate::dataset::read_split;
-    use crate::metrics::{AnswerMatch, Scorer};
+    use stages_task::answer::{AnswerMatch, Scorer};
+    use stages_task::completion::ResponseFormat;
+    use stages_task::dataset::read_split;
 
     #[test]
     fn general_set_is_reproducible_and_readable_by_eval() {
@@ -237,7 +239,7 @@ mod tests {
         assert_eq!(rows.len(), 5);
         assert_eq!((rows[4].class.as_str(), rows[0].options.len()), ("text", 0));
         // A free-form scorer accepts the gold answer in tags.
-        let s = Scorer::new(r"<answer>\s*(.*?)\s*</answer>", r"(?s)<answer>.*</answer>", AnswerMatch::Relaxed).unwrap();
+        let s = Scorer::new(r"<answer>\s*(.*?)\s*</answer>", ResponseFormat::NoThink, AnswerMatch::Relaxed).unwrap();
         let score = s.score(&format!("<answer>{}</answer>", rows[0].answer), &rows[0].answer, &[]);
         assert!(score.correct);
     }

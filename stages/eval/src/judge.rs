@@ -1,10 +1,12 @@
 //! Stage `judge`: does the reasoning support the final answer? (the paper's
 //! reasoning-answer consistency, 97.98% vs 91.17%).
 //!
-//! For every prediction of an `eval` output that has both a reasoning part
-//! (`<think>...</think>`, else the text before `<answer>`) and a valid answer,
-//! a backend names the class the reasoning supports; the verdict is
-//! consistent when it equals the class of the extracted answer.
+//! For every prediction of an `eval` output whose completion is in the think
+//! format ([`stages_task::completion`]: the same rule as the eval's format
+//! metric and the GRPO format reward) and whose answer is valid, a backend
+//! names the class the reasoning (the `<think>` block) supports; the verdict
+//! is consistent when it equals the class of the extracted answer (the
+//! completion's one answer block). Completions outside the format are skipped.
 //! Backends: `rules` (offline synonym matching), `http` (an
 //! OpenAI-compatible chat endpoint, e.g. vLLM / llama.cpp serving gpt-oss-20b)
 //! and `model` (a local checkpoint run by our own stack: any Qwen2 / Qwen2.5
@@ -26,14 +28,17 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
 
+use stages_vlm::device::{DeviceChoice, device_and_kind};
 use stages_vlm::generate::GenerationConfig;
 
-use crate::eval::{Answerer, DeviceChoice, device_and_kind};
-use crate::metrics::{CiMethod, Rate, option_letters};
-use crate::predictions::{PREDICTIONS_JSONL, Prediction, read_jsonl};
+use stages_task::answer::{option_letters, option_names};
+use stages_task::completion::{Completion, ResponseFormat};
 
-pub const VERDICTS_JSONL: &str = "verdicts.jsonl";
-pub const CONSISTENCY_JSON: &str = "consistency.json";
+use crate::artifacts::{CONSISTENCY_JSON, PREDICTIONS_JSONL, VERDICTS_JSONL, artifact_id, predictions_digest};
+use crate::chat_api::{ApiKey, ChatClient, ClientConfig, message_content};
+use crate::eval::Answerer;
+use crate::metrics::{CiMethod, Rate};
+use crate::predictions::{Prediction, read_jsonl};
 
 pub const DEFAULT_JUDGE_PROMPT: &str = "Below is the reasoning a model wrote about a chest CT slice before answering a multiple-choice question.\n\nReasoning:\n{reasoning}\n\nOptions:\n{options}\n\nBased only on this reasoning, which option is the most probable diagnosis? Reply with the single option letter only.";
 
@@ -229,19 +234,15 @@ pub struct Consistency {
     pub errors: usize,
 }
 
-/// The reasoning part of a completion: inside `<think>`, else before `<answer>`.
-pub fn reasoning_of(completion: &str) -> Option<String> {
-    let think = completion.find("<think>").map(|i| {
-        let rest = &completion[i + "<think>".len()..];
-        rest.find("</think>").map_or(rest, |j| &rest[..j])
-    });
-    let text = match think {
-        Some(t) => t,
-        None => completion.find("<answer>").map_or("", |i| &completion[..i]),
-    };
-    let t = text.trim();
-    (!t.is_empty()).then(|| t.to_string())
+/// The reasoning of a completion: its `<think>` block, trimmed, when the
+/// completion is in the think format; None otherwise (nothing to judge).
+pub fn reasoning_of(completion: &str) -> Option<&str> {
+    Completion::parse(completion).blocks(ResponseFormat::Think).and_then(|b| b.reasoning)
 }
+
+/// Why a prediction is not judged.
+pub const NOT_IN_FORMAT: &str = "not in the <think>...</think><answer>...</answer> format: no reasoning to judge";
+pub const NO_VALID_ANSWER: &str = "no valid answer to compare with";
 
 /// Offline judge: finds class mentions with the synonym table.
 pub struct RuleJudge {
@@ -308,62 +309,26 @@ impl RuleJudge {
     }
 }
 
-/// What failed in one HTTP attempt, and whether retrying may help.
-#[derive(Debug)]
-struct AttemptError {
-    message: String,
-    retryable: bool,
+/// OpenAI-compatible chat completions judge (the client is [`crate::chat_api`]'s).
+pub struct HttpJudge {
+    client: ChatClient,
+    params: HttpParams,
 }
 
-/// OpenAI-compatible chat completions client.
-pub struct HttpJudge {
-    agent: ureq::Agent,
-    endpoint: String,
-    params: HttpParams,
-    api_key: Option<String>,
-}
+/// Longest wait between attempts of the judge (its params have no cap of their own).
+const JUDGE_MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 impl HttpJudge {
     pub fn new(params: &HttpParams) -> anyhow::Result<Self> {
-        let api_key = match &params.api_key_env {
-            Some(var) => {
-                Some(std::env::var(var).with_context(|| format!("param `http.api_key_env`: ${var} is not set"))?)
-            }
-            None => None,
+        let api_key = ApiKey::from_env(params.api_key_env.as_deref(), "http.api_key_env")?;
+        let config = ClientConfig {
+            url: params.url.clone(),
+            timeout: Duration::from_secs_f64(params.timeout_s),
+            retries: params.retries,
+            backoff: Duration::from_secs_f64(params.backoff_s),
+            max_backoff: JUDGE_MAX_BACKOFF,
         };
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs_f64(params.timeout_s)))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let endpoint = format!("{}/chat/completions", params.url.trim_end_matches('/'));
-        Ok(Self { agent, endpoint, params: params.clone(), api_key })
-    }
-
-    fn attempt(&self, body: &str) -> Result<String, AttemptError> {
-        let mut req = self.agent.post(&self.endpoint).header("Content-Type", "application/json");
-        if let Some(k) = &self.api_key {
-            req = req.header("Authorization", &format!("Bearer {k}"));
-        }
-        let mut resp = req.send(body).map_err(|e| AttemptError {
-            message: format!("request to {} failed: {e}", self.endpoint),
-            retryable: true,
-        })?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .body_mut()
-            .read_to_string()
-            .map_err(|e| AttemptError { message: format!("reading the response: {e}"), retryable: true })?;
-        if status != 200 {
-            let retryable = status == 429 || status >= 500;
-            let snippet: String = text.chars().take(200).collect();
-            return Err(AttemptError { message: format!("HTTP {status}: {snippet}"), retryable });
-        }
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| AttemptError { message: format!("response is not JSON: {e}"), retryable: false })?;
-        v.pointer("/choices/0/message/content").and_then(|c| c.as_str()).map(str::to_string).ok_or_else(|| {
-            AttemptError { message: "response has no `choices[0].message.content` string".into(), retryable: false }
-        })
+        Ok(Self { client: ChatClient::new(config, api_key), params: params.clone() })
     }
 
     /// Ask once, retrying with exponential backoff; returns (reply, attempts).
@@ -378,25 +343,11 @@ impl HttpJudge {
             "messages": messages,
             "temperature": 0.0,
             "max_tokens": self.params.max_tokens,
-        })
-        .to_string();
-        let mut delay = self.params.backoff_s;
-        let mut last = String::new();
-        for attempt in 1..=self.params.retries + 1 {
-            match self.attempt(&body) {
-                Ok(reply) => return (Ok(reply), attempt),
-                Err(e) => {
-                    tracing::warn!(attempt, error = %e.message, "judge request failed");
-                    last = e.message;
-                    if !e.retryable || attempt == self.params.retries + 1 {
-                        return (Err(last), attempt);
-                    }
-                    std::thread::sleep(Duration::from_secs_f64(delay));
-                    delay *= 2.0;
-                }
-            }
+        });
+        match self.client.post(&body, &|| false) {
+            Ok(reply) => (message_content(&reply.body).map(str::to_string), reply.attempts),
+            Err(f) => (Err(f.last.message), f.attempts),
         }
-        (Err(last), self.params.retries + 1)
     }
 }
 
@@ -404,8 +355,7 @@ impl HttpJudge {
 /// `<answer>` tags or followed by punctuation), else a class mention.
 pub fn class_from_reply(reply: &str, options: &[String], rules: &RuleJudge) -> Option<String> {
     let letters = option_letters(options);
-    let names: Vec<String> =
-        options.iter().map(|o| o.split_once('.').map_or(o.as_str(), |(_, n)| n).trim().to_string()).collect();
+    let names = option_names(options);
     // Reasoning models may think first: judge the text after their final tag.
     let tail = reply.rsplit("</think>").next().unwrap_or(reply);
     let stripped = tail.replace("<answer>", " ").replace("</answer>", " ");
@@ -432,9 +382,9 @@ fn prepare(p: &Prediction) -> Result<(String, String), Verdict> {
         detail: detail.into(),
         attempts: 0,
     };
-    let reasoning = reasoning_of(&p.completion).ok_or_else(|| skipped("no reasoning in the completion"))?;
-    let answer = p.predicted_class.clone().ok_or_else(|| skipped("no valid answer to compare with"))?;
-    Ok((reasoning, answer))
+    let reasoning = reasoning_of(&p.completion).ok_or_else(|| skipped(NOT_IN_FORMAT))?;
+    let answer = p.predicted_class.clone().ok_or_else(|| skipped(NO_VALID_ANSWER))?;
+    Ok((reasoning.to_string(), answer))
 }
 
 fn verdict(p: &Prediction, answer: String, judged: Option<String>, detail: String, attempts: u32) -> Verdict {
@@ -574,7 +524,9 @@ impl StageKind for Judge {
     type Params = JudgeParams;
     const KIND: &'static str = "judge";
     // 2: consistency.json records the digest of the judged predictions.
-    const VERSION: u32 = 2;
+    // 3: only completions in the task's think format are judged; their
+    //    reasoning is the think block (was: any <think> text, else the text before <answer>).
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str = "Reasoning-answer consistency of an eval's completions (rules offline, a local Qwen2/Qwen2.5 checkpoint, or an OpenAI-compatible endpoint)";
 
     fn inputs() -> &'static [InputSpec] {
@@ -582,7 +534,7 @@ impl StageKind for Judge {
             InputSpec::one("eval", "`eval` output (predictions.jsonl)"),
             InputSpec::optional(
                 "judge_model",
-                "checkpoint directory for backend `model` (HF Qwen2/Qwen2.5 text or Qwen2.5-VL)",
+                "checkpoint directory for backend `model` (HF Qwen2/Qwen2.5 text, Qwen2.5-VL or Qwen2-VL)",
             ),
         ];
         INPUTS
@@ -636,9 +588,9 @@ impl StageKind for Judge {
 
     fn run(params: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()> {
         let path = ctx.input("eval")?.join(PREDICTIONS_JSONL);
-        let eval_stage = crate::report::artifact_id(&ctx.inputs("eval")[0]);
+        let eval_stage = artifact_id(&ctx.inputs("eval")[0]);
         let predictions = read_jsonl(&path)?;
-        let digest = crate::report::predictions_digest(&path)?;
+        let digest = predictions_digest(&path)?;
         if predictions.is_empty() {
             bail!("{}: no predictions to judge", path.display());
         }
@@ -707,9 +659,11 @@ mod tests {
 
     #[test]
     fn reasoning_extraction_and_reply_parsing() {
-        assert_eq!(reasoning_of("<think> a b </think><answer>A</answer>").as_deref(), Some("a b"));
-        assert_eq!(reasoning_of("<think>truncated").as_deref(), Some("truncated"));
-        assert_eq!(reasoning_of("plain words <answer>A</answer>").as_deref(), Some("plain words"));
+        assert_eq!(reasoning_of("<think> a b </think><answer>A</answer>\n"), Some("a b"));
+        // Outside the think format there is no reasoning to judge.
+        assert_eq!(reasoning_of("<think>truncated"), None);
+        assert_eq!(reasoning_of("plain words <answer>A</answer>"), None);
+        assert_eq!(reasoning_of("<think>a</think><answer>A</answer><answer>B</answer>"), None);
         assert_eq!(reasoning_of("<answer>A</answer>"), None);
         assert_eq!(reasoning_of("<think>  </think><answer>A</answer>"), None);
         let opts = vec!["A. emphysema".to_string(), "B. ground-glass opacity".to_string()];

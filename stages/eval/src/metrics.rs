@@ -1,7 +1,9 @@
-//! Scoring of model completions: answer extraction with a configurable
-//! regex, per-item format / validity / correctness, and the aggregate
-//! metrics of `metrics.json` (accuracy overall, per class and macro, rates,
-//! confusion matrix) with 95% confidence intervals.
+//! The aggregate metrics of `metrics.json`: accuracy overall, per class and
+//! macro, format / validity / invalid / unparseable rates, the confusion
+//! matrix, all with 95% confidence intervals, and the mean benchmark credit
+//! ([`Score`]: the accuracy for binary matching, TextVQA's VQA accuracy for
+//! `vqa_accuracy`). The per-item scores come from the task contract
+//! ([`stages_task::answer::Scorer`]).
 //!
 //! Pure Rust (no tch) so the judge and report stages and their tests use it
 //! without a model.
@@ -11,182 +13,12 @@ use std::collections::BTreeMap;
 use rand::Rng;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-
-/// Answer extraction of the closest public code (domain notes §4).
-pub const DEFAULT_ANSWER_REGEX: &str = r"<answer>\s*(\w+)\s*</answer>";
-/// Format reward of the think prompt: the whole completion is think + answer.
-pub const THINK_FORMAT_REGEX: &str = r"(?s)^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$";
-/// Format of the no-think prompt: only an answer tag.
-pub const ANSWER_FORMAT_REGEX: &str = r"(?s)^\s*<answer>.*?</answer>\s*$";
+use stages_task::answer::{ItemScore, Outcome};
 
 /// Two-sided 95% normal quantile.
 const Z95: f64 = 1.959_963_984_540_054;
-
-#[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    #[error("regex `{field}` ({pattern:?}) is invalid: {message}")]
-    Regex { field: &'static str, pattern: String, message: String },
-    #[error("regex `{field}` ({pattern:?}) has no capture group: expected one group around the answer")]
-    NoGroup { field: &'static str, pattern: String },
-}
-
-/// Why no answer could be read from a completion (every case counts as wrong).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ExtractFailure {
-    /// Nothing (or only whitespace) was generated.
-    Empty,
-    /// No `<answer>` tag at all.
-    NoAnswerTag,
-    /// `<answer>` opened but never closed (typically truncated at max_new_tokens).
-    Unclosed,
-    /// The tags are there but the content does not match the regex
-    /// (empty, several words, punctuation...).
-    Unmatched,
-}
-
-/// What a completion led to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Correct,
-    /// A valid option, but not the gold one.
-    Wrong,
-    /// An answer was extracted but it is not one of the offered options.
-    Invalid,
-    /// No answer could be extracted.
-    Unparseable,
-}
-
-/// How a free-form answer is compared to the gold answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum AnswerMatch {
-    /// Multiple choice: the extracted text must equal the gold letter and be
-    /// one of the item's option letters to be valid.
-    #[default]
-    Choice,
-    /// Free form: case-, space- and trailing-punctuation-insensitive equality.
-    Exact,
-    /// Free form, ChartQA style: numbers within 5% relative error match,
-    /// anything else falls back to `exact`.
-    Relaxed,
-}
-
-/// Compiled extraction and format rules.
-#[derive(Debug, Clone)]
-pub struct Scorer {
-    answer: Regex,
-    format: Regex,
-    matching: AnswerMatch,
-}
-
-/// The score of one completion.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ItemScore {
-    pub extracted: Option<String>,
-    pub failure: Option<ExtractFailure>,
-    pub format_ok: bool,
-    pub valid: bool,
-    pub correct: bool,
-    pub outcome: Outcome,
-}
-
-fn compile(field: &'static str, pattern: &str) -> Result<Regex, MetricsError> {
-    Regex::new(pattern).map_err(|e| MetricsError::Regex { field, pattern: pattern.into(), message: e.to_string() })
-}
-
-impl Scorer {
-    pub fn new(answer_regex: &str, format_regex: &str, matching: AnswerMatch) -> Result<Self, MetricsError> {
-        let answer = compile("answer_regex", answer_regex)?;
-        if answer.captures_len() < 2 {
-            return Err(MetricsError::NoGroup { field: "answer_regex", pattern: answer_regex.into() });
-        }
-        Ok(Self { answer, format: compile("format_regex", format_regex)?, matching })
-    }
-
-    /// The first capture group of the first match, trimmed; or why there is none.
-    pub fn extract(&self, completion: &str) -> Result<String, ExtractFailure> {
-        if completion.trim().is_empty() {
-            return Err(ExtractFailure::Empty);
-        }
-        if let Some(c) = self.answer.captures(completion)
-            && let Some(g) = c.get(1)
-        {
-            return Ok(g.as_str().trim().to_string());
-        }
-        match (completion.find("<answer>"), completion.rfind("</answer>")) {
-            (None, _) => Err(ExtractFailure::NoAnswerTag),
-            (Some(open), close) if close.is_none_or(|c| c < open) => Err(ExtractFailure::Unclosed),
-            _ => Err(ExtractFailure::Unmatched),
-        }
-    }
-
-    /// Score one completion against its gold answer and the offered option
-    /// letters (ignored for free-form matching).
-    pub fn score(&self, completion: &str, gold: &str, options: &[String]) -> ItemScore {
-        let format_ok = self.format.is_match(completion);
-        let (extracted, failure) = match self.extract(completion) {
-            Ok(a) => (Some(a), None),
-            Err(f) => (None, Some(f)),
-        };
-        let (valid, correct) = match (&extracted, self.matching) {
-            (None, _) => (false, false),
-            (Some(a), AnswerMatch::Choice) => {
-                let valid = options.iter().any(|o| o == a);
-                (valid, valid && a == gold.trim())
-            }
-            (Some(a), AnswerMatch::Exact) => (!a.is_empty(), exact_match(a, gold)),
-            (Some(a), AnswerMatch::Relaxed) => (!a.is_empty(), relaxed_match(a, gold)),
-        };
-        let outcome = match (&extracted, valid, correct) {
-            (None, _, _) => Outcome::Unparseable,
-            (_, _, true) => Outcome::Correct,
-            (_, false, _) => Outcome::Invalid,
-            _ => Outcome::Wrong,
-        };
-        ItemScore { extracted, failure, format_ok, valid, correct, outcome }
-    }
-}
-
-/// Option letters of option strings such as `"A. emphysema"` (the text
-/// before the first `.`; the whole string when there is none).
-pub fn option_letters(options: &[String]) -> Vec<String> {
-    options.iter().map(|o| o.split_once('.').map_or(o.as_str(), |(l, _)| l).trim().to_string()).collect()
-}
-
-fn normalise(s: &str) -> String {
-    let lower = s.trim().to_lowercase();
-    let stripped = lower.trim_end_matches(['.', '!', '?', ',', ';', ':']);
-    stripped.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// Case-, whitespace- and trailing-punctuation-insensitive equality.
-pub fn exact_match(prediction: &str, gold: &str) -> bool {
-    normalise(prediction) == normalise(gold)
-}
-
-fn parse_number(s: &str) -> Option<f64> {
-    let t = normalise(s).replace(',', "");
-    let (t, scale) = match t.strip_suffix('%') {
-        Some(p) => (p.trim().to_string(), 0.01),
-        None => (t, 1.0),
-    };
-    t.parse::<f64>().ok().filter(|v| v.is_finite()).map(|v| v * scale)
-}
-
-/// ChartQA's relaxed accuracy: numbers within 5% of the gold value match
-/// (exact when the gold is 0); non-numbers use [`exact_match`].
-pub fn relaxed_match(prediction: &str, gold: &str) -> bool {
-    match (parse_number(prediction), parse_number(gold)) {
-        (Some(p), Some(0.0)) => p == 0.0,
-        (Some(p), Some(g)) => ((p - g) / g).abs() <= 0.05,
-        _ => exact_match(prediction, gold),
-    }
-}
 
 /// How confidence intervals are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
@@ -225,16 +57,36 @@ pub fn wilson(k: u64, n: u64) -> (f64, f64) {
 
 /// Percentile bootstrap interval of the mean of 0/1 outcomes.
 pub fn bootstrap(outcomes: &[bool], resamples: u32, seed: u64) -> (f64, f64) {
-    let n = outcomes.len();
+    let values: Vec<f64> = outcomes.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect();
+    bootstrap_mean(&values, resamples, seed)
+}
+
+/// Percentile bootstrap interval of the mean of `values` (draws in the same
+/// order as [`bootstrap`], so 0/1 values give its interval).
+pub fn bootstrap_mean(values: &[f64], resamples: u32, seed: u64) -> (f64, f64) {
+    let n = values.len();
     if n == 0 || resamples == 0 {
         return (0.0, 1.0);
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut means: Vec<f64> =
-        (0..resamples).map(|_| (0..n).filter(|_| outcomes[rng.random_range(0..n)]).count() as f64 / n as f64).collect();
+        (0..resamples).map(|_| (0..n).map(|_| values[rng.random_range(0..n)]).sum::<f64>() / n as f64).collect();
     means.sort_by(f64::total_cmp);
     let at = |q: f64| means[((q * (means.len() - 1) as f64).round() as usize).min(means.len() - 1)];
     (at(0.025), at(0.975))
+}
+
+/// Normal-approximation 95% interval of the mean of values in [0, 1]
+/// (clamped), for partial credits where the Wilson interval does not apply.
+pub fn normal_mean(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let var = if n > 1 { values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64 } else { 0.0 };
+    let half = Z95 * (var / n as f64).sqrt();
+    ((mean - half).max(0.0), (mean + half).min(1.0))
 }
 
 impl CiMethod {
@@ -247,6 +99,49 @@ impl CiMethod {
         };
         Rate { k, n, value: if n == 0 { 0.0 } else { k as f64 / n as f64 }, lo, hi }
     }
+
+    /// The mean credit with its interval: exactly [`Self::rate`] when every
+    /// credit is 0 or 1; otherwise the bootstrap of the mean (bootstrap) or
+    /// the normal approximation (wilson).
+    pub fn mean(&self, credits: &[f64]) -> Mean {
+        let n = credits.len() as u64;
+        if credits.iter().all(|&c| c == 0.0 || c == 1.0) {
+            let r = self.rate(&credits.iter().map(|&c| c == 1.0).collect::<Vec<_>>());
+            return Mean { n, value: r.value, lo: r.lo, hi: r.hi };
+        }
+        let value = credits.iter().sum::<f64>() / n as f64;
+        let (lo, hi) = match *self {
+            CiMethod::Wilson => normal_mean(credits),
+            CiMethod::Bootstrap { resamples, seed } => bootstrap_mean(credits, resamples, seed),
+        };
+        Mean { n, value, lo, hi }
+    }
+}
+
+/// A mean in [0, 1] with its 95% confidence interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Mean {
+    pub n: u64,
+    pub value: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+impl From<Rate> for Mean {
+    fn from(r: Rate) -> Self {
+        Mean { n: r.n, value: r.value, lo: r.lo, hi: r.hi }
+    }
+}
+
+/// The mean benchmark credit of an eval: what a benchmark reports. Equal to
+/// `accuracy` for binary matching (choice, exact, relaxed, chartqa); the
+/// VQA accuracy for `vqa_accuracy`, where an item earns 0, 0.3, 0.6, 0.9 or 1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    #[serde(flatten)]
+    pub mean: Mean,
+    /// Mean credit per class (classes with at least one item).
+    pub per_class: BTreeMap<String, f64>,
 }
 
 /// What the aggregate needs of one scored item.
@@ -282,6 +177,27 @@ pub struct EvalSource {
     /// else the HF shard prefix of its Parquet files (`train-00000-of-00001`).
     pub split: Option<String>,
     pub prompt: String,
+    /// Which data was scored, as the report compares evals: the data input
+    /// without its sweep variant, `[:limit]` when a prefix was scored
+    /// (`crate::eval::dataset_identity`). Absent before eval v5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+    /// The `answer_match` the eval scored with. Absent before eval v5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_match: Option<String>,
+}
+
+impl EvalSource {
+    /// The dataset identity, derived from `data` for outputs before eval v5.
+    pub fn dataset(&self) -> String {
+        self.dataset.clone().unwrap_or_else(|| {
+            let (stage, output) = match self.data.split_once('.') {
+                Some((s, o)) => (s, Some(o)),
+                None => (self.data.as_str(), None),
+            };
+            crate::eval::dataset_identity(stage, output, None)
+        })
+    }
 }
 
 /// The contents of `metrics.json`.
@@ -304,9 +220,29 @@ pub struct Metrics {
     pub mean_completion_chars: f64,
     pub confusion: Confusion,
     pub ci: CiMethod,
+    /// Mean benchmark credit. Absent in metrics.json written before eval v5
+    /// (then `accuracy` is the score).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<Score>,
     /// Absent in metrics.json written before eval v2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<EvalSource>,
+}
+
+impl Metrics {
+    /// What the eval reports as its result: the mean credit ([`Score`]),
+    /// else (older outputs) the accuracy.
+    pub fn headline(&self) -> Mean {
+        self.score.as_ref().map_or_else(|| self.accuracy.into(), |s| s.mean)
+    }
+
+    /// The result of one class, as [`Self::headline`].
+    pub fn class_headline(&self, class: &str) -> Option<f64> {
+        match &self.score {
+            Some(s) => s.per_class.get(class).copied(),
+            None => self.per_class.get(class).map(|r| r.value),
+        }
+    }
 }
 
 /// Aggregate scored items. `classes` fixes the confusion-matrix order
@@ -354,6 +290,14 @@ pub fn aggregate(items: &[ScoredItem], classes: &[String], ci: CiMethod) -> Metr
             *failures.entry(key).or_insert(0) += 1;
         }
     }
+    let credits: Vec<f64> = items.iter().map(|i| i.score.credit).collect();
+    let per_class_score = per_class
+        .keys()
+        .map(|c| {
+            let v: Vec<f64> = items.iter().filter(|i| &i.class == c).map(|i| i.score.credit).collect();
+            (c.clone(), v.iter().sum::<f64>() / v.len() as f64)
+        })
+        .collect();
     let n = items.len();
     let mean = |f: &dyn Fn(&ScoredItem) -> usize| {
         if n == 0 { 0.0 } else { items.iter().map(f).sum::<usize>() as f64 / n as f64 }
@@ -372,93 +316,17 @@ pub fn aggregate(items: &[ScoredItem], classes: &[String], ci: CiMethod) -> Metr
         mean_completion_chars: mean(&|i| i.completion_chars),
         confusion: Confusion { classes: order, columns, counts },
         ci,
+        score: Some(Score { mean: ci.mean(&credits), per_class: per_class_score }),
         source: None,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use stages_task::answer::{AnswerMatch, DEFAULT_ANSWER_REGEX, Scorer};
+    use stages_task::completion::ResponseFormat;
+
     use super::*;
-
-    fn choice() -> Scorer {
-        Scorer::new(DEFAULT_ANSWER_REGEX, THINK_FORMAT_REGEX, AnswerMatch::Choice).unwrap()
-    }
-    fn letters() -> Vec<String> {
-        ["A", "B", "C"].map(String::from).to_vec()
-    }
-
-    #[test]
-    fn extraction_failure_modes_are_named() {
-        let s = choice();
-        let cases: &[(&str, Result<&str, ExtractFailure>)] = &[
-            ("<think>x</think><answer>B</answer>", Ok("B")),
-            ("<answer>\n  C \n</answer>", Ok("C")),
-            ("<answer>A</answer> then <answer>B</answer>", Ok("A")),
-            ("", Err(ExtractFailure::Empty)),
-            ("  \n ", Err(ExtractFailure::Empty)),
-            ("The answer is B.", Err(ExtractFailure::NoAnswerTag)),
-            ("<think>long reasoning</think><answer>B", Err(ExtractFailure::Unclosed)),
-            ("</answer> B <answer>", Err(ExtractFailure::Unclosed)),
-            ("<answer></answer>", Err(ExtractFailure::Unmatched)),
-            ("<answer>A or B</answer>", Err(ExtractFailure::Unmatched)),
-            ("<answer>(B)</answer>", Err(ExtractFailure::Unmatched)),
-        ];
-        for (text, want) in cases {
-            let got = s.extract(text);
-            assert_eq!(got.as_deref().map_err(|e| *e), want.map_err(|e| e), "{text:?}");
-        }
-    }
-
-    #[test]
-    fn scoring_separates_correct_wrong_invalid_unparseable_and_format() {
-        let s = choice();
-        let opts = letters();
-        let ok = s.score("<think>r</think>\n<answer>B</answer>", "B", &opts);
-        assert_eq!((ok.format_ok, ok.valid, ok.correct, ok.outcome), (true, true, true, Outcome::Correct));
-        let wrong = s.score("<answer>A</answer>", "B", &opts);
-        assert_eq!((wrong.format_ok, wrong.valid, wrong.correct, wrong.outcome), (false, true, false, Outcome::Wrong));
-        let invalid = s.score("<think>r</think><answer>Z</answer>", "B", &opts);
-        assert_eq!((invalid.valid, invalid.outcome), (false, Outcome::Invalid));
-        // Lower case is not the letter: invalid, never silently correct.
-        assert_eq!(s.score("<answer>b</answer>", "B", &opts).outcome, Outcome::Invalid);
-        let none = s.score("B", "B", &opts);
-        assert_eq!(
-            (none.correct, none.outcome, none.failure),
-            (false, Outcome::Unparseable, Some(ExtractFailure::NoAnswerTag))
-        );
-        // Text outside the tags breaks the format but not the extraction.
-        let chatty = s.score("Sure! <think>r</think><answer>B</answer>", "B", &opts);
-        assert_eq!((chatty.format_ok, chatty.correct), (false, true));
-    }
-
-    #[test]
-    fn regex_errors_name_the_field() {
-        let e = Scorer::new("<answer>(", THINK_FORMAT_REGEX, AnswerMatch::Choice).unwrap_err().to_string();
-        assert!(e.contains("answer_regex"), "{e}");
-        let e = Scorer::new("<answer>\\w+</answer>", THINK_FORMAT_REGEX, AnswerMatch::Choice).unwrap_err().to_string();
-        assert!(e.contains("no capture group"), "{e}");
-    }
-
-    #[test]
-    fn free_form_exact_and_relaxed_matching() {
-        assert!(exact_match(" Paris. ", "paris"));
-        assert!(!exact_match("Paris France", "paris"));
-        assert!(relaxed_match("104", "100"));
-        assert!(relaxed_match("1,000", "1020"));
-        assert!(relaxed_match("45%", "0.46"));
-        assert!(!relaxed_match("106", "100"));
-        assert!(relaxed_match("0", "0") && !relaxed_match("0.01", "0"));
-        assert!(relaxed_match("Yes", "yes"));
-        let s = Scorer::new(r"<answer>\s*(.*?)\s*</answer>", ANSWER_FORMAT_REGEX, AnswerMatch::Relaxed).unwrap();
-        let r = s.score("<answer>12.1</answer>", "12", &[]);
-        assert_eq!((r.valid, r.correct, r.format_ok), (true, true, true));
-    }
-
-    #[test]
-    fn option_letters_come_from_option_strings() {
-        let o = ["A. airway", "B. emphysema", "C"].map(String::from);
-        assert_eq!(option_letters(&o), vec!["A", "B", "C"]);
-    }
 
     #[test]
     fn wilson_matches_known_values() {
@@ -487,8 +355,8 @@ mod tests {
 
     #[test]
     fn aggregate_counts_classes_rates_and_confusion() {
-        let s = choice();
-        let opts = letters();
+        let s = Scorer::new(DEFAULT_ANSWER_REGEX, ResponseFormat::Think, AnswerMatch::Choice).unwrap();
+        let opts = ["A", "B", "C"].map(String::from).to_vec();
         let class_of = |l: &str| match l {
             "A" => Some("air".to_string()),
             "B" => Some("emph".to_string()),
@@ -530,5 +398,36 @@ mod tests {
         assert_eq!(m.confusion.counts, vec![vec![1, 1, 0, 0, 0], vec![0, 1, 0, 1, 0], vec![0, 0, 0, 0, 1]]);
         let (lo, hi) = wilson(2, 5);
         assert_eq!((m.accuracy.lo, m.accuracy.hi), (lo, hi));
+        assert_eq!(m.headline(), Mean::from(m.accuracy), "binary credit: the score is the accuracy");
+        assert_eq!(m.class_headline("air"), Some(0.5));
+    }
+
+    #[test]
+    fn partial_credit_is_averaged_with_its_own_interval() {
+        let s = Scorer::block(ResponseFormat::NoThink, AnswerMatch::VqaAccuracy);
+        let humans = |m: usize| -> Vec<String> {
+            (0..10).map(|i| if i < m { "yes".to_string() } else { format!("no{i}") }).collect()
+        };
+        // Credits 1, 0.9, 0.6, 0: mean 0.625; one item has full credit.
+        let items: Vec<ScoredItem> = [4, 3, 2, 0]
+            .iter()
+            .map(|&m| ScoredItem {
+                class: "all".into(),
+                predicted_class: None,
+                score: s.score_answers("<answer>yes</answer>", "yes", &humans(m), &[]),
+                completion_tokens: 3,
+                completion_chars: 20,
+            })
+            .collect();
+        let m = aggregate(&items, &[], CiMethod::Wilson);
+        assert_eq!(m.accuracy.k, 1);
+        let h = m.headline();
+        assert!((h.value - 0.625).abs() < 1e-12 && h.n == 4, "{h:?}");
+        // Sample sd of (1, .9, .6, 0) = 0.4500; half width 1.96 * 0.45 / 2 = 0.441;
+        // the upper end is clamped to 1.
+        assert!((h.value - h.lo - 0.441).abs() < 1e-3 && h.hi == 1.0, "{h:?}");
+        assert!((m.class_headline("all").unwrap() - 0.625).abs() < 1e-12);
+        let b = aggregate(&items, &[], CiMethod::Bootstrap { resamples: 500, seed: 1 }).headline();
+        assert!(b.lo < 0.625 && b.hi > 0.625 && b.hi <= 1.0, "{b:?}");
     }
 }

@@ -5,8 +5,8 @@
 //! to these tokens; GRPO generates after them.
 
 use anyhow::Context as _;
-use stages_eval::dataset::VqaRow;
-use stages_eval::prompt::{NO_THINK_TEMPLATE, PromptVariant, THINK_TEMPLATE, user_text};
+use stages_task::dataset::VqaRow;
+use stages_task::prompt::{NO_THINK_TEMPLATE, PromptVariant, THINK_TEMPLATE, user_text};
 use stages_vlm::chat::{ChatTokenizer, Message};
 use stages_vlm::processor::ImageProcessor;
 use tch::Tensor;

@@ -1,20 +1,25 @@
 //! GRPO rewards: named functions of (completion, gold answer, offered
 //! options), looked up by name from the recipe's `reward_weights` table.
 //!
-//! - `format`: the whole completion is `<think>.*?</think>\s*<answer>.*?</answer>`
-//!   (Python `re.fullmatch` with DOTALL, as the Med-R1 lineage); under the
-//!   no-think prompt, `\s*<answer>.*?</answer>`.
+//! Each reward is one field of the task contract's score of the completion
+//! ([`Scorer::score`], the score the eval metrics aggregate), so a completion
+//! the reward pays for is one the evaluation counts:
+//!
+//! - `format`: the completion is in the prompt's response format
+//!   ([`stages_task::completion`]: one non-empty `<think>` block, whitespace,
+//!   one non-empty `<answer>` block, nothing else but whitespace around;
+//!   under the no-think prompt the answer block alone). The same rule gives
+//!   the eval's `format_ok` and decides what the judge judges.
 //! - `validity`: the extracted answer is one of the offered option letters.
 //! - `correctness`: the extracted answer is the gold letter.
 //!
-//! Extraction is the eval stage's ([`Scorer`]: first match of the answer
-//! regex, default `<answer>\s*(\w+)\s*</answer>`), so a completion the
-//! reward calls correct is one the evaluation counts as correct.
+//! Extraction reads the first answer block with the answer regex (default
+//! `<answer>\s*(\w+)\s*</answer>`).
 
 use std::collections::BTreeMap;
 
-use regex::Regex;
-use stages_eval::metrics::{AnswerMatch, MetricsError, Scorer};
+use stages_task::answer::{AnswerMatch, AnswerRegexError, Scorer};
+use stages_task::completion::ResponseFormat;
 
 /// Reward names in the order they are computed and logged.
 pub const REWARD_NAMES: [&str; 3] = ["format", "validity", "correctness"];
@@ -23,11 +28,6 @@ pub const REWARD_NAMES: [&str; 3] = ["format", "validity", "correctness"];
 pub fn paper_weights() -> BTreeMap<String, f64> {
     [("format", 1.0), ("validity", 1.0), ("correctness", 2.0)].into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
-
-/// Format of the think prompt, anchored at both ends (`re.fullmatch`).
-pub const THINK_FORMAT: &str = r"(?s)\A<think>.*?</think>\s*<answer>.*?</answer>\z";
-/// Format of the no-think prompt.
-pub const ANSWER_FORMAT: &str = r"(?s)\A\s*<answer>.*?</answer>\z";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RewardError {
@@ -38,7 +38,7 @@ pub enum RewardError {
     #[error("every reward weight is 0: nothing to learn from")]
     AllZero,
     #[error(transparent)]
-    Regex(#[from] MetricsError),
+    Regex(#[from] AnswerRegexError),
 }
 
 /// What a reward function sees of one completion.
@@ -56,13 +56,13 @@ pub trait RewardFn: Send + Sync {
     fn score(&self, sample: &Sample) -> f64;
 }
 
-struct Format(Regex);
+struct Format(Scorer);
 impl RewardFn for Format {
     fn name(&self) -> &'static str {
         "format"
     }
     fn score(&self, s: &Sample) -> f64 {
-        f64::from(u8::from(self.0.is_match(s.completion)))
+        f64::from(u8::from(self.0.score(s.completion, s.gold, s.letters).format_ok))
     }
 }
 
@@ -86,20 +86,15 @@ impl RewardFn for Correctness {
     }
 }
 
-/// The reward function called `name`; `think` picks the format variant.
-pub fn reward_by_name(name: &str, think: bool, answer_regex: &str) -> Result<Box<dyn RewardFn>, RewardError> {
-    // The scorer's own format regex is unused here: `format` is its own reward.
-    let scorer = || Scorer::new(answer_regex, ANSWER_FORMAT, AnswerMatch::Choice);
+/// The reward function called `name`; `format` is the prompt's response format.
+pub fn reward_by_name(
+    name: &str,
+    format: ResponseFormat,
+    answer_regex: &str,
+) -> Result<Box<dyn RewardFn>, RewardError> {
+    let scorer = || Scorer::new(answer_regex, format, AnswerMatch::Choice);
     Ok(match name {
-        "format" => {
-            let pattern = if think { THINK_FORMAT } else { ANSWER_FORMAT };
-            let re = Regex::new(pattern).map_err(|e| MetricsError::Regex {
-                field: "format",
-                pattern: pattern.into(),
-                message: e.to_string(),
-            })?;
-            Box::new(Format(re))
-        }
+        "format" => Box::new(Format(scorer()?)),
         "validity" => Box::new(Validity(scorer()?)),
         "correctness" => Box::new(Correctness(scorer()?)),
         other => return Err(RewardError::Unknown { name: other.to_string() }),
@@ -114,7 +109,11 @@ pub struct Rewards {
 }
 
 impl Rewards {
-    pub fn new(weights: &BTreeMap<String, f64>, think: bool, answer_regex: &str) -> Result<Self, RewardError> {
+    pub fn new(
+        weights: &BTreeMap<String, f64>,
+        format: ResponseFormat,
+        answer_regex: &str,
+    ) -> Result<Self, RewardError> {
         for (name, &w) in weights {
             if !REWARD_NAMES.contains(&name.as_str()) {
                 return Err(RewardError::Unknown { name: name.clone() });
@@ -129,7 +128,7 @@ impl Rewards {
         let funcs = REWARD_NAMES
             .iter()
             .filter_map(|n| weights.get(*n).map(|&w| (n, w)))
-            .map(|(n, w)| Ok((reward_by_name(n, think, answer_regex)?, w)))
+            .map(|(n, w)| Ok((reward_by_name(n, format, answer_regex)?, w)))
             .collect::<Result<_, RewardError>>()?;
         Ok(Self { funcs })
     }
@@ -151,6 +150,8 @@ impl Rewards {
 
 #[cfg(test)]
 mod tests {
+    use stages_task::answer::DEFAULT_ANSWER_REGEX;
+
     use super::*;
 
     fn letters() -> Vec<String> {
@@ -166,10 +167,12 @@ mod tests {
         ("Sure! <think>x</think><answer>B</answer>", 0, 0, 1, 1),
         // Text after the answer.
         ("<think>x</think><answer>B</answer> done", 0, 0, 1, 1),
-        // Two answer tags: `.*?` may span `B</answer><answer>A` under a full
-        // match (as Python's re.fullmatch does); the first tag is the answer.
-        ("<think>x</think><answer>B</answer><answer>A</answer>", 1, 0, 1, 1),
-        ("<think>x</think><answer>A</answer><answer>B</answer>", 1, 0, 1, 0),
+        // Whitespace around the completion (re.fullmatch: format 0).
+        (" <think>x</think><answer>B</answer>\n", 1, 0, 1, 1),
+        // Two answer tags (re.fullmatch's `.*?` spans `B</answer><answer>A`:
+        // format 1): not the format; the first block is the answer.
+        ("<think>x</think><answer>B</answer><answer>A</answer>", 0, 0, 1, 1),
+        ("<think>x</think><answer>A</answer><answer>B</answer>", 0, 0, 1, 0),
         // Newlines inside the tags.
         ("<think>\nstep 1\nstep 2\n</think>\n<answer>\nB\n</answer>", 1, 0, 1, 1),
         // Lowercase letter: extracted, but not an offered option.
@@ -186,14 +189,16 @@ mod tests {
         ("<think>x</think><answer>B", 0, 0, 0, 0),
         ("<think>x<answer>B</answer>", 0, 0, 1, 1),
         ("", 0, 0, 0, 0),
-        ("<think></think><answer></answer>", 1, 0, 0, 0),
+        // Empty blocks (re.fullmatch: format 1).
+        ("<think></think><answer></answer>", 0, 0, 0, 0),
+        ("<think></think><answer>B</answer>", 0, 0, 1, 1),
     ];
 
     #[test]
     fn tricky_completions_score_as_the_table_says() {
         let weights = paper_weights();
-        let think = Rewards::new(&weights, true, stages_eval::metrics::DEFAULT_ANSWER_REGEX).unwrap();
-        let no_think = Rewards::new(&weights, false, stages_eval::metrics::DEFAULT_ANSWER_REGEX).unwrap();
+        let think = Rewards::new(&weights, ResponseFormat::Think, DEFAULT_ANSWER_REGEX).unwrap();
+        let no_think = Rewards::new(&weights, ResponseFormat::NoThink, DEFAULT_ANSWER_REGEX).unwrap();
         assert_eq!(think.names(), REWARD_NAMES);
         let letters = letters();
         for &(completion, fmt, fmt_nt, valid, correct) in TABLE {
@@ -207,37 +212,25 @@ mod tests {
     }
 
     #[test]
-    fn rewards_agree_with_the_eval_scorer() {
-        let scorer = stages_eval::eval::EvalParams::default().scorer().unwrap();
-        let rewards = Rewards::new(&paper_weights(), true, stages_eval::metrics::DEFAULT_ANSWER_REGEX).unwrap();
-        let letters = letters();
-        for &(completion, ..) in TABLE {
-            let eval = scorer.score(completion, "B", &letters);
-            let r = rewards.score(&Sample { completion, gold: "B", letters: &letters });
-            assert_eq!((r[1] == 1.0, r[2] == 1.0), (eval.valid, eval.correct), "{completion:?}");
-        }
-    }
-
-    #[test]
     fn weights_select_validate_and_zero_out_rewards() {
-        let regex = stages_eval::metrics::DEFAULT_ANSWER_REGEX;
+        let regex = DEFAULT_ANSWER_REGEX;
         let mut w = paper_weights();
         w.insert("format".into(), 0.0);
-        let r = Rewards::new(&w, true, regex).unwrap();
+        let r = Rewards::new(&w, ResponseFormat::Think, regex).unwrap();
         let letters = letters();
         let s = Sample { completion: "<think>x</think><answer>B</answer>", gold: "B", letters: &letters };
         assert_eq!(r.score(&s), vec![1.0, 1.0, 1.0], "a zero-weight reward is still scored (and logged)");
         assert_eq!(r.total(&r.score(&s)), 3.0, "but adds nothing");
         let only: BTreeMap<String, f64> = [("correctness".to_string(), 1.0)].into();
-        assert_eq!(Rewards::new(&only, true, regex).unwrap().names(), ["correctness"]);
+        assert_eq!(Rewards::new(&only, ResponseFormat::Think, regex).unwrap().names(), ["correctness"]);
 
         w.insert("lenght".into(), 1.0);
-        let e = Rewards::new(&w, true, regex).err().unwrap().to_string();
+        let e = Rewards::new(&w, ResponseFormat::Think, regex).err().unwrap().to_string();
         assert!(e.contains("unknown reward `lenght`") && e.contains("format, validity, correctness"), "{e}");
         let zero: BTreeMap<String, f64> = [("format".to_string(), 0.0)].into();
-        assert!(matches!(Rewards::new(&zero, true, regex), Err(RewardError::AllZero)));
+        assert!(matches!(Rewards::new(&zero, ResponseFormat::Think, regex), Err(RewardError::AllZero)));
         let nan: BTreeMap<String, f64> = [("format".to_string(), f64::NAN)].into();
-        assert!(matches!(Rewards::new(&nan, true, regex), Err(RewardError::BadWeight { .. })));
-        assert!(matches!(Rewards::new(&only, true, "no group"), Err(RewardError::Regex(_))));
+        assert!(matches!(Rewards::new(&nan, ResponseFormat::Think, regex), Err(RewardError::BadWeight { .. })));
+        assert!(matches!(Rewards::new(&only, ResponseFormat::Think, "no group"), Err(RewardError::Regex(_))));
     }
 }

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::chat::ChatTokenizer;
-use crate::model::{Batch, ModelError, Qwen25Vl};
+use crate::error::ModelError;
+use crate::model::{Batch, Qwen25Vl};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationConfig {

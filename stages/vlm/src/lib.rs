@@ -1,22 +1,28 @@
-//! Qwen2.5-VL on tch (libtorch): config, checkpoint IO, vision tower, text
-//! decoder with multimodal RoPE, image processor, tokenizer + chat template,
-//! batched generation, and the `init_model` stage.
+//! Qwen2.5-VL and Qwen2-VL on tch (libtorch): config, checkpoint IO, the one
+//! checkpoint loader (`pretrained`), device/dtype choice, vision towers and
+//! text decoder named after their HF modules (`qwen2_5_vl`, `qwen2_vl`),
+//! image processor, tokenizer + chat template, batched generation, and the
+//! `init_model` stage.
 // serde_json's json! macro needs a deeper limit for the HF config literal.
 #![recursion_limit = "256"]
 
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
+pub mod error;
 pub mod generate;
 pub mod init_model;
-pub mod layers;
 pub mod model;
+pub mod nn;
+pub mod pretrained;
 pub mod processor;
-pub mod resize;
-pub mod rope_index;
-pub mod text;
-pub mod vision;
+pub mod qwen2_5_vl;
+pub mod qwen2_vl;
 
-pub use config::Qwen25VlConfig;
+pub use config::{ModelType, Qwen25VlConfig, VisionTowerConfig};
+pub use device::DeviceChoice;
+pub use error::ModelError;
 pub use init_model::InitModel;
-pub use model::{Batch, ModelError, Qwen25Vl};
+pub use model::{Batch, Qwen25Vl, VisionTower};
+pub use pretrained::Pretrained;

@@ -1,6 +1,13 @@
-//! Qwen2.5-VL for conditional generation: vision tower + text decoder,
-//! parameters held by HF name so training can pick what to optimise. A plain
-//! Qwen2 causal-LM checkpoint loads as the same model without a vision tower.
+//! The conditional-generation model: HF `Qwen2_5_VLForConditionalGeneration`
+//! (`lm_head`) and the `Qwen2_5_VLModel` it wraps (`visual`,
+//! `language_model`, `get_rope_index`), flattened into one struct
+//! ([modeling_qwen2_5_vl.py](https://github.com/huggingface/transformers/blob/v4.57.6/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py)).
+//! Parameters are held by HF name so training can pick what to optimise. A
+//! Qwen2-VL checkpoint (HF `Qwen2VLForConditionalGeneration`,
+//! [modeling_qwen2_vl.py](https://github.com/huggingface/transformers/blob/v4.57.6/src/transformers/models/qwen2_vl/modeling_qwen2_vl.py))
+//! is the same model with its own vision tower; a plain Qwen2 causal-LM
+//! checkpoint is the same model without one. Which tower exists is decided
+//! by `config.model_type` (through the config's `vision`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,24 +18,11 @@ use stage_api::derive_seed;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, CheckpointError};
-use crate::config::{ConfigError, Qwen25VlConfig};
-use crate::rope_index::rope_index;
-use crate::text::{KvCache, TextModel};
-use crate::vision::VisionTower;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    #[error("parameter `{0}` missing")]
-    MissingParam(String),
-    #[error("invalid model input: {0}")]
-    Input(String),
-    #[error("torch: {0}")]
-    Torch(#[from] tch::TchError),
-}
+use crate::config::{CONFIG_FILE, Qwen25VlConfig, VisionTowerConfig};
+use crate::error::ModelError;
+use crate::nn::param;
+use crate::qwen2_5_vl::{self, KvCache, TextModel, rope_index};
+use crate::qwen2_vl;
 
 /// One batch of model inputs (already tokenised and processed).
 pub struct Batch<'a> {
@@ -60,13 +54,58 @@ impl DecodeState {
     }
 }
 
+/// The `model.visual` of a VL checkpoint, by architecture.
+pub enum VisionTower {
+    /// HF `Qwen2_5_VisionTransformerPretrainedModel`.
+    Qwen2_5Vl(qwen2_5_vl::VisionTransformer),
+    /// HF `Qwen2VisionTransformerPretrainedModel`.
+    Qwen2Vl(qwen2_vl::VisionTransformer),
+}
+
+impl VisionTower {
+    fn load(params: &BTreeMap<String, Tensor>, config: &VisionTowerConfig) -> Result<Self, ModelError> {
+        Ok(match config {
+            VisionTowerConfig::Qwen2_5Vl(v) => Self::Qwen2_5Vl(qwen2_5_vl::VisionTransformer::load(params, v)?),
+            VisionTowerConfig::Qwen2Vl(v) => Self::Qwen2Vl(qwen2_vl::VisionTransformer::load(params, v)?),
+        })
+    }
+
+    fn param_shapes(config: &VisionTowerConfig, out: &mut BTreeMap<String, Vec<i64>>) {
+        match config {
+            VisionTowerConfig::Qwen2_5Vl(v) => qwen2_5_vl::VisionTransformer::param_shapes(v, out),
+            VisionTowerConfig::Qwen2Vl(v) => qwen2_vl::VisionTransformer::param_shapes(v, out),
+        }
+    }
+
+    /// Image features (sum of t*h*w/4 over images, text hidden size).
+    pub fn forward(&self, pixel_values: &Tensor, grids: &[[i64; 3]]) -> Result<Tensor, ModelError> {
+        match self {
+            Self::Qwen2_5Vl(v) => v.forward(pixel_values, grids),
+            Self::Qwen2Vl(v) => v.forward(pixel_values, grids),
+        }
+    }
+
+    /// The temporal mRoPE step between an image grid's frames in this
+    /// architecture's `get_rope_index`.
+    fn rope_frame_step(&self) -> i64 {
+        match self {
+            Self::Qwen2_5Vl(_) => 0,
+            Self::Qwen2Vl(_) => qwen2_vl::ROPE_FRAME_STEP,
+        }
+    }
+}
+
+/// Qwen2.5-VL (or Qwen2-VL, or Qwen2) for conditional generation (see the module docs).
 pub struct Qwen25Vl {
     pub config: Qwen25VlConfig,
     /// Every parameter by HF name (shared storage with the modules below).
     pub params: BTreeMap<String, Tensor>,
-    /// None for a text-only (Qwen2 causal LM) checkpoint.
-    pub vision: Option<VisionTower>,
-    pub text: TextModel,
+    /// `model.visual`; None for a text-only (Qwen2 causal LM) checkpoint.
+    pub visual: Option<VisionTower>,
+    /// `model.language_model`.
+    pub language_model: TextModel,
+    /// `lm_head.weight`, or `embed_tokens` itself when the config ties them.
+    pub lm_head: Tensor,
     pub device: Device,
     pub kind: Kind,
 }
@@ -78,6 +117,9 @@ pub fn param_shapes(config: &Qwen25VlConfig) -> BTreeMap<String, Vec<i64>> {
         VisionTower::param_shapes(v, &mut out);
     }
     TextModel::param_shapes(&config.text, &mut out);
+    if !config.text.tie_word_embeddings {
+        out.insert("lm_head.weight".into(), vec![config.text.vocab_size, config.text.hidden_size]);
+    }
     out
 }
 
@@ -107,7 +149,13 @@ fn to_rows(t: &Tensor) -> Result<Vec<Vec<i64>>, ModelError> {
 impl Qwen25Vl {
     /// Load `config.json` and the safetensors of an HF checkpoint directory.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self, ModelError> {
-        let config = Qwen25VlConfig::from_file(&dir.join("config.json"))?;
+        let config = Qwen25VlConfig::from_file(&dir.join(CONFIG_FILE))?;
+        Self::load_weights(config, dir, kind, device)
+    }
+
+    /// Load the safetensors of `dir` (mmapped, one tensor in flight) for a
+    /// config already read from it, checking names and shapes.
+    pub fn load_weights(config: Qwen25VlConfig, dir: &Path, kind: Kind, device: Device) -> Result<Self, ModelError> {
         let mut params = checkpoint::load_dir(dir, kind, device)?;
         // Tied checkpoints may still carry lm_head (older exports): drop it.
         if config.text.tie_word_embeddings {
@@ -120,14 +168,14 @@ impl Qwen25Vl {
     pub fn from_params(config: Qwen25VlConfig, params: BTreeMap<String, Tensor>) -> Result<Self, ModelError> {
         let any = params.values().next().ok_or_else(|| ModelError::MissingParam("(no parameters)".into()))?;
         let (device, kind) = (any.device(), any.kind());
-        Ok(Self {
-            vision: config.vision.as_ref().map(|v| VisionTower::load(&params, v)).transpose()?,
-            text: TextModel::load(&params, &config.text)?,
-            config,
-            params,
-            device,
-            kind,
-        })
+        let visual = config.vision.as_ref().map(|v| VisionTower::load(&params, v)).transpose()?;
+        let language_model = TextModel::load(&params, &config.text)?;
+        let lm_head = if config.text.tie_word_embeddings {
+            language_model.embed_tokens.shallow_clone()
+        } else {
+            param(&params, "lm_head.weight")?
+        };
+        Ok(Self { visual, language_model, lm_head, config, params, device, kind })
     }
 
     /// Random init like HF `_init_weights` (normal(0, initializer_range) for
@@ -170,11 +218,11 @@ impl Qwen25Vl {
         if let Some(o) = raw.as_object_mut() {
             o.insert("torch_dtype".into(), dtype.into());
         }
-        let path = dir.join("config.json");
+        let path = dir.join(CONFIG_FILE);
         let text = serde_json::to_string_pretty(&raw).map_err(|e| ModelError::Input(e.to_string()))?;
         std::fs::write(&path, text + "\n")
             .map_err(|e| CheckpointError::File { path: path.clone(), message: e.to_string() })?;
-        files.push("config.json".into());
+        files.push(CONFIG_FILE.into());
         Ok(files)
     }
 
@@ -210,13 +258,13 @@ impl Qwen25Vl {
     fn prepare(&self, batch: &Batch) -> Result<(Tensor, Tensor, Tensor), ModelError> {
         self.check_batch(batch)?;
         let ids = batch.input_ids.to_device(self.device);
-        let mut embeds = self.text.embed(&ids);
+        let mut embeds = self.language_model.embed(&ids);
         let rows = to_rows(batch.input_ids)?;
         let mask = to_rows(batch.attention_mask)?;
-        let r = match (&self.vision, &self.config.vision, &self.config.tokens) {
-            (Some(vision), Some(vcfg), Some(tokens)) => {
+        let r = match (&self.visual, &self.config.vision, &self.config.tokens) {
+            (Some(visual), Some(vcfg), Some(tokens)) => {
                 let n_pad = ids.eq(tokens.image_token_id).sum(Kind::Int64).int64_value(&[]);
-                let ms = vcfg.spatial_merge_size;
+                let ms = vcfg.spatial_merge_size();
                 let expected: i64 = batch.image_grid_thw.iter().map(|g| g[0] * g[1] * g[2] / (ms * ms)).sum();
                 if n_pad != expected {
                     return Err(ModelError::Input(format!(
@@ -225,13 +273,14 @@ impl Qwen25Vl {
                     )));
                 }
                 if let Some(pv) = batch.pixel_values {
-                    let feats = vision.forward(&pv.to_device(self.device), batch.image_grid_thw)?;
+                    let feats = visual.forward(&pv.to_device(self.device), batch.image_grid_thw)?;
                     let mask = ids.eq(tokens.image_token_id).unsqueeze(-1).expand_as(&embeds);
                     embeds = embeds.masked_scatter(&mask, &feats.to_kind(embeds.kind()));
                 } else if expected > 0 {
                     return Err(ModelError::Input("image_grid_thw given without pixel_values".into()));
                 }
-                rope_index(&rows, &mask, batch.image_grid_thw, tokens.image_token_id, tokens.vision_start_token_id, ms)
+                let (image, start) = (tokens.image_token_id, tokens.vision_start_token_id);
+                rope_index(&rows, &mask, batch.image_grid_thw, image, start, ms, visual.rope_frame_step())
             }
             _ => {
                 if batch.pixel_values.is_some() || !batch.image_grid_thw.is_empty() {
@@ -241,7 +290,7 @@ impl Qwen25Vl {
                 }
                 // Token ids are >= 0 (checked above): -1 never marks an image,
                 // so every position is the 1D `cumsum(mask) - 1` of HF.
-                rope_index(&rows, &mask, &[], -1, -1, 1)
+                rope_index(&rows, &mask, &[], -1, -1, 1, 0)
             }
         }
         .map_err(ModelError::Input)?;
@@ -250,6 +299,11 @@ impl Qwen25Vl {
         let pos = Tensor::from_slice(&flat).view([3, b, l]).to_device(self.device);
         let deltas = Tensor::from_slice(&r.deltas).to_device(self.device);
         Ok((embeds, pos, deltas))
+    }
+
+    /// `lm_head`: hidden states -> vocabulary logits.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.linear(&self.lm_head, None::<&Tensor>)
     }
 
     /// Full-sequence logits (batch, len, vocab): the training / parity forward.
@@ -264,10 +318,10 @@ impl Qwen25Vl {
     pub fn forward_last(&self, batch: &Batch, n: i64) -> Result<Tensor, ModelError> {
         let (embeds, pos, _) = self.prepare(batch)?;
         let key_valid = batch.attention_mask.to_device(self.device).ne(0);
-        let hidden = self.text.forward(&embeds, &pos, &key_valid, &mut KvCache::default());
+        let hidden = self.language_model.forward(&embeds, &pos, &key_valid, &mut KvCache::default());
         let len = hidden.size()[1];
         let n = n.clamp(1, len);
-        Ok(self.text.logits(&hidden.narrow(1, len - n, n)))
+        Ok(self.logits(&hidden.narrow(1, len - n, n)))
     }
 
     /// Run the prompt; returns logits (all positions, or only the last when
@@ -276,9 +330,9 @@ impl Qwen25Vl {
         let (embeds, pos, deltas) = self.prepare(batch)?;
         let key_valid = batch.attention_mask.to_device(self.device).ne(0);
         let mut cache = KvCache::default();
-        let hidden = self.text.forward(&embeds, &pos, &key_valid, &mut cache);
+        let hidden = self.language_model.forward(&embeds, &pos, &key_valid, &mut cache);
         let hidden = if last_only { hidden.narrow(1, hidden.size()[1] - 1, 1) } else { hidden };
-        let logits = self.text.logits(&hidden);
+        let logits = self.logits(&hidden);
         Ok((logits, DecodeState { cache, key_valid, rope_deltas: deltas }))
     }
 
@@ -286,10 +340,10 @@ impl Qwen25Vl {
     pub fn decode_step(&self, tokens: &Tensor, state: &mut DecodeState) -> Tensor {
         let b = tokens.size()[0];
         let past = state.cache.len();
-        let embeds = self.text.embed(&tokens.view([b, 1]).to_device(self.device));
+        let embeds = self.language_model.embed(&tokens.view([b, 1]).to_device(self.device));
         let pos = (&state.rope_deltas + past).view([1, b, 1]).expand([3, b, 1], false);
         state.key_valid = Tensor::cat(&[&state.key_valid, &Tensor::ones([b, 1], (Kind::Bool, self.device))], 1);
-        let hidden = self.text.forward(&embeds, &pos, &state.key_valid, &mut state.cache);
-        self.text.logits(&hidden).squeeze_dim(1)
+        let hidden = self.language_model.forward(&embeds, &pos, &state.key_valid, &mut state.cache);
+        self.logits(&hidden).squeeze_dim(1)
     }
 }

@@ -1,13 +1,16 @@
-//! The Qwen2-VL image processor: `smart_resize` to multiples of 28 within
-//! min/max pixels, Pillow-exact bicubic resize, rescale + CLIP normalisation,
-//! and patchify to (t*h*w, 3*2*14*14) in transformers' element order.
+//! The Qwen2-VL image processor (HF `Qwen2VLImageProcessor`, also used by
+//! Qwen2.5-VL): `smart_resize` to multiples of 28 within min/max pixels,
+//! Pillow-exact bicubic resize (both from the tch-free `stages-vlm-resize`
+//! crate, re-exported here), rescale + CLIP normalisation, and patchify to
+//! (t*h*w, 3*2*14*14) in transformers' element order.
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use tch::Tensor;
 
-use crate::resize::resize_bicubic_rgb;
+use stages_vlm_resize::resize_bicubic_rgb;
+pub use stages_vlm_resize::{SmartResizeError, smart_resize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessorError {
@@ -18,6 +21,9 @@ pub enum ProcessorError {
     #[error("image {width}x{height}: {message}")]
     Image { width: usize, height: usize, message: String },
 }
+
+/// The image processor settings file of a checkpoint.
+pub const PREPROCESSOR_CONFIG: &str = "preprocessor_config.json";
 
 /// Settings of `preprocessor_config.json` that change the output.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,37 +69,14 @@ impl ProcessedImages {
     }
 }
 
-/// transformers' `smart_resize`: nearest multiples of `factor` (Python
-/// banker's rounding), scaled down/up to stay within [min, max] pixels.
-pub fn smart_resize(
-    height: usize,
-    width: usize,
-    factor: usize,
-    min_pixels: usize,
-    max_pixels: usize,
-) -> Result<(usize, usize), String> {
-    if height == 0 || width == 0 {
-        return Err("image has zero size".into());
-    }
-    let (h, w, f) = (height as f64, width as f64, factor as f64);
-    if h.max(w) / h.min(w) > 200.0 {
-        return Err(format!("aspect ratio must be at most 200, got {}", h.max(w) / h.min(w)));
-    }
-    let mut hb = (h / f).round_ties_even() * f;
-    let mut wb = (w / f).round_ties_even() * f;
-    if hb * wb > max_pixels as f64 {
-        let beta = (h * w / max_pixels as f64).sqrt();
-        hb = f.max((h / beta / f).floor() * f);
-        wb = f.max((w / beta / f).floor() * f);
-    } else if hb * wb < min_pixels as f64 {
-        let beta = (min_pixels as f64 / (h * w)).sqrt();
-        hb = (h * beta / f).ceil() * f;
-        wb = (w * beta / f).ceil() * f;
-    }
-    Ok((hb as usize, wb as usize))
-}
-
 impl ImageProcessor {
+    /// The processor of a checkpoint directory: its `preprocessor_config.json`,
+    /// or the release defaults when it has none (text-only checkpoints).
+    pub fn from_checkpoint(dir: &Path) -> Result<Self, ProcessorError> {
+        let path = dir.join(PREPROCESSOR_CONFIG);
+        if path.exists() { Self::from_file(&path) } else { Ok(Self::default()) }
+    }
+
     /// Read `preprocessor_config.json`; absent keys keep the release defaults.
     pub fn from_file(path: &Path) -> Result<Self, ProcessorError> {
         let text = std::fs::read_to_string(path)
@@ -177,7 +160,8 @@ impl ImageProcessor {
             return Err(img_err(format!("expected {} RGB bytes, got {}", width * height * 3, rgb.len())));
         }
         let factor = self.patch_size * self.merge_size;
-        let (rh, rw) = smart_resize(height, width, factor, self.min_pixels, self.max_pixels).map_err(img_err)?;
+        let (rh, rw) = smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
+            .map_err(|e| img_err(e.to_string()))?;
         let resized = resize_bicubic_rgb(rgb, width, height, rw, rh);
         // rescale in f64 then cast (numpy `astype(float64) * scale`), normalise in f32.
         let norm: Vec<f32> = resized
@@ -242,17 +226,6 @@ pub fn open_image(path: &Path) -> Result<image::DynamicImage, ProcessorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn smart_resize_matches_transformers() {
-        // Values from transformers.models.qwen2_vl.image_processing_qwen2_vl.smart_resize.
-        assert_eq!(smart_resize(121, 173, 28, 3136, 15680).unwrap(), (84, 140));
-        assert_eq!(smart_resize(40, 50, 28, 3136, 15680).unwrap(), (56, 84));
-        assert_eq!(smart_resize(512, 512, 28, 3136, 401_408).unwrap(), (504, 504));
-        // 70 / 28 = 2.5 rounds to even (2), like Python's round().
-        assert_eq!(smart_resize(70, 126, 28, 56, 1_000_000).unwrap(), (56, 112));
-        assert!(smart_resize(1, 300, 28, 56, 1000).is_err());
-    }
 
     #[test]
     fn patch_rows_follow_hf_order() {

@@ -43,7 +43,7 @@ fn qwen2_text_checkpoint_matches_transformers() {
     let meta = meta();
     let dir = fixtures().join("checkpoint");
     let model = Qwen25Vl::load(&dir, Kind::Float, Device::Cpu).unwrap();
-    assert!(model.config.is_text_only() && model.vision.is_none());
+    assert!(model.config.is_text_only() && model.visual.is_none());
     assert!(!model.config.text.tie_word_embeddings, "the fixture checks the untied lm_head");
     let tok = ChatTokenizer::load(&dir, &model.config.eos_token_id).unwrap();
     let texts: Vec<String> = meta.chats.iter().map(|c| tok.render(c, true).unwrap()).collect();

@@ -1,22 +1,107 @@
-//! The 348-byte NIfTI-1 header: parsing with sanity limits, serialising,
-//! and the voxel → world affine (sform, else qform, else pixdim).
+//! The NIfTI-1 (348-byte) and NIfTI-2 (540-byte) headers: parsing with
+//! sanity limits, serialising, and the voxel → world affine (sform, else
+//! qform, else pixdim).
+//!
+//! Both layouts are read into one [`NiftiHeader`] holding the wider NIfTI-2
+//! field types (i64 dims, f64 pixdim/scaling/quatern/srow, i32 codes); the
+//! NIfTI-1 values widen exactly, so results for NIfTI-1 files are unchanged.
+//! Only the byte offsets differ between the versions (`Stored::v1` /
+//! `Stored::v2`): validation, limits and the affine are one code path.
 
 use std::path::Path;
 
-use super::NiftiError;
+use super::affine::{affine_to_quatern, identity, quatern_to_affine};
+use super::error::NiftiError;
 
 /// Size of the NIfTI-1 header proper.
 pub const HEADER_SIZE: usize = 348;
-/// Header plus the 4-byte extension flag: where voxel data starts at the
-/// earliest in a single-file (`n+1`) image.
-pub const MIN_VOX_OFFSET: u64 = 352;
-/// Largest accepted size of one dimension (CT volumes are ≤ ~2000).
+/// Size of the NIfTI-2 header proper.
+pub const HEADER_SIZE_2: usize = 540;
+/// Largest accepted size of one dimension (CT volumes are ≤ ~2000). Applies
+/// to NIfTI-2's 64-bit dims too: the format allows more, but nothing this
+/// pipeline reads is larger, and the limit keeps lying headers cheap.
 pub const MAX_DIM: usize = 32_767;
 /// Largest accepted voxel payload (guards allocations against lying headers).
 pub const MAX_DATA_BYTES: u64 = 32 << 30;
 /// Largest accepted `vox_offset` (extensions bigger than this are not CT).
 pub const MAX_VOX_OFFSET: u64 = 64 << 20;
 
+/// Which NIfTI header layout a file uses (serialised as 1 or 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(into = "u8")]
+pub enum NiftiVersion {
+    /// 348-byte header, 16-bit dims, f32 fields, magic `n+1\0`.
+    #[default]
+    V1,
+    /// 540-byte header, 64-bit dims, f64 fields, magic `n+2\0\r\n\x1a\n`.
+    V2,
+}
+
+impl NiftiVersion {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::V1 => 1,
+            Self::V2 => 2,
+        }
+    }
+
+    /// Bytes of the header proper (the value of `sizeof_hdr`).
+    pub fn header_size(self) -> usize {
+        match self {
+            Self::V1 => HEADER_SIZE,
+            Self::V2 => HEADER_SIZE_2,
+        }
+    }
+
+    /// Header plus the 4-byte extension flag: where voxel data starts at
+    /// the earliest in a single-file image.
+    pub fn min_vox_offset(self) -> u64 {
+        self.header_size() as u64 + 4
+    }
+
+    /// The magic of a single-file image, as stored.
+    fn magic(self) -> &'static [u8] {
+        match self {
+            Self::V1 => b"n+1\0",
+            Self::V2 => b"n+2\0\r\n\x1a\n",
+        }
+    }
+
+    /// The |w²| below which the qform quaternion's `a` is taken as 0: three
+    /// epsilons of the precision the fields are stored in, as nibabel's
+    /// `quaternion_threshold` (float32 for NIfTI-1, float64 for NIfTI-2).
+    fn quaternion_threshold(self) -> f64 {
+        match self {
+            Self::V1 => 3.0 * f32::EPSILON as f64,
+            Self::V2 => 3.0 * f64::EPSILON,
+        }
+    }
+}
+
+impl From<NiftiVersion> for u8 {
+    fn from(v: NiftiVersion) -> u8 {
+        v.number()
+    }
+}
+
+impl std::fmt::Display for NiftiVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NIfTI-{}", self.number())
+    }
+}
+
+/// The version and byte order announced by `sizeof_hdr` (348 or 540, read
+/// little- or big-endian), from a file's first 4 bytes; `None` if neither.
+pub fn sniff(first4: &[u8]) -> Option<(NiftiVersion, bool)> {
+    let b: [u8; 4] = first4.get(..4)?.try_into().ok()?;
+    match (i32::from_le_bytes(b), i32::from_be_bytes(b)) {
+        (348, _) => Some((NiftiVersion::V1, false)),
+        (_, 348) => Some((NiftiVersion::V1, true)),
+        (540, _) => Some((NiftiVersion::V2, false)),
+        (_, 540) => Some((NiftiVersion::V2, true)),
+        _ => None,
+    }
+}
 /// Voxel datatypes this reader supports (the NIfTI-1 codes in `code()`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -106,40 +191,124 @@ fn unsupported_datatype_name(code: i16) -> &'static str {
         1792 => "complex128",
         2048 => "complex256",
         2304 => "rgba32",
-        _ => "not a NIfTI-1 datatype",
+        _ => "not a NIfTI datatype",
     }
 }
 
-/// A parsed NIfTI-1 header.
+/// A parsed NIfTI-1 or NIfTI-2 header. Fields have the NIfTI-2 widths; a
+/// NIfTI-1 file's f32/i16 values are widened exactly.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct NiftiHeader {
+    /// NIfTI-1 or NIfTI-2 layout (from `sizeof_hdr`).
+    pub version: NiftiVersion,
     /// `dim[1..=dim[0]]`.
     pub dims: Vec<usize>,
     pub datatype: DataType,
     pub bitpix: i16,
     /// Voxel sizes `pixdim[1..=dim[0]]` (nibabel's `zooms`).
-    pub pixdim: Vec<f32>,
+    pub pixdim: Vec<f64>,
     /// `pixdim[0]`: the qform handedness (−1 or 1; 0 is read as 1).
-    pub qfac: f32,
-    pub scl_slope: f32,
-    pub scl_inter: f32,
-    pub qform_code: i16,
-    pub sform_code: i16,
-    pub quatern: [f32; 3],
-    pub qoffset: [f32; 3],
-    pub srow: [[f32; 4]; 3],
+    pub qfac: f64,
+    pub scl_slope: f64,
+    pub scl_inter: f64,
+    pub qform_code: i32,
+    pub sform_code: i32,
+    pub quatern: [f64; 3],
+    pub qoffset: [f64; 3],
+    pub srow: [[f64; 4]; 3],
     /// Voxel → RAS+ mm: sform if `sform_code > 0`, else qform if
     /// `qform_code > 0`, else `diag(pixdim)` with zero origin (NIfTI "method
     /// 1"; nibabel would centre and x-flip an Analyze-style header instead).
     pub affine: [[f64; 4]; 4],
     pub vox_offset: u64,
-    pub xyzt_units: u8,
-    pub intent_code: i16,
-    pub cal_min: f32,
-    pub cal_max: f32,
+    pub xyzt_units: i32,
+    pub intent_code: i32,
+    pub cal_min: f64,
+    pub cal_max: f64,
     pub descrip: String,
     /// The file stores numbers big-endian (detected from `sizeof_hdr`).
     pub big_endian: bool,
+}
+
+/// `vox_offset` as stored: NIfTI-1 keeps it in a float, NIfTI-2 in an i64.
+enum StoredOffset {
+    F32(f32),
+    I64(i64),
+}
+
+/// The header fields as stored, widened to NIfTI-2 types but not yet
+/// validated: the only version-specific step of parsing.
+struct Stored {
+    ndim: i64,
+    dim: [i64; 7],
+    datatype: i16,
+    bitpix: i16,
+    /// `pixdim[0..8]` (`[0]` is qfac).
+    pixdim: [f64; 8],
+    vox_offset: StoredOffset,
+    scl_slope: f64,
+    scl_inter: f64,
+    cal_max: f64,
+    cal_min: f64,
+    qform_code: i32,
+    sform_code: i32,
+    quatern: [f64; 3],
+    qoffset: [f64; 3],
+    srow: [[f64; 4]; 3],
+    xyzt_units: i32,
+    intent_code: i32,
+    /// The raw 80-byte `descrip` field.
+    descrip: [u8; 80],
+}
+
+impl Stored {
+    /// NIfTI-1 offsets (nifti1.h).
+    fn v1(r: &Fields) -> Self {
+        Self {
+            ndim: r.i16(40) as i64,
+            dim: std::array::from_fn(|i| r.i16(42 + 2 * i) as i64),
+            datatype: r.i16(70),
+            bitpix: r.i16(72),
+            pixdim: std::array::from_fn(|i| r.f32(76 + 4 * i) as f64),
+            vox_offset: StoredOffset::F32(r.f32(108)),
+            scl_slope: r.f32(112) as f64,
+            scl_inter: r.f32(116) as f64,
+            cal_max: r.f32(124) as f64,
+            cal_min: r.f32(128) as f64,
+            qform_code: r.i16(252) as i32,
+            sform_code: r.i16(254) as i32,
+            quatern: std::array::from_fn(|i| r.f32(256 + 4 * i) as f64),
+            qoffset: std::array::from_fn(|i| r.f32(268 + 4 * i) as f64),
+            srow: std::array::from_fn(|row| std::array::from_fn(|j| r.f32(280 + 16 * row + 4 * j) as f64)),
+            xyzt_units: r.bytes[123] as i32,
+            intent_code: r.i16(68) as i32,
+            descrip: r.array(148),
+        }
+    }
+
+    /// NIfTI-2 offsets (nifti2.h).
+    fn v2(r: &Fields) -> Self {
+        Self {
+            ndim: r.i64(16),
+            dim: std::array::from_fn(|i| r.i64(24 + 8 * i)),
+            datatype: r.i16(12),
+            bitpix: r.i16(14),
+            pixdim: std::array::from_fn(|i| r.f64(104 + 8 * i)),
+            vox_offset: StoredOffset::I64(r.i64(168)),
+            scl_slope: r.f64(176),
+            scl_inter: r.f64(184),
+            cal_max: r.f64(192),
+            cal_min: r.f64(200),
+            qform_code: r.i32(344),
+            sform_code: r.i32(348),
+            quatern: std::array::from_fn(|i| r.f64(352 + 8 * i)),
+            qoffset: std::array::from_fn(|i| r.f64(376 + 8 * i)),
+            srow: std::array::from_fn(|row| std::array::from_fn(|j| r.f64(400 + 32 * row + 8 * j))),
+            xyzt_units: r.i32(500),
+            intent_code: r.i32(504),
+            descrip: r.array(240),
+        }
+    }
 }
 
 impl NiftiHeader {
@@ -159,7 +328,7 @@ impl NiftiHeader {
     }
 
     /// The effective (slope, intercept) applied to stored values.
-    pub fn scaling(&self) -> (f32, f32) {
+    pub fn scaling(&self) -> (f64, f64) {
         if self.scl_slope.is_finite() && self.scl_slope != 0.0 {
             let inter = if self.scl_inter.is_finite() { self.scl_inter } else { 0.0 };
             (self.scl_slope, inter)
@@ -168,71 +337,58 @@ impl NiftiHeader {
         }
     }
 
-    /// Parse the first [`HEADER_SIZE`] bytes of a file. `path` only names
+    /// Parse a header from the start of a file: `bytes` holds at least
+    /// `sizeof_hdr` bytes (348 or 540; more are ignored). `path` only names
     /// the file in errors.
     pub fn parse(bytes: &[u8], path: &Path) -> Result<Self, NiftiError> {
         let bad =
             |field: &str, msg: String| NiftiError::Header { path: path.to_path_buf(), field: field.to_string(), msg };
-        if bytes.len() < HEADER_SIZE {
-            return Err(NiftiError::Truncated {
-                path: path.to_path_buf(),
-                what: "header".into(),
-                expected: HEADER_SIZE as u64,
-                got: bytes.len() as u64,
-            });
-        }
-        let le = i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        let be = i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        let big_endian = match (le, be) {
-            (348, _) => false,
-            (_, 348) => true,
-            (540, _) | (_, 540) => {
-                return Err(bad("sizeof_hdr", "540: this is a NIfTI-2 file; only NIfTI-1 is supported".into()));
-            }
-            _ => {
-                return Err(NiftiError::NotNifti {
-                    path: path.to_path_buf(),
-                    msg: format!("sizeof_hdr is {le} (expected 348); is this a NIfTI file?"),
-                });
-            }
+        let truncated = |what: &str, expected: usize| NiftiError::Truncated {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+            expected: expected as u64,
+            got: bytes.len() as u64,
         };
-        let r = Fields { bytes, big_endian };
-
-        let magic = &bytes[344..348];
-        match magic {
-            b"n+1\0" => {}
-            b"ni1\0" => {
-                return Err(bad(
-                    "magic",
-                    "`ni1`: a .hdr/.img pair; only single-file NIfTI-1 (`n+1`, .nii/.nii.gz) is supported".into(),
-                ));
+        let Some((version, big_endian)) = sniff(bytes) else {
+            // Too short to tell, or not a NIfTI `sizeof_hdr`.
+            if bytes.len() < HEADER_SIZE {
+                return Err(truncated("header", HEADER_SIZE));
             }
-            other => {
-                return Err(NiftiError::NotNifti {
-                    path: path.to_path_buf(),
-                    msg: format!("magic is {:?} (expected \"n+1\\0\"); Analyze 7.5 files are not supported", other),
-                });
-            }
+            let le = i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            return Err(NiftiError::NotNifti {
+                path: path.to_path_buf(),
+                msg: format!("sizeof_hdr is {le} (expected 348 for NIfTI-1 or 540 for NIfTI-2); is this a NIfTI file?"),
+            });
+        };
+        let size = version.header_size();
+        if bytes.len() < size {
+            return Err(truncated(&format!("{version} header"), size));
         }
+        let bytes = &bytes[..size];
+        check_magic(version, bytes, path)?;
+        let r = Fields { bytes, big_endian };
+        let stored = match version {
+            NiftiVersion::V1 => Stored::v1(&r),
+            NiftiVersion::V2 => Stored::v2(&r),
+        };
 
-        let ndim = r.i16(40);
+        let ndim = stored.ndim;
         if !(1..=7).contains(&ndim) {
             return Err(bad("dim[0]", format!("{ndim}: the number of dimensions must be 1..=7")));
         }
         let ndim = ndim as usize;
         let mut dims = Vec::with_capacity(ndim);
-        for i in 1..=ndim {
-            let d = r.i16(40 + 2 * i);
-            if d < 1 || d as usize > MAX_DIM {
-                return Err(bad(&format!("dim[{i}]"), format!("{d}: each dimension must be in 1..={MAX_DIM}")));
+        for (i, &d) in stored.dim.iter().enumerate().take(ndim) {
+            if d < 1 || d > MAX_DIM as i64 {
+                return Err(bad(&format!("dim[{}]", i + 1), format!("{d}: each dimension must be in 1..={MAX_DIM}")));
             }
             dims.push(d as usize);
         }
 
-        let code = r.i16(70);
+        let code = stored.datatype;
         let datatype = DataType::from_code(code)
             .ok_or_else(|| bad("datatype", format!("{code} ({}) is not supported", unsupported_datatype_name(code))))?;
-        let bitpix = r.i16(72);
+        let bitpix = stored.bitpix;
         if bitpix as usize != datatype.size() * 8 {
             tracing::warn!(
                 path = %path.display(),
@@ -242,6 +398,7 @@ impl NiftiHeader {
             );
         }
 
+        // Saturating: the dims are bounded, but 7 of them can still overflow.
         let mut bytes_total: u64 = datatype.size() as u64;
         for &d in &dims {
             bytes_total = bytes_total.saturating_mul(d as u64);
@@ -256,49 +413,50 @@ impl NiftiHeader {
             ));
         }
 
-        let qfac_raw = r.f32(76);
-        let pixdim: Vec<f32> = (1..=ndim).map(|i| r.f32(76 + 4 * i)).collect();
-        let vox_offset_f = r.f32(108);
-        if !vox_offset_f.is_finite() || vox_offset_f < 0.0 || vox_offset_f.fract() != 0.0 {
-            return Err(bad("vox_offset", format!("{vox_offset_f}: must be a non-negative whole number")));
-        }
-        let vox_offset = vox_offset_f as u64;
-        if vox_offset < MIN_VOX_OFFSET {
+        let vox_offset = match stored.vox_offset {
+            StoredOffset::F32(v) => {
+                if !v.is_finite() || v < 0.0 || v.fract() != 0.0 {
+                    return Err(bad("vox_offset", format!("{v}: must be a non-negative whole number")));
+                }
+                if v > MAX_VOX_OFFSET as f32 {
+                    return Err(bad("vox_offset", format!("{v}: larger than the {MAX_VOX_OFFSET}-byte limit")));
+                }
+                v as u64
+            }
+            StoredOffset::I64(v) => {
+                if v < 0 {
+                    return Err(bad("vox_offset", format!("{v}: must be non-negative")));
+                }
+                v as u64
+            }
+        };
+        let min_vox_offset = version.min_vox_offset();
+        if vox_offset < min_vox_offset {
             return Err(bad(
                 "vox_offset",
-                format!("{vox_offset}: a single-file NIfTI stores voxels at offset ≥ {MIN_VOX_OFFSET}"),
+                format!("{vox_offset}: a single-file {version} image stores voxels at offset ≥ {min_vox_offset}"),
             ));
         }
         if vox_offset > MAX_VOX_OFFSET {
             return Err(bad("vox_offset", format!("{vox_offset}: larger than the {MAX_VOX_OFFSET}-byte limit")));
         }
 
-        let quatern = [r.f32(256), r.f32(260), r.f32(264)];
-        let qoffset = [r.f32(268), r.f32(272), r.f32(276)];
-        let srow = [
-            [r.f32(280), r.f32(284), r.f32(288), r.f32(292)],
-            [r.f32(296), r.f32(300), r.f32(304), r.f32(308)],
-            [r.f32(312), r.f32(316), r.f32(320), r.f32(324)],
-        ];
-        let qform_code = r.i16(252);
-        let sform_code = r.i16(254);
-        let qfac = if qfac_raw < 0.0 { -1.0 } else { 1.0 };
+        let pixdim: Vec<f64> = stored.pixdim[1..=ndim].to_vec();
+        let qfac = if stored.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
+        let (quatern, qoffset, srow) = (stored.quatern, stored.qoffset, stored.srow);
+        let (qform_code, sform_code) = (stored.qform_code, stored.sform_code);
         let zooms3 = [0, 1, 2].map(|i| pixdim.get(i).copied().unwrap_or(1.0));
 
         let affine = if sform_code > 0 {
             let mut a = identity();
-            for (i, row) in srow.iter().enumerate() {
-                for j in 0..4 {
-                    a[i][j] = row[j] as f64;
-                }
-            }
+            a[..3].copy_from_slice(&srow);
             a
         } else if qform_code > 0 {
-            quatern_to_affine(quatern, qoffset, zooms3, qfac)
+            quatern_to_affine(quatern, qoffset, zooms3, qfac, version.quaternion_threshold())
         } else {
             let mut a = identity();
             for i in 0..3 {
-                a[i][i] = if zooms3[i] == 0.0 { 1.0 } else { zooms3[i] as f64 };
+                a[i][i] = if zooms3[i] == 0.0 { 1.0 } else { zooms3[i] };
             }
             a
         };
@@ -307,18 +465,18 @@ impl NiftiHeader {
             return Err(bad(src, "the affine has non-finite entries".into()));
         }
 
-        let descrip_raw = &bytes[148..228];
-        let end = descrip_raw.iter().position(|&b| b == 0).unwrap_or(descrip_raw.len());
-        let descrip = String::from_utf8_lossy(&descrip_raw[..end]).into_owned();
+        let end = stored.descrip.iter().position(|&b| b == 0).unwrap_or(stored.descrip.len());
+        let descrip = String::from_utf8_lossy(&stored.descrip[..end]).into_owned();
 
         Ok(Self {
+            version,
             dims,
             datatype,
             bitpix,
             pixdim,
             qfac,
-            scl_slope: r.f32(112),
-            scl_inter: r.f32(116),
+            scl_slope: stored.scl_slope,
+            scl_inter: stored.scl_inter,
             qform_code,
             sform_code,
             quatern,
@@ -326,47 +484,56 @@ impl NiftiHeader {
             srow,
             affine,
             vox_offset,
-            xyzt_units: bytes[123],
-            intent_code: r.i16(68),
-            cal_max: r.f32(124),
-            cal_min: r.f32(128),
+            xyzt_units: stored.xyzt_units,
+            intent_code: stored.intent_code,
+            cal_max: stored.cal_max,
+            cal_min: stored.cal_min,
             descrip,
             big_endian,
         })
     }
 
-    /// Build a little-endian header for `dims` of `datatype` with `affine`
-    /// stored as sform and (its nearest rigid part) as qform, both code 2
-    /// ("aligned"), voxel data at offset 352.
-    pub fn for_write(dims: &[usize], datatype: DataType, affine: &[[f64; 4]; 4], scl: Option<(f32, f32)>) -> Self {
+    /// Build a little-endian `version` header for `dims` of `datatype` with
+    /// `affine` stored as sform and (its nearest rigid part) as qform, both
+    /// code 2 ("aligned"), voxel data right after the header. Float fields
+    /// hold what the file will hold (f32-rounded for NIfTI-1), so the
+    /// header equals what reading the written file gives.
+    pub fn for_write(
+        dims: &[usize],
+        datatype: DataType,
+        affine: &[[f64; 4]; 4],
+        scl: Option<(f64, f64)>,
+        version: NiftiVersion,
+    ) -> Self {
+        let stored = |v: f64| match version {
+            NiftiVersion::V1 => v as f32 as f64,
+            NiftiVersion::V2 => v,
+        };
         let (zooms, quatern, qoffset, qfac) = affine_to_quatern(affine);
-        let mut pixdim: Vec<f32> = dims.iter().map(|_| 1.0).collect();
+        let mut pixdim: Vec<f64> = dims.iter().map(|_| 1.0).collect();
         for (i, z) in zooms.iter().enumerate().take(pixdim.len()) {
-            pixdim[i] = *z as f32;
+            pixdim[i] = stored(*z);
         }
-        let srow = [0, 1, 2].map(|i| [0, 1, 2, 3].map(|j| affine[i][j] as f32));
+        let srow = [0, 1, 2].map(|i| [0, 1, 2, 3].map(|j| stored(affine[i][j])));
         let mut stored_affine = identity();
-        for i in 0..3 {
-            for j in 0..4 {
-                stored_affine[i][j] = srow[i][j] as f64;
-            }
-        }
+        stored_affine[..3].copy_from_slice(&srow);
         let (scl_slope, scl_inter) = scl.unwrap_or((1.0, 0.0));
         Self {
+            version,
             dims: dims.to_vec(),
             datatype,
             bitpix: (datatype.size() * 8) as i16,
             pixdim,
             qfac,
-            scl_slope,
-            scl_inter,
+            scl_slope: stored(scl_slope),
+            scl_inter: stored(scl_inter),
             qform_code: 2,
             sform_code: 2,
-            quatern,
-            qoffset,
+            quatern: quatern.map(stored),
+            qoffset: qoffset.map(stored),
             srow,
             affine: stored_affine,
-            vox_offset: MIN_VOX_OFFSET,
+            vox_offset: version.min_vox_offset(),
             xyzt_units: 2 | 8, // mm, s
             intent_code: 0,
             cal_min: 0.0,
@@ -376,179 +543,181 @@ impl NiftiHeader {
         }
     }
 
-    /// Serialise as 348 little-endian bytes + the 4-byte empty extension flag.
+    /// Serialise in `self.version`'s layout and byte order: the header plus
+    /// the 4-byte empty extension flag (`version.min_vox_offset()` bytes).
+    /// Values a NIfTI-1 field cannot hold are saturated (i16) or rounded
+    /// (f32); [`Self::for_write`] only produces values that fit.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut b = vec![0u8; MIN_VOX_OFFSET as usize];
-        let put = |b: &mut Vec<u8>, off: usize, v: &[u8]| b[off..off + v.len()].copy_from_slice(v);
-        put(&mut b, 0, &348i32.to_le_bytes());
-        b[38] = b'r';
-        put(&mut b, 40, &(self.dims.len() as i16).to_le_bytes());
-        for (i, &d) in self.dims.iter().enumerate().take(7) {
-            put(&mut b, 42 + 2 * i, &(d as i16).to_le_bytes());
-        }
-        for i in self.dims.len()..7 {
-            put(&mut b, 42 + 2 * i, &1i16.to_le_bytes());
-        }
-        put(&mut b, 68, &self.intent_code.to_le_bytes());
-        put(&mut b, 70, &self.datatype.code().to_le_bytes());
-        put(&mut b, 72, &self.bitpix.to_le_bytes());
-        put(&mut b, 76, &self.qfac.to_le_bytes());
-        for i in 0..7 {
-            let v = self.pixdim.get(i).copied().unwrap_or(1.0);
-            put(&mut b, 80 + 4 * i, &v.to_le_bytes());
-        }
-        put(&mut b, 108, &(self.vox_offset as f32).to_le_bytes());
-        put(&mut b, 112, &self.scl_slope.to_le_bytes());
-        put(&mut b, 116, &self.scl_inter.to_le_bytes());
-        b[123] = self.xyzt_units;
-        put(&mut b, 124, &self.cal_max.to_le_bytes());
-        put(&mut b, 128, &self.cal_min.to_le_bytes());
-        let d = self.descrip.as_bytes();
-        let n = d.len().min(79);
-        put(&mut b, 148, &d[..n]);
-        put(&mut b, 252, &self.qform_code.to_le_bytes());
-        put(&mut b, 254, &self.sform_code.to_le_bytes());
-        for i in 0..3 {
-            put(&mut b, 256 + 4 * i, &self.quatern[i].to_le_bytes());
-            put(&mut b, 268 + 4 * i, &self.qoffset[i].to_le_bytes());
-        }
-        for (r, row) in self.srow.iter().enumerate() {
-            for (j, v) in row.iter().enumerate() {
-                put(&mut b, 280 + 16 * r + 4 * j, &v.to_le_bytes());
+        let mut o = Out { b: vec![0u8; self.version.min_vox_offset() as usize], big_endian: self.big_endian };
+        let pixdim = |i: usize| self.pixdim.get(i).copied().unwrap_or(1.0);
+        let dim = |i: usize| self.dims.get(i).map_or(1, |&d| d as i64);
+        let descrip = &self.descrip.as_bytes()[..self.descrip.len().min(79)];
+        match self.version {
+            NiftiVersion::V1 => {
+                let i16_ = |v: i64| v.clamp(i16::MIN as i64, i16::MAX as i64) as i16;
+                o.put(0, 348i32.to_le_bytes());
+                o.b[38] = b'r';
+                o.put(40, (self.dims.len() as i16).to_le_bytes());
+                for i in 0..7 {
+                    o.put(42 + 2 * i, i16_(dim(i)).to_le_bytes());
+                }
+                o.put(68, i16_(self.intent_code as i64).to_le_bytes());
+                o.put(70, self.datatype.code().to_le_bytes());
+                o.put(72, self.bitpix.to_le_bytes());
+                o.put(76, (self.qfac as f32).to_le_bytes());
+                for i in 0..7 {
+                    o.put(80 + 4 * i, (pixdim(i) as f32).to_le_bytes());
+                }
+                o.put(108, (self.vox_offset as f32).to_le_bytes());
+                o.put(112, (self.scl_slope as f32).to_le_bytes());
+                o.put(116, (self.scl_inter as f32).to_le_bytes());
+                o.b[123] = self.xyzt_units.clamp(0, 255) as u8;
+                o.put(124, (self.cal_max as f32).to_le_bytes());
+                o.put(128, (self.cal_min as f32).to_le_bytes());
+                o.raw(148, descrip);
+                o.put(252, i16_(self.qform_code as i64).to_le_bytes());
+                o.put(254, i16_(self.sform_code as i64).to_le_bytes());
+                for i in 0..3 {
+                    o.put(256 + 4 * i, (self.quatern[i] as f32).to_le_bytes());
+                    o.put(268 + 4 * i, (self.qoffset[i] as f32).to_le_bytes());
+                }
+                for (r, row) in self.srow.iter().enumerate() {
+                    for (j, v) in row.iter().enumerate() {
+                        o.put(280 + 16 * r + 4 * j, (*v as f32).to_le_bytes());
+                    }
+                }
+            }
+            NiftiVersion::V2 => {
+                o.put(0, 540i32.to_le_bytes());
+                o.put(12, self.datatype.code().to_le_bytes());
+                o.put(14, self.bitpix.to_le_bytes());
+                o.put(16, (self.dims.len() as i64).to_le_bytes());
+                for i in 0..7 {
+                    o.put(24 + 8 * i, dim(i).to_le_bytes());
+                }
+                o.put(104, self.qfac.to_le_bytes());
+                for i in 0..7 {
+                    o.put(112 + 8 * i, pixdim(i).to_le_bytes());
+                }
+                o.put(168, (self.vox_offset as i64).to_le_bytes());
+                o.put(176, self.scl_slope.to_le_bytes());
+                o.put(184, self.scl_inter.to_le_bytes());
+                o.put(192, self.cal_max.to_le_bytes());
+                o.put(200, self.cal_min.to_le_bytes());
+                o.raw(240, descrip);
+                o.put(344, self.qform_code.to_le_bytes());
+                o.put(348, self.sform_code.to_le_bytes());
+                for i in 0..3 {
+                    o.put(352 + 8 * i, self.quatern[i].to_le_bytes());
+                    o.put(376 + 8 * i, self.qoffset[i].to_le_bytes());
+                }
+                for (r, row) in self.srow.iter().enumerate() {
+                    for (j, v) in row.iter().enumerate() {
+                        o.put(400 + 32 * r + 8 * j, v.to_le_bytes());
+                    }
+                }
+                o.put(500, self.xyzt_units.to_le_bytes());
+                o.put(504, self.intent_code.to_le_bytes());
             }
         }
-        put(&mut b, 344, b"n+1\0");
-        b
+        // Byte strings, not numbers: stored the same in either byte order.
+        let magic = self.version.magic();
+        let at = match self.version {
+            NiftiVersion::V1 => 344,
+            NiftiVersion::V2 => 4,
+        };
+        o.raw(at, magic);
+        o.b
     }
 }
 
-/// Endian-aware field access on the raw header bytes.
+/// The magic of a `version` header: single-file only, with NIfTI-2's
+/// `\r\n\x1a\n` line-ending check intact (an all-zero check is accepted, as
+/// nibabel does: some writers leave it empty).
+fn check_magic(version: NiftiVersion, bytes: &[u8], path: &Path) -> Result<(), NiftiError> {
+    let bad = |msg: String| NiftiError::Header { path: path.to_path_buf(), field: "magic".into(), msg };
+    let (at, pair) = match version {
+        NiftiVersion::V1 => (344, b"ni1\0"),
+        NiftiVersion::V2 => (4, b"ni2\0"),
+    };
+    let magic = &bytes[at..at + 4];
+    if magic == pair {
+        let pair = String::from_utf8_lossy(&pair[..3]);
+        return Err(bad(format!(
+            "`{pair}`: a .hdr/.img pair; only single-file NIfTI-1 and NIfTI-2 (`n+1`, `n+2`; .nii/.nii.gz) are supported"
+        )));
+    }
+    if magic != &version.magic()[..4] {
+        return Err(NiftiError::NotNifti {
+            path: path.to_path_buf(),
+            msg: format!(
+                "sizeof_hdr says {version} but the magic is {magic:?} (expected {:?}); Analyze 7.5 files are not supported",
+                &version.magic()[..4]
+            ),
+        });
+    }
+    if version == NiftiVersion::V2 {
+        let eol = &bytes[8..12];
+        if eol != b"\r\n\x1a\n" && eol != [0; 4] {
+            return Err(bad(format!(
+                "line-ending check bytes are {eol:?} (expected [13, 10, 26, 10]): the file was altered by a text-mode transfer"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Endian-aware field access on the raw header bytes (whose length the
+/// caller has checked against the version's header size).
 struct Fields<'a> {
     bytes: &'a [u8],
     big_endian: bool,
 }
 
 impl Fields<'_> {
+    /// `N` bytes at `off`, in little-endian order.
+    fn le<const N: usize>(&self, off: usize) -> [u8; N] {
+        let mut b = self.array::<N>(off);
+        if self.big_endian {
+            b.reverse();
+        }
+        b
+    }
+    fn array<const N: usize>(&self, off: usize) -> [u8; N] {
+        std::array::from_fn(|i| self.bytes[off + i])
+    }
     fn i16(&self, off: usize) -> i16 {
-        let b = [self.bytes[off], self.bytes[off + 1]];
-        if self.big_endian { i16::from_be_bytes(b) } else { i16::from_le_bytes(b) }
+        i16::from_le_bytes(self.le(off))
+    }
+    fn i32(&self, off: usize) -> i32 {
+        i32::from_le_bytes(self.le(off))
+    }
+    fn i64(&self, off: usize) -> i64 {
+        i64::from_le_bytes(self.le(off))
     }
     fn f32(&self, off: usize) -> f32 {
-        let b = [self.bytes[off], self.bytes[off + 1], self.bytes[off + 2], self.bytes[off + 3]];
-        if self.big_endian { f32::from_be_bytes(b) } else { f32::from_le_bytes(b) }
+        f32::from_le_bytes(self.le(off))
+    }
+    fn f64(&self, off: usize) -> f64 {
+        f64::from_le_bytes(self.le(off))
     }
 }
 
-pub fn identity() -> [[f64; 4]; 4] {
-    let mut a = [[0.0; 4]; 4];
-    for (i, row) in a.iter_mut().enumerate() {
-        row[i] = 1.0;
-    }
-    a
+/// Header bytes being serialised; numbers are given little-endian and
+/// swapped when writing a big-endian header.
+struct Out {
+    b: Vec<u8>,
+    big_endian: bool,
 }
 
-/// The qform affine (NIfTI-1 "method 2"), computed in f64 like nibabel.
-pub fn quatern_to_affine(q: [f32; 3], offset: [f32; 3], zooms: [f32; 3], qfac: f32) -> [[f64; 4]; 4] {
-    let (mut b, mut c, mut d) = (q[0] as f64, q[1] as f64, q[2] as f64);
-    let w2 = 1.0 - (b * b + c * c + d * d);
-    // nibabel treats |w2| below float32 eps as 0 so that unit quaternions
-    // stored in float32 do not produce NaN.
-    let a = if w2 < -3.0 * f32::EPSILON as f64 {
-        let n = (b * b + c * c + d * d).sqrt();
-        b /= n;
-        c /= n;
-        d /= n;
-        0.0
-    } else if w2 < 3.0 * f32::EPSILON as f64 {
-        0.0
-    } else {
-        w2.sqrt()
-    };
-    let r = [
-        [a * a + b * b - c * c - d * d, 2.0 * (b * c - a * d), 2.0 * (b * d + a * c)],
-        [2.0 * (b * c + a * d), a * a + c * c - b * b - d * d, 2.0 * (c * d - a * b)],
-        [2.0 * (b * d - a * c), 2.0 * (c * d + a * b), a * a + d * d - c * c - b * b],
-    ];
-    let z = [zooms[0] as f64, zooms[1] as f64, zooms[2] as f64 * if qfac < 0.0 { -1.0 } else { 1.0 }];
-    let mut out = identity();
-    for i in 0..3 {
-        for j in 0..3 {
-            out[i][j] = r[i][j] * z[j];
+impl Out {
+    fn put<const N: usize>(&mut self, off: usize, mut le: [u8; N]) {
+        if self.big_endian {
+            le.reverse();
         }
-        out[i][3] = offset[i] as f64;
+        self.b[off..off + N].copy_from_slice(&le);
     }
-    out
-}
-
-/// Decompose an affine into zooms, quaternion (b, c, d), offset and qfac for
-/// the qform; the rotation is the nearest orthonormal matrix (polar
-/// decomposition), so shears are dropped there (the sform keeps them).
-pub fn affine_to_quatern(affine: &[[f64; 4]; 4]) -> ([f64; 3], [f32; 3], [f32; 3], f32) {
-    let mut m = [[0.0f64; 3]; 3];
-    let mut zooms = [1.0f64; 3];
-    for j in 0..3 {
-        let n = (0..3).map(|i| affine[i][j] * affine[i][j]).sum::<f64>().sqrt();
-        zooms[j] = if n > 0.0 { n } else { 1.0 };
-        for i in 0..3 {
-            m[i][j] = if n > 0.0 {
-                affine[i][j] / n
-            } else if i == j {
-                1.0
-            } else {
-                0.0
-            };
-        }
+    fn raw(&mut self, off: usize, v: &[u8]) {
+        self.b[off..off + v.len()].copy_from_slice(v);
     }
-    let mut r = super::orient::nearest_rotation(m);
-    let mut qfac = 1.0f32;
-    if det3(&r) < 0.0 {
-        qfac = -1.0;
-        for row in r.iter_mut() {
-            row[2] = -row[2];
-        }
-    }
-    // Quaternion from a proper rotation (Shepperd's method, as in nifti1_io).
-    let (xx, yy, zz) = (r[0][0], r[1][1], r[2][2]);
-    let trace = xx + yy + zz + 1.0;
-    let (mut a, mut b, mut c, mut d);
-    if trace > 0.5 {
-        a = 0.5 * trace.sqrt();
-        b = 0.25 * (r[2][1] - r[1][2]) / a;
-        c = 0.25 * (r[0][2] - r[2][0]) / a;
-        d = 0.25 * (r[1][0] - r[0][1]) / a;
-    } else {
-        let xd = 1.0 + xx - (yy + zz);
-        let yd = 1.0 + yy - (xx + zz);
-        let zd = 1.0 + zz - (xx + yy);
-        if xd > 1.0 {
-            b = 0.5 * xd.sqrt();
-            c = 0.25 * (r[0][1] + r[1][0]) / b;
-            d = 0.25 * (r[0][2] + r[2][0]) / b;
-            a = 0.25 * (r[2][1] - r[1][2]) / b;
-        } else if yd > 1.0 {
-            c = 0.5 * yd.sqrt();
-            b = 0.25 * (r[0][1] + r[1][0]) / c;
-            d = 0.25 * (r[1][2] + r[2][1]) / c;
-            a = 0.25 * (r[0][2] - r[2][0]) / c;
-        } else {
-            d = 0.5 * zd.sqrt();
-            b = 0.25 * (r[0][2] + r[2][0]) / d;
-            c = 0.25 * (r[1][2] + r[2][1]) / d;
-            a = 0.25 * (r[1][0] - r[0][1]) / d;
-        }
-        if a < 0.0 {
-            a = -a;
-            b = -b;
-            c = -c;
-            d = -d;
-        }
-    }
-    let _ = a;
-    let offset = [affine[0][3] as f32, affine[1][3] as f32, affine[2][3] as f32];
-    (zooms, [b as f32, c as f32, d as f32], offset, qfac)
-}
-
-pub fn det3(m: &[[f64; 3]; 3]) -> f64 {
-    m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
-        + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
 }

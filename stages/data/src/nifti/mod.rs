@@ -1,68 +1,71 @@
-//! NIfTI-1 reading and writing (`.nii`, `.nii.gz`), orientation, and
-//! display-oriented axial slicing.
+//! NIfTI-1 and NIfTI-2 reading and writing (`.nii`, `.nii.gz`),
+//! orientation, and display-oriented axial slicing.
 //!
 //! # Why our own reader
-//! The `nifti` crate was evaluated: it reads into `ndarray` (the rest of
-//! this pipeline works on flat slices), decodes a gzip file by inflating the
-//! whole stream into memory before converting (twice the peak memory on a
-//! 1005-slice CT), applies scaling only through its ndarray path, has no
-//! writer for 4D label volumes with a chosen gzip level, and does not give
-//! the header sanity limits and file-naming errors wanted here. The format
-//! is one fixed 348-byte header plus a raw array, so a focused reader is
-//! ~600 lines: it streams the gzip stream (flate2 with the fast `zlib-rs`
-//! inflate) chunk by chunk straight into the typed output, checks every
-//! header field against the file size before allocating, and names the file
-//! and field in every error.
+//! The `nifti` crate (0.17) is a good general reader: it can stream a volume
+//! slice by slice (`ReaderStreamedOptions`) and write gzip at a chosen
+//! compression level. It does not fit this pipeline for other reasons:
+//! - **Flat slices, not `ndarray`.** Its typed, scaled volume access is
+//!   through `ndarray` arrays (or per-voxel getters); every stage here works
+//!   on flat `Vec<T>` in NIfTI order, so each read would add a conversion
+//!   and an `ndarray` dependency.
+//! - **Header limits before allocation.** Every header field is checked
+//!   (dims within [`MAX_DIM`], payload within [`MAX_DATA_BYTES`], `vox_offset`
+//!   within the file, a gzip file's claimed size within what deflate can
+//!   expand to) before a byte of voxel memory is allocated, so a lying or
+//!   corrupt header is an error, not an out-of-memory abort.
+//! - **Errors that name the file and the field** (`ct.nii.gz: invalid
+//!   header field `dim[2]`: …`), with voxel coordinates for bad values.
+//! - **Orientation and display slicing integrated**: the affine follows
+//!   nibabel's rules (sform > qform > pixdim, qform computed in f64), and
+//!   [`AxialSlicer`] turns it into the display convention the renderers use.
+//! - **NIfTI-2**, which that crate does not read (its header type is the
+//!   NIfTI-1 one; a 540-byte header is rejected as an invalid format).
+//!
+//! The format is a fixed header plus a raw array, so a focused reader is
+//! small: it streams the gzip stream (flate2 with the fast `zlib-rs`
+//! inflate) chunk by chunk straight into the typed output (peak memory is
+//! the output plus one chunk), and both header versions parse into one
+//! [`NiftiHeader`] so that everything after the header is one code path.
 //!
 //! # What is supported
-//! Single-file NIfTI-1 (`n+1`), little or big endian, plain or gzip
-//! (detected by magic bytes), 1–7 dimensions, datatypes u8/i8/i16/u16/i32/
-//! u32/i64/u64/f32/f64, `scl_slope`/`scl_inter` (slope 0 = no scaling),
-//! affine from sform (code > 0), else qform, else pixdim. Not supported
-//! (clear error): NIfTI-2, `.hdr/.img` pairs, Analyze, complex/RGB.
+//! Single-file NIfTI-1 (`n+1`, 348-byte header) and NIfTI-2 (`n+2`,
+//! 540-byte header with 64-bit dims and f64 pixdim/scaling/affine fields),
+//! told apart by `sizeof_hdr`; little or big endian (detected from
+//! `sizeof_hdr` too), plain or gzip (detected by magic bytes), 1–7
+//! dimensions, datatypes u8/i8/i16/u16/i32/u32/i64/u64/f32/f64,
+//! `scl_slope`/`scl_inter` (slope 0 = no scaling), affine from sform (code >
+//! 0), else qform, else pixdim. NIfTI-2 dims are held to the same
+//! [`MAX_DIM`] and [`MAX_DATA_BYTES`] limits as NIfTI-1. The writer writes
+//! little-endian NIfTI-1 by default, NIfTI-2 with [`WriteOptions::version`].
+//! Not supported (clear error): `.hdr/.img` pairs (`ni1`/`ni2`), Analyze,
+//! complex/RGB datatypes, CIFTI semantics (a CIFTI-2 file reads as the plain
+//! NIfTI-2 array it is, if its dims fit the limits).
 //!
 //! The affine and orientation conventions are those of nibabel
 //! ([`orientation`] mirrors `aff2axcodes`); see [`orient`] for the
 //! display convention of [`AxialSlicer`].
 
+mod affine;
+mod error;
 mod header;
 pub mod orient;
 mod read;
 mod scalar;
 mod write;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-pub use header::{DataType, HEADER_SIZE, MAX_DATA_BYTES, MAX_DIM, NiftiHeader, identity};
+pub use affine::identity;
+pub use error::NiftiError;
+pub use header::{
+    DataType, HEADER_SIZE, HEADER_SIZE_2, MAX_DATA_BYTES, MAX_DIM, MAX_VOX_OFFSET, NiftiHeader, NiftiVersion,
+};
 pub use orient::{AxialSlicer, ChannelLayout, orientation};
 pub(crate) use read::VoxelReader;
 pub use scalar::NiftiScalar;
 pub(crate) use scalar::{decode_chunk, dispatch_datatype};
 pub use write::{WriteOptions, write, write_with};
-
-/// Everything that can go wrong reading or writing NIfTI; every variant
-/// names the file.
-#[derive(Debug, thiserror::Error)]
-pub enum NiftiError {
-    #[error("{context} {}: {source}", path.display())]
-    Io { path: PathBuf, context: String, source: std::io::Error },
-    #[error("{}: not a NIfTI-1 file: {msg}", path.display())]
-    NotNifti { path: PathBuf, msg: String },
-    #[error("{}: invalid header field `{field}`: {msg}", path.display())]
-    Header { path: PathBuf, field: String, msg: String },
-    #[error("{}: truncated {what}: expected {expected} bytes, found {got}", path.display())]
-    Truncated { path: PathBuf, what: String, expected: u64, got: u64 },
-    #[error("{}: file size does not match the header: {msg}", path.display())]
-    Size { path: PathBuf, msg: String },
-    #[error("{}: {msg}", path.display())]
-    Gzip { path: PathBuf, msg: String },
-    #[error("{}: bad voxel value: {msg}", path.display())]
-    Value { path: PathBuf, msg: String },
-    #[error("orientation: {0}")]
-    Orientation(String),
-    #[error("{0}")]
-    InvalidArgument(String),
-}
 
 /// A decoded volume: header, dims (= `header.dims`) and voxels in NIfTI
 /// order (x fastest).
@@ -105,7 +108,6 @@ pub fn read_f32(path: &Path) -> Result<Volume<f32>, NiftiError> {
     let n = header.num_voxels() as usize;
     let mut data: Vec<f32> = Vec::with_capacity(n);
     let (slope, inter) = header.scaling();
-    let (slope, inter) = (slope as f64, inter as f64);
     let scaled = header.has_scaling();
     let (dt, be) = (header.datatype, header.big_endian);
     reader.for_each_chunk(|bytes| {

@@ -11,46 +11,8 @@
 //! superior) this is the identity: display row = stored y, column = stored
 //! x, `k` = stored z, and a slice is a contiguous copy.
 
-use super::NiftiError;
-
-/// The orthonormal matrix nearest to `m` (its polar factor `U·Vᵀ`, the same
-/// `R` nibabel builds from an SVD), by Newton iteration
-/// `X ← (X + X⁻ᵀ)/2`. Returns `m` unchanged when it is singular.
-pub fn nearest_rotation(m: [[f64; 3]; 3]) -> [[f64; 3]; 3] {
-    let mut x = m;
-    for _ in 0..100 {
-        let Some(inv) = inverse3(&x) else { return m };
-        let mut next = [[0.0; 3]; 3];
-        let mut delta = 0.0f64;
-        for i in 0..3 {
-            for j in 0..3 {
-                // X⁻ᵀ[i][j] = X⁻¹[j][i]
-                next[i][j] = 0.5 * (x[i][j] + inv[j][i]);
-                delta = delta.max((next[i][j] - x[i][j]).abs());
-            }
-        }
-        x = next;
-        if delta < 1e-15 {
-            break;
-        }
-    }
-    x
-}
-
-fn inverse3(m: &[[f64; 3]; 3]) -> Option<[[f64; 3]; 3]> {
-    let det = super::header::det3(m);
-    let scale = m.iter().flatten().fold(0.0f64, |a, v| a.max(v.abs()));
-    if !det.is_finite() || det.abs() <= 1e-12 * scale.powi(3) || scale == 0.0 {
-        return None;
-    }
-    let c = |r0: usize, c0: usize, r1: usize, c1: usize| m[r0][c0] * m[r1][c1] - m[r0][c1] * m[r1][c0];
-    let adj = [
-        [c(1, 1, 2, 2), -c(0, 1, 2, 2), c(0, 1, 1, 2)],
-        [-c(1, 0, 2, 2), c(0, 0, 2, 2), -c(0, 0, 1, 2)],
-        [c(1, 0, 2, 1), -c(0, 0, 2, 1), c(0, 0, 1, 1)],
-    ];
-    Some(adj.map(|row| row.map(|v| v / det)))
-}
+use super::affine::nearest_rotation;
+use super::error::NiftiError;
 
 /// For each voxel axis: the RAS+ world axis (0 = x/R, 1 = y/A, 2 = z/S) it
 /// runs along and whether it runs the positive way. `None` for an axis

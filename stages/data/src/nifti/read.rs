@@ -1,4 +1,4 @@
-//! Streaming voxel reader for `.nii` / `.nii.gz` (gzip detected by its magic
+//! Streaming voxel reader for NIfTI-1/NIfTI-2 `.nii` / `.nii.gz` (gzip detected by its magic
 //! bytes, not the extension). Voxels are decoded chunk by chunk straight
 //! into the typed output, so peak memory is the output plus one chunk.
 
@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use flate2::read::MultiGzDecoder;
 
-use super::NiftiError;
-use super::header::{HEADER_SIZE, NiftiHeader};
+use super::error::NiftiError;
+use super::header::{HEADER_SIZE, HEADER_SIZE_2, NiftiHeader, sniff};
 
 /// Bytes decoded per chunk (a multiple of every datatype size).
 const CHUNK_BYTES: usize = 1 << 20;
@@ -59,8 +59,14 @@ impl VoxelReader {
         } else {
             Box::new(BufReader::with_capacity(1 << 16, file))
         };
-        let mut hbuf = [0u8; HEADER_SIZE];
-        let got = read_full(&mut inner, &mut hbuf).map_err(|e| gz_error(path, e))?;
+        // `sizeof_hdr` says how long the header is (348 or 540): read no
+        // further, so that a small NIfTI-1 file's voxels are not consumed.
+        let mut hbuf = [0u8; HEADER_SIZE_2];
+        let mut got = read_full(&mut inner, &mut hbuf[..4]).map_err(|e| gz_error(path, e))?;
+        if got == 4 {
+            let size = sniff(&hbuf).map_or(HEADER_SIZE, |(version, _)| version.header_size());
+            got += read_full(&mut inner, &mut hbuf[4..size]).map_err(|e| gz_error(path, e))?;
+        }
         let header = NiftiHeader::parse(&hbuf[..got], path)?;
 
         let needed = header.vox_offset + header.data_bytes();
@@ -91,7 +97,7 @@ impl VoxelReader {
         }
 
         // Skip the extension block(s) up to vox_offset.
-        let skip = header.vox_offset - HEADER_SIZE as u64;
+        let skip = header.vox_offset - header.version.header_size() as u64;
         let skipped =
             std::io::copy(&mut (&mut inner).take(skip), &mut std::io::sink()).map_err(|e| gz_error(path, e))?;
         if skipped < skip {

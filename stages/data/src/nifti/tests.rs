@@ -35,9 +35,9 @@ fn qform_written_by_us_matches_the_sform() {
     // Oblique rotation about z by 30° with LPS flips: the qform must encode it.
     let (c, s) = (30f64.to_radians().cos(), 30f64.to_radians().sin());
     let a = [[-0.8 * c, 0.8 * s, 0.0, 1.0], [-0.8 * s, -0.8 * c, 0.0, 2.0], [0.0, 0.0, 2.0, 3.0], [0.0, 0.0, 0.0, 1.0]];
-    let h = NiftiHeader::for_write(&[2, 2, 2], DataType::U8, &a, None);
+    let h = NiftiHeader::for_write(&[2, 2, 2], DataType::U8, &a, None, NiftiVersion::V1);
     let zooms = [h.pixdim[0], h.pixdim[1], h.pixdim[2]];
-    let q = header::quatern_to_affine(h.quatern, h.qoffset, zooms, h.qfac);
+    let q = affine::quatern_to_affine(h.quatern, h.qoffset, zooms, h.qfac, 3.0 * f32::EPSILON as f64);
     for i in 0..3 {
         for j in 0..4 {
             assert!((q[i][j] - a[i][j]).abs() < 1e-5, "{q:?} vs {a:?}");
@@ -83,7 +83,7 @@ fn slope_zero_means_no_scaling() {
 }
 
 fn header_bytes(dims: &[i16], datatype: i16, bitpix: i16) -> Vec<u8> {
-    let mut h = NiftiHeader::for_write(&[1], DataType::U8, &identity(), None).to_bytes();
+    let mut h = NiftiHeader::for_write(&[1], DataType::U8, &identity(), None, NiftiVersion::V1).to_bytes();
     h[40..42].copy_from_slice(&(dims.len() as i16).to_le_bytes());
     for (i, d) in dims.iter().enumerate() {
         h[42 + 2 * i..44 + 2 * i].copy_from_slice(&d.to_le_bytes());
@@ -186,7 +186,7 @@ fn writer_rejects_mismatched_data_and_is_deterministic() {
 #[test]
 fn big_endian_files_are_read() {
     let dir = tempfile::tempdir().unwrap();
-    let mut h = NiftiHeader::for_write(&[3], DataType::I16, &identity(), None).to_bytes();
+    let mut h = NiftiHeader::for_write(&[3], DataType::I16, &identity(), None, NiftiVersion::V1).to_bytes();
     // Byte-swap every field we read: sizeof_hdr, dims, datatype, bitpix, pixdim, vox_offset, slope.
     let swap = |h: &mut Vec<u8>, off: usize, n: usize| h[off..off + n].reverse();
     swap(&mut h, 0, 4);
@@ -214,4 +214,180 @@ fn big_endian_files_are_read() {
     let v = read_f32(&p).unwrap();
     assert!(v.header.big_endian);
     assert_eq!(v.data, vec![-5.0, 0.0, 300.0]);
+}
+
+// ---- NIfTI-2 ----
+
+const V2: WriteOptions = WriteOptions { gz_level: 1, version: NiftiVersion::V2 };
+
+/// An affine with entries f32 cannot hold, so that any narrowing of the
+/// NIfTI-2 f64 fields shows.
+fn lps_f64() -> [[f64; 4]; 4] {
+    [[-0.7000000001, 0.0, 0.0, 120.123456789], [0.0, -0.7, 0.0, 80.1], [0.0, 0.0, 1.25, -300.3], [0.0, 0.0, 0.0, 1.0]]
+}
+
+#[test]
+fn nifti2_roundtrip_keeps_f64_fields_gz_and_plain() {
+    let dir = tempfile::tempdir().unwrap();
+    let dims = [4, 3, 2];
+    let raw: Vec<i16> = (0..24).map(|i| i * 137 - 1500).collect();
+    let (slope, inter) = (0.3141592653589793, -1024.1);
+    for name in ["ct2.nii", "ct2.nii.gz"] {
+        let p = dir.path().join(name);
+        write_with(&p, &dims, &raw, &lps_f64(), Some((slope, inter)), V2).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        if !name.ends_with(".gz") {
+            assert_eq!(&bytes[0..4], &540i32.to_le_bytes());
+            assert_eq!(&bytes[4..12], b"n+2\0\r\n\x1a\n");
+            assert_eq!(bytes.len(), 544 + 24 * 2, "header + extension flag + voxels");
+        }
+        let v = read_f32(&p).unwrap();
+        let h = &v.header;
+        assert_eq!(h.version, NiftiVersion::V2);
+        assert_eq!((v.dims.as_slice(), h.datatype, h.vox_offset), (&dims[..], DataType::I16, 544));
+        assert_eq!((h.scl_slope, h.scl_inter), (slope, inter), "scaling is stored as f64");
+        assert_eq!(h.affine, lps_f64(), "the sform is stored as f64");
+        assert_eq!(h.pixdim, vec![0.7000000001, 0.7, 1.25]);
+        assert_eq!(orientation(&h.affine), ['L', 'P', 'S']);
+        let want: Vec<f32> = raw.iter().map(|&r| (r as f64 * slope + inter) as f32).collect();
+        assert_eq!(v.data, want);
+        // The qform we wrote encodes the same affine (at f64 precision).
+        let zooms = [h.pixdim[0], h.pixdim[1], h.pixdim[2]];
+        let q = affine::quatern_to_affine(h.quatern, h.qoffset, zooms, h.qfac, 3.0 * f64::EPSILON);
+        for i in 0..3 {
+            for j in 0..4 {
+                assert!((q[i][j] - lps_f64()[i][j]).abs() < 1e-12, "{q:?}");
+            }
+        }
+    }
+    // The same values written as NIfTI-1 lose the f64 precision: the check
+    // above is not vacuous.
+    let p = dir.path().join("ct1.nii");
+    write(&p, &dims, &raw, &lps_f64(), Some((slope, inter))).unwrap();
+    let h1 = read_header(&p).unwrap();
+    assert_eq!(h1.version, NiftiVersion::V1);
+    assert_ne!(h1.scl_slope, slope);
+    assert_ne!(h1.affine, lps_f64());
+}
+
+#[test]
+fn nifti2_labels_4d_and_big_endian() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("mask2.nii.gz");
+    let data: Vec<u8> = (0..2 * 3 * 3 * 2).map(|i| (i % 5) as u8).collect();
+    write_with(&p, &[2, 3, 3, 2], &data, &identity(), None, V2).unwrap();
+    let v = read_labels(&p).unwrap();
+    assert_eq!((v.header.version, v.dims.clone()), (NiftiVersion::V2, vec![2, 3, 3, 2]));
+    assert_eq!(v.data, data.iter().map(|&d| d as u16).collect::<Vec<_>>());
+
+    // Big-endian: every numeric header field swapped by `to_bytes`.
+    let mut h = NiftiHeader::for_write(&[3], DataType::I16, &lps_f64(), Some((0.5, 10.0)), NiftiVersion::V2);
+    h.big_endian = true;
+    let mut bytes = h.to_bytes();
+    assert_eq!(&bytes[0..4], &540i32.to_be_bytes());
+    for v in [-5i16, 0, 300] {
+        bytes.extend_from_slice(&v.to_be_bytes());
+    }
+    let p = dir.path().join("be2.nii");
+    std::fs::write(&p, &bytes).unwrap();
+    let v = read_f32(&p).unwrap();
+    assert_eq!(v.header, h, "the parsed header is the one serialised");
+    assert_eq!(v.data, vec![7.5, 10.0, 160.0]);
+}
+
+/// A valid little-endian NIfTI-2 header (with extension flag) for `dims`
+/// of u8, to corrupt field by field.
+fn v2_bytes(dims: &[usize]) -> Vec<u8> {
+    NiftiHeader::for_write(dims, DataType::U8, &identity(), None, NiftiVersion::V2).to_bytes()
+}
+
+#[test]
+fn nifti2_bad_inputs_give_located_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let with_voxels = |mut h: Vec<u8>, n: usize| {
+        h.extend(std::iter::repeat_n(1u8, n));
+        h
+    };
+
+    // Truncated 540-byte header: not misread as the 348-byte NIfTI-1 one.
+    let full = with_voxels(v2_bytes(&[2, 2]), 4);
+    for cut in [100, 348, 400, 539] {
+        let e = err_of(d, &format!("cut{cut}.nii"), &full[..cut]);
+        assert!(e.contains(&format!("truncated NIfTI-2 header: expected 540 bytes, found {cut}")), "{e}");
+    }
+    // The same inside a gzip stream.
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(1));
+    enc.write_all(&full[..400]).unwrap();
+    let e = err_of(d, "cut400.nii.gz", &enc.finish().unwrap());
+    assert!(e.contains("truncated NIfTI-2 header"), "{e}");
+
+    // vox_offset beyond the end of the file.
+    let mut b = with_voxels(v2_bytes(&[2, 2]), 4);
+    b[168..176].copy_from_slice(&10_000i64.to_le_bytes());
+    let e = err_of(d, "far.nii", &b);
+    assert!(e.contains("at offset 10000 need a 10004-byte file, but it has 548 bytes"), "{e}");
+    // ... and in a gzip file, where the size is only known at the end.
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(1));
+    enc.write_all(&b).unwrap();
+    let e = err_of(d, "far.nii.gz", &enc.finish().unwrap());
+    assert!(e.contains("header extensions before vox_offset"), "{e}");
+
+    // vox_offset negative, inside the header, or absurd.
+    for (v, want) in [(-1i64, "-1: must be non-negative"), (352, "offset ≥ 544"), (1 << 40, "byte limit")] {
+        let mut b = with_voxels(v2_bytes(&[2, 2]), 4);
+        b[168..176].copy_from_slice(&v.to_le_bytes());
+        let e = err_of(d, "off.nii", &b);
+        assert!(e.contains("`vox_offset`") && e.contains(want), "{e}");
+    }
+
+    // Absurd 64-bit dims: rejected by field before anything is allocated.
+    let mut b = v2_bytes(&[2, 2]);
+    b[24..32].copy_from_slice(&(1i64 << 40).to_le_bytes());
+    let e = err_of(d, "hugedim.nii", &b);
+    assert!(e.contains("`dim[1]`") && e.contains("1099511627776") && e.contains("1..=32767"), "{e}");
+    let mut b = v2_bytes(&[2, 2]);
+    b[32..40].copy_from_slice(&(-3i64).to_le_bytes());
+    assert!(err_of(d, "negdim.nii", &b).contains("`dim[2]`"));
+    let mut b = v2_bytes(&[2]);
+    b[16..24].copy_from_slice(&(1i64 << 33).to_le_bytes());
+    assert!(err_of(d, "ndim.nii", &b).contains("`dim[0]`: 8589934592"));
+    // Each dim within MAX_DIM, but the product beyond MAX_DATA_BYTES (and
+    // beyond u64 if multiplied naively: 32767^7 × 8).
+    let e = err_of(d, "huge.nii", &v2_bytes(&[MAX_DIM; 7]));
+    assert!(e.contains("`dim`") && e.contains("limit"), "{e}");
+
+    // Datatype read from the NIfTI-2 offset (12), not NIfTI-1's (70).
+    let mut b = v2_bytes(&[1]);
+    b[12..14].copy_from_slice(&128i16.to_le_bytes());
+    assert!(err_of(d, "rgb2.nii", &b).contains("rgb24"));
+
+    // Magic: a header/image pair, a mangled line-ending check, garbage.
+    let mut b = with_voxels(v2_bytes(&[1]), 1);
+    b[4..8].copy_from_slice(b"ni2\0");
+    assert!(err_of(d, "pair.nii", &b).contains(".hdr/.img pair"));
+    let mut b = with_voxels(v2_bytes(&[1]), 1);
+    b[8..12].copy_from_slice(b"\n\x1a\n\0");
+    let e = err_of(d, "eol.nii", &b);
+    assert!(e.contains("`magic`") && e.contains("text-mode transfer"), "{e}");
+    let mut b = with_voxels(v2_bytes(&[1]), 1);
+    b[4..8].copy_from_slice(b"n+1\0");
+    let e = err_of(d, "magic2.nii", &b);
+    assert!(e.contains("not a NIfTI-1 or NIfTI-2 file") && e.contains("NIfTI-2"), "{e}");
+
+    // An all-zero line-ending check is accepted (nibabel does too).
+    let mut b = with_voxels(v2_bytes(&[1]), 1);
+    b[8..12].fill(0);
+    let p = d.join("eol0.nii");
+    std::fs::write(&p, &b).unwrap();
+    assert_eq!(read_f32(&p).unwrap().data, vec![1.0]);
+}
+
+#[test]
+fn unknown_sizeof_hdr_names_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut junk = vec![0u8; 600];
+    junk[0..4].copy_from_slice(&541i32.to_le_bytes());
+    let e = err_of(dir.path(), "j.nii", &junk);
+    assert!(e.contains("not a NIfTI-1 or NIfTI-2 file") && e.contains("348 for NIfTI-1 or 540 for NIfTI-2"), "{e}");
 }

@@ -1,4 +1,4 @@
-//! NIfTI-1 writer: `.nii` or `.nii.gz` by extension, atomic (temp file in
+//! NIfTI-1 / NIfTI-2 writer: `.nii` or `.nii.gz` by extension, atomic (temp file in
 //! the same directory, then rename), byte-reproducible (fixed gzip level,
 //! no timestamp or file name in the gzip header).
 
@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use flate2::{Compression, GzBuilder};
 
-use super::header::{MAX_DIM, NiftiHeader};
-use super::{NiftiError, NiftiScalar};
+use super::NiftiScalar;
+use super::error::NiftiError;
+use super::header::{MAX_DIM, NiftiHeader, NiftiVersion};
 
 /// How to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,23 +19,27 @@ pub struct WriteOptions {
     /// gzip level 0..=9 for `.nii.gz` (nibabel writes level 1 too: CT
     /// compresses little better at 6 and takes several times longer).
     pub gz_level: u32,
+    /// Header layout. NIfTI-1 (the default) is what every tool reads; NIfTI-2
+    /// (f64 affine and scaling fields) is written for tests of the reader.
+    pub version: NiftiVersion,
 }
 
 impl Default for WriteOptions {
     fn default() -> Self {
-        Self { gz_level: 1 }
+        Self { gz_level: 1, version: NiftiVersion::V1 }
     }
 }
 
 /// Write `data` (NIfTI order, x fastest) with `dims` and `affine` (stored
 /// as sform and qform); `scl` = (slope, intercept) recorded in the header
-/// (values are written as given: they are the stored values).
+/// (values are written as given: they are the stored values). Float header
+/// fields are rounded to f32 in a NIfTI-1 file.
 pub fn write<T: NiftiScalar>(
     path: &Path,
     dims: &[usize],
     data: &[T],
     affine: &[[f64; 4]; 4],
-    scl: Option<(f32, f32)>,
+    scl: Option<(f64, f64)>,
 ) -> Result<(), NiftiError> {
     write_with(path, dims, data, affine, scl, WriteOptions::default())
 }
@@ -44,12 +49,12 @@ pub fn write_with<T: NiftiScalar>(
     dims: &[usize],
     data: &[T],
     affine: &[[f64; 4]; 4],
-    scl: Option<(f32, f32)>,
+    scl: Option<(f64, f64)>,
     options: WriteOptions,
 ) -> Result<(), NiftiError> {
     let invalid = |msg: String| NiftiError::InvalidArgument(format!("writing {}: {msg}", path.display()));
     if dims.is_empty() || dims.len() > 7 {
-        return Err(invalid(format!("{} dimensions; NIfTI-1 holds 1..=7", dims.len())));
+        return Err(invalid(format!("{} dimensions; NIfTI holds 1..=7", dims.len())));
     }
     if let Some(d) = dims.iter().find(|&&d| d == 0 || d > MAX_DIM) {
         return Err(invalid(format!("dimension {d} out of 1..={MAX_DIM}")));
@@ -64,7 +69,7 @@ pub fn write_with<T: NiftiScalar>(
     if options.gz_level > 9 {
         return Err(invalid(format!("gzip level {} out of 0..=9", options.gz_level)));
     }
-    let header = NiftiHeader::for_write(dims, T::DATATYPE, affine, scl);
+    let header = NiftiHeader::for_write(dims, T::DATATYPE, affine, scl, options.version);
     let gz = path.extension().is_some_and(|e| e == "gz");
 
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));

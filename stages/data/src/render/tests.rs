@@ -12,20 +12,19 @@ fn window_maps_hu_exactly() {
     assert_eq!(window_to_gray(&[-1350.0, -600.0, 150.0], -1350.0, 150.0), vec![0, 128, 255]);
 }
 
-/// Expected values from the Python `smart_resize` of Qwen2.5-VL.
+/// With `resize` the output has the model processor's size (HF's rule: a
+/// 14 px side rounds to 0 before the area check, so 14 x 500 -> 28 x 336),
+/// and a slice the processor refuses is an error naming its size.
 #[test]
-fn smart_resize_matches_qwen() {
-    for ((h, w), want) in [
-        ((512, 512), (504, 504)),
-        ((1000, 1000), (616, 616)),
-        ((10, 10), (56, 56)),
-        ((100, 100), (112, 112)),
-        ((96, 128), (84, 140)),
-        ((512, 700), (504, 700)),
-        ((42, 42), (56, 56)), // 1.5 rounds half to even -> 2
-    ] {
-        assert_eq!(smart_resize(h, w, 28, 3136, 401_408), want, "{h}x{w}");
+fn resize_gives_the_processor_size() {
+    let p = RenderParams { clip: [0.0, 255.0], zoom: false, draw_box: false, ..Default::default() };
+    for ((rows, cols), (h, w)) in [((160, 160), (168, 168)), ((96, 128), (84, 140)), ((14, 500), (28, 336))] {
+        let c = compose(&vec![0.0; rows * cols], rows, cols, &[], &p).unwrap();
+        assert_eq!((c.image.height(), c.image.width()), (h, w), "{rows} x {cols}");
     }
+    let e = compose(&[0.0; 2 * 500], 2, 500, &[], &p).unwrap_err();
+    assert!(matches!(e, RenderError::Resize { rows: 2, cols: 500, .. }), "{e}");
+    assert!(e.to_string().contains("aspect ratio"), "{e}");
 }
 
 const ROWS: usize = 60;

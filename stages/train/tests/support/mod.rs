@@ -1,4 +1,4 @@
-//! Fixtures of the GRPO tests: a real Parquet split in the export layout and
+//! Fixtures of the GRPO tests: a real Parquet split (the task contract's writer) and
 //! a tiny Qwen2.5-VL from the real `init_model` stage, taught the answer
 //! format by a short real `sft` run (so sampled completions earn different
 //! rewards and GRPO has something to learn from), and a progress sink that
@@ -6,17 +6,13 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use arrow_array::builder::{ListBuilder, StringBuilder};
-use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray, StructArray};
-use arrow_schema::{DataType, Field, Fields};
-use parquet::arrow::ArrowWriter;
 use stage_api::{ProgressSink, StageContext, StageKind};
-use stages_eval::prompt::THINK_TEMPLATE;
+use stages_task::dataset::{VqaRow, write_rows};
+use stages_task::prompt::THINK_TEMPLATE;
 use stages_train::Sft;
 use stages_train::sft::{SftParams, Target};
 use stages_vlm::InitModel;
@@ -71,16 +67,63 @@ pub fn training_context(
     builder.build()
 }
 
-/// `metrics.jsonl` of `out` without the wall-clock column `timing`.
-pub fn metrics_without(out: &Path, timing: &str) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove(timing);
-            v
-        })
-        .collect()
+/// What a training stage noted for its provenance.json.
+pub type Notes = serde_json::Map<String, serde_json::Value>;
+
+/// Where a training run of a test reads and writes.
+pub struct Dirs<'a> {
+    pub model: &'a Path,
+    pub split: &'a Path,
+    pub out: &'a Path,
+    pub resume: &'a Path,
+}
+
+/// Validate `params` and run the training stage `K` in `dirs`, cancelled
+/// after `kill_after` steps when given; the notes it made.
+pub fn train<K: StageKind>(
+    params: &K::Params,
+    dirs: Dirs,
+    seed: u64,
+    kill_after: Option<u64>,
+) -> anyhow::Result<Notes> {
+    K::validate(params).unwrap();
+    let Dirs { model, split, out, resume } = dirs;
+    let mut ctx = training_context(K::KIND, out, model, split, resume, seed, kill_after)?;
+    K::run(params, &mut ctx)?;
+    Ok(ctx.notes())
+}
+
+/// Every file under `dir` (relative path -> bytes).
+pub fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// `a` and `b` hold the same files with the same bytes.
+pub fn assert_same_files(a: &Path, b: &Path) {
+    let (fa, fb) = (files(a), files(b));
+    assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>(), "{} vs {}", a.display(), b.display());
+    let differ: Vec<&String> = fa.keys().filter(|k| fa[*k] != fb[*k]).collect();
+    assert!(differ.is_empty(), "{} and {} differ in {differ:?}", a.display(), b.display());
+}
+
+/// Serialises the tests of one binary that train: libtorch's thread count
+/// is process-global, and a run's floats depend on it.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub const OPTIONS: [&str; 3] = ["A. airway abnormalities", "B. emphysema", "C. ground-glass opacity"];
@@ -104,37 +147,22 @@ fn png(side: u32, shade: u8) -> Vec<u8> {
 pub fn write_split(dir: &Path, n: usize) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let problem = THINK_TEMPLATE.replace("{Question}", &question());
-    let class = |i: usize| CLASSES[i % 3];
-    let strings = |f: &dyn Fn(usize) -> String| -> ArrayRef { Arc::new(StringArray::from_iter_values((0..n).map(f))) };
-    let images: Vec<Vec<u8>> = (0..n).map(|i| png(56, (i % 3 * 100) as u8)).collect();
-    let bytes: ArrayRef = Arc::new(BinaryArray::from_iter_values(images.iter().map(Vec::as_slice)));
-    let image = StructArray::new(
-        Fields::from(vec![Field::new("bytes", DataType::Binary, true), Field::new("path", DataType::Utf8, true)]),
-        vec![bytes, strings(&|i| format!("{i}.png"))],
-        None,
-    );
-    let mut opts = ListBuilder::new(StringBuilder::new());
-    for _ in 0..n {
-        for o in OPTIONS {
-            opts.values().append_value(o);
-        }
-        opts.append(true);
-    }
-    let batch = RecordBatch::try_from_iter(vec![
-        ("id", strings(&|i| format!("case{i}/slice{i}"))),
-        ("image", Arc::new(image) as ArrayRef),
-        ("problem", strings(&|_| problem.clone())),
-        ("answer", strings(&|i| ["A", "B", "C"][i % 3].to_string())),
-        ("options", Arc::new(opts.finish()) as ArrayRef),
-        ("class", strings(&|i| class(i).0.to_string())),
-        ("class_name", strings(&|i| class(i).1.to_string())),
-    ])
-    .unwrap();
-    let mut w =
-        ArrowWriter::try_new(File::create(dir.join("train-00000-of-00001.parquet")).unwrap(), batch.schema(), None)
-            .unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    let rows: Vec<VqaRow> = (0..n)
+        .map(|i| {
+            let (class, class_name) = CLASSES[i % 3];
+            VqaRow {
+                id: format!("case{i}/slice{i}"),
+                image: Some(png(56, (i % 3 * 100) as u8)),
+                problem: problem.clone(),
+                answer: ["A", "B", "C"][i % 3].to_string(),
+                answers: Vec::new(),
+                options: OPTIONS.map(String::from).to_vec(),
+                class: class.to_string(),
+                class_name: class_name.to_string(),
+            }
+        })
+        .collect();
+    write_rows(&dir.join("train-00000-of-00001.parquet"), &rows).unwrap();
     dir.to_path_buf()
 }
 
