@@ -93,6 +93,7 @@ mod tests {
             external: vec![],
             seed: 3,
             device_class: None,
+            numerics: None,
         };
         let entry = IndexEntry { key: components.key(), components, recorded_unix_ms: 5, run_id: "r1".into() };
         index.put("grpo@a", &entry).unwrap();

@@ -119,6 +119,7 @@ mod tests {
             external: vec![],
             seed: 3,
             device_class: None,
+            numerics: None,
         };
         let spec = JobSpec {
             format: JOB_SPEC_FORMAT,

@@ -156,6 +156,7 @@ pub fn exec_stage(
         &spec.recipe_dir,
         spec.components.seed,
         spec.components.device_class.clone(),
+        spec.components.numerics,
         digests,
         &cache,
     )?;
@@ -300,6 +301,7 @@ mod tests {
             external: vec![],
             seed: 7,
             device_class: None,
+            numerics: None,
         };
         let mut job_inputs = BTreeMap::new();
         job_inputs.insert("up".to_string(), vec![JobInput { stage: "a".into(), output: None, record: up_key }]);

@@ -705,3 +705,15 @@ fn executor_mistakes_are_located() {
     assert_eq!(e.message(), "`executor.poll_interval` must be a positive number of seconds, found integer");
     assert_eq!(at(&e).0, "<--set #1>");
 }
+
+#[test]
+fn numerics_defaults_to_fast_and_is_checked() {
+    use crate::numerics::{Numerics, NumericsMode};
+    assert_eq!(load(MINI, &[]).unwrap().numerics, Numerics::default());
+    let r = load(MINI, &["recipe.numerics=reproducible", "recipe.numerics_threads=2"]).unwrap();
+    assert_eq!(r.numerics, Numerics { mode: NumericsMode::Reproducible, threads: 2 });
+    let err = load_err(MINI, &["recipe.numerics=turbo"]);
+    assert!(err.to_string().contains(r#"must be "fast" or "reproducible", found "turbo""#), "{err}");
+    let err = load_err(MINI, &["recipe.numerics_threads=0"]);
+    assert!(err.to_string().contains("`recipe.numerics_threads` must be an integer from 1 to 1024, found 0"), "{err}");
+}
