@@ -34,6 +34,11 @@
 #           provenance.json; metrics.jsonl without its timing fields); then
 #           grpo at each thread count, fast vs reproducible.
 #
+# Every run uses `--set recipe.numerics=$MODE` (default MODE=fast): the
+# tables measure what each exported variable does by itself, which the
+# reproducible mode would override. MODE=reproducible (with
+# `--set recipe.numerics_threads=N` where needed) checks the mode itself.
+#
 # Thread counts are set the way a host sets them: the stage gets every core
 # the process may use, so `taskset -c 0-(N-1)` gives an N-thread stage.
 # "reproducible" below means the settings docs/numerics.md recommends:
@@ -46,6 +51,7 @@ PIPELINE=${PIPELINE:-$repo/target/debug/pipeline}
 PROBE=${PROBE:-$repo/target/debug/examples/numerics_env}
 RECIPE=${RECIPE:-$repo/recipes/ci.toml}
 WORK=${WORK:-/tmp/numerics_probe}
+MODE=${MODE:-fast}
 SECTION=all
 STEPS=8
 LONG_STEPS=200
@@ -174,7 +180,7 @@ run_stage() { # run_stage STAGE THREADS NAME [ENV...] [-- extra pipeline args]
   [ -x /usr/bin/time ] && timer=(/usr/bin/time -f "%U %S" -o "$WORK/runs/$name.cpu")
   ( cd "$WORK" && clean_env "${envs[@]}" ${timer[@]+"${timer[@]}"} \
       taskset -c "0-$((threads - 1))" nice -n 10 "$PIPELINE" run "$RECIPE" --cache-dir "$CACHE" --workspace "$WS" \
-      --until "$stage" --force "$stage" -q ${extra[@]+"${extra[@]}"} ) >"$WORK/runs/$name.log" 2>&1 \
+      --set "recipe.numerics=$MODE" --until "$stage" --force "$stage" -q ${extra[@]+"${extra[@]}"} ) >"$WORK/runs/$name.log" 2>&1 \
     || { echo "error: run $name failed, see $WORK/runs/$name.log" >&2; tail -5 "$WORK/runs/$name.log" >&2; exit 1; }
   local d=$WS/outputs/$RECIPE_NAME/$stage
   rm -rf "$WORK/runs/$name.out"; mkdir -p "$WORK/runs/$name.out"
@@ -314,7 +320,7 @@ section_repeat() {
   echo "|---|---|---|---|---|"
   local last=${THREADS##* }
   # GRPO needs a policy that sometimes earns a reward: the whole ci SFT, run once and cached.
-  ( cd "$WORK" && clean_env nice -n 10 "$PIPELINE" run "$RECIPE" --cache-dir "$CACHE" --workspace "$WS" --until sft -q ) >"$WORK/runs/repeat-base.log" 2>&1
+  ( cd "$WORK" && clean_env nice -n 10 "$PIPELINE" run "$RECIPE" --cache-dir "$CACHE" --workspace "$WS" --set "recipe.numerics=$MODE" --until sft -q ) >"$WORK/runs/repeat-base.log" 2>&1
   for stage in sft grpo; do
     for mode in fast repro; do
       local envs=() extra=()

@@ -150,16 +150,8 @@ pub fn exec_stage(
             digests.entry(name.clone()).or_default().push(digest);
         }
     }
-    let components = job_components(
-        kind.as_ref(),
-        stage.as_ref(),
-        &spec.recipe_dir,
-        spec.components.seed,
-        spec.components.device_class.clone(),
-        spec.components.numerics,
-        digests,
-        &cache,
-    )?;
+    let components =
+        job_components(kind.as_ref(), stage.as_ref(), &spec.recipe_dir, &spec.components, digests, &cache)?;
     let recomputed = components.key();
     if recomputed != key {
         bail!(

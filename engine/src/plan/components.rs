@@ -225,13 +225,18 @@ pub fn job_components(
     kind: &dyn DynStageKind,
     stage: &dyn ConfiguredStage,
     recipe_dir: &Path,
-    seed: u64,
-    device_class: Option<String>,
-    numerics: Option<Numerics>,
+    planned: &KeyComponents,
     inputs: BTreeMap<String, Vec<InputDigest>>,
     cache: &Cache,
 ) -> anyhow::Result<KeyComponents> {
-    let subject = Subject { kind, stage, recipe_dir, seed, device_class, numerics };
+    let subject = Subject {
+        kind,
+        stage,
+        recipe_dir,
+        seed: planned.seed,
+        device_class: planned.device_class.clone(),
+        numerics: planned.numerics,
+    };
     let external = subject.external_digests(cache, &mut Vec::new())?;
     Ok(subject.components(inputs, external))
 }
