@@ -254,7 +254,10 @@ impl StageKind for Grpo {
     // micro-batches and ranks (a short last micro-batch weighed up to 4x more);
     // no step_time_s in metrics.jsonl, no resumed_from_step in trainable.json
     // (run facts go to provenance.json).
-    const VERSION: u32 = 4;
+    // 5: the gradient norm is summed in a thread-count-independent order
+    // (optim::squared_norm), so its last bits, and through clipping the
+    // weights, changed.
+    const VERSION: u32 = 5;
     const DISTRIBUTED: bool = true;
     const SUMMARY: &'static str =
         "GRPO on a Qwen2.5-VL checkpoint with weighted format/validity/correctness rewards (resumable)";
@@ -268,7 +271,7 @@ impl StageKind for Grpo {
     }
 
     fn resources(p: &GrpoParams) -> Resources {
-        Resources { cpu: 0, device: p.device.request(), memory_mb: 4096 }
+        Resources { cpu: 0, device: p.device.request(), memory_mb: 4096, libtorch: true }
     }
 
     fn validate(p: &GrpoParams) -> Result<(), ParamError> {

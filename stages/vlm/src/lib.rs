@@ -19,6 +19,7 @@ pub mod pretrained;
 pub mod processor;
 pub mod qwen2_5_vl;
 pub mod qwen2_vl;
+pub mod threads;
 
 pub use config::{ModelType, Qwen25VlConfig, VisionTowerConfig};
 pub use device::DeviceChoice;
@@ -26,3 +27,4 @@ pub use error::ModelError;
 pub use init_model::InitModel;
 pub use model::{Batch, Qwen25Vl, VisionTower};
 pub use pretrained::Pretrained;
+pub use threads::ThreadsGuard;
