@@ -77,6 +77,14 @@ fn init_tracing(verbose: u8, quiet: bool) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.quiet);
+    // Before libtorch computes anything (and before the CUDA backend starts
+    // its threads): the recipe's numerics mode pins the kernels it picks.
+    if let Commands::Engine(cmd) = &cli.command
+        && let Err(err) = cli::numerics::pin_process(cmd, &registry::registry())
+    {
+        eprintln!("error: {err:#}");
+        return ExitCode::from(cli::exit::exit_code_for(&err));
+    }
     // A CUDA libtorch on the library path makes GPUs usable by this CPU-linked binary.
     match torch_runtime::load_cuda_backend() {
         Ok(lib) => tracing::debug!("loaded CUDA backend {lib}"),

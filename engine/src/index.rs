@@ -94,6 +94,7 @@ mod tests {
             seed: 3,
             device_class: None,
             unkeyed: Vec::new(),
+            numerics: None,
         };
         let entry = IndexEntry { key: components.key(), components, recorded_unix_ms: 5, run_id: "r1".into() };
         index.put("grpo@a", &entry).unwrap();

@@ -120,6 +120,7 @@ mod tests {
             seed: 3,
             device_class: None,
             unkeyed: Vec::new(),
+            numerics: None,
         };
         let spec = JobSpec {
             format: JOB_SPEC_FORMAT,

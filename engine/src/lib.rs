@@ -17,6 +17,8 @@
 //! * [`backend`]: where a ready stage runs (this machine, or a Slurm job).
 //! * [`jobspec`] + [`worker`]: a stage handed to another process as plain
 //!   data, and `pipeline exec-stage` running it through the same stage_run.
+//! * [`numerics`]: `[recipe] numerics`, the process-wide kernel pinning of
+//!   libtorch stages (what the binary sets first, keys, provenance).
 //! * [`workspace`], [`provenance`], [`index`], [`env`](mod@env), [`stage_log`]: what
 //!   a run leaves for people and remembers for next time, the machine, and
 //!   per-stage log files.
@@ -25,6 +27,7 @@ pub mod backend;
 pub mod env;
 pub mod index;
 pub mod jobspec;
+pub mod numerics;
 pub mod plan;
 pub mod provenance;
 pub mod recipe;

@@ -32,6 +32,10 @@ pub struct Provenance {
     pub host: String,
     /// Threads per rank.
     pub threads: usize,
+    /// Libtorch stages: the `[recipe] numerics` mode, the kernel-selection
+    /// environment, CPU and library versions the results depend on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numerics: Option<crate::numerics::NumericsRecord>,
     /// Data-parallel processes that ran the stage (rank 0 published).
     #[serde(default = "one")]
     pub ranks: usize,
@@ -109,6 +113,7 @@ mod tests {
             tool_version: env!("CARGO_PKG_VERSION").into(),
             host: host_name(),
             threads: 1,
+            numerics: None,
             device: "cpu".into(),
             memory_mb: 1,
             started: rfc3339(chrono::Utc::now()),

@@ -150,15 +150,8 @@ pub fn exec_stage(
             digests.entry(name.clone()).or_default().push(digest);
         }
     }
-    let components = job_components(
-        kind.as_ref(),
-        stage.as_ref(),
-        &spec.recipe_dir,
-        spec.components.seed,
-        spec.components.device_class.clone(),
-        digests,
-        &cache,
-    )?;
+    let components =
+        job_components(kind.as_ref(), stage.as_ref(), &spec.recipe_dir, &spec.components, digests, &cache)?;
     let recomputed = components.key();
     if recomputed != key {
         bail!(
@@ -301,6 +294,7 @@ mod tests {
             seed: 7,
             device_class: None,
             unkeyed: Vec::new(),
+            numerics: None,
         };
         let mut job_inputs = BTreeMap::new();
         job_inputs.insert("up".to_string(), vec![JobInput { stage: "a".into(), output: None, record: up_key }]);

@@ -3,6 +3,7 @@
 //!
 //! * [`args`]: the engine's commands as clap structs; [`execute`] runs one.
 //! * [`run`], [`plan`], [`cache`], [`kinds`], [`exec_stage`]: the commands.
+//! * [`numerics`]: `[recipe] numerics`, applied to the process first thing.
 //! * [`load`]: recipe, graph, cache and planning environment, as most
 //!   commands need them; [`exit`]: exit codes; [`signals`]: Ctrl-C;
 //!   [`progress`]: the engine's `RunProgress` on a console.
@@ -17,6 +18,7 @@ pub mod inspect;
 pub mod kinds;
 pub mod load;
 pub mod model;
+pub mod numerics;
 pub mod plan;
 pub mod progress;
 pub mod report_compare;

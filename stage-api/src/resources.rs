@@ -27,11 +27,15 @@ pub struct Resources {
     /// Rough peak memory estimate in MiB (shown by `plan`, used to avoid
     /// co-scheduling stages that would not fit).
     pub memory_mb: u64,
+    /// The stage computes with libtorch: the recipe's `numerics` setting
+    /// applies to it (in reproducible mode its thread count is the recipe's
+    /// `numerics_threads`, and the mode enters its cache key).
+    pub libtorch: bool,
 }
 
 impl Default for Resources {
     fn default() -> Self {
-        Self { cpu: 1, device: DeviceRequest::Cpu, memory_mb: 256 }
+        Self { cpu: 1, device: DeviceRequest::Cpu, memory_mb: 256, libtorch: false }
     }
 }
 

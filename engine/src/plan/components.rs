@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use pipeline_cache::{ActionRecord, Cache, Digest, Manifest};
-use stage_api::{ConfiguredStage, DeviceRequest, DynStageKind};
+use stage_api::{ConfiguredStage, DeviceRequest, DynStageKind, Resources};
 
 use super::device::resolve_device;
 use super::key::{ExternalDigest, InputDigest, KeyComponents};
 use crate::env::EngineEnv;
+use crate::numerics::Numerics;
 use crate::provenance::PROVENANCE_FILE;
 use crate::recipe::{Recipe, StageDecl};
 
@@ -92,6 +93,7 @@ struct Subject<'a> {
     recipe_dir: &'a Path,
     seed: u64,
     device_class: Option<String>,
+    numerics: Option<Numerics>,
 }
 
 impl Subject<'_> {
@@ -110,6 +112,7 @@ impl Subject<'_> {
             seed: self.seed,
             device_class: self.device_class,
             unkeyed: self.stage.unkeyed_params().into_iter().map(String::from).collect(),
+            numerics: self.numerics,
         }
     }
 }
@@ -122,6 +125,12 @@ fn device_class(requested: DeviceRequest, resolved: &Result<DeviceRequest, Strin
         (_, Ok(DeviceRequest::Cuda)) | (_, Err(_)) => Some("cuda".to_string()),
         (_, Ok(_)) => Some("cpu".to_string()),
     }
+}
+
+/// What a stage's key records of the recipe's numerics: only libtorch
+/// stages compute with the pinned kernels.
+pub fn stage_numerics(numerics: Numerics, resources: &Resources) -> Option<Numerics> {
+    if resources.libtorch { numerics.key_tag() } else { None }
 }
 
 /// Key components of `decl` given what is known of its upstreams (`None`:
@@ -150,6 +159,7 @@ pub fn stage_components<'r>(
         recipe_dir: recipe.dir(),
         seed: decl.seed,
         device_class: device_class(resources.device, &device),
+        numerics: stage_numerics(recipe.numerics, &resources),
     };
     let external =
         subject.external_digests(cache, warnings).with_context(|| format!("planning stage `{}`", decl.id))?;
@@ -210,18 +220,24 @@ pub fn final_components(
 
 /// The key components `exec-stage` recomputes for a job: the stage as this
 /// binary configures it, the inputs the job spec names (digests of
-/// published records, see [`published_input`]) and the seed and device
-/// class the submitting process planned with.
+/// published records, see [`published_input`]) and the seed, device
+/// class and numerics the submitting process planned with.
 pub fn job_components(
     kind: &dyn DynStageKind,
     stage: &dyn ConfiguredStage,
     recipe_dir: &Path,
-    seed: u64,
-    device_class: Option<String>,
+    planned: &KeyComponents,
     inputs: BTreeMap<String, Vec<InputDigest>>,
     cache: &Cache,
 ) -> anyhow::Result<KeyComponents> {
-    let subject = Subject { kind, stage, recipe_dir, seed, device_class };
+    let subject = Subject {
+        kind,
+        stage,
+        recipe_dir,
+        seed: planned.seed,
+        device_class: planned.device_class.clone(),
+        numerics: planned.numerics,
+    };
     let external = subject.external_digests(cache, &mut Vec::new())?;
     Ok(subject.components(inputs, external))
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::canonical;
+use crate::numerics::Numerics;
 
 /// Bump when the way keys are computed changes (every key changes with it).
 pub const KEY_SCHEMA_VERSION: u32 = 1;
@@ -56,6 +57,10 @@ pub struct KeyComponents {
     /// full params, left out of [`KeyComponents::key`] and of the diff.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unkeyed: Vec<String>,
+    /// `[recipe] numerics` of a libtorch stage in reproducible mode (its
+    /// results are then the recipe's, not the host's); none otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numerics: Option<Numerics>,
 }
 
 impl KeyComponents {
@@ -79,6 +84,9 @@ impl KeyComponents {
         h.field("seed", &self.seed.to_le_bytes());
         if let Some(class) = &self.device_class {
             h.field("device", class.as_bytes());
+        }
+        if let Some(n) = &self.numerics {
+            h.field("numerics", format!("{}:{}", n.mode.as_str(), n.threads).as_bytes());
         }
         h.finish()
     }
@@ -161,6 +169,13 @@ pub fn explain_change(stage_id: &str, prev: &KeyComponents, now: &KeyComponents)
         let show = |d: &Option<String>| d.clone().unwrap_or_else(|| "none".into());
         return format!("device class changed {} -> {}", show(&prev.device_class), show(&now.device_class));
     }
+    if prev.numerics != now.numerics {
+        let show = |n: &Option<Numerics>| match n {
+            Some(n) => format!("{} with {} threads", n.mode.as_str(), n.threads),
+            None => "fast".to_string(),
+        };
+        return format!("numerics changed {} -> {}", show(&prev.numerics), show(&now.numerics));
+    }
     "cache key schema changed".to_string()
 }
 
@@ -189,6 +204,7 @@ mod tests {
             seed: 17,
             device_class: None,
             unkeyed: Vec::new(),
+            numerics: None,
         }
     }
 
@@ -208,12 +224,15 @@ mod tests {
             Box::new(|c| c.external[0].digest = None),
             Box::new(|c| c.seed = 18),
             Box::new(|c| c.device_class = Some("cuda".into())),
+            Box::new(|c| c.numerics = Some(crate::numerics::Numerics::reproducible(1))),
         ];
         for m in mutations {
             let mut c = comps();
             m(&mut c);
             assert_ne!(c.key(), base.key(), "{c:?}");
         }
+        let threads = |n| KeyComponents { numerics: Some(crate::numerics::Numerics::reproducible(n)), ..comps() };
+        assert_ne!(threads(1).key(), threads(2).key(), "the pinned thread count is part of the key");
         // Moving an external input with unchanged content keeps the key.
         let mut moved = comps();
         moved.external[0].path = "/elsewhere/x".into();

@@ -15,6 +15,7 @@ use super::key::{KeyComponents, explain_change};
 use super::selection::Selection;
 use crate::env::EngineEnv;
 use crate::index::RunIndex;
+use crate::numerics::Numerics;
 use crate::recipe::{Recipe, StageDecl};
 
 /// What the run will do with a stage.
@@ -65,6 +66,16 @@ pub struct Plan {
 impl Plan {
     pub fn stage(&self, id: &str) -> Option<&PlannedStage> {
         self.stages.iter().find(|s| s.id == id)
+    }
+}
+
+/// What the scheduler grants a stage: a stage whose key pins its thread
+/// count (`[recipe] numerics_threads`) gets that many cores per rank, so
+/// the threads it will run with do not fight over fewer cores.
+fn planned_resources(numerics: Option<Numerics>, stage: Resources, ranks: usize) -> Resources {
+    match numerics {
+        Some(n) => Resources { cpu: n.threads * ranks.max(1), ..stage },
+        None => stage,
     }
 }
 
@@ -119,6 +130,8 @@ pub fn make_plan(
             }
         };
         pos.insert(id.to_string(), planned.len());
+        let ranks = recipe.executor.stage_override(&decl.id, &decl.name).ranks.unwrap_or(1);
+        let resources = planned_resources(comps.numerics, decl.stage.resources(), ranks);
         planned.push(PlannedStage {
             id: id.to_string(),
             kind: decl.kind.kind().to_string(),
@@ -128,8 +141,8 @@ pub fn make_plan(
             reason,
             forced: forced.is_some(),
             record,
-            resources: decl.stage.resources(),
-            ranks: recipe.executor.stage_override(&decl.id, &decl.name).ranks.unwrap_or(1),
+            resources,
+            ranks,
             device,
             warnings,
         });

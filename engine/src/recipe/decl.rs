@@ -90,6 +90,8 @@ pub struct Recipe {
     pub(super) dir: PathBuf,
     pub seed: u64,
     pub allow_cpu_fallback: bool,
+    /// `numerics` and `numerics_threads`: how libtorch stages compute.
+    pub numerics: crate::numerics::Numerics,
     pub description: Option<String>,
     /// blake3 (hex) of the merged, `--set`-applied recipe in canonical form.
     pub digest: String,

@@ -30,6 +30,8 @@ pub use source::SourceLoc;
 use source::{Origin, SourceMap};
 use stage_api::Registry;
 use stage_api::params::did_you_mean;
+
+use crate::numerics::{self, Numerics, NumericsMode};
 use tree::{Node, Table};
 
 /// Read, merge, override and check a recipe file.
@@ -92,6 +94,7 @@ pub fn load_recipe_str(
         dir,
         seed: header.seed,
         allow_cpu_fallback: header.allow_cpu_fallback,
+        numerics: header.numerics,
         description: header.description,
         digest,
         stages,
@@ -146,7 +149,8 @@ pub fn resolve_stage_selector<'r>(recipe: &'r Recipe, selector: &str) -> Result<
 }
 
 const TOP_LEVEL: &[&str] = &["recipe", "stage", "sweep", "executor"];
-const RECIPE_KEYS: &[&str] = &["name", "seed", "extends", "allow_cpu_fallback", "description"];
+const RECIPE_KEYS: &[&str] =
+    &["name", "seed", "extends", "allow_cpu_fallback", "numerics", "numerics_threads", "description"];
 
 fn check_top_level(sources: &SourceMap, root: &Table) -> Result<(), RecipeError> {
     for (key, entry) in root.in_order(sources) {
@@ -168,12 +172,19 @@ struct Header {
     name: String,
     seed: u64,
     allow_cpu_fallback: bool,
+    numerics: Numerics,
     description: Option<String>,
 }
 
 fn parse_header(sources: &SourceMap, node: Option<&Node>, path: &Path) -> Result<Header, RecipeError> {
     let default_name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut header = Header { name: default_name, seed: 0, allow_cpu_fallback: false, description: None };
+    let mut header = Header {
+        name: default_name,
+        seed: 0,
+        allow_cpu_fallback: false,
+        numerics: Numerics::default(),
+        description: None,
+    };
     let Some(node) = node else {
         names::check_recipe_name(sources, None, &header.name)?;
         return Ok(header);
@@ -205,6 +216,34 @@ fn parse_header(sources: &SourceMap, node: Option<&Node>, path: &Path) -> Result
             "allow_cpu_fallback" => match value.to_toml() {
                 toml::Value::Boolean(b) => header.allow_cpu_fallback = b,
                 _ => return Err(expected("`true` or `false`")),
+            },
+            "numerics" => {
+                header.numerics.mode = match value.to_toml() {
+                    toml::Value::String(s) if s == "fast" => NumericsMode::Fast,
+                    toml::Value::String(s) if s == "reproducible" => NumericsMode::Reproducible,
+                    other => {
+                        return Err(RecipeError::at(
+                            sources,
+                            &value.origin,
+                            format!("`recipe.numerics` must be \"fast\" or \"reproducible\", found {other}"),
+                        ));
+                    }
+                }
+            }
+            "numerics_threads" => match value.to_toml() {
+                toml::Value::Integer(n) if (1..=numerics::MAX_THREADS as i64).contains(&n) => {
+                    header.numerics.threads = n as usize
+                }
+                other => {
+                    return Err(RecipeError::at(
+                        sources,
+                        &value.origin,
+                        format!(
+                            "`recipe.numerics_threads` must be an integer from 1 to {}, found {other}",
+                            numerics::MAX_THREADS
+                        ),
+                    ));
+                }
             },
             _ => {
                 let hint = did_you_mean(key, RECIPE_KEYS.iter().copied())

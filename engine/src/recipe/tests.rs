@@ -859,3 +859,15 @@ fn executor_counts_have_ranges() {
     let e = load_err(&format!("{MINI}[executor]\nmax_resubmits = 5000000000\n"), &[]);
     assert!(e.message().ends_with("expected 0..=100"), "{e}");
 }
+
+#[test]
+fn numerics_defaults_to_fast_and_is_checked() {
+    use crate::numerics::{Numerics, NumericsMode};
+    assert_eq!(load(MINI, &[]).unwrap().numerics, Numerics::default());
+    let r = load(MINI, &["recipe.numerics=reproducible", "recipe.numerics_threads=2"]).unwrap();
+    assert_eq!(r.numerics, Numerics { mode: NumericsMode::Reproducible, threads: 2 });
+    let err = load_err(MINI, &["recipe.numerics=turbo"]);
+    assert!(err.to_string().contains(r#"must be "fast" or "reproducible", found "turbo""#), "{err}");
+    let err = load_err(MINI, &["recipe.numerics_threads=0"]);
+    assert!(err.to_string().contains("`recipe.numerics_threads` must be an integer from 1 to 1024, found 0"), "{err}");
+}

@@ -155,7 +155,7 @@ mod tests {
     }
 
     fn cpu(n: usize, mem: u64) -> Resources {
-        Resources { cpu: n, device: DeviceRequest::Cpu, memory_mb: mem }
+        Resources { cpu: n, device: DeviceRequest::Cpu, memory_mb: mem, libtorch: false }
     }
 
     #[test]
@@ -198,7 +198,7 @@ mod tests {
     #[test]
     fn each_cuda_device_is_held_by_one_stage() {
         let mut p = pool(8, 10_000, 2, 8);
-        let res = Resources { cpu: 1, device: DeviceRequest::Cuda, memory_mb: 1 };
+        let res = Resources { cpu: 1, device: DeviceRequest::Cuda, memory_mb: 1, libtorch: false };
         let a = p.try_acquire(&res, DeviceRequest::Cuda).unwrap();
         let b = p.try_acquire(&res, DeviceRequest::Cuda).unwrap();
         assert_eq!((a.device, b.device), (Device::Cuda(0), Device::Cuda(1)));
@@ -210,7 +210,7 @@ mod tests {
     #[test]
     fn a_data_parallel_stage_holds_one_device_per_rank_or_waits() {
         let mut p = pool(8, 10_000, 4, 8);
-        let res = Resources { cpu: 1, device: DeviceRequest::Cuda, memory_mb: 1 };
+        let res = Resources { cpu: 1, device: DeviceRequest::Cuda, memory_mb: 1, libtorch: false };
         let one = p.try_acquire(&res, DeviceRequest::Cuda).unwrap();
         let three = p.try_acquire_ranks(&res, DeviceRequest::Cuda, 3).unwrap();
         assert_eq!((three.device, three.cuda_devices()), (Device::Cuda(1), vec![1, 2, 3]));
@@ -224,7 +224,7 @@ mod tests {
     #[test]
     fn a_cluster_pool_counts_jobs_only() {
         let mut p = ResourcePool::jobs_only(2);
-        let big = Resources { cpu: 0, device: DeviceRequest::Cuda, memory_mb: 1 << 20 };
+        let big = Resources { cpu: 0, device: DeviceRequest::Cuda, memory_mb: 1 << 20, libtorch: false };
         let a = p.try_acquire(&big, DeviceRequest::Cuda).unwrap();
         assert_eq!((a.threads, a.device, a.memory_mb), (0, Device::Cuda(0), 1 << 20));
         let b = p.try_acquire(&cpu(64, 10), DeviceRequest::Cpu).unwrap();

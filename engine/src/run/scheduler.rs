@@ -518,7 +518,7 @@ mod tests {
         const VERSION: u32 = 1;
         const SUMMARY: &'static str = "test kind";
         fn resources(_p: &Self::Params) -> stage_api::Resources {
-            stage_api::Resources { cpu: 1, device: DeviceRequest::Cuda, memory_mb: 1 }
+            stage_api::Resources { cpu: 1, device: DeviceRequest::Cuda, memory_mb: 1, libtorch: false }
         }
         fn run(_p: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()> {
             std::fs::write(ctx.output_dir().join("device.txt"), format!("{:?}", ctx.device()))?;

@@ -20,6 +20,7 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use pipeline_cache::{ActionRecord, Cache, Digest};
 
+use crate::numerics::{NumericsMode, NumericsRecord, PINNED_ENV};
 use crate::plan::key::KeyComponents;
 use crate::provenance::{Provenance, rfc3339};
 use crate::workspace::StageStatus;
@@ -70,6 +71,43 @@ pub enum Ranks<'a> {
     Launched(&'a DistInfo),
     /// This process is rank 0 and starts ranks 1.. once the stage must run.
     Spawn { world_size: usize, launcher: &'a dyn PeerLauncher },
+}
+
+impl StageRun<'_> {
+    /// The threads the stage computes with: the recipe's `numerics_threads`
+    /// when its key pins them (whatever cores the scheduler or Slurm
+    /// granted: the thread count changes the bits), else the grant.
+    pub fn stage_threads(&self) -> usize {
+        self.components.numerics.map_or(self.threads, |n| n.threads).max(1)
+    }
+
+    /// A key that promises pinned kernels must not be produced by a process
+    /// that did not pin them (the binary does it first thing; a library
+    /// caller that forgot would publish host-dependent bits under it).
+    fn check_numerics(&self) -> anyhow::Result<()> {
+        if self.components.numerics.is_none() {
+            return Ok(());
+        }
+        for (name, want) in PINNED_ENV {
+            let have = std::env::var(name).ok();
+            if have.as_deref() != Some(want) {
+                bail!(
+                    "stage `{}` runs with `[recipe] numerics = \"reproducible\"` but this process has {name}={} instead of {want}: the kernels were not pinned before libtorch started",
+                    self.id,
+                    have.as_deref().unwrap_or("(unset)")
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The `numerics` section of provenance for libtorch stages.
+    fn numerics_record(&self) -> Option<NumericsRecord> {
+        self.stage.resources().libtorch.then(|| {
+            let mode = self.components.numerics.map_or(NumericsMode::Fast, |n| n.mode);
+            NumericsRecord::of_this_process(mode, self.stage_threads(), matches!(self.device, Device::Cuda(_)))
+        })
+    }
 }
 
 impl Ranks<'_> {
@@ -141,6 +179,7 @@ pub fn run_and_publish(
         }
         return Ok((record, StageStatus::Cached));
     }
+    run.check_numerics()?;
     let staging = cache.staging_dir(id)?;
     let scratch = cache.staging_dir(&format!("{id}.scratch"))?;
     // Restart state of an earlier failed attempt at this key is picked up,
@@ -203,7 +242,8 @@ pub fn run_and_publish(
         seed: c.seed,
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         host: host_name(),
-        threads: run.threads,
+        threads: run.stage_threads(),
+        numerics: run.numerics_record(),
         ranks: run.ranks.world_size(),
         device: match run.device {
             Device::Cpu => "cpu".to_string(),
@@ -248,7 +288,7 @@ fn run_stage(
 ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     let span_for_pool = tracing::Span::current();
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(run.threads.max(1))
+        .num_threads(run.stage_threads())
         .spawn_handler(move |thread| {
             let span = span_for_pool.clone();
             std::thread::Builder::new()
@@ -275,7 +315,7 @@ fn run_stage(
     }
     let mut ctx = builder.build()?;
     let rank = ctx.dist().map(|d| format!(" rank {}/{}", d.rank, d.world_size)).unwrap_or_default();
-    tracing::info!(key = %run.key.short(), threads = run.threads, device = ?run.device, "running {}{rank}", run.kind);
+    tracing::info!(key = %run.key.short(), threads = run.stage_threads(), device = ?run.device, "running {}{rank}", run.kind);
     let outcome = catch_unwind(AssertUnwindSafe(|| run.stage.run(&mut ctx)));
     ctx.progress().finish();
     let notes = ctx.notes();
@@ -320,6 +360,7 @@ fn abandon(dist: &DistInfo) {
 /// because the outputs were published meanwhile.
 pub fn run_peer(cache: &Cache, run: &StageRun<'_>, dist: &DistInfo, cancel: Arc<AtomicBool>) -> anyhow::Result<bool> {
     let id = run.id;
+    run.check_numerics()?;
     let staging = cache.staging_dir(&format!("{id}.rank{}", dist.rank))?;
     let scratch = cache.staging_dir(&format!("{id}.rank{}.scratch", dist.rank))?;
     let progress: Arc<dyn ProgressSink> = Arc::new(stage_api::LogProgress::default());

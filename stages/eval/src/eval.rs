@@ -517,9 +517,9 @@ impl StageKind for Eval {
 
     fn resources(p: &Self::Params) -> Resources {
         match p.backend {
-            EvalBackend::Local => Resources { cpu: 0, device: p.device.request(), memory_mb: 4096 },
+            EvalBackend::Local => Resources { cpu: 0, device: p.device.request(), memory_mb: 4096, libtorch: true },
             // Request threads wait on the network: one core, no device.
-            _ => Resources { cpu: 1, device: DeviceRequest::Cpu, memory_mb: 512 },
+            _ => Resources { cpu: 1, device: DeviceRequest::Cpu, memory_mb: 512, libtorch: false },
         }
     }
 
@@ -610,6 +610,7 @@ impl StageKind for Eval {
             EvalBackend::Local => {
                 let model_input = ctx.inputs("model").first().context("input `model` is missing")?;
                 let model = artifact_id(model_input);
+                let _threads = stages_vlm::ThreadsGuard::set(ctx.threads());
                 (generate_local(params, ctx, &rows, &users, seed)?, model, None)
             }
             EvalBackend::Http => {

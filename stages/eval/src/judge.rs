@@ -558,7 +558,7 @@ impl StageKind for Judge {
         match p.backend {
             Backend::Rules => Resources::default(),
             Backend::Http => Resources { cpu: p.http.concurrency.max(1), ..Default::default() },
-            Backend::Model => Resources { cpu: 0, device: p.model.device.request(), memory_mb: 4096 },
+            Backend::Model => Resources { cpu: 0, device: p.model.device.request(), memory_mb: 4096, libtorch: true },
         }
     }
 
@@ -606,6 +606,7 @@ impl StageKind for Judge {
             bail!("{}: no predictions to judge", path.display());
         }
         ctx.progress().start("judge", predictions.len() as u64);
+        let _threads = (params.backend == Backend::Model).then(|| stages_vlm::ThreadsGuard::set(ctx.threads()));
         let local = match (params.backend, ctx.optional_input("judge_model")?) {
             (Backend::Model, Some(dir)) => {
                 let (device, kind) = device_and_kind(ctx, &params.model.dtype)?;

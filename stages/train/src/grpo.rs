@@ -265,12 +265,15 @@ impl StageKind for Grpo {
     // micro-batches and ranks (a short last micro-batch weighed up to 4x more);
     // no step_time_s in metrics.jsonl, no resumed_from_step in trainable.json
     // (run facts go to provenance.json).
-    // 5: rollouts choose tokens on the device (top-k / nucleus candidates drawn
+    // 5: the gradient norm is summed in a thread-count-independent order
+    // (optim::squared_norm), so its last bits, and through clipping the
+    // weights, changed.
+    // 6: rollouts choose tokens on the device (top-k / nucleus candidates drawn
     // in vocabulary order; sampler log-probs from a tensor log-softmax, within
     // 1e-5 of the host's, so the sampling-diff metrics move) and drop finished
     // rows from the decode batch (other matmul batch shapes: logits can move
     // in the last bits and a draw pick another token).
-    const VERSION: u32 = 5;
+    const VERSION: u32 = 6;
     const DISTRIBUTED: bool = true;
     const SUMMARY: &'static str =
         "GRPO on a Qwen2.5-VL checkpoint with weighted format/validity/correctness rewards (resumable)";
@@ -284,7 +287,7 @@ impl StageKind for Grpo {
     }
 
     fn resources(p: &GrpoParams) -> Resources {
-        Resources { cpu: 0, device: p.device.request(), memory_mb: 4096 }
+        Resources { cpu: 0, device: p.device.request(), memory_mb: 4096, libtorch: true }
     }
 
     fn validate(p: &GrpoParams) -> Result<(), ParamError> {

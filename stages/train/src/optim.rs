@@ -161,12 +161,45 @@ pub fn adamw_update(
     pf - update * lr
 }
 
-/// Sum of the squares of every value of `tensors` (in f32, summed in f64
-/// over the tensors in order): the local part of the global gradient norm.
-/// The one function every norm goes through (replicated clipping and each
-/// rank's shard), so the summation order is decided here.
+/// Elements per row of [`squared_norm`]'s partial sums: below ATen's
+/// parallel grain (32,768), so a tensor of one row is summed by one thread.
+const NORM_CHUNK: i64 = 4096;
+
+/// Sum of the squares of every value of `tensors` (in f32, summed in f64):
+/// the local part of the global gradient norm. The one function every norm
+/// goes through (replicated clipping and each rank's shard), so the
+/// summation order is decided here, and it does not depend on the thread
+/// count: ATen's full reduction (`x.square().sum()`) splits its sum by
+/// thread above 32,768 elements (docs/numerics.md), so each tensor is
+/// summed per row of [`NORM_CHUNK`] elements on its device (a reduction
+/// along a dimension gives each row to one thread, in a fixed order), and
+/// the row sums are added on the CPU in f64 in index order.
 pub fn squared_norm(tensors: &[Tensor]) -> f64 {
-    tensors.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float).double_value(&[])).sum()
+    let mut total = 0f64;
+    for g in tensors {
+        let flat = g.detach().to_kind(Kind::Float).flatten(0, -1);
+        let n = flat.size()[0];
+        let rows = n / NORM_CHUNK;
+        let mut parts: Vec<Tensor> = Vec::with_capacity(2);
+        if rows > 0 {
+            parts.push(flat.narrow(0, 0, rows * NORM_CHUNK).square().reshape([rows, NORM_CHUNK]).sum_dim_intlist(
+                1,
+                false,
+                Kind::Float,
+            ));
+        }
+        if n > rows * NORM_CHUNK {
+            parts.push(flat.narrow(0, rows * NORM_CHUNK, n - rows * NORM_CHUNK).square().sum(Kind::Float).view([1]));
+        }
+        for part in parts {
+            // A failed copy makes the norm NaN (shown in the metrics), never a silent 0.
+            match Vec::<f32>::try_from(part.to_device(tch::Device::Cpu)) {
+                Ok(sums) => total += sums.iter().map(|&x| f64::from(x)).sum::<f64>(),
+                Err(_) => return f64::NAN,
+            }
+        }
+    }
+    total
 }
 
 /// Scale gradients so their global L2 norm is at most `max_norm` (0 = no
@@ -228,6 +261,30 @@ impl LrSchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn squared_norm_does_not_depend_on_the_thread_count() {
+        // Sizes above ATen's parallel grain, where a full `sum()` splits by thread.
+        let grads: Vec<Tensor> = [1 << 20, 100_000, 65_537, 129_024, 3]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let x = Tensor::arange(n, (Kind::Float, tch::Device::Cpu));
+                ((x * (0.618_034 + i as f64)).sin() * 1e-2).view([-1])
+            })
+            .collect();
+        let norm_at = |threads: usize| {
+            let _guard = stages_vlm::ThreadsGuard::set(threads);
+            squared_norm(&grads)
+        };
+        let one = norm_at(1);
+        for threads in [2, 3, 4] {
+            assert_eq!(norm_at(threads).to_bits(), one.to_bits(), "{threads} threads");
+        }
+        let exact: f64 =
+            grads.iter().flat_map(|g| Vec::<f32>::try_from(g).unwrap()).map(|x| f64::from(x) * f64::from(x)).sum();
+        assert!((one - exact).abs() <= 1e-5 * exact, "{one} vs {exact}");
+    }
 
     #[test]
     fn schedule_warms_up_then_decays_to_zero() {

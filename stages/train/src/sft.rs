@@ -166,7 +166,10 @@ impl StageKind for Sft {
     // 3: the step loss is the mean over all its tokens (was: mean of micro-batch means).
     // 4: outputs hold results only: no tokens_per_s in metrics.jsonl, no
     // resumed_from_step in trainable.json (run facts go to provenance.json).
-    const VERSION: u32 = 4;
+    // 5: the gradient norm is summed in a thread-count-independent order
+    // (optim::squared_norm), so its last bits, and through clipping the
+    // weights, changed.
+    const VERSION: u32 = 5;
     const DISTRIBUTED: bool = true;
     const SUMMARY: &'static str =
         "Supervised fine-tuning of a Qwen2.5-VL checkpoint on a VQA split (loss on assistant tokens only)";
@@ -184,7 +187,7 @@ impl StageKind for Sft {
     }
 
     fn resources(p: &SftParams) -> Resources {
-        Resources { cpu: 0, device: p.device.request(), memory_mb: 4096 }
+        Resources { cpu: 0, device: p.device.request(), memory_mb: 4096, libtorch: true }
     }
 
     fn validate(p: &SftParams) -> Result<(), ParamError> {

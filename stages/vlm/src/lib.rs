@@ -20,6 +20,7 @@ pub mod pretrained;
 pub mod processor;
 pub mod qwen2_5_vl;
 pub mod qwen2_vl;
+pub mod threads;
 pub mod training;
 
 pub use config::{ModelType, Qwen25VlConfig, VisionTowerConfig};
@@ -28,4 +29,5 @@ pub use error::ModelError;
 pub use init_model::InitModel;
 pub use model::{Batch, Qwen25Vl, VisionTower};
 pub use pretrained::Pretrained;
+pub use threads::ThreadsGuard;
 pub use training::LogitsSpan;

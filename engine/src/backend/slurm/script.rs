@@ -147,7 +147,7 @@ mod tests {
         const SUMMARY: &'static str = "test kind";
         fn resources(p: &ProbeParams) -> Resources {
             let device = if p.cuda { DeviceRequest::Cuda } else { DeviceRequest::Cpu };
-            Resources { cpu: 0, device, memory_mb: 256 }
+            Resources { cpu: 0, device, memory_mb: 256, libtorch: false }
         }
         fn run(_p: &ProbeParams, _ctx: &mut StageContext) -> anyhow::Result<()> {
             Ok(())

@@ -22,20 +22,7 @@ pub fn regex_union(patterns: &[String]) -> Result<String, String> {
     Ok(union)
 }
 
-/// Sets libtorch's intra-op threads to the stage's share for its lifetime.
-pub struct ThreadsGuard(i32);
-impl ThreadsGuard {
-    pub fn set(n: usize) -> Self {
-        let prev = tch::get_num_threads();
-        tch::set_num_threads(n.max(1) as i32);
-        Self(prev)
-    }
-}
-impl Drop for ThreadsGuard {
-    fn drop(&mut self) {
-        tch::set_num_threads(self.0);
-    }
-}
+pub use stages_vlm::ThreadsGuard;
 
 /// The trainable tensors of a model: names and (shared-storage) handles.
 pub struct Trainable {
