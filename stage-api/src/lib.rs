@@ -11,14 +11,18 @@
 
 pub mod context;
 pub mod dist;
+pub mod memory;
 pub mod params;
+pub mod plan;
 pub mod registry;
 pub mod resources;
 pub mod stage;
 
 pub use context::{Artifact, LogProgress, MetricsSink, ProgressSink, StageContext, StageContextBuilder, derive_seed};
 pub use dist::{DistInfo, RENDEZVOUS_ABANDONED, host_name};
+pub use memory::{MemoryEstimate, MemoryPool, MemoryPrediction, MemoryTerm, Phase};
 pub use params::ParamError;
+pub use plan::{InputSource, PendingInput, PlanFacts, PlanInput, PlanInputs, PlanOutput, PlanView};
 pub use registry::Registry;
 pub use resources::{Device, DeviceRequest, Resources};
 pub use stage::{ConfiguredStage, DynStageKind, InputSpec, OutputSpec, StageDoc, StageKind};

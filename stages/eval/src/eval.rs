@@ -15,7 +15,7 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
+use stage_api::{InputSpec, MemoryEstimate, ParamError, PlanView, Resources, StageContext, StageKind};
 use stages_vlm::chat::{ChatTokenizer, Message};
 use stages_vlm::device::{DeviceChoice, device_and_kind};
 use stages_vlm::generate::{GenerationConfig, generate};
@@ -341,7 +341,12 @@ impl StageKind for Eval {
     }
 
     fn resources(p: &Self::Params) -> Resources {
+        // Until `memory` can read the model config (see `crate::memory`).
         Resources { cpu: 0, device: p.device.request(), memory_mb: 4096 }
+    }
+
+    fn memory(p: &Self::Params, plan: &PlanView) -> MemoryEstimate {
+        crate::memory::eval_memory(p, plan)
     }
 
     fn validate(p: &Self::Params) -> Result<(), ParamError> {

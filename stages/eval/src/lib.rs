@@ -16,6 +16,7 @@ pub mod artifacts;
 pub mod eval;
 pub mod general;
 pub mod judge;
+pub mod memory;
 pub mod metrics;
 pub mod plots;
 pub mod predictions;

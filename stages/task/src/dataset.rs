@@ -136,6 +136,30 @@ fn options(b: &RecordBatch, path: &Path) -> Result<Option<Vec<Vec<String>>>, Dat
 }
 
 /// Read every row of a split (files in name order, rows in file order).
+/// How big a split is, from the Parquet footers alone (no row is read):
+/// what a plan can say about the rows a stage will hold in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitSize {
+    pub rows: u64,
+    /// The split's Parquet bytes (images are stored as encoded PNG/JPEG, so
+    /// close to the bytes the rows take once read).
+    pub bytes: u64,
+}
+
+/// [`SplitSize`] of a split directory (or one Parquet file).
+pub fn split_size(dir: &Path) -> Result<SplitSize, DatasetError> {
+    let mut size = SplitSize { rows: 0, bytes: 0 };
+    for path in parquet_files(dir)? {
+        let file_err = |e: &dyn std::fmt::Display| DatasetError::File { path: path.clone(), message: e.to_string() };
+        let file = File::open(&path).map_err(|e| file_err(&e))?;
+        size.bytes += file.metadata().map_err(|e| file_err(&e))?.len();
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| file_err(&format!("not a readable Parquet file: {e}")))?;
+        size.rows += builder.metadata().file_metadata().num_rows().max(0) as u64;
+    }
+    Ok(size)
+}
+
 pub fn read_split(dir: &Path) -> Result<Vec<VqaRow>, DatasetError> {
     let mut rows = Vec::new();
     for path in parquet_files(dir)? {
@@ -240,6 +264,9 @@ mod tests {
         write_rows(&dir.path().join("test-00000-of-00002.parquet"), &[a, text_only.clone()]).unwrap();
         let rows = read_split(dir.path()).unwrap();
         assert_eq!(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a", "t", "b"]);
+        let size = split_size(dir.path()).unwrap();
+        let on_disk: u64 = parquet_files(dir.path()).unwrap().iter().map(|f| f.metadata().unwrap().len()).sum();
+        assert_eq!(size, SplitSize { rows: 3, bytes: on_disk }, "rows from the footers alone");
         assert_eq!(rows[0].image.as_deref(), Some(&[1u8, 2][..]));
         assert_eq!((rows[0].answer.as_str(), rows[0].class_name.as_str()), ("A", "airway abnormalities"));
         assert_eq!((&rows[1], &rows[2]), (&text_only, &b), "rows read back as written");

@@ -29,7 +29,7 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Deserializer, Serialize};
 use stage_api::schemars::{self, JsonSchema};
-use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
+use stage_api::{InputSpec, MemoryEstimate, ParamError, PlanOutput, PlanView, Resources, StageContext, StageKind};
 use stages_task::answer::DEFAULT_ANSWER_REGEX;
 use stages_task::dataset::{VqaRow, read_split};
 use stages_task::prompt::PromptVariant;
@@ -233,7 +233,16 @@ impl StageKind for Grpo {
     }
 
     fn resources(p: &GrpoParams) -> Resources {
+        // Until `memory` can read the model config (see `crate::memory`).
         Resources { cpu: 0, device: p.device.request(), memory_mb: 4096 }
+    }
+
+    fn memory(p: &GrpoParams, plan: &PlanView) -> MemoryEstimate {
+        crate::memory::grpo_memory(p, plan)
+    }
+
+    fn plan_output(_: &GrpoParams, plan: &PlanView) -> PlanOutput {
+        crate::memory::checkpoint_stand_in(plan)
     }
 
     fn validate(p: &GrpoParams) -> Result<(), ParamError> {

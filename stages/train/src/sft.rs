@@ -22,7 +22,9 @@ use anyhow::{Context as _, bail};
 use rand::seq::SliceRandom as _;
 use serde::{Deserialize, Serialize};
 use stage_api::schemars::{self, JsonSchema};
-use stage_api::{InputSpec, OutputSpec, ParamError, Resources, StageContext, StageKind};
+use stage_api::{
+    InputSpec, MemoryEstimate, OutputSpec, ParamError, PlanOutput, PlanView, Resources, StageContext, StageKind,
+};
 use stages_task::dataset::{VqaRow, read_split};
 use stages_task::prompt::PromptVariant;
 use stages_vlm::chat::ChatTokenizer;
@@ -148,7 +150,16 @@ impl StageKind for Sft {
     }
 
     fn resources(p: &SftParams) -> Resources {
+        // Until `memory` can read the model config (see `crate::memory`).
         Resources { cpu: 0, device: p.device.request(), memory_mb: 4096 }
+    }
+
+    fn memory(p: &SftParams, plan: &PlanView) -> MemoryEstimate {
+        crate::memory::sft_memory(p, plan)
+    }
+
+    fn plan_output(_: &SftParams, plan: &PlanView) -> PlanOutput {
+        crate::memory::checkpoint_stand_in(plan)
     }
 
     fn validate(p: &SftParams) -> Result<(), ParamError> {

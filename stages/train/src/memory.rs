@@ -1,0 +1,337 @@
+//! Predicted memory of `sft` and `grpo` per rank, from the model config the
+//! plan can read (`stages_vlm::memory` has the formulas), the params and the
+//! executor's ranks: what `pipeline plan` prints and what admission and
+//! Slurm ask for.
+//!
+//! Sequence lengths at plan time are bounds: image tokens from the data's
+//! pixel bound (the `render` stage's resize bound reaches us as a plan fact)
+//! within the processor's `max_pixels`, prompt text from the template's
+//! characters, the completion budget. [`sft_prediction`] and
+//! [`grpo_prediction`] take the lengths explicitly, so the memory probe
+//! (`examples/memory_probe.rs`) evaluates the same model at the lengths it
+//! measured.
+
+use std::path::Path;
+
+use regex::Regex;
+use stage_api::{DeviceRequest, MemoryEstimate, MemoryPool, MemoryPrediction, MemoryTerm, Phase, PlanOutput, PlanView};
+use stages_task::prompt::{NO_THINK_TEMPLATE, PromptVariant, THINK_TEMPLATE};
+use stages_vlm::memory::plan as vplan;
+use stages_vlm::memory::{
+    Levers, Loss, ParamTable, Pass, Precision, Shard, TrainSetup, TrainableSet, generation, image_tokens,
+    no_grad_layer, prompt_text_tokens,
+};
+
+use crate::grpo::GrpoParams;
+use crate::setup::regex_union;
+use crate::sft::{SftParams, Target};
+
+/// Token counts of one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lengths {
+    /// Prompt tokens: chat framing, text and image tokens.
+    pub prompt: u64,
+    /// Vision patches of the prompt's image (0 without one).
+    pub patches: u64,
+    /// SFT: target tokens; GRPO: the completion budget.
+    pub completion: u64,
+}
+
+/// Where and how a prediction's stage runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Where {
+    pub ranks: u64,
+    pub cuda: bool,
+    /// Rows and bytes of the training split, when it is published.
+    pub data: Option<stages_task::dataset::SplitSize>,
+    /// ZeRO level of the optimizer state and gradients.
+    pub shard: Shard,
+    /// Activation checkpointing.
+    pub checkpointing: bool,
+}
+
+fn levers_sft() -> Levers {
+    Levers {
+        micro_batch: Some("batch_size".into()),
+        // ZeRO and activation checkpointing are not params yet.
+        checkpointing: None,
+        shard_optimizer: None,
+        shard_gradients: None,
+        trainable: Some("fewer `trainable` tensors".into()),
+        generation_batch: None,
+        generation_length: None,
+    }
+}
+
+fn levers_grpo() -> Levers {
+    Levers {
+        micro_batch: Some("micro_batch_size".into()),
+        generation_batch: Some("prompts_per_step (per rank) or num_generations".into()),
+        generation_length: Some("max_completion_length".into()),
+        ..levers_sft()
+    }
+}
+
+fn trainable_set(table: &ParamTable, patterns: &[String]) -> Result<TrainableSet, String> {
+    let union = regex_union(patterns)?;
+    let re = Regex::new(&union).map_err(|e| e.to_string())?;
+    Ok(table.select(&re))
+}
+
+/// The ZeRO level and checkpointing of a stage. Neither is a param yet: when
+/// `SftParams`/`GrpoParams` gain `shard` and `gradient_checkpointing`, read
+/// them here (one line each) and name them in the levers above
+/// (`shard_optimizer: Some("shard = \"optimizer\"")`, ...).
+fn parallel_settings() -> (Shard, bool) {
+    (Shard::None, false)
+}
+
+/// Host memory besides the model: the process and its data.
+fn host_pool(w: &Where, data_rows_extra: Option<(&str, u64, String)>, save: u64) -> (MemoryPool, Vec<String>) {
+    let mut pool = MemoryPool::default();
+    let mut notes = Vec::new();
+    pool.resident.push(vplan::runtime_term(w.cuda));
+    match &w.data {
+        Some(d) => {
+            pool.resident.push(MemoryTerm::new(
+                "training split",
+                d.bytes,
+                format!("{} rows read whole (their Parquet bytes)", d.rows),
+            ));
+            if let Some((name, bytes, formula)) = data_rows_extra {
+                pool.resident.push(MemoryTerm::new(name, bytes, formula));
+            }
+        }
+        None => notes.push("the training split is not published yet: its rows (host memory) are not counted".into()),
+    }
+    pool.phases.push(Phase::new(
+        "saving the model",
+        vec![MemoryTerm::new("checkpoint shard", save, "one safetensors shard staged in host memory".to_string())],
+    ));
+    (pool, notes)
+}
+
+/// The SFT prediction at given lengths.
+pub fn sft_prediction(
+    p: &SftParams,
+    model: &vplan::ModelFacts,
+    precision: Precision,
+    lengths: Lengths,
+    w: &Where,
+) -> Result<MemoryPrediction, String> {
+    let table = ParamTable::of(&model.config);
+    let trainable = trainable_set(&table, &p.trainable)?;
+    let setup = TrainSetup {
+        config: &model.config,
+        table: &table,
+        trainable: &trainable,
+        precision,
+        cuda: w.cuda,
+        ranks: w.ranks,
+        shard: w.shard,
+        checkpointing: w.checkpointing,
+    };
+    let levers = levers_sft();
+    let pass = Pass { batch: p.batch_size as u64, seq: lengths.prompt + lengths.completion, patches: lengths.patches };
+    let device = MemoryPool {
+        resident: setup.model_states(false, &levers),
+        phases: vec![setup.training_pass(&pass, Loss::CrossEntropy, &levers), setup.optimizer_step()],
+    };
+    // Every example is encoded up front, its pixel values kept in f32.
+    let encoded = w.data.map(|d| {
+        let per = lengths.patches * model.patch_dim() * 4 + (lengths.prompt + lengths.completion) * 16;
+        (
+            "encoded examples",
+            d.rows * per,
+            format!("{} rows × ({} patches × {} × 4 B + ids, labels)", d.rows, lengths.patches, model.patch_dim()),
+        )
+    });
+    let save = vplan::save_shard_bytes(table.total() * precision.bytes(), p.max_shard_mb);
+    let (host, mut notes) = host_pool(w, encoded, save);
+    notes.insert(
+        0,
+        format!(
+            "rows of {} tokens ({} prompt incl. image, {} target), {} per micro-batch, {} trainable of {} parameters",
+            pass.seq,
+            lengths.prompt,
+            lengths.completion,
+            p.batch_size,
+            trainable.params,
+            table.total()
+        ),
+    );
+    Ok(predict(w.cuda, device, host, notes))
+}
+
+/// The GRPO prediction at given lengths.
+pub fn grpo_prediction(
+    p: &GrpoParams,
+    model: &vplan::ModelFacts,
+    precision: Precision,
+    lengths: Lengths,
+    w: &Where,
+) -> Result<MemoryPrediction, String> {
+    let table = ParamTable::of(&model.config);
+    let trainable = trainable_set(&table, &p.trainable)?;
+    let setup = TrainSetup {
+        config: &model.config,
+        table: &table,
+        trainable: &trainable,
+        precision,
+        cuda: w.cuda,
+        ranks: w.ranks,
+        shard: w.shard,
+        checkpointing: w.checkpointing,
+    };
+    let levers = levers_grpo();
+    let (s, vocab) = (precision.bytes(), model.config.text.vocab_size.max(0) as u64);
+    let prompts = (p.prompts_per_step as u64).div_ceil(w.ranks.max(1));
+    let g = p.num_generations as u64;
+    let rows = prompts * g;
+    let c = lengths.completion;
+    let mb = (p.micro_batch_size as u64).min(rows).max(1);
+    let pass = Pass { batch: mb, seq: lengths.prompt + c, patches: lengths.patches };
+    let mut train = setup.training_pass(&pass, Loss::TokenLogps { completion: c }, &levers);
+    // The round's micro-batches stay on the device while it trains: each
+    // completion carries its prompt's pixel values.
+    let round = rows * (lengths.patches * model.patch_dim() * s + (lengths.prompt + c) * 16 + c * 16);
+    train.terms.push(MemoryTerm::new(
+        "rollout tensors",
+        round,
+        format!("{rows} completions' inputs, masks, log-probs"),
+    ));
+    let reference = Phase::new(
+        "reference log-probs",
+        vec![MemoryTerm::new(
+            "no-grad forward",
+            no_grad_layer(&model.config, precision, mb, pass.seq)
+                + mb * (c + 1) * vocab * s
+                + 4 * mb * c * vocab * 4
+                + round,
+            format!("largest layer + log-probs over B {mb} × C {c} × V {vocab}"),
+        )],
+    );
+    let rollout = generation(&model.config, precision, prompts, g, lengths.prompt, c, &levers);
+    let device = MemoryPool {
+        resident: setup.model_states(p.beta != 0.0, &levers),
+        phases: vec![rollout, reference, train, setup.optimizer_step()],
+    };
+    let save = vplan::save_shard_bytes(table.total() * precision.bytes(), p.max_shard_mb);
+    let (host, mut notes) = host_pool(w, None, save);
+    notes.insert(
+        0,
+        format!(
+            "{prompts} prompts × G {g} per rank, prompt {} tokens incl. image, completion ≤ {c}, micro-batch {mb}, {} trainable of {} parameters",
+            lengths.prompt,
+            trainable.params,
+            table.total()
+        ),
+    );
+    Ok(predict(w.cuda, device, host, notes))
+}
+
+fn predict(cuda: bool, device: MemoryPool, host: MemoryPool, notes: Vec<String>) -> MemoryPrediction {
+    if cuda {
+        MemoryPrediction::on_gpu(device, host, notes)
+    } else {
+        let mut p = MemoryPrediction::on_cpu(device, host, notes);
+        vplan::add_cpu_allocator_retention(&mut p);
+        p
+    }
+}
+
+fn template_chars(variant: PromptVariant) -> u64 {
+    let t = match variant {
+        PromptVariant::NoThink => NO_THINK_TEMPLATE,
+        PromptVariant::Think | PromptVariant::CotForcing => THINK_TEMPLATE,
+        PromptVariant::Dataset => "",
+    };
+    t.len() as u64
+}
+
+/// Plan-time lengths: the prompt's bound (see the module docs) and
+/// `completion`, with a note saying where they come from.
+pub fn plan_lengths(
+    model: &vplan::ModelFacts,
+    view: &PlanView,
+    variant: PromptVariant,
+    completion: u64,
+) -> (Lengths, String) {
+    let bound = view.inputs.facts("data").get(stage_api::plan::facts::MAX_IMAGE_PIXELS);
+    let (tokens, patches) = match &model.config.vision {
+        Some(_) => image_tokens(bound, model.max_pixels, model.patch_size, model.merge_size),
+        None => (0, 0),
+    };
+    let text = prompt_text_tokens(template_chars(variant), vplan::QUESTION_CHARS);
+    let image = if tokens > 0 { tokens + 2 } else { 0 };
+    let source = match bound {
+        Some(b) if model.config.vision.is_some() => format!("images ≤ {b} px (data bound) → {tokens} image tokens"),
+        _ if model.config.vision.is_some() => {
+            format!("images ≤ the processor's max_pixels {} → {tokens} image tokens", model.max_pixels)
+        }
+        _ => "no images".to_string(),
+    };
+    let note = format!("lengths are bounds: {source}; prompt text ≈ {text} tokens (estimated from characters)");
+    (Lengths { prompt: text + image, patches, completion }, note)
+}
+
+pub fn plan_where(view: &PlanView) -> Where {
+    let data = view.inputs.published("data").and_then(|d| stages_task::dataset::split_size(d).ok());
+    let (shard, checkpointing) = parallel_settings();
+    Where { ranks: view.ranks as u64, cuda: view.device == DeviceRequest::Cuda, data, shard, checkpointing }
+}
+
+/// SFT target tokens, estimated from characters (3 per token).
+pub fn sft_target_tokens(p: &SftParams) -> u64 {
+    let chars = match p.target {
+        Target::Answer => "<answer> X </answer><|im_end|>".len(),
+        // `{class_name}` becomes a class name of up to ~30 characters.
+        Target::ThinkAnswer => p.think_text.len() + "<think></think>\n<answer> X </answer><|im_end|>".len() + 30,
+    } as u64;
+    chars.div_ceil(3)
+}
+
+/// `StageKind::memory` of `sft`.
+pub fn sft_memory(p: &SftParams, view: &PlanView) -> MemoryEstimate {
+    estimate(view, &p.dtype, |model, precision| {
+        let (lengths, note) = plan_lengths(model, view, p.prompt, sft_target_tokens(p));
+        let mut pred = sft_prediction(p, model, precision, lengths, &plan_where(view))?;
+        pred.notes.push(note);
+        Ok(pred)
+    })
+}
+
+/// `StageKind::memory` of `grpo`.
+pub fn grpo_memory(p: &GrpoParams, view: &PlanView) -> MemoryEstimate {
+    estimate(view, &p.dtype, |model, precision| {
+        let (lengths, note) = plan_lengths(model, view, p.prompt, p.max_completion_length as u64);
+        let mut pred = grpo_prediction(p, model, precision, lengths, &plan_where(view))?;
+        pred.notes.push(note);
+        Ok(pred)
+    })
+}
+
+/// A trained checkpoint keeps its input's config, tokenizer, processor and
+/// tensor shapes: the input model stands in for the output before it exists.
+pub fn checkpoint_stand_in(view: &PlanView) -> PlanOutput {
+    PlanOutput { stand_in: view.inputs.path("model").ok().map(Path::to_path_buf), facts: view.inputs.all_facts() }
+}
+
+fn estimate(
+    view: &PlanView,
+    dtype: &str,
+    f: impl FnOnce(&vplan::ModelFacts, Precision) -> Result<MemoryPrediction, String>,
+) -> MemoryEstimate {
+    let dir: &Path = match view.inputs.path("model") {
+        Ok(d) => d,
+        Err(pending) => return MemoryEstimate::Unknown { reason: pending.to_string() },
+    };
+    let cuda = view.device == DeviceRequest::Cuda;
+    let Some(precision) = Precision::from_dtype(dtype, cuda) else {
+        return MemoryEstimate::Unknown { reason: format!("unknown dtype {dtype:?}") };
+    };
+    match vplan::ModelFacts::read(dir).and_then(|m| f(&m, precision)) {
+        Ok(p) => MemoryEstimate::Predicted(p),
+        Err(e) => MemoryEstimate::Unknown { reason: e },
+    }
+}
