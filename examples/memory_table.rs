@@ -19,7 +19,7 @@ use stage_api::plan::facts;
 use stage_api::{DeviceRequest, InputSource, MemoryEstimate, PlanFacts, PlanInput, PlanInputs, PlanView, Registry};
 use stages_eval::eval::EvalParams;
 use stages_train::grpo::GrpoParams;
-use stages_train::memory::{Where, grpo_prediction, plan_lengths, sft_prediction, sft_target_tokens};
+use stages_train::memory::{Where, grpo_prediction, plan_lengths, sft_prediction};
 use stages_train::sft::SftParams;
 use stages_vlm::memory::plan::ModelFacts;
 use stages_vlm::memory::{Precision, Shard};
@@ -102,11 +102,12 @@ fn main() -> anyhow::Result<()> {
             for checkpointing in [false, true] {
                 let w = Where { ranks: ranks as u64, cuda: true, data: None, shard, checkpointing };
                 let pred = if is_sft {
-                    let (len, _) = plan_lengths(&model, &view, sft.prompt, sft_target_tokens(&sft));
-                    sft_prediction(&sft, &model, Precision::Bf16, len, &w)
+                    let settings = sft.memory_settings();
+                    let (len, _) = plan_lengths(&model, &view, sft.prompt, settings.target_tokens);
+                    sft_prediction(&settings, &model, Precision::Bf16, len, &w)
                 } else {
                     let (len, _) = plan_lengths(&model, &view, grpo.prompt, grpo.max_completion_length as u64);
-                    grpo_prediction(&grpo, &model, Precision::Bf16, len, &w)
+                    grpo_prediction(&grpo.memory_settings(), &model, Precision::Bf16, len, &w)
                 }
                 .map_err(anyhow::Error::msg)?;
                 let Some(pool) = pred.gpu.as_ref() else { anyhow::bail!("a CUDA prediction has a GPU pool") };
@@ -126,7 +127,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let est = stages_eval::memory::eval_memory(&eval, &PlanView { ranks: 1, ..view.clone() });
+    let est = stages_eval::memory::eval_memory(&eval.memory_settings(), &PlanView { ranks: 1, ..view.clone() });
     if let MemoryEstimate::Predicted(p) = est {
         let pool = p.gpu.as_ref().ok_or_else(|| anyhow::anyhow!("eval on CUDA has a GPU pool"))?;
         let peak = pool.peak_bytes();

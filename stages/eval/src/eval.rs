@@ -30,6 +30,7 @@ use stages_task::dataset::{VqaRow, parquet_files, read_split};
 use stages_task::prompt::{NO_THINK_TEMPLATE, PromptVariant, THINK_TEMPLATE, user_text};
 
 use crate::artifacts::{GALLERY_DIR, GALLERY_JSON, METRICS_JSON, PREDICTIONS_JSONL, PREDICTIONS_PARQUET, artifact_id};
+use crate::memory::EvalSettings;
 use crate::metrics::{CiMethod, EvalSource, ScoredItem, aggregate};
 use crate::predictions::{Prediction, write_jsonl, write_parquet};
 
@@ -319,6 +320,24 @@ fn write_gallery(dir: &Path, rows: &[VqaRow], preds: &[Prediction], n: usize) ->
     std::fs::write(&path, serde_json::to_string_pretty(&kept)?).with_context(|| format!("writing {}", path.display()))
 }
 
+impl EvalParams {
+    /// What the memory prediction reads (`crate::memory`).
+    pub fn memory_settings(&self) -> EvalSettings<'_> {
+        let template = match self.prompt {
+            PromptVariant::NoThink => self.no_think_template.len(),
+            PromptVariant::Think | PromptVariant::CotForcing => self.think_template.len() + self.cot_prefill.len(),
+            PromptVariant::Dataset => 0,
+        };
+        let batch = self.limit.map_or(self.batch_size, |l| l.min(self.batch_size));
+        EvalSettings {
+            dtype: &self.dtype,
+            batch: batch as u64,
+            max_new_tokens: self.max_new_tokens as u64,
+            template_chars: template as u64,
+        }
+    }
+}
+
 pub struct Eval;
 
 impl StageKind for Eval {
@@ -346,7 +365,7 @@ impl StageKind for Eval {
     }
 
     fn memory(p: &Self::Params, plan: &PlanView) -> MemoryEstimate {
-        crate::memory::eval_memory(p, plan)
+        crate::memory::eval_memory(&p.memory_settings(), plan)
     }
 
     fn validate(p: &Self::Params) -> Result<(), ParamError> {

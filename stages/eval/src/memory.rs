@@ -6,20 +6,28 @@
 use std::path::Path;
 
 use stage_api::{DeviceRequest, MemoryEstimate, MemoryPool, MemoryPrediction, MemoryTerm, PlanView};
-use stages_task::prompt::PromptVariant;
 use stages_vlm::memory::plan::{ModelFacts, QUESTION_CHARS, add_cpu_allocator_retention, runtime_term};
 use stages_vlm::memory::{Levers, ParamTable, Precision, generation, image_tokens, prompt_text_tokens};
 
-use crate::eval::EvalParams;
+/// What the prediction reads of `eval`'s params (`EvalParams::memory_settings`).
+#[derive(Debug, Clone, Copy)]
+pub struct EvalSettings<'a> {
+    pub dtype: &'a str,
+    /// Prompts per generate call (`batch_size`, at most `limit`).
+    pub batch: u64,
+    pub max_new_tokens: u64,
+    /// Characters of the prompt template (and any assistant prefill).
+    pub template_chars: u64,
+}
 
 /// `StageKind::memory` of `eval`.
-pub fn eval_memory(p: &EvalParams, view: &PlanView) -> MemoryEstimate {
+pub fn eval_memory(p: &EvalSettings, view: &PlanView) -> MemoryEstimate {
     let dir: &Path = match view.inputs.path("model") {
         Ok(d) => d,
         Err(pending) => return MemoryEstimate::Unknown { reason: pending.to_string() },
     };
     let cuda = view.device == DeviceRequest::Cuda;
-    let Some(precision) = Precision::from_dtype(&p.dtype, cuda) else {
+    let Some(precision) = Precision::from_dtype(p.dtype, cuda) else {
         return MemoryEstimate::Unknown { reason: format!("unknown dtype {:?}", p.dtype) };
     };
     let model = match ModelFacts::read(dir) {
@@ -31,13 +39,8 @@ pub fn eval_memory(p: &EvalParams, view: &PlanView) -> MemoryEstimate {
         Some(_) => image_tokens(bound, model.max_pixels, model.patch_size, model.merge_size),
         None => (0, 0),
     };
-    let template = match p.prompt {
-        PromptVariant::NoThink => p.no_think_template.len(),
-        PromptVariant::Think | PromptVariant::CotForcing => p.think_template.len() + p.cot_prefill.len(),
-        PromptVariant::Dataset => 0,
-    } as u64;
-    let prompt = prompt_text_tokens(template, QUESTION_CHARS) + if tokens > 0 { tokens + 2 } else { 0 };
-    let rows = p.limit.map_or(p.batch_size, |l| l.min(p.batch_size).max(1)) as u64;
+    let prompt = prompt_text_tokens(p.template_chars, QUESTION_CHARS) + if tokens > 0 { tokens + 2 } else { 0 };
+    let rows = p.batch.max(1);
     let s = precision.bytes();
     let psi = ParamTable::of(&model.config).total();
     let levers = Levers {
@@ -45,7 +48,7 @@ pub fn eval_memory(p: &EvalParams, view: &PlanView) -> MemoryEstimate {
         generation_length: Some("max_new_tokens".into()),
         ..Default::default()
     };
-    let mut rollout = generation(&model.config, precision, rows, 1, prompt, p.max_new_tokens as u64, &levers);
+    let mut rollout = generation(&model.config, precision, rows, 1, prompt, p.max_new_tokens, &levers);
     rollout.terms.push(MemoryTerm::new(
         "batch inputs",
         rows * patches * model.patch_dim() * (4 + s),

@@ -12,6 +12,14 @@
 //! vhidden, vinter, vheads. Run keys: batch, side (image side in pixels),
 //! trainable (regex), prompts, gens, micro, completion, shard_mb.
 //!
+//! `device=cuda` runs on the first GPU in the stages' CUDA dtype (bf16) and
+//! measures the GPU instead: the driver's used memory after the run minus
+//! before it (libtorch's caching allocator keeps what it reserved, so this
+//! is the reserved peak: allocated tensors plus fragmentation), compared
+//! with the prediction's GPU pool. Needs a CUDA libtorch on the library path
+//! (`libtorch_cuda.so`, as the `pipeline` binary loads it). Written for the
+//! first GPU session; not yet run.
+//!
 //! How it measures: the process first runs the same mode on a tiny model
 //! (so libtorch's kernels and allocator pools are paged in), then returns
 //! freed heap to the OS (`malloc_trim`), reads `VmRSS` as the baseline and
@@ -32,6 +40,7 @@ use stages_train::memory::{Lengths, Where, grpo_prediction, sft_prediction};
 use stages_train::prompt::PromptEncoder;
 use stages_train::sft::{Encoder, SftParams, Target};
 use stages_train::{Grpo, Sft};
+use stages_vlm::DeviceChoice;
 use stages_vlm::chat::ChatTokenizer;
 use stages_vlm::init_model::InitModelParams;
 use stages_vlm::memory::plan::{ModelFacts, RETENTION, RUNTIME_CPU_BYTES};
@@ -46,6 +55,36 @@ unsafe extern "C" {
 }
 
 type Args = BTreeMap<String, String>;
+
+/// Load libtorch's CUDA kernels (before any tch call), as the binary does.
+fn load_cuda() -> anyhow::Result<()> {
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+    let name = std::env::var("PIPELINE_LIBTORCH_CUDA").unwrap_or_else(|_| "libtorch_cuda.so".into());
+    // SAFETY: libtorch_cuda's initialisers register CUDA kernels with the
+    // already-loaded libtorch of the same version; it stays loaded.
+    let lib =
+        unsafe { Library::open(Some(&name), RTLD_NOW | RTLD_GLOBAL) }.with_context(|| format!("loading {name}"))?;
+    std::mem::forget(lib);
+    Ok(())
+}
+
+/// Bytes in use on the current CUDA context's device (driver API).
+fn cuda_used_bytes() -> anyhow::Result<u64> {
+    use libloading::os::unix::{Library, RTLD_NOW, Symbol};
+    type MemGetInfo = unsafe extern "C" fn(free: *mut usize, total: *mut usize) -> i32;
+    // SAFETY: cuMemGetInfo_v2 has this signature in every CUDA 11+ driver; the
+    // calling thread has libtorch's primary context current after a CUDA op.
+    unsafe {
+        let lib = Library::open(Some("libcuda.so.1"), RTLD_NOW)?;
+        let f: Symbol<MemGetInfo> = lib.get(b"cuMemGetInfo_v2\0")?;
+        let (mut free, mut total) = (0usize, 0usize);
+        let rc = f(&mut free, &mut total);
+        if rc != 0 {
+            bail!("cuMemGetInfo_v2 failed with CUDA error {rc}");
+        }
+        Ok((total - free) as u64)
+    }
+}
 
 fn arg(args: &Args, key: &str, default: u64) -> anyhow::Result<u64> {
     match args.get(key) {
@@ -144,11 +183,16 @@ fn split(dir: &Path, n: usize, side: u32) -> anyhow::Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
+fn is_cuda(a: &Args) -> bool {
+    a.get("device").is_some_and(|d| d == "cuda")
+}
+
 struct Run {
     sft: SftParams,
     grpo: GrpoParams,
     items: usize,
     side: u32,
+    cuda: bool,
 }
 
 fn run_params(mode: &str, a: &Args) -> anyhow::Result<Run> {
@@ -156,6 +200,8 @@ fn run_params(mode: &str, a: &Args) -> anyhow::Result<Run> {
     let trainable =
         vec![a.get("trainable").cloned().unwrap_or_else(|| r"^model\.language_model\.layers\.\d+\.mlp\.".into())];
     let shard = arg(a, "shard_mb", 2048)?;
+    let cuda = is_cuda(a);
+    let (dtype, device_choice) = if cuda { ("auto", DeviceChoice::Cuda) } else { ("float32", DeviceChoice::Cpu) };
     let sft = SftParams {
         epochs: 1,
         batch_size: batch,
@@ -163,7 +209,8 @@ fn run_params(mode: &str, a: &Args) -> anyhow::Result<Run> {
         max_steps: Some(2),
         target: Target::Answer,
         trainable: trainable.clone(),
-        dtype: "float32".into(),
+        dtype: dtype.into(),
+        device: device_choice,
         max_shard_mb: shard,
         ..Default::default()
     };
@@ -177,12 +224,13 @@ fn run_params(mode: &str, a: &Args) -> anyhow::Result<Run> {
         checkpoint_every: 0,
         log_completions_every: 0,
         trainable,
-        dtype: "float32".into(),
+        dtype: dtype.into(),
+        device: device_choice,
         max_shard_mb: shard,
         ..Default::default()
     };
     let items = if mode == "sft" { 2 * batch } else { 2 * prompts };
-    Ok(Run { sft, grpo, items, side: arg(a, "side", 56)? as u32 })
+    Ok(Run { sft, grpo, items, side: arg(a, "side", 56)? as u32, cuda })
 }
 
 fn run_stage(mode: &str, model: &Path, data: &Path, out: &Path, r: &Run) -> anyhow::Result<()> {
@@ -190,6 +238,7 @@ fn run_stage(mode: &str, model: &Path, data: &Path, out: &Path, r: &Run) -> anyh
         .input("model", "m", None, model)
         .input("data", "export", Some("train"), data)
         .resume_dir(out.with_extension("resume"))
+        .device(if r.cuda { stage_api::Device::Cuda(0) } else { stage_api::Device::Cpu })
         .threads(1)
         .seed(11)
         .build()?;
@@ -223,26 +272,49 @@ fn measure(mode: &str, dir: &Path, a: &Args) -> anyhow::Result<()> {
     // Warm-up on a tiny model: kernels and pools paged in before the baseline.
     let tiny = work.path().join("tiny");
     make(&tiny, &Args::new())?;
-    let small = Run { items: 2, side: 56, ..run_params(mode, &Args::from([("batch".into(), "1".into())]))? };
+    let mut tiny_args = Args::from([("batch".into(), "1".into())]);
+    if r.cuda {
+        tiny_args.insert("device".into(), "cuda".into());
+    }
+    let small = Run { items: 2, side: 56, ..run_params(mode, &tiny_args)? };
     let wdata = split(&work.path().join("wdata"), small.items, small.side)?;
     run_stage(mode, &tiny, &wdata, &work.path().join("wout"), &small)?;
 
     let data = split(&work.path().join("data"), r.items, r.side)?;
     let len = lengths(mode, dir, &data, &r)?;
+    let model = ModelFacts::read(dir).map_err(anyhow::Error::msg)?;
+    let precision = if r.cuda { Precision::Bf16 } else { Precision::F32 };
+    let w = Where { ranks: 1, cuda: r.cuda, data: Some(split_size(&data)?), shard: Shard::None, checkpointing: false };
+    let pred: MemoryPrediction = match mode {
+        "sft" => sft_prediction(&r.sft.memory_settings(), &model, precision, len, &w),
+        _ => grpo_prediction(&r.grpo.memory_settings(), &model, precision, len, &w),
+    }
+    .map_err(anyhow::Error::msg)?;
+    if r.cuda {
+        // The warm-up's cached blocks stay reserved: measure growth from here.
+        let before = cuda_used_bytes()?;
+        run_stage(mode, dir, &data, &work.path().join("out"), &r)?;
+        let after = cuda_used_bytes()?;
+        let predicted = pred.gpu_peak_bytes().unwrap_or(0);
+        let measured = after.saturating_sub(before);
+        let mib = |b: u64| (b as f64 / 1048576.0 * 10.0).round() / 10.0;
+        println!(
+            "{}",
+            serde_json::json!({
+                "mode": mode, "device": "cuda", "model": dir.display().to_string(), "args": a,
+                "lengths": {"prompt": len.prompt, "patches": len.patches, "completion": len.completion},
+                "used_before_mib": mib(before), "used_after_mib": mib(after), "measured_mib": mib(measured),
+                "predicted_mib": mib(predicted), "ratio": (predicted as f64 / measured.max(1) as f64 * 1000.0).round() / 1000.0,
+            })
+        );
+        return Ok(());
+    }
     // SAFETY: glibc's malloc_trim only returns free heap pages to the OS.
     unsafe { malloc_trim(0) };
     let baseline = status_kib("VmRSS:")? * 1024;
     std::fs::write("/proc/self/clear_refs", "5").context("resetting VmHWM")?;
     run_stage(mode, dir, &data, &work.path().join("out"), &r)?;
     let peak = status_kib("VmHWM:")? * 1024;
-
-    let model = ModelFacts::read(dir).map_err(anyhow::Error::msg)?;
-    let w = Where { ranks: 1, cuda: false, data: Some(split_size(&data)?), shard: Shard::None, checkpointing: false };
-    let pred: MemoryPrediction = match mode {
-        "sft" => sft_prediction(&r.sft, &model, Precision::F32, len, &w),
-        _ => grpo_prediction(&r.grpo, &model, Precision::F32, len, &w),
-    }
-    .map_err(anyhow::Error::msg)?;
     // With glibc's retention allowance (what admission uses), and without it
     // (live tensors: what MALLOC_MMAP_THRESHOLD_ runs measure).
     let predicted = pred.host_peak_bytes() - RUNTIME_CPU_BYTES;
@@ -283,6 +355,9 @@ fn main() -> anyhow::Result<()> {
     for kv in &argv[2..] {
         let (k, v) = kv.split_once('=').with_context(|| format!("`{kv}`: expected key=value"))?;
         args.insert(k.to_string(), v.to_string());
+    }
+    if is_cuda(&args) {
+        load_cuda()?;
     }
     tch::set_num_threads(1);
     let dir = PathBuf::from(dir);

@@ -41,6 +41,7 @@ use tch::Tensor;
 
 use crate::advantages::{ScaleRewards, mean_std};
 use crate::dist::{self, Collective};
+use crate::memory::GrpoSettings;
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
 use crate::policy_loss::{LossConfig, LossInputs, LossStats, LossType, StepScale, policy_loss, token_logps};
 use crate::prompt::PromptEncoder;
@@ -200,6 +201,21 @@ impl GrpoParams {
         }
     }
 
+    /// What the memory prediction reads (`crate::memory`).
+    pub fn memory_settings(&self) -> GrpoSettings<'_> {
+        GrpoSettings {
+            trainable: &self.trainable,
+            dtype: &self.dtype,
+            prompts_per_step: self.prompts_per_step as u64,
+            num_generations: self.num_generations as u64,
+            micro_batch_size: self.micro_batch_size as u64,
+            max_completion_length: self.max_completion_length as u64,
+            reference: self.beta != 0.0,
+            max_shard_mb: self.max_shard_mb,
+            prompt: self.prompt,
+        }
+    }
+
     fn schedule(&self) -> LrSchedule {
         let warmup = (self.warmup_ratio * self.steps as f64).ceil() as usize;
         match self.lr_schedule {
@@ -238,7 +254,7 @@ impl StageKind for Grpo {
     }
 
     fn memory(p: &GrpoParams, plan: &PlanView) -> MemoryEstimate {
-        crate::memory::grpo_memory(p, plan)
+        crate::memory::grpo_memory(&p.memory_settings(), plan)
     }
 
     fn plan_output(_: &GrpoParams, plan: &PlanView) -> PlanOutput {

@@ -22,9 +22,7 @@ use stages_vlm::memory::{
     no_grad_layer, prompt_text_tokens,
 };
 
-use crate::grpo::GrpoParams;
 use crate::setup::regex_union;
-use crate::sft::{SftParams, Target};
 
 /// Token counts of one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +33,34 @@ pub struct Lengths {
     pub patches: u64,
     /// SFT: target tokens; GRPO: the completion budget.
     pub completion: u64,
+}
+
+/// What an SFT prediction reads of the stage's params (`SftParams::memory_settings`).
+#[derive(Debug, Clone, Copy)]
+pub struct SftSettings<'a> {
+    pub trainable: &'a [String],
+    pub dtype: &'a str,
+    /// Rows per forward/backward pass.
+    pub batch_size: u64,
+    pub max_shard_mb: u64,
+    pub prompt: PromptVariant,
+    /// Target tokens per row (estimated at plan time).
+    pub target_tokens: u64,
+}
+
+/// What a GRPO prediction reads of the stage's params (`GrpoParams::memory_settings`).
+#[derive(Debug, Clone, Copy)]
+pub struct GrpoSettings<'a> {
+    pub trainable: &'a [String],
+    pub dtype: &'a str,
+    pub prompts_per_step: u64,
+    pub num_generations: u64,
+    pub micro_batch_size: u64,
+    pub max_completion_length: u64,
+    /// β ≠ 0: a frozen reference copy of the trainable tensors.
+    pub reference: bool,
+    pub max_shard_mb: u64,
+    pub prompt: PromptVariant,
 }
 
 /// Where and how a prediction's stage runs.
@@ -113,7 +139,7 @@ fn host_pool(w: &Where, data_rows_extra: Option<(&str, u64, String)>, save: u64)
 
 /// The SFT prediction at given lengths.
 pub fn sft_prediction(
-    p: &SftParams,
+    p: &SftSettings,
     model: &vplan::ModelFacts,
     precision: Precision,
     lengths: Lengths,
@@ -132,7 +158,7 @@ pub fn sft_prediction(
         checkpointing: w.checkpointing,
     };
     let levers = levers_sft();
-    let pass = Pass { batch: p.batch_size as u64, seq: lengths.prompt + lengths.completion, patches: lengths.patches };
+    let pass = Pass { batch: p.batch_size, seq: lengths.prompt + lengths.completion, patches: lengths.patches };
     let device = MemoryPool {
         resident: setup.model_states(false, &levers),
         phases: vec![setup.training_pass(&pass, Loss::CrossEntropy, &levers), setup.optimizer_step()],
@@ -165,7 +191,7 @@ pub fn sft_prediction(
 
 /// The GRPO prediction at given lengths.
 pub fn grpo_prediction(
-    p: &GrpoParams,
+    p: &GrpoSettings,
     model: &vplan::ModelFacts,
     precision: Precision,
     lengths: Lengths,
@@ -185,11 +211,11 @@ pub fn grpo_prediction(
     };
     let levers = levers_grpo();
     let (s, vocab) = (precision.bytes(), model.config.text.vocab_size.max(0) as u64);
-    let prompts = (p.prompts_per_step as u64).div_ceil(w.ranks.max(1));
-    let g = p.num_generations as u64;
+    let prompts = p.prompts_per_step.div_ceil(w.ranks.max(1));
+    let g = p.num_generations;
     let rows = prompts * g;
     let c = lengths.completion;
-    let mb = (p.micro_batch_size as u64).min(rows).max(1);
+    let mb = p.micro_batch_size.min(rows).max(1);
     let pass = Pass { batch: mb, seq: lengths.prompt + c, patches: lengths.patches };
     let mut train = setup.training_pass(&pass, Loss::TokenLogps { completion: c }, &levers);
     // The round's micro-batches stay on the device while it trains: each
@@ -213,7 +239,7 @@ pub fn grpo_prediction(
     );
     let rollout = generation(&model.config, precision, prompts, g, lengths.prompt, c, &levers);
     let device = MemoryPool {
-        resident: setup.model_states(p.beta != 0.0, &levers),
+        resident: setup.model_states(p.reference, &levers),
         phases: vec![rollout, reference, train, setup.optimizer_step()],
     };
     let save = vplan::save_shard_bytes(table.total() * precision.bytes(), p.max_shard_mb);
@@ -281,20 +307,10 @@ pub fn plan_where(view: &PlanView) -> Where {
     Where { ranks: view.ranks as u64, cuda: view.device == DeviceRequest::Cuda, data, shard, checkpointing }
 }
 
-/// SFT target tokens, estimated from characters (3 per token).
-pub fn sft_target_tokens(p: &SftParams) -> u64 {
-    let chars = match p.target {
-        Target::Answer => "<answer> X </answer><|im_end|>".len(),
-        // `{class_name}` becomes a class name of up to ~30 characters.
-        Target::ThinkAnswer => p.think_text.len() + "<think></think>\n<answer> X </answer><|im_end|>".len() + 30,
-    } as u64;
-    chars.div_ceil(3)
-}
-
 /// `StageKind::memory` of `sft`.
-pub fn sft_memory(p: &SftParams, view: &PlanView) -> MemoryEstimate {
-    estimate(view, &p.dtype, |model, precision| {
-        let (lengths, note) = plan_lengths(model, view, p.prompt, sft_target_tokens(p));
+pub fn sft_memory(p: &SftSettings, view: &PlanView) -> MemoryEstimate {
+    estimate(view, p.dtype, |model, precision| {
+        let (lengths, note) = plan_lengths(model, view, p.prompt, p.target_tokens);
         let mut pred = sft_prediction(p, model, precision, lengths, &plan_where(view))?;
         pred.notes.push(note);
         Ok(pred)
@@ -302,9 +318,9 @@ pub fn sft_memory(p: &SftParams, view: &PlanView) -> MemoryEstimate {
 }
 
 /// `StageKind::memory` of `grpo`.
-pub fn grpo_memory(p: &GrpoParams, view: &PlanView) -> MemoryEstimate {
-    estimate(view, &p.dtype, |model, precision| {
-        let (lengths, note) = plan_lengths(model, view, p.prompt, p.max_completion_length as u64);
+pub fn grpo_memory(p: &GrpoSettings, view: &PlanView) -> MemoryEstimate {
+    estimate(view, p.dtype, |model, precision| {
+        let (lengths, note) = plan_lengths(model, view, p.prompt, p.max_completion_length);
         let mut pred = grpo_prediction(p, model, precision, lengths, &plan_where(view))?;
         pred.notes.push(note);
         Ok(pred)

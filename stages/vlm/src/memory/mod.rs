@@ -259,12 +259,15 @@ impl TrainSetup<'_> {
         per.values().copied().max().unwrap_or(0)
     }
 
-    /// After the backward pass: the gradient all-reduce's flat buffer and the
-    /// AdamW step's per-tensor temporaries.
+    /// After the backward pass: the gradient all-reduce's (or ZeRO-1
+    /// reduce-scatter's) flat buffer and the AdamW step's per-tensor
+    /// temporaries.
     pub fn optimizer_step(&self) -> Phase {
         let (s, pt, big) = (self.s(), self.trainable.params, self.trainable.largest);
         let mut terms = Vec::new();
-        if self.n() > 1 && self.shard == Shard::None {
+        // ZeRO-1 is assumed to reduce-scatter one flat copy as today's
+        // all-reduce does; ZeRO-2 reduces buckets during backward instead.
+        if self.n() > 1 && self.shard != Shard::Gradients {
             terms.push(if self.cuda {
                 MemoryTerm::new(
                     "all-reduce buffer",
