@@ -10,7 +10,8 @@ pub fn registry() -> Registry {
         .register::<stages_basic::Concat>()
         .register::<stages_basic::Checksum>()
         .register::<stages_basic::Text>()
-        // data: phantom, rexgct_index, lesion_slices, render, vqa, split, parquet_export
+        // data: phantom, rexgct_index, lesion_slices, render, vqa, split, parquet_export,
+        // hf_vqa (ChartQA/TextVQA Parquet), hf_disk_vqa (save_to_disk, the released CT-RATE-VQA)
         .register::<stages_data::Phantom>()
         .register::<stages_data::RexgctIndex>()
         .register::<stages_data::LesionSlices>()
@@ -18,6 +19,8 @@ pub fn registry() -> Registry {
         .register::<stages_data::Vqa>()
         .register::<stages_data::Split>()
         .register::<stages_data::ParquetExport>()
+        .register::<stages_data::HfVqa>()
+        .register::<stages_data::HfDiskVqa>()
         // model: init_model
         .register::<stages_vlm::InitModel>()
         // train: sft, grpo

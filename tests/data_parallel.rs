@@ -101,6 +101,9 @@ fn two_cpu_ranks_train_what_one_process_trains() {
     )
     .expect("json");
     assert_eq!(prov["ranks"], 2);
+    // Facts of the run are provenance notes (rank 0's), not outputs.
+    assert_eq!(prov["notes"]["resumed_from_step"], 0, "{prov}");
+    assert!(prov["notes"]["timing"]["steps"].as_u64().is_some_and(|n| n > 0), "{prov}");
     let logs = two.join("cache/logs");
     let rank_logs = walk(&logs).into_iter().filter(|p| p.to_string_lossy().ends_with(".rank1.log")).count();
     assert!(rank_logs >= 2, "expected rank-1 logs of sft and grpo under {}", logs.display());

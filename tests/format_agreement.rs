@@ -61,6 +61,7 @@ fn row() -> VqaRow {
         image: None,
         problem: "Which lesion?".into(),
         answer: "B".into(),
+        answers: Vec::new(),
         options: ["A. airway abnormalities", "B. emphysema", "C. ground-glass opacity"].map(String::from).to_vec(),
         class: "emphysema".into(),
         class_name: "emphysema".into(),
@@ -71,7 +72,7 @@ fn row() -> VqaRow {
 fn eval_and_reward(prompt: PromptVariant, cases: &[(&str, bool)]) -> Vec<(bool, bool)> {
     let params = EvalParams { prompt, ..Default::default() };
     let scorer = params.scorer().unwrap();
-    let rewards = Rewards::new(&paper_weights(), prompt.response_format(), &params.answer_regex).unwrap();
+    let rewards = Rewards::new(&paper_weights(), prompt.response_format(), params.choice_regex()).unwrap();
     assert_eq!(rewards.names()[0], "format");
     let row = row();
     let letters = option_letters(&row.options);

@@ -65,12 +65,12 @@ fn the_paper_recipe_prints_per_rank_memory_and_warns_where_it_will_not_fit() {
     let w = warnings_of(&h200, "grpo").join("\n");
     assert!(w.contains("leaves under 10 % headroom: 141.0G"), "{w}");
     assert!(
-        h200.contains("GPU memory per rank vs 141.0G ([executor] gpu_memory_gb = 141): 1 of 7 CUDA stages"),
+        h200.contains("GPU memory per rank vs 141.0G ([executor] gpu_memory_gb = 141): 1 of 11 CUDA stages"),
         "{h200}"
     );
     // Enough memory for all of them.
     let b200 = full(&["plan", "recipes/full.toml"], &["executor.gpu_memory_gb=180"], cache);
-    assert!(b200.contains("all 7 CUDA stages with a prediction fit with headroom"), "{b200}");
+    assert!(b200.contains("all 11 CUDA stages with a prediction fit with headroom"), "{b200}");
 
     // Unsharded on an 80 GiB H100: SFT and GRPO do not fit; the optimizer
     // moments are the biggest term; the evaluations still fit.
@@ -83,7 +83,7 @@ fn the_paper_recipe_prints_per_rank_memory_and_warns_where_it_will_not_fit() {
         assert!(w.contains("to shrink it: fewer `trainable` tensors"), "{stage}: {w}");
     }
     assert!(!line(&h100, "eval").contains('!'), "{h100}");
-    assert!(h100.contains("2 of 7 CUDA stages do not fit with headroom"), "{h100}");
+    assert!(h100.contains("2 of 11 CUDA stages do not fit with headroom"), "{h100}");
 
     // A micro-batch too big for the GPU: activations become the biggest term,
     // and the warning names the setting.

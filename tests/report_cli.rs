@@ -35,6 +35,7 @@ fn write_eval(dir: &Path, answers: &[&str], split: &str) {
                 image: None,
                 problem: "Which lesion?".into(),
                 answer: gold.into(),
+                answers: Vec::new(),
                 options: options.clone(),
                 class: class.into(),
                 class_name: class.into(),
@@ -50,6 +51,8 @@ fn write_eval(dir: &Path, answers: &[&str], split: &str) {
         data: format!("export.{split}"),
         split: Some(split.into()),
         prompt: "think".into(),
+        dataset: Some(format!("export.{split}")),
+        answer_match: Some("choice".into()),
     });
     std::fs::write(dir.join(METRICS_JSON), serde_json::to_string_pretty(&m).unwrap()).unwrap();
 }

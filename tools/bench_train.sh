@@ -61,7 +61,7 @@ bench_sft() {
       load
       $(pin "$t") /usr/bin/time -f "ours peak RSS %M KiB (pipeline process)" "$B" run recipes/mini.toml \
         --cache-dir "$CACHE" --workspace "$WS" -q --until sft --set sft.max_steps="$STEPS" --force sft
-      echo "ours: $("$PY" tools/train_bench.py metrics "$OUT/sft/metrics.jsonl")"
+      echo "ours: $("$PY" tools/train_bench.py metrics "$OUT/sft")"
       load
       echo "hf:   $(tb $(pin "$t") "$PY" tools/train_bench.py sft --model "$OUT/tiny_model" --data "$OUT/export/train" \
         --steps "$STEPS" --batch-size 8 --trainable all --threads "$t")"
@@ -82,7 +82,7 @@ bench_grpo() {
         $(pin "$t") /usr/bin/time -f "ours peak RSS %M KiB (pipeline process)" "$B" run recipes/mini.toml \
           --cache-dir "$CACHE" --workspace "$WS" -q --until grpo --set grpo.steps="$GRPO_STEPS" \
           --set grpo.checkpoint_every=0 --force grpo
-        echo "ours: $("$PY" tools/train_bench.py metrics "$OUT/grpo/metrics.jsonl")"
+        echo "ours: $("$PY" tools/train_bench.py metrics "$OUT/grpo")"
       else
         echo "ours: not measured (this pipeline binary has no grpo stage kind)"
       fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Parity fixtures for the Rust Qwen2.5-VL (crate stages-vlm) against HF transformers.
+"""Parity fixtures for the Rust Qwen2.5-VL / Qwen2-VL (crate stages-vlm) against HF transformers.
 
 Modes:
   qwen_parity.py generate [--out DIR]
@@ -8,6 +8,11 @@ Modes:
       special tokens, two non-square images of different sizes; save the HF
       checkpoint and dump processor outputs, prefill logits and greedy
       generations into DIR (default stages/vlm/tests/fixtures/parity).
+  qwen_parity.py generate-qwen2vl [--out DIR]
+      The same for a tiny random Qwen2-VL (`Qwen2VLForConditionalGeneration`:
+      LayerNorm + QuickGELU vision blocks, full attention, LayerNorm merger,
+      mlp_ratio 1.5, untied lm_head) into DIR (default
+      stages/vlm/tests/fixtures/parity_qwen2vl).
   qwen_parity.py generate-text [--out DIR]
       The same for a plain Qwen2 causal LM (`Qwen2ForCausalLM`, the judge's
       text-only model): tiny random checkpoint with untied lm_head, a
@@ -16,7 +21,9 @@ Modes:
       stages/vlm/tests/fixtures/parity_text).
   qwen_parity.py check-rust-checkpoint DIR [--fixtures DIR]
       Load a checkpoint written by the Rust side with `from_pretrained`, run the
-      fixture batch and compare logits with the fixture (max abs diff).
+      fixture batch and compare logits with the fixture (max abs diff). The
+      default fixtures follow the checkpoint's `model_type` (parity,
+      parity_text or parity_qwen2vl).
   qwen_parity.py compare-dump CKPT DUMP
       Load CKPT (weights, tokenizer, image processor) in transformers, run the
       inputs of DUMP (written by `pipeline model generate --dump-logits`) and
@@ -43,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REQS = ROOT / "tools" / "requirements-parity.txt"
 DEFAULT_FIXTURES = ROOT / "stages" / "vlm" / "tests" / "fixtures" / "parity"
 DEFAULT_TEXT_FIXTURES = ROOT / "stages" / "vlm" / "tests" / "fixtures" / "parity_text"
+DEFAULT_QWEN2VL_FIXTURES = ROOT / "stages" / "vlm" / "tests" / "fixtures" / "parity_qwen2vl"
 
 
 def ensure_venv():
@@ -209,6 +217,49 @@ def tiny_config(tok):
     )
 
 
+def tiny_qwen2vl_config(tok):
+    """A tiny Qwen2-VL. Its vision keys are Qwen2VLVisionConfig's (embed_dim,
+    mlp_ratio, hidden_size = the text width); mlp_ratio 1.5 makes fc1 48 wide,
+    so a reader that ignored it (HF default 4) would fail on shapes; the
+    untied lm_head is Qwen2-VL-7B's layout (the 2.5 fixture covers tied)."""
+    from transformers import Qwen2VLConfig
+
+    ids = {s: tok.token_to_id(s) for s in SPECIALS}
+    return Qwen2VLConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        vision_config={
+            "depth": 3,
+            "embed_dim": 32,
+            "hidden_size": 64,
+            "mlp_ratio": 1.5,
+            "num_heads": 2,
+            "in_channels": 3,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "hidden_act": "quick_gelu",
+        },
+    )
+
+
 def image_processor(ckpt: Path):
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
@@ -249,7 +300,9 @@ def with_token_types(model, batch):
     positions otherwise; 4.x derives them from input_ids."""
     import transformers
 
-    batch = dict(batch)
+    # Only model inputs: `texts` (kept for the fixture's meta) is not one, and
+    # Qwen2-VL's `generate` rejects unknown keyword arguments.
+    batch = {k: v for k, v in batch.items() if k != "texts"}
     if int(transformers.__version__.split(".")[0]) >= 5 and batch.get("pixel_values") is not None:
         batch["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).int()
     return batch
@@ -283,10 +336,11 @@ def greedy(model, batch, eos_id, max_new=MAX_NEW_TOKENS):
     return rows
 
 
-def cmd_generate(out: Path):
+def cmd_generate(out: Path, arch: str = "qwen2_5_vl"):
+    """Fixtures of a tiny VL model: `arch` is the config's model_type."""
     import torch
     from safetensors.torch import save_file
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
     torch.manual_seed(0)
@@ -296,8 +350,12 @@ def cmd_generate(out: Path):
     ckpt.mkdir(exist_ok=True)
     tok = build_tokenizer(ckpt)
     make_images(out)
-    cfg = tiny_config(tok)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    if arch == "qwen2_vl":
+        cfg = tiny_qwen2vl_config(tok)
+        model = Qwen2VLForConditionalGeneration(cfg).eval()
+    else:
+        cfg = tiny_config(tok)
+        model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     perturb(model)
     model.save_pretrained(str(ckpt), safe_serialization=True)
     Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(str(ckpt))
@@ -319,6 +377,7 @@ def cmd_generate(out: Path):
     meta = {
         "transformers": __import__("transformers").__version__,
         "torch": torch.__version__,
+        "model_type": cfg.model_type,
         "prompts": [{"image": i, "question": q} for i, q in PROMPTS],
         "texts": batch["texts"],
         "greedy_tokens": gen,
@@ -351,16 +410,34 @@ def text_positions(mask):
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
+def model_type(ckpt: Path) -> str:
+    return json.loads((ckpt / "config.json").read_text()).get("model_type", "qwen2_5_vl")
+
+
 def is_text_checkpoint(ckpt: Path) -> bool:
-    return json.loads((ckpt / "config.json").read_text()).get("model_type") == "qwen2"
+    return model_type(ckpt) == "qwen2"
+
+
+def hf_class(ckpt: Path):
+    """The transformers class of a checkpoint, by its `model_type`."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM, Qwen2VLForConditionalGeneration
+
+    classes = {"qwen2": Qwen2ForCausalLM, "qwen2_vl": Qwen2VLForConditionalGeneration,
+               "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+    mt = model_type(ckpt)
+    if mt not in classes:
+        sys.exit(f"{ckpt}/config.json: unsupported model_type {mt!r}; supported: {', '.join(classes)}")
+    return classes[mt]
+
+
+def default_fixtures(ckpt: Path) -> Path:
+    return {"qwen2": DEFAULT_TEXT_FIXTURES, "qwen2_vl": DEFAULT_QWEN2VL_FIXTURES}.get(model_type(ckpt), DEFAULT_FIXTURES)
 
 
 def load_hf(ckpt: Path, dtype):
-    """Qwen2ForCausalLM for `model_type = "qwen2"`, else Qwen2.5-VL."""
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
-
-    cls = Qwen2ForCausalLM if is_text_checkpoint(ckpt) else Qwen2_5_VLForConditionalGeneration
-    return cls.from_pretrained(str(ckpt), torch_dtype=dtype).eval()
+    """Qwen2ForCausalLM, Qwen2VLForConditionalGeneration or
+    Qwen2_5_VLForConditionalGeneration, by `model_type`."""
+    return hf_class(ckpt).from_pretrained(str(ckpt), torch_dtype=dtype).eval()
 
 
 def run_text_model(model, input_ids, attention_mask):
@@ -433,12 +510,14 @@ def cmd_generate_text(out: Path):
     print(f"wrote text fixtures to {out} ({total / 1e6:.2f} MB); greedy {gen}")
 
 
-def cmd_check(rust_ckpt: Path, fixtures: Path):
+def cmd_check(rust_ckpt: Path, fixtures: Path | None):
     import torch
     from safetensors.torch import load_file
 
+    fixtures = fixtures or default_fixtures(rust_ckpt)
     exp = load_file(str(fixtures / "expected.safetensors"))
     model = load_hf(rust_ckpt, torch.float32)
+    print(f"{type(model).__name__} (model_type {model_type(rust_ckpt)!r}) vs fixtures {fixtures}")
     if is_text_checkpoint(rust_ckpt):
         logits = run_text_model(model, exp["input_ids"], exp["attention_mask"])
     else:
@@ -455,7 +534,7 @@ def cmd_check(rust_ckpt: Path, fixtures: Path):
 def cmd_compare_dump(ckpt: Path, dump: Path, tol: float, hf_bf16_cuda: bool):
     import torch
     from safetensors.torch import load_file
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration
+    from transformers import PreTrainedTokenizerFast
 
     d = load_file(str(dump))
     model = load_hf(ckpt, torch.float32)
@@ -463,7 +542,7 @@ def cmd_compare_dump(ckpt: Path, dump: Path, tol: float, hf_bf16_cuda: bool):
     batch = {k: d[k] for k in ["input_ids", "attention_mask"]}
     if is_text_checkpoint(ckpt):
         if hf_bf16_cuda:
-            sys.exit("--hf-bf16-cuda is only implemented for Qwen2.5-VL checkpoints")
+            sys.exit("--hf-bf16-cuda is only implemented for VL checkpoints")
         logits = run_text_model(model, batch["input_ids"], batch["attention_mask"])
     else:
         image_processor(ckpt)  # must load too
@@ -478,7 +557,7 @@ def cmd_compare_dump(ckpt: Path, dump: Path, tol: float, hf_bf16_cuda: bool):
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"{ckpt}: transformers loads it; prompt {text[:80]!r}...; logits max abs diff Rust dump vs HF f32 CPU = {diff:.3e}")
     if hf_bf16_cuda:
-        m16 = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(ckpt), torch_dtype=torch.bfloat16).cuda().eval()
+        m16 = hf_class(ckpt).from_pretrained(str(ckpt), torch_dtype=torch.bfloat16).cuda().eval()
         b16 = {k: v.cuda() for k, v in with_token_types(m16, batch).items() if v is not None}
         b16["pixel_values"] = b16["pixel_values"].to(torch.bfloat16)
         with torch.no_grad():
@@ -666,9 +745,11 @@ def main():
     g.add_argument("--out", type=Path, default=DEFAULT_FIXTURES)
     gt = sub.add_parser("generate-text")
     gt.add_argument("--out", type=Path, default=DEFAULT_TEXT_FIXTURES)
+    gq = sub.add_parser("generate-qwen2vl")
+    gq.add_argument("--out", type=Path, default=DEFAULT_QWEN2VL_FIXTURES)
     c = sub.add_parser("check-rust-checkpoint")
     c.add_argument("dir", type=Path)
-    c.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
+    c.add_argument("--fixtures", type=Path, default=None, help="default: by the checkpoint's model_type")
     cd = sub.add_parser("compare-dump")
     cd.add_argument("ckpt", type=Path)
     cd.add_argument("dump", type=Path)
@@ -690,6 +771,8 @@ def main():
         cmd_generate(args.out)
     elif args.cmd == "generate-text":
         cmd_generate_text(args.out)
+    elif args.cmd == "generate-qwen2vl":
+        cmd_generate(args.out, "qwen2_vl")
     elif args.cmd == "check-rust-checkpoint":
         cmd_check(args.dir, args.fixtures)
     elif args.cmd == "make-7b-shaped":

@@ -15,7 +15,7 @@ Modes:
       Examples (images included) are encoded before training, as our stage
       does, so the timed window is forward + backward + optimizer step.
       Prints tokens/s per step (tokens = the unpadded tokens of the batch,
-      prompt + image + target, as our metrics.jsonl counts them), peak RSS
+      prompt + image + target, as our stage counts them), peak RSS
       and trainable vs total parameters.
   train_bench.py grpo --model DIR --data PARQUET --steps N [--prompts-per-step P]
       TRL `GRPOTrainer` with num_generations = 5, the same prompts, the
@@ -23,10 +23,13 @@ Modes:
       temperature 1.0, loss_type grpo, max_completion_length 64 (the mini
       recipe's grpo stage); prints the wall time of every step (the first is
       warm-up and left out of the summary), completion lengths and peak RSS.
-  train_bench.py metrics FILE
-      Summarise our stage's metrics.jsonl the same way (no venv needed):
-      sft: tokens_per_s per step; grpo: step_time_s and completion lengths;
-      the first step is left out.
+  train_bench.py metrics DIR
+      Summarise our stage's output DIR the same way (no venv needed): the
+      step timings the stage noted in DIR/provenance.json (`notes.timing`:
+      medians of the steps after the first; sft: tokens/s, grpo: seconds
+      per step) and, for grpo, completion lengths and rewards from
+      DIR/metrics.jsonl. Timings are not in metrics.jsonl: outputs hold
+      results only, so identical training publishes identical bytes.
 
 Both modes run on CPU with torch.set_num_threads(--threads), default 2 (the
 development machine's cores), and end with one JSON line (`RESULT {...}`).
@@ -468,27 +471,27 @@ def cmd_grpo(args):
     print("RESULT " + json.dumps(res))
 
 
-def cmd_metrics(path: Path):
+def cmd_metrics(out: Path):
+    prov = out / "provenance.json"
     try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        timing = json.loads(prov.read_text()).get("notes", {}).get("timing")
     except (OSError, json.JSONDecodeError) as e:
-        sys.exit(f"error: {path}: expected a metrics.jsonl (one JSON object per line): {e}")
-    res = {"file": str(path), "steps": len(rows)}
-    if len(rows) < 2:
-        sys.exit(f"error: {path}: {len(rows)} row(s); need at least 2 (the first step is warm-up)")
-    rest = rows[1:]
-    if all("tokens_per_s" in r for r in rest):
-        res["tokens_per_s_median"] = statistics.median(r["tokens_per_s"] for r in rest)
-    elif all("step_time_s" in r for r in rest):
-        res["step_s"] = [r["step_time_s"] for r in rows]
-        res["step_s_median_after_first"] = statistics.median(r["step_time_s"] for r in rest)
-        res["step_s_mean_after_first"] = statistics.mean(r["step_time_s"] for r in rest)
+        sys.exit(f"error: {prov}: expected the provenance.json of a sft or grpo output: {e}")
+    if not timing or timing.get("steps", 0) < 2:
+        sys.exit(f"error: {prov}: no step timings of at least 2 steps in notes.timing (the first step is warm-up)")
+    res = {"dir": str(out), "steps": timing["steps"], "first_step_s": timing["first_step_s"]}
+    if "tokens_per_s_median" in timing:
+        res["tokens_per_s_median"] = timing["tokens_per_s_median"]
+    else:
+        res["step_s_median_after_first"] = timing["step_s_median"]
+        try:
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        except (OSError, json.JSONDecodeError) as e:
+            sys.exit(f"error: {out / 'metrics.jsonl'}: expected one JSON object per line: {e}")
         lengths = [r["completions/mean_length"] for r in rows if "completions/mean_length" in r]
         res["completion_length_mean"] = statistics.mean(lengths) if lengths else None
         rewards = [r["reward"] for r in rows if "reward" in r]
         res["reward_mean"] = statistics.mean(rewards) if rewards else None
-    else:
-        sys.exit(f"error: {path}: rows carry neither `tokens_per_s` (sft) nor `step_time_s` (grpo)")
     print("RESULT " + json.dumps(res))
 
 
@@ -515,10 +518,10 @@ def main():
     for p in (s, g):
         p.add_argument("--threads", type=int, default=2)
     m = sub.add_parser("metrics")
-    m.add_argument("file", type=Path)
+    m.add_argument("dir", type=Path, help="an sft or grpo output directory")
     args = ap.parse_args()
     if args.cmd == "metrics":
-        return cmd_metrics(args.file)
+        return cmd_metrics(args.dir)
     for p in (args.model, args.data):
         if not p.exists():
             sys.exit(f"error: {p} does not exist")

@@ -43,6 +43,11 @@ pub struct Provenance {
     pub finished: String,
     pub duration_s: f64,
     pub run_id: String,
+    /// What the stage noted about this run (`StageContext::note`: e.g. the
+    /// checkpoint it resumed from, step timings); facts of the run, not of
+    /// its result, so they live here, outside the artifact's digest.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub notes: serde_json::Map<String, serde_json::Value>,
 }
 
 fn one() -> usize {
@@ -110,6 +115,7 @@ mod tests {
             finished: rfc3339(chrono::Utc::now()),
             duration_s: 0.5,
             run_id: "r".into(),
+            notes: serde_json::json!({"resumed_from_step": 6}).as_object().cloned().unwrap_or_default(),
         };
         // A temp dir is not a repository.
         assert_eq!(p.git_revision, None);

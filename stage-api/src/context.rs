@@ -1,7 +1,7 @@
 //! What a running stage sees: read-only inputs, an output directory that the
 //! engine publishes atomically, a resume directory that outlives failed
 //! attempts, seeded RNG streams, a sized rayon pool, the device, progress
-//! and metrics sinks.
+//! and metrics sinks, and notes for the run's provenance.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -113,6 +113,7 @@ pub struct StageContext {
     device: Device,
     progress: Arc<dyn ProgressSink>,
     metrics: MetricsSink,
+    notes: Mutex<serde_json::Map<String, serde_json::Value>>,
     cancel: Arc<AtomicBool>,
     dist: Option<DistInfo>,
 }
@@ -214,6 +215,23 @@ impl StageContext {
 
     pub fn metrics(&self) -> &MetricsSink {
         &self.metrics
+    }
+
+    /// Record a fact about this run that is not part of its result (where
+    /// it resumed from, how long its steps took): the engine writes the
+    /// notes into `provenance.json` (`notes.<key>`), which stays out of the
+    /// artifact's digest, so two runs with the same result publish the same
+    /// artifact. Outputs must not hold such facts. A later note replaces an
+    /// earlier one with the same key.
+    pub fn note(&self, key: &str, value: impl Into<serde_json::Value>) {
+        if let Ok(mut notes) = self.notes.lock() {
+            notes.insert(key.to_string(), value.into());
+        }
+    }
+
+    /// The notes recorded so far (see [`note`](Self::note)).
+    pub fn notes(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.notes.lock().map(|n| n.clone()).unwrap_or_default()
     }
 
     /// Set when the stage runs as one of several data-parallel ranks.
@@ -372,6 +390,7 @@ impl StageContextBuilder {
             device: self.device,
             progress: self.progress.unwrap_or_else(|| Arc::new(LogProgress::default())),
             metrics,
+            notes: Mutex::new(serde_json::Map::new()),
             cancel: self.cancel.unwrap_or_default(),
             dist: self.dist,
         })
@@ -407,6 +426,20 @@ mod tests {
         assert!(ctx.input("missing").unwrap_err().to_string().contains("no input `missing`"));
         assert!(ctx.input("evals").unwrap_err().to_string().contains("2 artifacts"));
         assert_eq!(ctx.inputs("evals").len(), 2);
+    }
+
+    #[test]
+    fn notes_keep_the_last_value_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = StageContext::builder("s", dir.path().join("out")).build().unwrap();
+        assert!(ctx.notes().is_empty());
+        ctx.note("resumed_from_step", 3);
+        ctx.note("timing", serde_json::json!({"steps": 2}));
+        ctx.note("resumed_from_step", 6);
+        let notes = ctx.notes();
+        assert_eq!(notes.len(), 2);
+        assert_eq!(notes["resumed_from_step"], 6);
+        assert_eq!(notes["timing"]["steps"], 2);
     }
 
     #[test]

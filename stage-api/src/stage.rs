@@ -134,6 +134,13 @@ pub trait StageKind: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Checks that depend on which inputs the recipe binds: an optional input
+    /// that one setting of the params needs and another has no use for.
+    /// `given` names the inputs present. Return the param to blame.
+    fn validate_inputs(_params: &Self::Params, _given: &[&str]) -> Result<(), ParamError> {
+        Ok(())
+    }
+
     /// Do the work: read `ctx` inputs, write into `ctx.output_dir()`.
     /// Anything written there is published atomically on success.
     fn run(params: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()>;
@@ -168,6 +175,10 @@ pub trait ConfiguredStage: Send + Sync {
     /// See [`StageKind::DISTRIBUTED`].
     fn distributed(&self) -> bool;
     fn external_inputs(&self, recipe_dir: &Path) -> Vec<PathBuf>;
+    /// See [`StageKind::validate_inputs`].
+    fn validate_inputs(&self, _given: &[&str]) -> Result<(), ParamError> {
+        Ok(())
+    }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()>;
 }
 
@@ -246,6 +257,9 @@ impl<K: StageKind> ConfiguredStage for Configured<K> {
     }
     fn external_inputs(&self, recipe_dir: &Path) -> Vec<PathBuf> {
         K::external_inputs(&self.params, recipe_dir)
+    }
+    fn validate_inputs(&self, given: &[&str]) -> Result<(), ParamError> {
+        K::validate_inputs(&self.params, given)
     }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
         K::run(&self.params, ctx)

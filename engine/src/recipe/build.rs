@@ -258,6 +258,8 @@ fn parse_instance(
         params.remove(key);
     }
     let configured = ctx.kind.configure(params.to_toml()).map_err(|e| param_error(ctx, &params, e))?;
+    let given: Vec<&str> = inputs.keys().map(String::as_str).collect();
+    configured.validate_inputs(&given).map_err(|e| param_error(ctx, &params, e))?;
     Ok(Instance { variant: ctx.variant.map(str::to_string), seed, after, inputs, configured: Arc::from(configured) })
 }
 

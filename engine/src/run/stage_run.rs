@@ -175,17 +175,18 @@ pub fn run_and_publish(
         let failure = watcher.and_then(|w| w.join().ok().flatten());
         match (outcome, failure) {
             (Err(e), Some(peer)) => Err(e.context(format!("stage `{id}`: {peer}"))),
-            (Ok(()), Some(peer)) => Err(anyhow::anyhow!("stage `{id}`: {peer}")),
+            (Ok(_), Some(peer)) => Err(anyhow::anyhow!("stage `{id}`: {peer}")),
             (outcome, None) => outcome,
         }
     });
-    if let Some(peers) = peers {
+    let notes = if let Some(peers) = peers {
         let finished = peers.finish(outcome.is_ok());
-        outcome?;
+        let notes = outcome?;
         finished.with_context(|| format!("stage `{id}`: a rank failed"))?;
+        notes
     } else {
-        outcome?;
-    }
+        outcome?
+    };
     drop(rendezvous);
     let c = run.components;
     let provenance = Provenance {
@@ -213,6 +214,7 @@ pub fn run_and_publish(
         finished: rfc3339(chrono::Utc::now()),
         duration_s: clock.elapsed().as_secs_f64(),
         run_id: run.origin.run_id.clone(),
+        notes,
     };
     provenance.write(staging.path()).with_context(|| format!("writing provenance of stage `{id}`"))?;
     let mut meta = serde_json::Map::new();
@@ -233,7 +235,8 @@ pub fn run_and_publish(
 }
 
 /// Build the stage's context and run it (rank `dist.rank` when set); a
-/// panic becomes an error.
+/// panic becomes an error. Returns the notes the stage made for its
+/// provenance.
 fn run_stage(
     run: &StageRun<'_>,
     staging: &Path,
@@ -242,7 +245,7 @@ fn run_stage(
     dist: Option<DistInfo>,
     progress: Arc<dyn ProgressSink>,
     cancel: Arc<AtomicBool>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     let span_for_pool = tracing::Span::current();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(run.threads.max(1))
@@ -275,9 +278,10 @@ fn run_stage(
     tracing::info!(key = %run.key.short(), threads = run.threads, device = ?run.device, "running {}{rank}", run.kind);
     let outcome = catch_unwind(AssertUnwindSafe(|| run.stage.run(&mut ctx)));
     ctx.progress().finish();
+    let notes = ctx.notes();
     drop(ctx); // closes metrics.jsonl and joins the pool before publishing
     match outcome {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(())) => Ok(notes),
         Ok(Err(e)) => Err(e.context(format!("stage `{}` ({}) failed", run.id, run.kind))),
         Err(panic) => bail!("stage `{}` ({}) panicked: {}", run.id, run.kind, panic_message(&*panic)),
     }
@@ -329,7 +333,7 @@ pub fn run_peer(cache: &Cache, run: &StageRun<'_>, dist: &DistInfo, cancel: Arc<
         cancel,
     );
     match outcome {
-        Ok(()) => Ok(true),
+        Ok(_) => Ok(true),
         Err(_) if dist.rendezvous.join(RENDEZVOUS_ABANDONED).exists() => {
             tracing::info!("rank 0 found the outputs of `{id}` published: nothing to do");
             Ok(false)

@@ -1,5 +1,7 @@
 //! stage kinds
 pub mod components;
+pub mod hf_disk_vqa;
+pub mod hf_vqa;
 pub mod inspect;
 pub mod jsonl;
 pub mod nifti;
@@ -10,6 +12,8 @@ pub mod rexgct;
 pub mod slices;
 pub mod split;
 pub mod vqa;
+pub use hf_disk_vqa::HfDiskVqa;
+pub use hf_vqa::HfVqa;
 pub use parquet_export::ParquetExport;
 pub use phantom::Phantom;
 pub use render::Render;

@@ -1,7 +1,11 @@
 //! Stage `parquet_export`: the CT-RATE-VQA dataset as sharded Parquet that a
 //! Hugging Face `datasets` user loads with
 //! `load_dataset("parquet", data_files={"train": "train/*.parquet", ...})`
-//! or `load_dataset(<output dir>)` (the README card declares the configs).
+//! or `load_dataset(<output dir>)` (the README card declares the configs);
+//! or, with `format = "hf_arrow"`, in the `save_to_disk` layout the authors
+//! released theirs in (`load_from_disk(<output dir>)`: `dataset_dict.json`,
+//! and per split `data-NNNNN-of-NNNNN.arrow` Arrow IPC stream shards,
+//! `state.json`, `dataset_info.json`; [`stages_task::hf_disk`]).
 //!
 //! Inputs: `split` (one or more references: the whole `split` output, whose
 //! sub-directories `train/`, `test/` hold `items.jsonl`, or single sides like
@@ -39,6 +43,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use stage_api::{InputSpec, OutputSpec, ParamError, StageContext, StageKind};
+use stages_task::hf_disk;
 use stages_task::schema::{
     EXPORT_COLUMNS, box_fields, card_features_yaml, column, export_schema, hf_features_json, image_fields, list_item,
 };
@@ -46,9 +51,33 @@ use stages_task::schema::{
 use crate::components::BBox;
 use crate::jsonl;
 
+/// The file layout of the export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    /// Sharded zstd Parquet (`load_dataset`).
+    #[default]
+    Parquet,
+    /// `datasets`' `save_to_disk` layout: Arrow IPC stream shards (`load_from_disk`).
+    HfArrow,
+}
+
+impl ExportFormat {
+    /// The default is left out of the canonical params: adding the choice
+    /// does not change the cache key of existing Parquet exports.
+    fn is_parquet(&self) -> bool {
+        *self == ExportFormat::Parquet
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ParquetExportParams {
+    /// `parquet` (sharded zstd Parquet) or `hf_arrow` (the `save_to_disk`
+    /// layout the authors released CT-RATE-VQA in; `row_group_mb` and
+    /// `zstd_level` do not apply, a record batch per planned row group).
+    #[serde(skip_serializing_if = "ExportFormat::is_parquet")]
+    pub format: ExportFormat,
     /// Splits to export; each must be found in the `split` input.
     pub splits: Vec<String>,
     /// Target row-group size in MiB of payload (a group closes once it reaches it).
@@ -64,11 +93,21 @@ pub struct ParquetExportParams {
 impl Default for ParquetExportParams {
     fn default() -> Self {
         Self {
+            format: ExportFormat::Parquet,
             splits: vec!["train".into(), "test".into()],
             row_group_mb: 128.0,
             shard_mb: 512.0,
             zstd_level: 3,
             dataset_name: "CT-RATE-VQA".into(),
+        }
+    }
+}
+
+impl ExportFormat {
+    fn label(self) -> &'static str {
+        match self {
+            ExportFormat::Parquet => "parquet",
+            ExportFormat::HfArrow => "hf_arrow",
         }
     }
 }
@@ -239,9 +278,14 @@ struct SplitSummary {
 }
 
 fn dataset_card(params: &ParquetExportParams, splits: &[SplitSummary]) -> String {
-    let mut s = String::from("---\nconfigs:\n- config_name: default\n  data_files:\n");
-    for sp in splits {
-        s += &format!("  - split: {0}\n    path: {0}/*.parquet\n", sp.name);
+    let mut s = String::from("---\n");
+    // The configs tell `load_dataset(DIR)` where the Parquet shards are; a
+    // save_to_disk layout is loaded with `load_from_disk(DIR)` instead.
+    if params.format == ExportFormat::Parquet {
+        s += "configs:\n- config_name: default\n  data_files:\n";
+        for sp in splits {
+            s += &format!("  - split: {0}\n    path: {0}/*.parquet\n", sp.name);
+        }
     }
     s += "dataset_info:\n  features:\n";
     s += &card_features_yaml().lines().map(|l| format!("  {l}\n")).collect::<String>();
@@ -258,6 +302,9 @@ fn dataset_card(params: &ParquetExportParams, splits: &[SplitSummary]) -> String
          (`<answer> X </answer>`), the `answer` letter and the lesion `class`. Splits are by patient.\n\n",
         params.dataset_name
     );
+    if params.format == ExportFormat::HfArrow {
+        s += "Saved in the `datasets` `save_to_disk` layout: load it with `datasets.load_from_disk(<this directory>)`.\n\n";
+    }
     s += "| split | rows | patients | shards |\n|---|---|---|---|\n";
     for sp in splits {
         s += &format!("| {} | {} | {} | {} |\n", sp.name, sp.rows, sp.patients, sp.shards.len());
@@ -286,8 +333,7 @@ impl StageKind for ParquetExport {
     type Params = ParquetExportParams;
     const KIND: &'static str = "parquet_export";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str =
-        "Sharded zstd Parquet in the Hugging Face `datasets` layout (Image struct column) plus a dataset card";
+    const SUMMARY: &'static str = "Sharded zstd Parquet in the Hugging Face `datasets` layout (Image struct column), or the `save_to_disk` Arrow layout, plus a dataset card";
 
     fn inputs() -> &'static [InputSpec] {
         const INPUTS: &[InputSpec] = &[
@@ -349,25 +395,42 @@ impl StageKind for ParquetExport {
             let plan = plan_shards(&sizes, mib(params.row_group_mb), mib(params.shard_mb));
             let out_dir = ctx.output(split)?;
             let n = plan.len();
-            let names: Vec<String> = (0..n).map(|i| format!("{split}-{i:05}-of-{n:05}.parquet")).collect();
-            ctx.progress().start(&format!("parquet {split}"), n as u64);
+            let names: Vec<String> = match params.format {
+                ExportFormat::Parquet => (0..n).map(|i| format!("{split}-{i:05}-of-{n:05}.parquet")).collect(),
+                ExportFormat::HfArrow => (0..n).map(|i| hf_disk::shard_name(i, n)).collect(),
+            };
+            ctx.progress().start(&format!("{} {split}", params.format.label()), n as u64);
             let progress = ctx.progress();
             ctx.pool().install(|| {
                 plan.par_iter().zip(names.par_iter()).try_for_each(|(shard, name)| -> anyhow::Result<()> {
                     let path = out_dir.join(name);
-                    let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-                    let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props.clone()))?;
-                    for g in &shard.groups {
-                        w.write(&batch(&schema, &rows[g.clone()], &images_dir)?)
-                            .with_context(|| format!("writing {}", path.display()))?;
-                        w.flush()?; // one planned row group
+                    match params.format {
+                        ExportFormat::Parquet => {
+                            let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+                            let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props.clone()))?;
+                            for g in &shard.groups {
+                                w.write(&batch(&schema, &rows[g.clone()], &images_dir)?)
+                                    .with_context(|| format!("writing {}", path.display()))?;
+                                w.flush()?; // one planned row group
+                            }
+                            w.close().with_context(|| format!("closing {}", path.display()))?;
+                        }
+                        ExportFormat::HfArrow => {
+                            let mut w = hf_disk::ShardWriter::create(&path, &schema)?;
+                            for g in &shard.groups {
+                                w.write(&batch(&schema, &rows[g.clone()], &images_dir)?)?;
+                            }
+                            w.finish()?;
+                        }
                     }
-                    w.close().with_context(|| format!("closing {}", path.display()))?;
                     progress.advance(1);
                     Ok(())
                 })
             })?;
             progress.finish();
+            if params.format == ExportFormat::HfArrow {
+                hf_disk::write_metadata(&out_dir, &params.dataset_name, split, &hf_features_json(), &names)?;
+            }
             let mut classes = BTreeMap::new();
             for r in &rows {
                 *classes.entry(r.class.clone()).or_insert(0usize) += 1;
@@ -394,6 +457,9 @@ impl StageKind for ParquetExport {
             }))).collect::<serde_json::Map<_, _>>(),
         });
         jsonl::write_json(&ctx.output_dir().join("dataset_info.json"), &info)?;
+        if params.format == ExportFormat::HfArrow {
+            hf_disk::write_dict(ctx.output_dir(), &params.splits)?;
+        }
         std::fs::write(ctx.output_dir().join("README.md"), dataset_card(params, &summaries))
             .context("writing README.md")?;
         Ok(())
@@ -513,6 +579,38 @@ pub(crate) mod tests {
         assert_eq!(info["splits"]["test"]["class_counts"]["nodule_mass"], 3);
         let card = std::fs::read_to_string(out.join("README.md")).unwrap();
         assert!(card.contains("path: train/*.parquet") && card.contains("num_examples: 9"), "{card}");
+    }
+
+    #[test]
+    fn hf_arrow_export_holds_the_same_rows_in_the_save_to_disk_layout() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let small = |format| ParquetExportParams {
+            format,
+            row_group_mb: 400.0 / 1048576.0,
+            shard_mb: 800.0 / 1048576.0,
+            ..Default::default()
+        };
+        let parquet = export(a.path(), &small(ExportFormat::Parquet));
+        let arrow = export(b.path(), &small(ExportFormat::HfArrow));
+        let dict: serde_json::Value = jsonl::read_json(&arrow.join("dataset_dict.json")).unwrap();
+        assert_eq!(dict, json!({"splits": ["train", "test"]}));
+        let state: serde_json::Value = jsonl::read_json(&arrow.join("train/state.json")).unwrap();
+        let shards = state["_data_files"].as_array().unwrap();
+        assert!(shards.len() > 1, "planned shards: {state}");
+        assert_eq!(shards[0]["filename"], format!("data-00000-of-{:05}.arrow", shards.len()));
+        assert_eq!(state["_split"], "train");
+        let info: serde_json::Value = jsonl::read_json(&arrow.join("train/dataset_info.json")).unwrap();
+        assert_eq!(info["features"]["image"], json!({"_type": "Image"}));
+        for split in ["train", "test"] {
+            let (p, h) = (stages_task::read_split(&parquet.join(split)), stages_task::read_split(&arrow.join(split)));
+            assert_eq!(p.unwrap(), h.unwrap(), "{split}: same rows in both formats");
+        }
+        let card = std::fs::read_to_string(arrow.join("README.md")).unwrap();
+        assert!(!card.contains("configs:") && card.contains("load_from_disk"), "{card}");
+        // The default format stays out of the canonical params (cache keys of Parquet exports unchanged).
+        let canonical = serde_json::to_value(ParquetExportParams::default()).unwrap();
+        assert!(canonical.get("format").is_none(), "{canonical}");
+        assert_eq!(serde_json::to_value(small(ExportFormat::HfArrow)).unwrap()["format"], "hf_arrow");
     }
 
     #[test]

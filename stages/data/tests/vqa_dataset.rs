@@ -1,8 +1,11 @@
 //! The data chain end to end on a tiny phantom corpus:
 //! phantom -> rexgct_index -> lesion_slices -> render -> vqa -> split ->
 //! parquet_export, then the Parquet is loaded back by pyarrow and HF
-//! `datasets` (`tools/load_parquet.py`) when its venv can be created
-//! (`tools/py-env-data.sh`); otherwise that part is skipped with the reason.
+//! `datasets` (`tools/load_parquet.py`), and the same rows exported in the
+//! `save_to_disk` layout (`format = "hf_arrow"`) are loaded back by
+//! `datasets.load_from_disk` and compared with them (`tools/load_saved.py`),
+//! when the venv can be created (`tools/py-env-data.sh`); otherwise that
+//! part is skipped with the reason.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -104,4 +107,32 @@ fn phantom_to_parquet_and_back_through_python() {
     assert_eq!(summary["splits"]["train"]["rows"], train);
     assert_eq!(summary["splits"]["test"]["rows"], test);
     assert_eq!(summary["card_load"], "ok");
+
+    // The same rows in the save_to_disk layout, several shards per split.
+    let params = stages_data::parquet_export::ParquetExportParams {
+        dataset_name: "ct-rate-vqa-test".into(),
+        format: stages_data::parquet_export::ExportFormat::HfArrow,
+        row_group_mb: 0.01,
+        shard_mb: 0.02,
+        ..Default::default()
+    };
+    let saved = run::<ParquetExport>(
+        &params,
+        &dir.path().join("saved"),
+        &[("split", &dir.path().join("split")), ("images", &dir.path().join("render"))],
+    );
+    let o = Command::new(&python)
+        .arg(repo_root().join("tools/load_saved.py"))
+        .arg(&saved)
+        .arg(&out)
+        .env("HF_DATASETS_OFFLINE", "1")
+        .env("HF_HOME", dir.path().join("hf"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "load_saved.py failed:\n{stdout}\n{stderr}");
+    let summary: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["splits"]["train"]["rows"], train);
+    assert_eq!(summary["splits"]["test"]["rows"], test);
+    assert!(summary["splits"]["train"]["shards"].as_u64().unwrap() > 1, "{summary}");
 }

@@ -18,6 +18,9 @@ pub const METRICS_JSON: &str = "metrics.json";
 /// `eval`: a few items with their image for the report; listed in [`GALLERY_JSON`].
 pub const GALLERY_DIR: &str = "gallery";
 pub const GALLERY_JSON: &str = "gallery.json";
+/// `eval` with backend `http`: the served model name and the model ids the
+/// server reported ([`crate::served::ServedRecord`]).
+pub const SERVED_JSON: &str = "served.json";
 /// `judge`: one verdict per prediction.
 pub const VERDICTS_JSONL: &str = "verdicts.jsonl";
 /// `judge`: the consistency rate ([`crate::judge::Consistency`]).

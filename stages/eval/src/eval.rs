@@ -1,21 +1,33 @@
-//! Stage `eval`: score a Qwen2.5-VL checkpoint on a Parquet VQA split.
+//! Stage `eval`: score a Qwen2.5-VL checkpoint, or a model served behind an
+//! OpenAI-compatible chat API, on a Parquet VQA split.
 //!
-//! Inputs: `model` (an HF checkpoint directory: `init_model`, `sft`, `grpo`
-//! output or a downloaded Qwen2.5-VL) and `data` (a Parquet split directory,
-//! e.g. `export.test`, or any Parquet VQA set with `question`/`answer`).
+//! Inputs: `model` (backend `local`: an HF checkpoint directory, `init_model`,
+//! `sft`, `grpo` output or a downloaded Qwen2.5-VL / Qwen2-VL; backend `http`
+//! takes none, its model is `http.model` on the server, see [`crate::served`])
+//! and `data` (a split directory: Parquet, e.g. `export.test`, `hf_vqa` /
+//! `hf_disk_vqa` output or any Parquet VQA set with `question`/`answer`; or a
+//! `save_to_disk` directory with our columns, `parquet_export format = "hf_arrow"`).
 //! Outputs: `predictions.jsonl` + `predictions.parquet` (one row per item),
 //! `metrics.json` (see [`crate::metrics::Metrics`]) and `gallery/` (a few
 //! correct and wrong items with their image, for the report); names in
 //! [`crate::artifacts`]. Scoring is the task contract's
-//! ([`stages_task::answer::Scorer`]): the first answer block is the answer,
-//! `format_ok` is [`stages_task::completion`]'s rule for the prompt's format.
+//! ([`stages_task::answer::Scorer`]): the first answer block is the answer
+//! (multiple choice: the letter the answer regex reads in it; free form:
+//! its whole content, trimmed), `format_ok` is [`stages_task::completion`]'s
+//! rule for the prompt's format. The general-VQA benchmarks are scored with
+//! their harness metrics (`answer_match = "chartqa"` / `"vqa_accuracy"`,
+//! [`stages_task::benchmark`]); `metrics.json` records the mean credit as
+//! `score` and which dataset was scored (`source.dataset`), so the report
+//! compares only evals of the same data.
+//! Both backends write the same files; `http` adds `served.json` (the model
+//! ids the server reported).
 
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use stage_api::{InputSpec, MemoryEstimate, ParamError, PlanView, Resources, StageContext, StageKind};
+use stage_api::{DeviceRequest, InputSpec, MemoryEstimate, ParamError, PlanView, Resources, StageContext, StageKind};
 use stages_vlm::chat::{ChatTokenizer, Message};
 use stages_vlm::device::{DeviceChoice, device_and_kind};
 use stages_vlm::generate::{GenerationConfig, generate};
@@ -29,14 +41,33 @@ use stages_task::answer::{
 use stages_task::dataset::{VqaRow, parquet_files, read_split};
 use stages_task::prompt::{NO_THINK_TEMPLATE, PromptVariant, THINK_TEMPLATE, user_text};
 
-use crate::artifacts::{GALLERY_DIR, GALLERY_JSON, METRICS_JSON, PREDICTIONS_JSONL, PREDICTIONS_PARQUET, artifact_id};
+use crate::artifacts::{
+    GALLERY_DIR, GALLERY_JSON, METRICS_JSON, PREDICTIONS_JSONL, PREDICTIONS_PARQUET, SERVED_JSON, artifact_id,
+};
+use crate::chat_api::{ApiKey, ChatClient};
 use crate::memory::EvalSettings;
 use crate::metrics::{CiMethod, EvalSource, ScoredItem, aggregate};
 use crate::predictions::{Prediction, write_jsonl, write_parquet};
+use crate::served::{Hooks, Item, RequestSpec, Served, ServedParams, ServedRecord};
+
+/// Who generates the completions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalBackend {
+    /// The `model` input (a checkpoint directory) on our own stack.
+    #[default]
+    Local,
+    /// A model served behind an OpenAI-compatible `/chat/completions` API (the `http` table); no `model` input.
+    Http,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalParams {
+    /// `local` (the `model` input on our own stack) or `http` (a served model, see `http`).
+    pub backend: EvalBackend,
+    /// Backend `http`: the served model, where it is, and how to ask it.
+    pub http: ServedParams,
     /// `think`, `no_think`, `cot_forcing` (think prompt + assistant turn
     /// pre-filled with `cot_prefill`), or `dataset` (the `problem` column as is).
     pub prompt: PromptVariant,
@@ -58,21 +89,25 @@ pub struct EvalParams {
     pub top_k: usize,
     /// Sampling seed; defaults to the recipe seed.
     pub seed: Option<u64>,
-    /// Prompts per generate call.
+    /// Prompts per generate call (backend `local`).
     pub batch_size: usize,
     /// Regex searched in the completion's first `<answer>...</answer>` block
-    /// (tags included); its first group is the answer.
-    pub answer_regex: String,
-    /// `choice` (option letters), or free-form `exact` / `relaxed` (numbers within 5%).
+    /// (tags included); its first group is the answer. Default: `<answer>\s*(\w+)\s*</answer>`
+    /// for `choice`; for free-form matching the whole block content, trimmed.
+    pub answer_regex: Option<String>,
+    /// `choice` (option letters), free-form `exact` / `relaxed` (numbers
+    /// within 5%), or a benchmark's own metric as lmms-eval computes it:
+    /// `chartqa` (relaxed accuracy) or `vqa_accuracy` (TextVQA, over the
+    /// `answers` column's 10 human answers).
     pub answer_match: AnswerMatch,
     /// Confidence intervals: `{ method = "wilson" }` or
     /// `{ method = "bootstrap", resamples = 1000, seed = 0 }`.
     pub ci: CiMethod,
     /// Evaluate only the first `limit` items (quick looks).
     pub limit: Option<usize>,
-    /// `auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16`, `float16`.
+    /// Backend `local`: `auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16`, `float16`.
     pub dtype: String,
-    /// `cpu`, `auto` (CUDA when present) or `cuda`.
+    /// Backend `local`: `cpu`, `auto` (CUDA when present) or `cuda`.
     pub device: DeviceChoice,
     /// Correct and wrong examples (each) kept with their image for the report gallery.
     pub gallery: usize,
@@ -81,6 +116,8 @@ pub struct EvalParams {
 impl Default for EvalParams {
     fn default() -> Self {
         Self {
+            backend: EvalBackend::Local,
+            http: ServedParams::default(),
             prompt: PromptVariant::Think,
             think_template: THINK_TEMPLATE.into(),
             no_think_template: NO_THINK_TEMPLATE.into(),
@@ -92,7 +129,7 @@ impl Default for EvalParams {
             top_k: 0,
             seed: None,
             batch_size: 8,
-            answer_regex: DEFAULT_ANSWER_REGEX.into(),
+            answer_regex: None,
             answer_match: AnswerMatch::Choice,
             ci: CiMethod::Wilson,
             limit: None,
@@ -104,10 +141,25 @@ impl Default for EvalParams {
 }
 
 impl EvalParams {
-    /// The scorer of this eval: its answer regex and matching, and the
+    /// The regex that reads a multiple-choice answer (the recipe's, else the default).
+    pub fn choice_regex(&self) -> &str {
+        self.answer_regex.as_deref().unwrap_or(DEFAULT_ANSWER_REGEX)
+    }
+
+    /// The scorer of this eval: its answer extraction and matching, and the
     /// format rule of its prompt variant.
     pub fn scorer(&self) -> Result<Scorer, AnswerRegexError> {
-        Scorer::new(&self.answer_regex, self.prompt.response_format(), self.answer_match)
+        let format = self.prompt.response_format();
+        match (&self.answer_regex, self.answer_match.is_free_form()) {
+            (Some(re), _) => Scorer::new(re, format, self.answer_match),
+            (None, false) => Scorer::new(DEFAULT_ANSWER_REGEX, format, self.answer_match),
+            (None, true) => Ok(Scorer::block(format, self.answer_match)),
+        }
+    }
+
+    /// The text the assistant turn starts with (`cot_forcing`), or empty.
+    pub fn prefill(&self) -> &str {
+        if self.prompt == PromptVariant::CotForcing { &self.cot_prefill } else { "" }
     }
 }
 
@@ -122,7 +174,7 @@ pub fn predict(
     finish: String,
 ) -> Prediction {
     let letters = option_letters(&row.options);
-    let score = scorer.score(&completion, &row.answer, &letters);
+    let score = scorer.score_answers(&completion, &row.answer, &row.answers, &letters);
     let predicted_class = match (&score.extracted, score.valid, row.options.is_empty()) {
         (Some(a), true, false) => letters.iter().position(|l| l == a).map(|i| option_names(&row.options)[i].clone()),
         // Free form: a correct answer names the gold class, anything else is "other".
@@ -134,6 +186,7 @@ pub fn predict(
         class: row.class.clone(),
         class_name: row.class_name.clone(),
         gold: row.answer.clone(),
+        answers: row.answers.clone(),
         options: row.options.clone(),
         prompt,
         completion,
@@ -143,6 +196,7 @@ pub fn predict(
         format_ok: score.format_ok,
         valid: score.valid,
         correct: score.correct,
+        credit: Some(score.credit),
         outcome: score.outcome,
         prompt_tokens,
         completion_tokens,
@@ -164,6 +218,7 @@ pub fn metrics_of(predictions: &[Prediction], ci: CiMethod) -> crate::metrics::M
                 format_ok: p.format_ok,
                 valid: p.valid,
                 correct: p.correct,
+                credit: p.credit(),
                 outcome: p.outcome,
             },
             completion_tokens: p.completion_tokens,
@@ -212,21 +267,26 @@ impl Answerer {
 }
 
 /// Generated text and token counts for one prompt.
-struct Generated {
-    text: String,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-    finish: String,
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// The prefill (if any) followed by the generated text.
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// `eos`, `stop_string` or `length`.
+    pub finish: String,
 }
 
-fn generate_batch(
+/// The local backend on one batch: the chat message of every row (system,
+/// image, user text, then the `cot_forcing` prefill) through `a`.
+pub fn generate_batch(
     a: &Answerer,
     rows: &[&VqaRow],
     users: &[String],
     params: &EvalParams,
     cfg: &GenerationConfig,
 ) -> anyhow::Result<Vec<Generated>> {
-    let prefill = if params.prompt == PromptVariant::CotForcing { params.cot_prefill.as_str() } else { "" };
+    let prefill = params.prefill();
     let mut images = Vec::new();
     let mut texts = Vec::with_capacity(rows.len());
     let mut counts_per_row = Vec::with_capacity(rows.len());
@@ -297,6 +357,22 @@ pub fn split_name(output: Option<&str>, data: &Path) -> Option<String> {
     (shard && !prefix.is_empty()).then(|| prefix.to_string())
 }
 
+/// The dataset an eval scored, as the report compares it: the data input
+/// (`stage` or `stage.output`) without its sweep variant, since a sweep
+/// varies how one dataset is made, not which (`export@zoom.test` ->
+/// `export.test`), and `[:limit]` when only a prefix was scored.
+pub fn dataset_identity(stage: &str, output: Option<&str>, limit: Option<usize>) -> String {
+    let base = stage.split_once('@').map_or(stage, |(s, _)| s);
+    let mut id = match output {
+        Some(o) => format!("{base}.{o}"),
+        None => base.to_string(),
+    };
+    if let Some(n) = limit {
+        id += &format!("[:{n}]");
+    }
+    id
+}
+
 /// File-name-safe version of an item id.
 pub fn safe_name(id: &str) -> String {
     id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
@@ -338,6 +414,97 @@ impl EvalParams {
     }
 }
 
+/// Completions from the `model` input, `batch_size` prompts per generate call.
+fn generate_local(
+    params: &EvalParams,
+    ctx: &StageContext,
+    rows: &[VqaRow],
+    users: &[String],
+    seed: u64,
+) -> anyhow::Result<Vec<Generated>> {
+    let model_dir = ctx.input("model")?;
+    let (device, kind) = device_and_kind(ctx, &params.dtype)?;
+    let answerer = Answerer::load(model_dir, kind, device)?;
+    let cfg = GenerationConfig {
+        max_new_tokens: params.max_new_tokens,
+        temperature: params.temperature,
+        top_p: params.top_p,
+        top_k: params.top_k,
+        seed,
+        eos_token_ids: answerer.tokenizer.eos_ids.iter().map(|&e| i64::from(e)).collect(),
+        ..Default::default()
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for (chunk_rows, chunk_users) in rows.chunks(params.batch_size).zip(users.chunks(params.batch_size)) {
+        ctx.check_cancelled()?;
+        let refs: Vec<&VqaRow> = chunk_rows.iter().collect();
+        // Each batch gets its own seed so sampled runs do not depend on batch order.
+        let batch_cfg = GenerationConfig { seed: cfg.seed.wrapping_add(out.len() as u64), ..cfg.clone() };
+        let generated = generate_batch(&answerer, &refs, chunk_users, params, &batch_cfg)
+            .with_context(|| format!("generating for items starting at `{}`", chunk_rows[0].id))?;
+        out.extend(generated);
+        ctx.progress().advance(chunk_rows.len() as u64);
+    }
+    Ok(out)
+}
+
+/// Completions from the served `http.model` (see [`crate::served`]).
+fn generate_served(
+    params: &EvalParams,
+    ctx: &StageContext,
+    rows: &[VqaRow],
+    users: &[String],
+    seed: u64,
+) -> anyhow::Result<(Vec<Generated>, ServedRecord)> {
+    let http = &params.http;
+    let api_key = ApiKey::from_env(http.api_key_env.as_deref(), "http.api_key_env")?;
+    let client = ChatClient::new(http.client_config(), api_key);
+    // Where the local backend stops: its generation defaults.
+    let stop_strings = GenerationConfig::default().stop_strings;
+    let served = Served {
+        client: &client,
+        spec: RequestSpec {
+            model: &http.model,
+            system: params.system.as_deref(),
+            prefill: params.prefill(),
+            max_tokens: params.max_new_tokens,
+            temperature: params.temperature,
+            top_p: params.top_p,
+            top_k: params.top_k,
+            seed,
+            extra_body: &http.extra_body,
+        },
+        stop_strings: &stop_strings,
+        concurrency: http.concurrency,
+        api_key_env: http.api_key_env.as_deref(),
+    };
+    let items: Vec<Item<'_>> =
+        rows.iter().zip(users).map(|(r, u)| Item { id: &r.id, image: r.image.as_deref(), user: u }).collect();
+    let resume_dir = ctx.resume_dir()?.to_path_buf();
+    let cancelled = || ctx.is_cancelled();
+    let hooks = Hooks { progress: ctx.progress(), cancelled: &cancelled };
+    tracing::info!(model = %http.model, url = %client.endpoint(), concurrency = http.concurrency, "asking the served model");
+    let run = served.answer_all(&items, &resume_dir, &hooks)?;
+    let record = ServedRecord::of(&http.model, params.prefill(), &run.replies);
+    tracing::info!(
+        requests = run.requests,
+        resumed = run.resumed,
+        server_models = ?record.server_models,
+        "served replies complete"
+    );
+    let generated = run
+        .replies
+        .into_iter()
+        .map(|r| Generated {
+            text: r.text,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            finish: r.finish,
+        })
+        .collect();
+    Ok((generated, record))
+}
+
 pub struct Eval;
 
 impl StageKind for Eval {
@@ -348,24 +515,41 @@ impl StageKind for Eval {
     // v4: the task contract's format rule (one non-empty think and answer block,
     //     whitespace around allowed) and answer from the first answer block;
     //     `format_regex` is gone (one format definition for eval, GRPO, judge).
-    const VERSION: u32 = 4;
-    const SUMMARY: &'static str = "Score a Qwen2.5-VL checkpoint on a Parquet VQA split: predictions, accuracy (overall, per class, CI), format/validity";
+    // v5: free-form answers are the whole answer block (not `(\w+)`); gold
+    //     answer lists, `chartqa` / `vqa_accuracy` matching and the mean credit
+    //     (`score`); `source` records the dataset identity and the matching.
+    // (The `http` backend added params, not a version: local results are unchanged.)
+    const VERSION: u32 = 5;
+    const SUMMARY: &'static str = "Score a Qwen2.5-VL / Qwen2-VL checkpoint, or a model served behind an OpenAI-compatible API, on a VQA split: predictions, accuracy (overall, per class, CI) or a benchmark metric (ChartQA, TextVQA), format/validity";
 
     fn inputs() -> &'static [InputSpec] {
         const INPUTS: &[InputSpec] = &[
-            InputSpec::one("model", "HF Qwen2.5-VL checkpoint directory (init_model / sft / grpo output)"),
-            InputSpec::one("data", "Parquet split directory (e.g. `export.test`) or a Parquet VQA file"),
+            InputSpec::optional(
+                "model",
+                "HF Qwen2.5-VL or Qwen2-VL checkpoint directory (init_model / sft / grpo output); backend `local` only",
+            ),
+            InputSpec::one(
+                "data",
+                "Split directory (e.g. `export.test`, an `hf_vqa` / `hf_disk_vqa` output) or a Parquet VQA file",
+            ),
         ];
         INPUTS
     }
 
     fn resources(p: &Self::Params) -> Resources {
-        // Until `memory` can read the model config (see `crate::memory`).
-        Resources { cpu: 0, device: p.device.request(), memory_mb: 4096 }
+        match p.backend {
+            EvalBackend::Local => Resources { cpu: 0, device: p.device.request(), memory_mb: 4096 },
+            // Request threads wait on the network: one core, no device.
+            _ => Resources { cpu: 1, device: DeviceRequest::Cpu, memory_mb: 512 },
+        }
     }
 
     fn memory(p: &Self::Params, plan: &PlanView) -> MemoryEstimate {
-        crate::memory::eval_memory(&p.memory_settings(), plan)
+        match p.backend {
+            EvalBackend::Local => crate::memory::eval_memory(&p.memory_settings(), plan),
+            // The model lives on the server: the fixed request-thread budget stands.
+            EvalBackend::Http => MemoryEstimate::NotModelled,
+        }
     }
 
     fn validate(p: &Self::Params) -> Result<(), ParamError> {
@@ -394,18 +578,48 @@ impl StageKind for Eval {
                 return Err(ParamError::new(&[key], "must contain the `{Question}` placeholder"));
             }
         }
+        if p.backend == EvalBackend::Http {
+            p.http.validate()?;
+        }
         p.scorer().map(|_| ()).map_err(|e| ParamError::new(&["answer_regex"], e.to_string()))
+    }
+
+    fn validate_inputs(p: &Self::Params, given: &[&str]) -> Result<(), ParamError> {
+        let has_model = given.contains(&"model");
+        match p.backend {
+            EvalBackend::Local if !has_model => Err(ParamError::new(
+                &["backend"],
+                "backend `local` needs the `model` input (a checkpoint directory)",
+            )
+            .with_hint("add `model = \"STAGE\"`, or score a served model: `backend = \"http\"` with `http = { url = ..., model = ... }`")),
+            EvalBackend::Http if has_model => Err(ParamError::new(
+                &["backend"],
+                "backend `http` asks the served `http.model`; the `model` input would be ignored",
+            )
+            .with_hint("remove the `model` input, or set `backend = \"local\"`")),
+            _ => Ok(()),
+        }
     }
 
     fn run(params: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()> {
         let data = ctx.input("data")?.to_path_buf();
-        let model_dir = ctx.input("model")?.to_path_buf();
         let mut rows = read_split(&data).with_context(|| format!("reading the eval split {}", data.display()))?;
         if let Some(n) = params.limit {
             rows.truncate(n);
         }
         if rows.is_empty() {
             bail!("{}: the split has no rows to evaluate", data.display());
+        }
+        if params.answer_match.needs_answer_list()
+            && let Some(r) = rows.iter().find(|r| r.answers.is_empty())
+        {
+            bail!(
+                "{}: item `{}` has no gold answer list: `answer_match = \"vqa_accuracy\"` scores against \
+                 every human answer, read from an `answers` column (an `hf_vqa` stage with `preset = \"textvqa\"` \
+                 writes it)",
+                data.display(),
+                r.id
+            );
         }
         let users: Vec<String> = rows
             .iter()
@@ -414,50 +628,40 @@ impl StageKind for Eval {
                     .map_err(|e| anyhow::anyhow!("item `{}`: {e}", r.id))
             })
             .collect::<anyhow::Result<_>>()?;
-        let (device, kind) = device_and_kind(ctx, &params.dtype)?;
-        let answerer = Answerer::load(&model_dir, kind, device)?;
         let scorer = params.scorer()?;
-        let cfg = GenerationConfig {
-            max_new_tokens: params.max_new_tokens,
-            temperature: params.temperature,
-            top_p: params.top_p,
-            top_k: params.top_k,
-            seed: params.seed.unwrap_or_else(|| ctx.seed()),
-            eos_token_ids: answerer.tokenizer.eos_ids.iter().map(|&e| i64::from(e)).collect(),
-            ..Default::default()
-        };
-        tracing::info!(items = rows.len(), prompt = ?params.prompt, "evaluating");
+        let seed = params.seed.unwrap_or_else(|| ctx.seed());
+        tracing::info!(items = rows.len(), prompt = ?params.prompt, backend = ?params.backend, "evaluating");
         ctx.progress().start("eval", rows.len() as u64);
-        let mut predictions = Vec::with_capacity(rows.len());
-        for (chunk_rows, chunk_users) in rows.chunks(params.batch_size).zip(users.chunks(params.batch_size)) {
-            ctx.check_cancelled()?;
-            let refs: Vec<&VqaRow> = chunk_rows.iter().collect();
-            // Each batch gets its own seed so sampled runs do not depend on batch order.
-            let batch_cfg = GenerationConfig { seed: cfg.seed.wrapping_add(predictions.len() as u64), ..cfg.clone() };
-            let generated = generate_batch(&answerer, &refs, chunk_users, params, &batch_cfg)
-                .with_context(|| format!("generating for items starting at `{}`", chunk_rows[0].id))?;
-            for ((row, user), g) in chunk_rows.iter().zip(chunk_users).zip(generated) {
-                predictions.push(predict(
-                    &scorer,
-                    row,
-                    user.clone(),
-                    g.text,
-                    g.prompt_tokens,
-                    g.completion_tokens,
-                    g.finish,
-                ));
+        let (generated, model, served) = match params.backend {
+            EvalBackend::Local => {
+                let model_input = ctx.inputs("model").first().context("input `model` is missing")?;
+                let model = artifact_id(model_input);
+                (generate_local(params, ctx, &rows, &users, seed)?, model, None)
             }
-            ctx.progress().advance(chunk_rows.len() as u64);
-        }
+            EvalBackend::Http => {
+                let (generated, record) = generate_served(params, ctx, &rows, &users, seed)?;
+                (generated, format!("served:{}", params.http.model), Some(record))
+            }
+        };
         ctx.progress().finish();
+        let predictions: Vec<Prediction> = rows
+            .iter()
+            .zip(&users)
+            .zip(generated)
+            .map(|((row, user), g)| {
+                predict(&scorer, row, user.clone(), g.text, g.prompt_tokens, g.completion_tokens, g.finish)
+            })
+            .collect();
         let mut metrics = metrics_of(&predictions, params.ci);
         let data_input = ctx.inputs("data").first().context("input `data` is missing")?;
-        let model_input = ctx.inputs("model").first().context("input `model` is missing")?;
+        let label = |v: serde_json::Value| v.as_str().unwrap_or_default().to_string();
         metrics.source = Some(EvalSource {
-            model: artifact_id(model_input),
+            model,
             data: artifact_id(data_input),
             split: split_name(data_input.output.as_deref(), &data),
-            prompt: serde_json::to_value(params.prompt)?.as_str().unwrap_or_default().to_string(),
+            prompt: label(serde_json::to_value(params.prompt)?),
+            dataset: Some(dataset_identity(&data_input.stage, data_input.output.as_deref(), params.limit)),
+            answer_match: Some(label(serde_json::to_value(params.answer_match)?)),
         });
         let out = ctx.output_dir().to_path_buf();
         write_jsonl(&out.join(PREDICTIONS_JSONL), &predictions)?;
@@ -465,9 +669,20 @@ impl StageKind for Eval {
         let mpath = out.join(METRICS_JSON);
         std::fs::write(&mpath, serde_json::to_string_pretty(&metrics)?)
             .with_context(|| format!("writing {}", mpath.display()))?;
+        if let Some(record) = served {
+            let path = out.join(SERVED_JSON);
+            std::fs::write(&path, serde_json::to_string_pretty(&record)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
         write_gallery(&ctx.output(GALLERY_DIR)?, &rows, &predictions, params.gallery)?;
         let unparseable = predictions.iter().filter(|p| p.outcome == Outcome::Unparseable).count();
-        tracing::info!(accuracy = metrics.accuracy.value, format = metrics.format_rate.value, unparseable, "eval done");
+        tracing::info!(
+            accuracy = metrics.accuracy.value,
+            score = metrics.headline().value,
+            format = metrics.format_rate.value,
+            unparseable,
+            "eval done"
+        );
         Ok(())
     }
 }
@@ -501,6 +716,7 @@ pub(crate) mod tests {
             image: None,
             problem: "q".into(),
             answer: "B".into(),
+            answers: Vec::new(),
             options: vec!["A. airway abnormalities".into(), "B. emphysema".into()],
             class: "emphysema".into(),
             class_name: "emphysema".into(),
@@ -511,6 +727,72 @@ pub(crate) mod tests {
         let m = metrics_of(&[p], CiMethod::Wilson);
         assert_eq!(m.confusion.classes, vec!["airway abnormalities", "emphysema"]);
         assert_eq!(m.confusion.counts[1][0], 1);
+    }
+
+    #[test]
+    fn free_form_evals_read_the_whole_block_and_score_every_answer() {
+        let humans: Vec<String> = (0..10).map(|i| if i < 3 { "Stop Sign".into() } else { format!("x{i}") }).collect();
+        let row = VqaRow {
+            id: "t/1".into(),
+            problem: "What does the sign say?".into(),
+            answer: "stop sign".into(),
+            answers: humans.clone(),
+            class: "all".into(),
+            class_name: "all".into(),
+            ..Default::default()
+        };
+        let params =
+            EvalParams { answer_match: AnswerMatch::VqaAccuracy, prompt: PromptVariant::NoThink, ..Default::default() };
+        let p = predict(
+            &params.scorer().unwrap(),
+            &row,
+            "q".into(),
+            "<answer> stop sign. </answer>".into(),
+            1,
+            2,
+            "eos".into(),
+        );
+        assert_eq!(p.extracted.as_deref(), Some("stop sign."), "two words and a period: the whole block");
+        assert!((p.credit() - 0.9).abs() < 1e-12 && !p.correct, "3 of 10 humans: 0.9");
+        assert_eq!(p.answers, humans);
+        let m = metrics_of(&[p], CiMethod::Wilson);
+        assert!((m.headline().value - 0.9).abs() < 1e-12 && m.accuracy.k == 0);
+        // An explicit regex still wins.
+        let params = EvalParams { answer_regex: Some(DEFAULT_ANSWER_REGEX.into()), ..params };
+        let p = predict(
+            &params.scorer().unwrap(),
+            &row,
+            "q".into(),
+            "<answer>stop sign</answer>".into(),
+            1,
+            2,
+            "eos".into(),
+        );
+        assert_eq!(p.outcome, Outcome::Unparseable);
+    }
+
+    #[test]
+    fn vqa_accuracy_without_answer_lists_is_refused_before_loading_a_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let row = VqaRow { id: "q7".into(), problem: "q".into(), answer: "a".into(), ..Default::default() };
+        stages_task::dataset::write_rows(&data.join("val-00000-of-00001.parquet"), &[row]).unwrap();
+        let mut ctx = StageContext::builder("eval", dir.path().join("out"))
+            .input("model", "m", None, dir.path().join("no-model"))
+            .input("data", "textvqa", None, &data)
+            .build()
+            .unwrap();
+        let params = EvalParams { answer_match: AnswerMatch::VqaAccuracy, ..Default::default() };
+        let err = format!("{:#}", Eval::run(&params, &mut ctx).unwrap_err());
+        assert!(err.contains("item `q7` has no gold answer list") && err.contains("`answers` column"), "{err}");
+    }
+
+    #[test]
+    fn dataset_identity_drops_the_sweep_variant_and_keeps_the_prefix() {
+        assert_eq!(dataset_identity("export@zoom", Some("test"), None), "export.test");
+        assert_eq!(dataset_identity("chartqa", None, Some(100)), "chartqa[:100]");
+        assert_eq!(dataset_identity("general", None, None), "general");
     }
 
     #[test]
@@ -528,7 +810,7 @@ pub(crate) mod tests {
 
     #[test]
     fn validate_names_bad_keys() {
-        let bad = EvalParams { answer_regex: "(".into(), ..Default::default() };
+        let bad = EvalParams { answer_regex: Some("(".into()), ..Default::default() };
         assert!(format!("{:?}", Eval::validate(&bad).unwrap_err()).contains("answer_regex"));
         let bad = EvalParams { batch_size: 0, ..Default::default() };
         assert!(format!("{:?}", Eval::validate(&bad).unwrap_err()).contains("batch_size"));
@@ -549,6 +831,7 @@ pub(crate) mod tests {
             image: Some(image),
             problem: q.clone(),
             answer: answer.into(),
+            answers: Vec::new(),
             options: options.clone(),
             class: class.into(),
             class_name: class_name.into(),
@@ -592,8 +875,12 @@ pub(crate) mod tests {
         assert_eq!(m["n"], 3);
         assert_eq!(
             m["source"],
-            serde_json::json!({"model": "tiny", "data": "export.test", "split": "test", "prompt": "cot_forcing"})
+            serde_json::json!({
+                "model": "tiny", "data": "export.test", "split": "test", "prompt": "cot_forcing",
+                "dataset": "export.test", "answer_match": "choice"
+            })
         );
+        assert_eq!(m["score"]["value"], m["accuracy"]["value"], "binary matching: score is accuracy");
         assert_eq!(m["accuracy"]["k"], preds.iter().filter(|p| p.correct).count() as u64);
         assert!(m["confusion"]["counts"].as_array().unwrap().len() >= 3);
         assert!(out.join(PREDICTIONS_PARQUET).is_file());
@@ -611,5 +898,40 @@ pub(crate) mod tests {
         let again = read_jsonl(&out2.join(PREDICTIONS_JSONL)).unwrap();
         let texts = |v: &[Prediction]| v.iter().map(|p| p.completion.clone()).collect::<Vec<_>>();
         assert_eq!(texts(&again), texts(&preds), "batching must not change greedy completions");
+    }
+
+    /// A Qwen2-VL checkpoint (MedVLM-R1, Med-R1) evaluates through the same
+    /// path: `Pretrained::load` picks the architecture from `model_type`.
+    #[test]
+    fn eval_runs_a_tiny_qwen2_vl_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        let mut ctx = StageContext::builder("tiny", &model).seed(3).build().unwrap();
+        let init = stages_vlm::init_model::InitModelParams { model_type: "qwen2_vl".into(), ..Default::default() };
+        InitModel::run(&init, &mut ctx).unwrap();
+        let data = dir.path().join("test");
+        std::fs::create_dir_all(&data).unwrap();
+        let row = |id: &str, image: Vec<u8>, answer: &str| VqaRow {
+            id: id.into(),
+            image: Some(image),
+            problem: "Which lesion?\nOptions:\nA. airway abnormalities\nB. emphysema".into(),
+            answer: answer.into(),
+            options: vec!["A. airway abnormalities".into(), "B. emphysema".into()],
+            class: "c".into(),
+            class_name: "airway abnormalities".into(),
+            answers: Vec::new(),
+        };
+        let rows = [row("a/1", png(56, 84, 10), "A"), row("b/2", png(64, 56, 90), "B")];
+        stages_task::dataset::write_rows(&data.join("test-00000-of-00001.parquet"), &rows).unwrap();
+        let out = dir.path().join("eval");
+        let mut ctx = StageContext::builder("eval", &out)
+            .input("model", "tiny", None, &model)
+            .input("data", "export", Some("test"), &data)
+            .build()
+            .unwrap();
+        Eval::run(&EvalParams { max_new_tokens: 4, batch_size: 2, ..Default::default() }, &mut ctx).unwrap();
+        let preds = read_jsonl(&out.join(PREDICTIONS_JSONL)).unwrap();
+        assert_eq!(preds.len(), 2);
+        assert!(preds.iter().all(|p| p.completion_tokens >= 1 && p.completion_tokens <= 4 && p.prompt_tokens > 10));
     }
 }

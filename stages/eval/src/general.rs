@@ -1,8 +1,9 @@
 //! Stage `general_vqa`: a small synthetic general-VQA set (rendered bar
 //! charts and words, free-form answers) so a recipe can show the
 //! general-ability check of the paper (ChartQA/TextVQA must not collapse)
-//! without downloading a benchmark. Users with a real benchmark in Parquet
-//! point `eval` at it instead (`answer_match = "relaxed"`).
+//! without downloading a benchmark. The real benchmarks come in through
+//! `hf_vqa` (ChartQA, TextVQA) and are scored with their harness metrics
+//! (`answer_match = "chartqa"` / `"vqa_accuracy"`), as in `recipes/full.toml`.
 //!
 //! Output: `general-00000-of-00001.parquet` with columns `id`, `image`
 //! {bytes, path}, `question`, `answer`, `class` (`chart` | `text`).

@@ -35,6 +35,7 @@ use stages_task::answer::{option_letters, option_names};
 use stages_task::completion::{Completion, ResponseFormat};
 
 use crate::artifacts::{CONSISTENCY_JSON, PREDICTIONS_JSONL, VERDICTS_JSONL, artifact_id, predictions_digest};
+use crate::chat_api::{ApiKey, ChatClient, ClientConfig, message_content};
 use crate::eval::Answerer;
 use crate::metrics::{CiMethod, Rate};
 use crate::predictions::{Prediction, read_jsonl};
@@ -308,62 +309,26 @@ impl RuleJudge {
     }
 }
 
-/// What failed in one HTTP attempt, and whether retrying may help.
-#[derive(Debug)]
-struct AttemptError {
-    message: String,
-    retryable: bool,
+/// OpenAI-compatible chat completions judge (the client is [`crate::chat_api`]'s).
+pub struct HttpJudge {
+    client: ChatClient,
+    params: HttpParams,
 }
 
-/// OpenAI-compatible chat completions client.
-pub struct HttpJudge {
-    agent: ureq::Agent,
-    endpoint: String,
-    params: HttpParams,
-    api_key: Option<String>,
-}
+/// Longest wait between attempts of the judge (its params have no cap of their own).
+const JUDGE_MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 impl HttpJudge {
     pub fn new(params: &HttpParams) -> anyhow::Result<Self> {
-        let api_key = match &params.api_key_env {
-            Some(var) => {
-                Some(std::env::var(var).with_context(|| format!("param `http.api_key_env`: ${var} is not set"))?)
-            }
-            None => None,
+        let api_key = ApiKey::from_env(params.api_key_env.as_deref(), "http.api_key_env")?;
+        let config = ClientConfig {
+            url: params.url.clone(),
+            timeout: Duration::from_secs_f64(params.timeout_s),
+            retries: params.retries,
+            backoff: Duration::from_secs_f64(params.backoff_s),
+            max_backoff: JUDGE_MAX_BACKOFF,
         };
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs_f64(params.timeout_s)))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let endpoint = format!("{}/chat/completions", params.url.trim_end_matches('/'));
-        Ok(Self { agent, endpoint, params: params.clone(), api_key })
-    }
-
-    fn attempt(&self, body: &str) -> Result<String, AttemptError> {
-        let mut req = self.agent.post(&self.endpoint).header("Content-Type", "application/json");
-        if let Some(k) = &self.api_key {
-            req = req.header("Authorization", &format!("Bearer {k}"));
-        }
-        let mut resp = req.send(body).map_err(|e| AttemptError {
-            message: format!("request to {} failed: {e}", self.endpoint),
-            retryable: true,
-        })?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .body_mut()
-            .read_to_string()
-            .map_err(|e| AttemptError { message: format!("reading the response: {e}"), retryable: true })?;
-        if status != 200 {
-            let retryable = status == 429 || status >= 500;
-            let snippet: String = text.chars().take(200).collect();
-            return Err(AttemptError { message: format!("HTTP {status}: {snippet}"), retryable });
-        }
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| AttemptError { message: format!("response is not JSON: {e}"), retryable: false })?;
-        v.pointer("/choices/0/message/content").and_then(|c| c.as_str()).map(str::to_string).ok_or_else(|| {
-            AttemptError { message: "response has no `choices[0].message.content` string".into(), retryable: false }
-        })
+        Ok(Self { client: ChatClient::new(config, api_key), params: params.clone() })
     }
 
     /// Ask once, retrying with exponential backoff; returns (reply, attempts).
@@ -378,25 +343,11 @@ impl HttpJudge {
             "messages": messages,
             "temperature": 0.0,
             "max_tokens": self.params.max_tokens,
-        })
-        .to_string();
-        let mut delay = self.params.backoff_s;
-        let mut last = String::new();
-        for attempt in 1..=self.params.retries + 1 {
-            match self.attempt(&body) {
-                Ok(reply) => return (Ok(reply), attempt),
-                Err(e) => {
-                    tracing::warn!(attempt, error = %e.message, "judge request failed");
-                    last = e.message;
-                    if !e.retryable || attempt == self.params.retries + 1 {
-                        return (Err(last), attempt);
-                    }
-                    std::thread::sleep(Duration::from_secs_f64(delay));
-                    delay *= 2.0;
-                }
-            }
+        });
+        match self.client.post(&body, &|| false) {
+            Ok(reply) => (message_content(&reply.body).map(str::to_string), reply.attempts),
+            Err(f) => (Err(f.last.message), f.attempts),
         }
-        (Err(last), self.params.retries + 1)
     }
 }
 
@@ -583,7 +534,7 @@ impl StageKind for Judge {
             InputSpec::one("eval", "`eval` output (predictions.jsonl)"),
             InputSpec::optional(
                 "judge_model",
-                "checkpoint directory for backend `model` (HF Qwen2/Qwen2.5 text or Qwen2.5-VL)",
+                "checkpoint directory for backend `model` (HF Qwen2/Qwen2.5 text, Qwen2.5-VL or Qwen2-VL)",
             ),
         ];
         INPUTS

@@ -1,7 +1,9 @@
 //! The aggregate metrics of `metrics.json`: accuracy overall, per class and
 //! macro, format / validity / invalid / unparseable rates, the confusion
-//! matrix, all with 95% confidence intervals. The per-item scores come from
-//! the task contract ([`stages_task::answer::Scorer`]).
+//! matrix, all with 95% confidence intervals, and the mean benchmark credit
+//! ([`Score`]: the accuracy for binary matching, TextVQA's VQA accuracy for
+//! `vqa_accuracy`). The per-item scores come from the task contract
+//! ([`stages_task::answer::Scorer`]).
 //!
 //! Pure Rust (no tch) so the judge and report stages and their tests use it
 //! without a model.
@@ -55,16 +57,36 @@ pub fn wilson(k: u64, n: u64) -> (f64, f64) {
 
 /// Percentile bootstrap interval of the mean of 0/1 outcomes.
 pub fn bootstrap(outcomes: &[bool], resamples: u32, seed: u64) -> (f64, f64) {
-    let n = outcomes.len();
+    let values: Vec<f64> = outcomes.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect();
+    bootstrap_mean(&values, resamples, seed)
+}
+
+/// Percentile bootstrap interval of the mean of `values` (draws in the same
+/// order as [`bootstrap`], so 0/1 values give its interval).
+pub fn bootstrap_mean(values: &[f64], resamples: u32, seed: u64) -> (f64, f64) {
+    let n = values.len();
     if n == 0 || resamples == 0 {
         return (0.0, 1.0);
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut means: Vec<f64> =
-        (0..resamples).map(|_| (0..n).filter(|_| outcomes[rng.random_range(0..n)]).count() as f64 / n as f64).collect();
+        (0..resamples).map(|_| (0..n).map(|_| values[rng.random_range(0..n)]).sum::<f64>() / n as f64).collect();
     means.sort_by(f64::total_cmp);
     let at = |q: f64| means[((q * (means.len() - 1) as f64).round() as usize).min(means.len() - 1)];
     (at(0.025), at(0.975))
+}
+
+/// Normal-approximation 95% interval of the mean of values in [0, 1]
+/// (clamped), for partial credits where the Wilson interval does not apply.
+pub fn normal_mean(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let var = if n > 1 { values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64 } else { 0.0 };
+    let half = Z95 * (var / n as f64).sqrt();
+    ((mean - half).max(0.0), (mean + half).min(1.0))
 }
 
 impl CiMethod {
@@ -77,6 +99,49 @@ impl CiMethod {
         };
         Rate { k, n, value: if n == 0 { 0.0 } else { k as f64 / n as f64 }, lo, hi }
     }
+
+    /// The mean credit with its interval: exactly [`Self::rate`] when every
+    /// credit is 0 or 1; otherwise the bootstrap of the mean (bootstrap) or
+    /// the normal approximation (wilson).
+    pub fn mean(&self, credits: &[f64]) -> Mean {
+        let n = credits.len() as u64;
+        if credits.iter().all(|&c| c == 0.0 || c == 1.0) {
+            let r = self.rate(&credits.iter().map(|&c| c == 1.0).collect::<Vec<_>>());
+            return Mean { n, value: r.value, lo: r.lo, hi: r.hi };
+        }
+        let value = credits.iter().sum::<f64>() / n as f64;
+        let (lo, hi) = match *self {
+            CiMethod::Wilson => normal_mean(credits),
+            CiMethod::Bootstrap { resamples, seed } => bootstrap_mean(credits, resamples, seed),
+        };
+        Mean { n, value, lo, hi }
+    }
+}
+
+/// A mean in [0, 1] with its 95% confidence interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Mean {
+    pub n: u64,
+    pub value: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+impl From<Rate> for Mean {
+    fn from(r: Rate) -> Self {
+        Mean { n: r.n, value: r.value, lo: r.lo, hi: r.hi }
+    }
+}
+
+/// The mean benchmark credit of an eval: what a benchmark reports. Equal to
+/// `accuracy` for binary matching (choice, exact, relaxed, chartqa); the
+/// VQA accuracy for `vqa_accuracy`, where an item earns 0, 0.3, 0.6, 0.9 or 1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    #[serde(flatten)]
+    pub mean: Mean,
+    /// Mean credit per class (classes with at least one item).
+    pub per_class: BTreeMap<String, f64>,
 }
 
 /// What the aggregate needs of one scored item.
@@ -112,6 +177,27 @@ pub struct EvalSource {
     /// else the HF shard prefix of its Parquet files (`train-00000-of-00001`).
     pub split: Option<String>,
     pub prompt: String,
+    /// Which data was scored, as the report compares evals: the data input
+    /// without its sweep variant, `[:limit]` when a prefix was scored
+    /// (`crate::eval::dataset_identity`). Absent before eval v5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+    /// The `answer_match` the eval scored with. Absent before eval v5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_match: Option<String>,
+}
+
+impl EvalSource {
+    /// The dataset identity, derived from `data` for outputs before eval v5.
+    pub fn dataset(&self) -> String {
+        self.dataset.clone().unwrap_or_else(|| {
+            let (stage, output) = match self.data.split_once('.') {
+                Some((s, o)) => (s, Some(o)),
+                None => (self.data.as_str(), None),
+            };
+            crate::eval::dataset_identity(stage, output, None)
+        })
+    }
 }
 
 /// The contents of `metrics.json`.
@@ -134,9 +220,29 @@ pub struct Metrics {
     pub mean_completion_chars: f64,
     pub confusion: Confusion,
     pub ci: CiMethod,
+    /// Mean benchmark credit. Absent in metrics.json written before eval v5
+    /// (then `accuracy` is the score).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<Score>,
     /// Absent in metrics.json written before eval v2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<EvalSource>,
+}
+
+impl Metrics {
+    /// What the eval reports as its result: the mean credit ([`Score`]),
+    /// else (older outputs) the accuracy.
+    pub fn headline(&self) -> Mean {
+        self.score.as_ref().map_or_else(|| self.accuracy.into(), |s| s.mean)
+    }
+
+    /// The result of one class, as [`Self::headline`].
+    pub fn class_headline(&self, class: &str) -> Option<f64> {
+        match &self.score {
+            Some(s) => s.per_class.get(class).copied(),
+            None => self.per_class.get(class).map(|r| r.value),
+        }
+    }
 }
 
 /// Aggregate scored items. `classes` fixes the confusion-matrix order
@@ -184,6 +290,14 @@ pub fn aggregate(items: &[ScoredItem], classes: &[String], ci: CiMethod) -> Metr
             *failures.entry(key).or_insert(0) += 1;
         }
     }
+    let credits: Vec<f64> = items.iter().map(|i| i.score.credit).collect();
+    let per_class_score = per_class
+        .keys()
+        .map(|c| {
+            let v: Vec<f64> = items.iter().filter(|i| &i.class == c).map(|i| i.score.credit).collect();
+            (c.clone(), v.iter().sum::<f64>() / v.len() as f64)
+        })
+        .collect();
     let n = items.len();
     let mean = |f: &dyn Fn(&ScoredItem) -> usize| {
         if n == 0 { 0.0 } else { items.iter().map(f).sum::<usize>() as f64 / n as f64 }
@@ -202,6 +316,7 @@ pub fn aggregate(items: &[ScoredItem], classes: &[String], ci: CiMethod) -> Metr
         mean_completion_chars: mean(&|i| i.completion_chars),
         confusion: Confusion { classes: order, columns, counts },
         ci,
+        score: Some(Score { mean: ci.mean(&credits), per_class: per_class_score }),
         source: None,
     }
 }
@@ -283,5 +398,36 @@ mod tests {
         assert_eq!(m.confusion.counts, vec![vec![1, 1, 0, 0, 0], vec![0, 1, 0, 1, 0], vec![0, 0, 0, 0, 1]]);
         let (lo, hi) = wilson(2, 5);
         assert_eq!((m.accuracy.lo, m.accuracy.hi), (lo, hi));
+        assert_eq!(m.headline(), Mean::from(m.accuracy), "binary credit: the score is the accuracy");
+        assert_eq!(m.class_headline("air"), Some(0.5));
+    }
+
+    #[test]
+    fn partial_credit_is_averaged_with_its_own_interval() {
+        let s = Scorer::block(ResponseFormat::NoThink, AnswerMatch::VqaAccuracy);
+        let humans = |m: usize| -> Vec<String> {
+            (0..10).map(|i| if i < m { "yes".to_string() } else { format!("no{i}") }).collect()
+        };
+        // Credits 1, 0.9, 0.6, 0: mean 0.625; one item has full credit.
+        let items: Vec<ScoredItem> = [4, 3, 2, 0]
+            .iter()
+            .map(|&m| ScoredItem {
+                class: "all".into(),
+                predicted_class: None,
+                score: s.score_answers("<answer>yes</answer>", "yes", &humans(m), &[]),
+                completion_tokens: 3,
+                completion_chars: 20,
+            })
+            .collect();
+        let m = aggregate(&items, &[], CiMethod::Wilson);
+        assert_eq!(m.accuracy.k, 1);
+        let h = m.headline();
+        assert!((h.value - 0.625).abs() < 1e-12 && h.n == 4, "{h:?}");
+        // Sample sd of (1, .9, .6, 0) = 0.4500; half width 1.96 * 0.45 / 2 = 0.441;
+        // the upper end is clamped to 1.
+        assert!((h.value - h.lo - 0.441).abs() < 1e-3 && h.hi == 1.0, "{h:?}");
+        assert!((m.class_headline("all").unwrap() - 0.625).abs() < 1e-12);
+        let b = aggregate(&items, &[], CiMethod::Bootstrap { resamples: 500, seed: 1 }).headline();
+        assert!(b.lo < 0.625 && b.hi > 0.625 && b.hi <= 1.0, "{b:?}");
     }
 }

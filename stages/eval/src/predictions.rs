@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray};
+use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -33,6 +33,10 @@ pub struct Prediction {
     pub class_name: String,
     /// Gold answer (option letter or free-form text).
     pub gold: String,
+    /// Every accepted answer of a free-form benchmark item (TextVQA's human
+    /// answers); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub answers: Vec<String>,
     pub options: Vec<String>,
     /// The user text the model saw (after the prompt variant was applied).
     pub prompt: String,
@@ -44,12 +48,24 @@ pub struct Prediction {
     pub failure: Option<ExtractFailure>,
     pub format_ok: bool,
     pub valid: bool,
+    /// Full credit.
     pub correct: bool,
+    /// The benchmark credit in [0, 1] (partial for `vqa_accuracy`); absent
+    /// in predictions written before eval v5 (then `correct` as 0/1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credit: Option<f64>,
     pub outcome: Outcome,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     /// `eos`, `stop_string` or `length`.
     pub finish: String,
+}
+
+impl Prediction {
+    /// The item's credit: [`Self::credit`], else 1 when correct, 0 otherwise.
+    pub fn credit(&self) -> f64 {
+        self.credit.unwrap_or(if self.correct { 1.0 } else { 0.0 })
+    }
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> PredictionsError {
@@ -102,6 +118,7 @@ pub fn write_parquet(path: &Path, rows: &[Prediction]) -> Result<(), Predictions
         ("class", s(&|r| Some(r.class.clone()))),
         ("class_name", s(&|r| Some(r.class_name.clone()))),
         ("gold", s(&|r| Some(r.gold.clone()))),
+        ("answers", s(&|r| Some(r.answers.join("\n")))),
         ("options", s(&|r| Some(r.options.join("\n")))),
         ("prompt", s(&|r| Some(r.prompt.clone()))),
         ("completion", s(&|r| Some(r.completion.clone()))),
@@ -111,6 +128,7 @@ pub fn write_parquet(path: &Path, rows: &[Prediction]) -> Result<(), Predictions
         ("format_ok", b(&|r| r.format_ok)),
         ("valid", b(&|r| r.valid)),
         ("correct", b(&|r| r.correct)),
+        ("credit", Arc::new(rows.iter().map(|r| Some(r.credit())).collect::<Float64Array>()) as ArrayRef),
         ("outcome", s(&|r| Some(label(&r.outcome)))),
         ("prompt_tokens", n(&|r| r.prompt_tokens)),
         ("completion_tokens", n(&|r| r.completion_tokens)),
@@ -142,6 +160,7 @@ pub(crate) mod tests {
             class: class.into(),
             class_name: class.into(),
             gold: "A".into(),
+            answers: Vec::new(),
             options: vec!["A. x".into()],
             prompt: "q".into(),
             completion: completion.into(),
@@ -151,6 +170,7 @@ pub(crate) mod tests {
             format_ok: true,
             valid: true,
             correct,
+            credit: Some(if correct { 1.0 } else { 0.0 }),
             outcome: if correct { Outcome::Correct } else { Outcome::Wrong },
             prompt_tokens: 5,
             completion_tokens: 7,

@@ -1,13 +1,20 @@
 //! Answer extraction and the score of one completion: which answer a
 //! completion gives (its first answer block, see [`crate::completion`]),
-//! whether it is one of the offered options, whether it is the gold one, and
-//! whether the completion is in the format the prompt asked for. The eval
-//! metrics aggregate these scores; the GRPO rewards are these scores.
+//! whether it is one of the offered options, whether it is the gold one (and
+//! with which credit, for benchmarks with partial credit), and whether the
+//! completion is in the format the prompt asked for. The eval metrics
+//! aggregate these scores; the GRPO rewards are these scores.
+//!
+//! Extraction: multiple-choice answers are read with a regex in the answer
+//! block ([`DEFAULT_ANSWER_REGEX`], the closest public code's); a free-form
+//! answer is the whole content of the answer block, trimmed
+//! ([`Scorer::block`]): `12.5` or `New York` are answers, not failures.
 
 use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::benchmark::{chartqa_relaxed_correctness, vqa_accuracy};
 use crate::completion::{Completion, ResponseFormat, Tag};
 
 /// Answer extraction of the closest public code (domain notes §4), searched
@@ -33,7 +40,8 @@ pub enum ExtractFailure {
     /// `<answer>` opened but never closed (typically truncated at max_new_tokens).
     Unclosed,
     /// The answer block is there but its content does not match the regex
-    /// (empty, several words, punctuation...).
+    /// (empty, several words, punctuation...), or is empty when the whole
+    /// block is the answer.
     Unmatched,
 }
 
@@ -60,26 +68,59 @@ pub enum AnswerMatch {
     Choice,
     /// Free form: case-, space- and trailing-punctuation-insensitive equality.
     Exact,
-    /// Free form, ChartQA style: numbers within 5% relative error match,
-    /// anything else falls back to `exact`.
+    /// Free form, lenient: numbers within 5% relative error match (after
+    /// dropping `,` and reading `%`), anything else falls back to `exact`.
     Relaxed,
+    /// ChartQA's relaxed accuracy exactly as lmms-eval computes it
+    /// ([`crate::benchmark::chartqa_relaxed_correctness`]) against each gold
+    /// answer (`answers`, else `answer`); correct if any matches.
+    Chartqa,
+    /// TextVQA's (and VQAv2's) VQA accuracy over the human answers in
+    /// `answers` ([`crate::benchmark::vqa_accuracy`]): partial credit in
+    /// [0, 1]; `correct` means full credit.
+    VqaAccuracy,
+}
+
+impl AnswerMatch {
+    /// Free-form matching: the answer is the whole answer block.
+    pub fn is_free_form(self) -> bool {
+        self != AnswerMatch::Choice
+    }
+
+    /// Whether the gold answers must come as a list (`answers`).
+    pub fn needs_answer_list(self) -> bool {
+        self == AnswerMatch::VqaAccuracy
+    }
 }
 
 /// The score of one completion.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ItemScore {
     pub extracted: Option<String>,
     pub failure: Option<ExtractFailure>,
     pub format_ok: bool,
     pub valid: bool,
+    /// Full credit (for `vqa_accuracy`: credit 1).
     pub correct: bool,
+    /// The benchmark's credit in [0, 1]: 1 or 0 for every matching but
+    /// `vqa_accuracy`, whose partial credit (0.3, 0.6, 0.9) it carries.
+    pub credit: f64,
     pub outcome: Outcome,
+}
+
+/// How the answer is read from the first answer block.
+#[derive(Debug, Clone)]
+enum Extraction {
+    /// The first group of a regex searched in the block (tags included).
+    Regex(Regex),
+    /// The block's content, trimmed.
+    Block,
 }
 
 /// Compiled extraction rule, the response format asked for, and the matching.
 #[derive(Debug, Clone)]
 pub struct Scorer {
-    answer: Regex,
+    answer: Extraction,
     format: ResponseFormat,
     matching: AnswerMatch,
 }
@@ -94,7 +135,13 @@ impl Scorer {
         if answer.captures_len() < 2 {
             return Err(AnswerRegexError::NoGroup { pattern: answer_regex.into() });
         }
-        Ok(Self { answer, format, matching })
+        Ok(Self { answer: Extraction::Regex(answer), format, matching })
+    }
+
+    /// The answer is the whole content of the first answer block, trimmed
+    /// (free-form answers: numbers with decimals, several words).
+    pub fn block(format: ResponseFormat, matching: AnswerMatch) -> Self {
+        Self { answer: Extraction::Block, format, matching }
     }
 
     pub fn format(&self) -> ResponseFormat {
@@ -117,35 +164,58 @@ impl Scorer {
                 ExtractFailure::Unclosed
             });
         };
-        let caps = self.answer.captures(block.tagged).ok_or(ExtractFailure::Unmatched)?;
-        caps.get(1).map(|g| g.as_str().trim().to_string()).ok_or(ExtractFailure::Unmatched)
+        match &self.answer {
+            Extraction::Regex(re) => {
+                let caps = re.captures(block.tagged).ok_or(ExtractFailure::Unmatched)?;
+                caps.get(1).map(|g| g.as_str().trim().to_string()).ok_or(ExtractFailure::Unmatched)
+            }
+            Extraction::Block => {
+                let a = block.content.trim();
+                if a.is_empty() { Err(ExtractFailure::Unmatched) } else { Ok(a.to_string()) }
+            }
+        }
     }
 
     /// Score one completion against its gold answer and the offered option
     /// letters (ignored for free-form matching).
     pub fn score(&self, completion: &str, gold: &str, options: &[String]) -> ItemScore {
+        self.score_answers(completion, gold, &[], options)
+    }
+
+    /// [`Self::score`] with every accepted answer of the item (`answers`;
+    /// free-form matching compares against them, or against `gold` when
+    /// there are none).
+    pub fn score_answers(&self, completion: &str, gold: &str, answers: &[String], options: &[String]) -> ItemScore {
         let parsed = Completion::parse(completion);
         let format_ok = parsed.is_well_formed(self.format);
         let (extracted, failure) = match self.extract_parsed(&parsed) {
             Ok(a) => (Some(a), None),
             Err(f) => (None, Some(f)),
         };
-        let (valid, correct) = match (&extracted, self.matching) {
-            (None, _) => (false, false),
+        let single = [gold.to_string()];
+        let golds: &[String] = if answers.is_empty() { &single } else { answers };
+        let binary = |hit: bool| if hit { 1.0 } else { 0.0 };
+        let (valid, credit) = match (&extracted, self.matching) {
+            (None, _) => (false, 0.0),
             (Some(a), AnswerMatch::Choice) => {
                 let valid = options.iter().any(|o| o == a);
-                (valid, valid && a == gold.trim())
+                (valid, binary(valid && a == gold.trim()))
             }
-            (Some(a), AnswerMatch::Exact) => (!a.is_empty(), exact_match(a, gold)),
-            (Some(a), AnswerMatch::Relaxed) => (!a.is_empty(), relaxed_match(a, gold)),
+            (Some(a), AnswerMatch::Exact) => (!a.is_empty(), binary(golds.iter().any(|g| exact_match(a, g)))),
+            (Some(a), AnswerMatch::Relaxed) => (!a.is_empty(), binary(golds.iter().any(|g| relaxed_match(a, g)))),
+            (Some(a), AnswerMatch::Chartqa) => {
+                (!a.is_empty(), binary(golds.iter().any(|g| chartqa_relaxed_correctness(a, g))))
+            }
+            (Some(a), AnswerMatch::VqaAccuracy) => (!a.is_empty(), vqa_accuracy(a, golds)),
         };
+        let correct = credit >= 1.0;
         let outcome = match (&extracted, valid, correct) {
             (None, _, _) => Outcome::Unparseable,
             (_, _, true) => Outcome::Correct,
             (_, false, _) => Outcome::Invalid,
             _ => Outcome::Wrong,
         };
-        ItemScore { extracted, failure, format_ok, valid, correct, outcome }
+        ItemScore { extracted, failure, format_ok, valid, correct, credit, outcome }
     }
 }
 
@@ -278,6 +348,41 @@ mod tests {
         let s = Scorer::new(r"<answer>\s*(.*?)\s*</answer>", ResponseFormat::NoThink, AnswerMatch::Relaxed).unwrap();
         let r = s.score("<answer>12.1</answer>", "12", &[]);
         assert_eq!((r.valid, r.correct, r.format_ok), (true, true, true));
+    }
+
+    #[test]
+    fn free_form_answers_are_the_whole_block() {
+        let s = Scorer::block(ResponseFormat::NoThink, AnswerMatch::Relaxed);
+        // What the default `(\w+)` regex could not read: decimals, several words.
+        for (text, gold) in [("<answer> 12.5 </answer>", "12.5"), ("<answer>\nNew York\n</answer>", "new york")] {
+            let r = s.score(text, gold, &[]);
+            assert_eq!((r.extracted.is_some(), r.correct, r.credit), (true, true, 1.0), "{text:?}");
+        }
+        let r = s.score("<answer>  </answer>", "x", &[]);
+        assert_eq!((r.failure, r.outcome), (Some(ExtractFailure::Unmatched), Outcome::Unparseable));
+        let r = s.score("<answer>7</answer> <answer>8</answer>", "7", &[]);
+        assert_eq!((r.extracted.as_deref(), r.format_ok), (Some("7"), false), "first block, format broken");
+        let regex = Scorer::new(DEFAULT_ANSWER_REGEX, ResponseFormat::NoThink, AnswerMatch::Relaxed).unwrap();
+        assert_eq!(regex.score("<answer>12.5</answer>", "12.5", &[]).failure, Some(ExtractFailure::Unmatched));
+    }
+
+    #[test]
+    fn benchmark_matching_uses_every_gold_answer() {
+        let chart = Scorer::block(ResponseFormat::NoThink, AnswerMatch::Chartqa);
+        let r = chart.score_answers("<answer>1,000</answer>", "1000", &[], &[]);
+        assert!(!r.correct, "ChartQA does not read commas");
+        let labels: Vec<String> = ["Yes".into(), "1000".into()].to_vec();
+        assert!(chart.score_answers("<answer>1010</answer>", "Yes", &labels, &[]).correct, "any label");
+        let vqa = Scorer::block(ResponseFormat::NoThink, AnswerMatch::VqaAccuracy);
+        let humans: Vec<String> = (0..10).map(|i| if i < 2 { "stop".into() } else { format!("go{i}") }).collect();
+        let r = vqa.score_answers("<answer>Stop.</answer>", "stop", &humans, &[]);
+        assert!((r.credit - 0.6).abs() < 1e-12, "{r:?}");
+        assert_eq!((r.correct, r.valid, r.outcome), (false, true, Outcome::Wrong), "partial credit is not full");
+        let all: Vec<String> = vec!["stop".into(); 10];
+        let r = vqa.score_answers("<answer>stop</answer>", "stop", &all, &[]);
+        assert_eq!((r.correct, r.credit, r.outcome), (true, 1.0, Outcome::Correct));
+        let exact = Scorer::block(ResponseFormat::NoThink, AnswerMatch::Exact);
+        assert!(exact.score_answers("<answer>Go3</answer>", "stop", &humans, &[]).correct, "any accepted answer");
     }
 
     #[test]

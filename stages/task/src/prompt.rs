@@ -13,6 +13,16 @@ pub const THINK_TEMPLATE: &str = "{Question} Your task: 1. Think through the que
 /// Answer-only instruction; `{Question}` is replaced by the question block.
 pub const NO_THINK_TEMPLATE: &str = "{Question} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags. 2. No extra information or text outside of this tag.";
 
+/// No-think prompt of the free-form general-VQA benchmarks (ChartQA,
+/// TextVQA): lmms-eval's instruction for both (`post_prompt` of
+/// `lmms_eval/tasks/chartqa/chartqa.yaml` and of the TextVQA task template,
+/// "Answer the question using a single word or phrase."), followed by our
+/// answer-tag contract, so the answer is read exactly as for CT-RATE-VQA:
+/// the content of the first `<answer>` block.
+pub const BENCHMARK_NO_THINK_TEMPLATE: &str = "{Question}\nAnswer the question using a single word or phrase. Put the answer inside <answer>...</answer> tags and write nothing else.";
+/// Think prompt of the same benchmarks: reasoning first, then the short answer in tags.
+pub const BENCHMARK_THINK_TEMPLATE: &str = "{Question}\nThink through the question step by step inside <think>...</think> tags, then answer the question using a single word or phrase inside <answer>...</answer> tags. No extra text outside of these tags.";
+
 /// How the user turn is built from a row's `problem`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]

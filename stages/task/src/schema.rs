@@ -1,7 +1,9 @@
-//! The Parquet layout of the CT-RATE-VQA export, declared once: the column
-//! names every reader looks up, and the table [`EXPORT_COLUMNS`] from which
-//! the Arrow schema, the Hugging Face `datasets` feature declarations (schema
-//! metadata, `dataset_info.json`) and the dataset card's YAML are all derived.
+//! The column layouts of our VQA data, declared once: the column names every
+//! reader looks up, and the tables [`EXPORT_COLUMNS`] (the CT-RATE-VQA
+//! export) and [`ROW_COLUMNS`] (what [`crate::dataset::write_rows`] writes:
+//! the columns of a [`crate::VqaRow`]) from which the Arrow schemas, the
+//! Hugging Face `datasets` feature declarations (schema metadata,
+//! `dataset_info.json`) and the dataset card's YAML are all derived.
 //!
 //! Columns (in this order): `id`, `image` struct {bytes: binary, path:
 //! string} (what `datasets` writes for an `Image` feature; the schema carries
@@ -24,6 +26,9 @@ pub mod column {
     pub const QUESTION: &str = "question";
     pub const SOLUTION: &str = "solution";
     pub const ANSWER: &str = "answer";
+    /// Every accepted gold answer (TextVQA: the 10 human answers; ChartQA:
+    /// the label list). Optional: a set without it has only `answer`.
+    pub const ANSWERS: &str = "answers";
     pub const OPTIONS: &str = "options";
     pub const CLASS: &str = "class";
     pub const CLASS_NAME: &str = "class_name";
@@ -69,6 +74,19 @@ pub const EXPORT_COLUMNS: [(&str, Feature); 13] = [
     (column::SLICE_INDEX, Feature::Int32),
     (column::BOXES, Feature::Boxes),
     (column::SPLIT, Feature::String),
+];
+
+/// The columns of a [`crate::VqaRow`] as [`crate::dataset::write_rows`]
+/// writes them (the readers take the export's extra columns too).
+pub const ROW_COLUMNS: [(&str, Feature); 8] = [
+    (column::ID, Feature::String),
+    (column::IMAGE, Feature::Image),
+    (column::PROBLEM, Feature::String),
+    (column::ANSWER, Feature::String),
+    (column::ANSWERS, Feature::StringList),
+    (column::OPTIONS, Feature::StringList),
+    (column::CLASS, Feature::String),
+    (column::CLASS_NAME, Feature::String),
 ];
 
 pub fn image_fields() -> Fields {
@@ -134,10 +152,15 @@ fn ordered_object(pairs: &[(&str, String)]) -> String {
     format!("{{{}}}", body.join(", "))
 }
 
+/// The HF feature declarations of `columns`, as one JSON object in column order.
+pub fn hf_features_json_of(columns: &[(&str, Feature)]) -> String {
+    let pairs: Vec<(&str, String)> = columns.iter().map(|(name, f)| (*name, f.hf_json())).collect();
+    ordered_object(&pairs)
+}
+
 /// The HF feature declarations of the export, as one JSON object in column order.
 pub fn hf_features_json() -> String {
-    let pairs: Vec<(&str, String)> = EXPORT_COLUMNS.iter().map(|(name, f)| (*name, f.hf_json())).collect();
-    ordered_object(&pairs)
+    hf_features_json_of(&EXPORT_COLUMNS)
 }
 
 /// The `features:` entries of the dataset card's YAML header.
@@ -145,11 +168,22 @@ pub fn card_features_yaml() -> String {
     EXPORT_COLUMNS.iter().map(|(name, f)| format!("  - name: {name}\n{}", f.card_yaml())).collect()
 }
 
+/// The Arrow schema of `columns`, with the `huggingface` metadata that
+/// makes `datasets` decode the image column as an `Image` without a cast.
+pub fn schema_of(columns: &[(&str, Feature)]) -> SchemaRef {
+    let fields: Vec<Field> = columns.iter().map(|(name, f)| Field::new(*name, f.arrow_type(), true)).collect();
+    let hf = format!("{{\"info\": {{\"features\": {}}}}}", hf_features_json_of(columns));
+    Arc::new(Schema::new(fields).with_metadata(HashMap::from([("huggingface".to_string(), hf)])))
+}
+
 /// The Arrow schema of an export shard, with the `huggingface` metadata.
 pub fn export_schema() -> SchemaRef {
-    let fields: Vec<Field> = EXPORT_COLUMNS.iter().map(|(name, f)| Field::new(*name, f.arrow_type(), true)).collect();
-    let hf = format!("{{\"info\": {{\"features\": {}}}}}", hf_features_json());
-    Arc::new(Schema::new(fields).with_metadata(HashMap::from([("huggingface".to_string(), hf)])))
+    schema_of(&EXPORT_COLUMNS)
+}
+
+/// The Arrow schema of [`ROW_COLUMNS`], with the `huggingface` metadata.
+pub fn row_schema() -> SchemaRef {
+    schema_of(&ROW_COLUMNS)
 }
 
 #[cfg(test)]

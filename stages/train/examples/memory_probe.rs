@@ -173,6 +173,7 @@ fn split(dir: &Path, n: usize, side: u32) -> anyhow::Result<PathBuf> {
                 image: Some(png(side, (i * 40) as u8)?),
                 problem: THINK_TEMPLATE.replace("{Question}", &question),
                 answer: "B".into(),
+                answers: Vec::new(),
                 options: options.clone(),
                 class: "emphysema".into(),
                 class_name: "emphysema".into(),

@@ -10,10 +10,11 @@
 //! copy of the input model (k3 KL), and takes one AdamW step on the
 //! trainable tensors. Metrics use TRL's names.
 //!
-//! A checkpoint (trainable weights, AdamW moments, step, data cursor,
-//! sampling seed, logs) goes to the engine's resume directory every
-//! `checkpoint_every` steps; a killed run resumes from the newest one and
-//! ends with the same weights as an uninterrupted run.
+//! The loop is [`trainer::run`]; this module supplies the rounds and the
+//! loss ([`GrpoSteps`]). A checkpoint (trainable weights, AdamW moments,
+//! step, data cursor, sampling seed, logs) goes to the engine's resume
+//! directory every `checkpoint_every` steps; a killed run resumes from the
+//! newest one and ends with the same weights as an uninterrupted run.
 //!
 //! Data-parallel: with `ranks = N` each rank generates and trains on its
 //! shard of every round's prompts (`prompts_per_step` ≥ N); the loss
@@ -23,8 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::path::Path;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -33,22 +33,20 @@ use stage_api::{InputSpec, MemoryEstimate, ParamError, PlanOutput, PlanView, Res
 use stages_task::answer::DEFAULT_ANSWER_REGEX;
 use stages_task::dataset::{VqaRow, read_split};
 use stages_task::prompt::PromptVariant;
-use stages_vlm::checkpoint::copy_aux_files;
-use stages_vlm::device::{DeviceChoice, device_and_kind};
+use stages_vlm::Qwen25Vl;
+use stages_vlm::device::DeviceChoice;
 use stages_vlm::generate::GenerationConfig;
-use stages_vlm::{Pretrained, Qwen25Vl};
 use tch::Tensor;
 
 use crate::advantages::{ScaleRewards, mean_std};
 use crate::dist::{self, Collective};
 use crate::memory::GrpoSettings;
-use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
+use crate::optim::{AdamWConfig, LrSchedule};
 use crate::policy_loss::{LossConfig, LossInputs, LossStats, LossType, StepScale, policy_loss, token_logps};
 use crate::prompt::PromptEncoder;
-use crate::resume::{self, TrainState};
 use crate::rewards::{REWARD_NAMES, RewardError, Rewards, paper_weights};
 use crate::rollout::{DataOrder, Rollout, RolloutSpec, Sampler, rollout, round_seed};
-use crate::setup::{ThreadsGuard, Trainable, regex_union};
+use crate::trainer::{self, LoopSettings, Metrics, Position, Setup, regex_union};
 
 /// Sample completions written by the stage.
 pub const COMPLETIONS_JSONL: &str = "completions.jsonl";
@@ -105,7 +103,8 @@ pub struct GrpoParams {
     pub epsilon: f64,
     /// Upper clip range (default: `epsilon`; DAPO uses 0.28).
     pub epsilon_high: Option<f64>,
-    /// Token aggregation: `grpo` (per-sequence mean), `bnpo`, `dr_grpo` or `dapo`.
+    /// Token aggregation over the step: `grpo` (mean of the per-sequence means), `bnpo` and
+    /// `dapo` (token mean), `dr_grpo` (sum / (sequences × max_completion_length)).
     pub loss_type: LossType,
     /// Advantage scaling: `group` std, `batch` std or `none`.
     pub scale_rewards: ScaleRewards,
@@ -235,14 +234,18 @@ impl StageKind for Grpo {
     // 3: the format reward is the task contract's rule (stages_task::completion:
     // whitespace around the completion allowed, repeated/nested tags and empty
     // blocks not), answers from the first answer block.
-    const VERSION: u32 = 3;
+    // 4: the loss is normalised by the step's sequences/tokens over all
+    // micro-batches and ranks (a short last micro-batch weighed up to 4x more);
+    // no step_time_s in metrics.jsonl, no resumed_from_step in trainable.json
+    // (run facts go to provenance.json).
+    const VERSION: u32 = 4;
     const DISTRIBUTED: bool = true;
     const SUMMARY: &'static str =
         "GRPO on a Qwen2.5-VL checkpoint with weighted format/validity/correctness rewards (resumable)";
 
     fn inputs() -> &'static [InputSpec] {
         const I: &[InputSpec] = &[
-            InputSpec::one("model", "HF Qwen2.5-VL checkpoint directory (e.g. an sft stage)"),
+            InputSpec::one("model", "HF Qwen2.5-VL or Qwen2-VL checkpoint directory (e.g. an sft stage)"),
             InputSpec::one("data", "Parquet training split (e.g. `export.train`)"),
         ];
         I
@@ -335,9 +338,7 @@ impl StageKind for Grpo {
         if data.is_empty() {
             bail!("the training split is empty");
         }
-        let (device, kind) = device_and_kind(ctx, &p.dtype)?;
-        let _threads = ThreadsGuard::set(ctx.threads());
-        let mut comm = dist::connect(ctx, device)?;
+        let (mut comm, setup) = Setup::start(ctx, &model_dir, &p.dtype, &p.trainable)?;
         if p.prompts_per_step < comm.world_size() {
             bail!(
                 "prompts_per_step = {} leaves ranks without prompts: give at least one per rank ({} ranks)",
@@ -345,15 +346,10 @@ impl StageKind for Grpo {
                 comm.world_size()
             );
         }
-        let Pretrained { model, tokenizer, processor } = Pretrained::load(&model_dir, kind, device)?;
-        let trainable = Trainable::select(&model, &p.trainable)?;
+        let (model, tokenizer) = (&setup.model, &setup.tokenizer);
         // Loaded once, and only when the KL term exists.
-        let reference = if p.beta != 0.0 { Some(frozen_copy(&model, &trainable.names)?) } else { None };
+        let reference = if p.beta != 0.0 { Some(frozen_copy(model, &setup.trainable.names)?) } else { None };
         let rewards = p.rewards()?;
-        let mut opt = AdamW::new(
-            trainable.tensors(&model),
-            AdamWConfig { beta1: p.betas[0], beta2: p.betas[1], eps: p.eps, weight_decay: p.weight_decay },
-        );
         let spec = RolloutSpec {
             num_generations: p.num_generations,
             generation: GenerationConfig {
@@ -363,7 +359,7 @@ impl StageKind for Grpo {
                 top_k: p.top_k,
                 eos_token_ids: tokenizer.eos_ids.iter().map(|&e| i64::from(e)).collect(),
                 stop_strings: p.stop_strings.clone(),
-                suppress_tokens: suppressed_tokens(&model),
+                suppress_tokens: suppressed_tokens(model),
                 ..Default::default()
             },
             scale_rewards: p.scale_rewards,
@@ -372,110 +368,118 @@ impl StageKind for Grpo {
             rewards: &rewards,
         };
         let sampler = Sampler {
-            model: &model,
-            tokenizer: &tokenizer,
-            encoder: PromptEncoder { tokenizer: &tokenizer, processor: &processor, variant: p.prompt },
+            model,
+            tokenizer,
+            encoder: PromptEncoder { tokenizer, processor: &setup.processor, variant: p.prompt },
             data: &data,
             seed: ctx.seed(),
         };
-        let out = ctx.output_dir().to_path_buf();
-        let completions_path = out.join(COMPLETIONS_JSONL);
-        let resume_dir = ctx.resume_dir()?.to_path_buf();
+        let mut steps = GrpoSteps {
+            p,
+            loss: GrpoLoss { p, model, reference: reference.as_ref(), loss: p.loss_config() },
+            spec,
+            sampler,
+            order: DataOrder::new(data.len(), ctx.seed()),
+            completions_path: ctx.output_dir().join(COMPLETIONS_JSONL),
+            current: None,
+            iteration: 0,
+            stats: StepStats::default(),
+        };
+        let settings = LoopSettings {
+            patterns: &p.trainable,
+            optimizer: AdamWConfig { beta1: p.betas[0], beta2: p.betas[1], eps: p.eps, weight_decay: p.weight_decay },
+            max_grad_norm: p.max_grad_norm,
+            schedule: p.schedule(),
+            log_every: p.log_every,
+            checkpoint_every: p.checkpoint_every,
+            max_shard_mb: p.max_shard_mb,
+        };
+        trainer::run(ctx, &settings, &setup, comm.as_mut(), &mut steps)
+    }
+}
 
-        let mut start = 0;
-        if let Some(ck) = resume::latest(&resume_dir)? {
-            // Data order and sampling seeds are derived from the step: a
-            // checkpoint that disagrees comes from another run.
-            let round = ck.state.step / p.num_iterations;
-            let expected = (round * p.prompts_per_step, round_seed(ctx.seed(), round));
-            if (ck.state.data_cursor, ck.state.next_sampling_seed) != expected {
-                bail!(
-                    "{}: data cursor {} and sampling seed {} do not match this run's {} and {}",
-                    ck.dir.display(),
-                    ck.state.data_cursor,
-                    ck.state.next_sampling_seed,
-                    expected.0,
-                    expected.1
-                );
-            }
-            resume::restore(&ck, &model, &mut opt, &trainable.names, &out)?;
-            start = ck.state.step;
-            tracing::info!("resuming from the checkpoint at step {start} ({})", ck.dir.display());
+/// GRPO as a [`trainer::Algorithm`]: a generation round every
+/// `num_iterations` steps (this rank's shard of the round's prompts),
+/// then the round's completions are the step's micro-batches.
+pub struct GrpoSteps<'a> {
+    p: &'a GrpoParams,
+    loss: GrpoLoss<'a>,
+    spec: RolloutSpec<'a>,
+    sampler: Sampler<'a>,
+    order: DataOrder,
+    completions_path: PathBuf,
+    /// The round being trained on.
+    current: Option<Rollout>,
+    /// Update of the round the prepared step is (0 = first).
+    iteration: usize,
+    stats: StepStats,
+}
+
+impl trainer::Algorithm for GrpoSteps<'_> {
+    fn phase(&self) -> &'static str {
+        "grpo steps"
+    }
+
+    fn total_steps(&self) -> usize {
+        self.p.steps
+    }
+
+    fn position(&self, done: usize) -> Position {
+        // Data order and sampling seeds are derived from the round.
+        let next_round = done / self.p.num_iterations;
+        Position {
+            data_cursor: next_round * self.p.prompts_per_step,
+            sampling_seed: round_seed(self.sampler.seed, next_round),
         }
-        let mut order = DataOrder::new(data.len(), ctx.seed());
-        let schedule = p.schedule();
-        let trainer = Trainer { p, model: &model, reference: reference.as_ref(), loss: p.loss_config() };
-        ctx.progress().start("grpo steps", p.steps as u64);
-        ctx.progress().advance(start as u64);
-        let mut current: Option<Rollout> = None;
-        let mut t0 = Instant::now();
-        for step in start..p.steps {
-            ctx.check_cancelled()?;
-            let iteration = step % p.num_iterations;
-            if iteration == 0 || current.is_none() {
-                let round = step / p.num_iterations;
-                let rows = order.round(round, p.prompts_per_step);
-                let mut r = rollout(&spec, &sampler, rows, round, comm.as_mut())
-                    .with_context(|| format!("generation round {round} (step {})", step + 1))?;
-                trainer.reference_logps(&mut r)?;
-                if p.log_completions_every > 0 && step % p.log_completions_every == 0 {
-                    let lines = dist::all_gather_json(comm.as_mut(), &completion_lines(step + 1, &r, &data, &rewards))?;
-                    if ctx.is_main_rank() {
-                        append_lines(&completions_path, lines.iter().flatten())?;
-                    }
+    }
+
+    fn prepare(&mut self, step: usize, ctx: &StageContext, comm: &mut dyn Collective) -> anyhow::Result<()> {
+        let p = self.p;
+        self.iteration = step % p.num_iterations;
+        if self.iteration == 0 || self.current.is_none() {
+            let round = step / p.num_iterations;
+            let rows = self.order.round(round, p.prompts_per_step);
+            let mut r = rollout(&self.spec, &self.sampler, rows, round, comm)
+                .with_context(|| format!("generation round {round} (step {})", step + 1))?;
+            self.loss.reference_logps(&mut r)?;
+            if p.log_completions_every > 0 && step.is_multiple_of(p.log_completions_every) {
+                let mine = completion_lines(step + 1, &r, self.sampler.data, self.spec.rewards);
+                let lines = dist::all_gather_json(comm, &mine)?;
+                if ctx.is_main_rank() {
+                    append_lines(&self.completions_path, lines.iter().flatten())?;
                 }
-                current = Some(r);
             }
-            let Some(r) = current.as_mut() else { bail!("no generation round for step {}", step + 1) };
-            let mut stats = trainer.train_step(r, iteration)?;
-            if comm.world_size() > 1 {
-                dist::ensure_grads(opt.params());
-                dist::all_reduce_grads(comm.as_mut(), opt.params())?;
-                stats.reduce(comm.as_mut())?;
-            }
-            let grad_norm = clip_grad_norm(opt.params(), p.max_grad_norm);
-            let lr = schedule.at(step);
-            opt.step(lr);
-            let done = step + 1;
-            ctx.progress().advance(1);
-            if ctx.is_main_rank() && (done % p.log_every.max(1) == 0 || done == p.steps) {
-                let mut row = metrics_row(r, &stats, &rewards, p);
-                row.insert("step".into(), done.into());
-                row.insert("lr".into(), lr.into());
-                row.insert("grad_norm".into(), grad_norm.into());
-                row.insert("step_time_s".into(), t0.elapsed().as_secs_f64().into());
-                ctx.metrics().record(&serde_json::Value::Object(row))?;
-            }
-            t0 = Instant::now();
-            if ctx.is_main_rank() && p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < p.steps {
-                let next_round = done / p.num_iterations;
-                let state = TrainState::new(
-                    done,
-                    opt.steps(),
-                    next_round * p.prompts_per_step,
-                    round_seed(ctx.seed(), next_round),
-                    trainable.names.clone(),
-                );
-                let files = vec![ctx.metrics().path().to_path_buf(), completions_path.clone()];
-                resume::save_training(&resume_dir, &state, &model, &opt, files)?;
-            }
+            self.current = Some(r);
         }
-        ctx.progress().finish();
-        if !ctx.is_main_rank() {
-            return Ok(());
-        }
-
-        model.save(&out, kind, p.max_shard_mb * 1024 * 1024)?;
-        copy_aux_files(&model_dir, &out)?;
-        std::fs::write(
-            out.join("trainable.json"),
-            serde_json::to_vec_pretty(&serde_json::json!({
-                "patterns": p.trainable, "tensors": trainable.names, "parameters": trainable.parameters,
-                "total_parameters": trainable.total_parameters, "optimizer_steps": p.steps,
-                "resumed_from_step": start, "reference_model": reference.is_some(), "ranks": comm.world_size(),
-            }))?,
-        )?;
+        self.stats = StepStats::new(self.iteration);
         Ok(())
+    }
+
+    fn micro_batches(&self) -> usize {
+        self.current.as_ref().map_or(0, |r| r.micro.len())
+    }
+
+    fn loss(&mut self, micro: usize) -> anyhow::Result<Tensor> {
+        let Some(r) = self.current.as_mut() else { bail!("GRPO: no generation round prepared") };
+        self.loss.micro_loss(r, micro, self.iteration, &mut self.stats)
+    }
+
+    fn metrics(&mut self, comm: &mut dyn Collective) -> anyhow::Result<Metrics> {
+        if comm.world_size() > 1 {
+            self.stats.reduce(comm)?;
+        }
+        let Some(r) = self.current.as_ref() else { bail!("GRPO: no generation round prepared") };
+        Ok(metrics_row(r, &self.stats, self.spec.rewards, self.p))
+    }
+
+    fn log_files(&self) -> Vec<PathBuf> {
+        vec![self.completions_path.clone()]
+    }
+
+    fn summary(&self) -> Metrics {
+        let mut s = Metrics::new();
+        s.insert("reference_model".into(), self.loss.reference.is_some().into());
+        s
     }
 }
 
@@ -503,56 +507,63 @@ fn frozen_copy(model: &Qwen25Vl, trainable: &[String]) -> anyhow::Result<Qwen25V
     Ok(Qwen25Vl::from_params(model.config.clone(), params)?)
 }
 
-/// What one optimizer step measured.
+/// What one optimizer step measured (summed over micro-batches, then ranks).
 #[derive(Debug, Default)]
 pub struct StepStats {
-    /// The step's loss (sum of the micro-batch shares).
-    pub loss: f64,
     pub loss_stats: LossStats,
     /// Σ entropy over the loss tokens.
     pub entropy: f64,
-    /// |sampler log-prob − recomputed log-prob| over real tokens (first update of a round only).
-    pub sampling_diff: Option<(f64, f64)>,
-    /// Σ |difference|, real tokens and max behind `sampling_diff` (to combine ranks).
-    sampling_sums: Option<(f64, f64, f64)>,
+    /// Σ |sampler log-prob − recomputed log-prob| over real tokens, the real
+    /// tokens and the largest difference (first update of a round only).
+    sampling: Option<(f64, f64, f64)>,
 }
 
 impl StepStats {
+    /// Empty statistics of update `iteration` of a round.
+    pub fn new(iteration: usize) -> Self {
+        Self { sampling: (iteration == 0).then_some((0.0, 0.0, 0.0)), ..Default::default() }
+    }
+
+    /// Mean and max |sampler log-prob − recomputed log-prob| over real
+    /// tokens (first update of a round only).
+    pub fn sampling_diff(&self) -> Option<(f64, f64)> {
+        let (sum, real, max) = self.sampling?;
+        (real > 0.0).then(|| (sum / real, max))
+    }
+
     /// Combine the ranks' statistics of one step (every rank gets the totals).
     fn reduce(&mut self, comm: &mut dyn Collective) -> anyhow::Result<()> {
         let l = &mut self.loss_stats;
-        let (diff_sum, real, max) = self.sampling_sums.unwrap_or_default();
-        let local =
-            [self.loss, l.tokens, l.kl, l.low_clipped, l.high_clipped, l.region_clipped, self.entropy, diff_sum, real];
+        let (diff_sum, real, max) = self.sampling.unwrap_or_default();
+        let local = [l.tokens, l.kl, l.low_clipped, l.high_clipped, l.region_clipped, self.entropy, diff_sum, real];
         let parts = dist::all_gather_f64(comm, &[&local[..], &[max]].concat())?;
-        let mut t = [0.0; 10];
+        let mut t = [0.0; 9];
         for part in &parts {
-            for (i, v) in part.iter().enumerate().take(9) {
+            for (i, v) in part.iter().enumerate().take(8) {
                 t[i] += v;
             }
-            t[9] = t[9].max(part.get(9).copied().unwrap_or(0.0));
+            t[8] = t[8].max(part.get(8).copied().unwrap_or(0.0));
         }
-        self.loss = t[0];
-        (l.tokens, l.kl, l.low_clipped, l.high_clipped, l.region_clipped) = (t[1], t[2], t[3], t[4], t[5]);
-        self.entropy = t[6];
+        (l.tokens, l.kl, l.low_clipped, l.high_clipped, l.region_clipped) = (t[0], t[1], t[2], t[3], t[4]);
+        self.entropy = t[5];
         // Every rank is at the same update of the round: all have sums or none.
-        if self.sampling_sums.is_some() {
-            self.sampling_sums = Some((t[7], t[8], t[9]));
-            self.sampling_diff = (t[8] > 0.0).then(|| (t[7] / t[8], t[9]));
+        if self.sampling.is_some() {
+            self.sampling = Some((t[6], t[7], t[8]));
         }
         Ok(())
     }
 }
 
-/// The policy update: log-probs with gradients, the GRPO loss, backward.
-pub struct Trainer<'a> {
+/// The GRPO loss of a round's micro-batches: log-probs with gradients
+/// against the generating weights' and (β > 0) the reference's.
+pub struct GrpoLoss<'a> {
     pub p: &'a GrpoParams,
     pub model: &'a Qwen25Vl,
     pub reference: Option<&'a Qwen25Vl>,
     pub loss: LossConfig,
 }
 
-impl Trainer<'_> {
+impl GrpoLoss<'_> {
     /// Completion log-probs (batch, completion) and entropies of `model`.
     fn logps(&self, model: &Qwen25Vl, m: &crate::rollout::MicroBatch) -> anyhow::Result<(Tensor, Tensor)> {
         let c = m.completion_len();
@@ -572,50 +583,42 @@ impl Trainer<'_> {
         Ok(())
     }
 
-    /// Backpropagate the loss of every micro-batch of `r` (update `iteration` of the round).
-    pub fn train_step(&self, r: &mut Rollout, iteration: usize) -> anyhow::Result<StepStats> {
+    /// Micro-batch `i` of `r`'s share of the step loss at update
+    /// `iteration` of the round (differentiable); adds its statistics to `s`.
+    pub fn micro_loss(&self, r: &mut Rollout, i: usize, iteration: usize, s: &mut StepStats) -> anyhow::Result<Tensor> {
         // Normalisers of the whole round, across ranks.
         let totals = &r.round_totals;
-        let scale = StepScale { micro_batches: totals.micro_batches, step_tokens: totals.loss_tokens };
+        let scale = StepScale { sequences: totals.sequences, tokens: totals.loss_tokens };
         let keep_old = self.p.num_iterations > 1;
-        let mut s = StepStats::default();
-        let (mut diff_sum, mut diff_max, mut real) = (0.0, 0.0f64, 0.0);
-        for m in &mut r.micro {
-            let (logps, entropy) = self.logps(self.model, m)?;
-            let detached = logps.detach();
-            let old = match (&m.old_logps, iteration) {
-                (Some(old), i) if i > 0 => old.shallow_clone(),
-                _ => {
-                    if keep_old {
-                        m.old_logps = Some(detached.copy());
-                    }
-                    detached.shallow_clone()
+        let Some(m) = r.micro.get_mut(i) else { bail!("GRPO: no micro-batch {i} in this round") };
+        let (logps, entropy) = self.logps(self.model, m)?;
+        let detached = logps.detach();
+        let old = match (&m.old_logps, iteration) {
+            (Some(old), i) if i > 0 => old.shallow_clone(),
+            _ => {
+                if keep_old {
+                    m.old_logps = Some(detached.copy());
                 }
-            };
-            if iteration == 0 {
-                let d = (&detached - &m.sampling_logps).abs() * &m.token_mask;
-                diff_sum += d.sum(d.kind()).double_value(&[]);
-                diff_max = diff_max.max(d.max().double_value(&[]));
-                real += m.token_mask.sum(m.token_mask.kind()).double_value(&[]);
+                detached.shallow_clone()
             }
-            let inputs = LossInputs {
-                logps: &logps,
-                old_logps: &old,
-                ref_logps: m.ref_logps.as_ref(),
-                advantages: &m.advantages,
-                mask: &m.loss_mask,
-            };
-            let (loss, stats) = policy_loss(&self.loss, &inputs, &scale);
-            loss.backward();
-            s.loss += loss.double_value(&[]);
-            s.loss_stats.add(&stats);
-            s.entropy += (entropy * &m.loss_mask).sum(m.loss_mask.kind()).double_value(&[]);
+        };
+        if let Some((sum, real, max)) = s.sampling.as_mut() {
+            let d = (&detached - &m.sampling_logps).abs() * &m.token_mask;
+            *sum += d.sum(d.kind()).double_value(&[]);
+            *max = max.max(d.max().double_value(&[]));
+            *real += m.token_mask.sum(m.token_mask.kind()).double_value(&[]);
         }
-        if iteration == 0 {
-            s.sampling_sums = Some((diff_sum, real, diff_max));
-            s.sampling_diff = (real > 0.0).then(|| (diff_sum / real, diff_max));
-        }
-        Ok(s)
+        let inputs = LossInputs {
+            logps: &logps,
+            old_logps: &old,
+            ref_logps: m.ref_logps.as_ref(),
+            advantages: &m.advantages,
+            mask: &m.loss_mask,
+        };
+        let (loss, stats) = policy_loss(&self.loss, &inputs, &scale);
+        s.loss_stats.add(&stats);
+        s.entropy += (entropy * &m.loss_mask).sum(m.loss_mask.kind()).double_value(&[]);
+        Ok(loss)
     }
 }
 
@@ -630,7 +633,6 @@ fn metrics_row(
     let mut put = |k: &str, v: f64| {
         row.insert(k.to_string(), v.into());
     };
-    put("loss", s.loss);
     let t = &r.round_totals;
     let (mean, std) = mean_std(&t.rewards);
     put("reward", mean);
@@ -660,7 +662,7 @@ fn metrics_row(
     if !terminated.is_empty() {
         put("completions/mean_terminated_length", mean_std(&terminated).0);
     }
-    if let Some((mean, max)) = s.sampling_diff {
+    if let Some((mean, max)) = s.sampling_diff() {
         put("sampling/sampling_logp_difference/mean", mean);
         put("sampling/sampling_logp_difference/max", max);
     }

@@ -11,8 +11,8 @@ pub mod prompt;
 pub mod resume;
 pub mod rewards;
 pub mod rollout;
-pub mod setup;
 pub mod sft;
+pub mod trainer;
 
 pub use grpo::Grpo;
 pub use sft::Sft;

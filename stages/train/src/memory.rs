@@ -22,7 +22,7 @@ use stages_vlm::memory::{
     no_grad_layer, prompt_text_tokens,
 };
 
-use crate::setup::regex_union;
+use crate::trainer::regex_union;
 
 /// Token counts of one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,15 +2,24 @@
 //!
 //! ratio ρ = exp(logp − logp_old); surrogate −min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A);
 //! plus β·KL with the k3 estimator exp(ref − logp) − (ref − logp) − 1;
-//! masked to the completion tokens and aggregated per `loss_type`:
+//! masked to the completion tokens (m) and aggregated per `loss_type` over
+//! the whole optimizer step: S completions and T loss tokens summed over
+//! every micro-batch of every rank, L = `max_completion_length`:
 //!
-//! - `grpo`: mean over sequences of each sequence's token mean;
-//! - `bnpo`: token mean over the micro-batch;
-//! - `dr_grpo`: token sum / (sequences × max_completion_length);
-//! - `dapo`: token sum / tokens of the whole optimizer step.
+//! - `grpo`: (1/S) Σ_i (Σ_t m·ℓ / max(1, Σ_t m)): mean over sequences of each sequence's token mean;
+//! - `bnpo`: Σ m·ℓ / max(1, T): token mean over the step;
+//! - `dr_grpo`: Σ m·ℓ / (S·L);
+//! - `dapo`: Σ m·ℓ / max(1, T).
 //!
-//! The first three are divided by the number of micro-batches of the step
-//! (gradient accumulation); `dapo` already is a step-level mean.
+//! Each micro-batch contributes its sums divided by these step totals, so
+//! the micro-batch losses (and gradients) add up to the step's whatever the
+//! micro-batch size and the rank count. That is what TRL computes when the
+//! step's micro-batches are equal (it divides each micro-batch's mean by the
+//! gradient-accumulation count, and DDP averages the ranks): `grpo` and
+//! `dr_grpo` are exactly TRL's then. TRL's `bnpo` takes the token mean of
+//! each micro-batch, which still depends on how the tokens fall into
+//! micro-batches; here it is the step's token mean, the same aggregation as
+//! `dapo` (TRL's `dapo`: Σ m·ℓ over the step's global token count).
 
 use serde::{Deserialize, Serialize};
 use stage_api::schemars::{self, JsonSchema};
@@ -21,7 +30,7 @@ use tch::{Kind, Tensor};
 pub enum LossType {
     /// Per-sequence token mean, then mean over sequences (DeepSeekMath; favours short wrong answers).
     Grpo,
-    /// Token mean over the micro-batch.
+    /// Token mean over the optimizer step (the same aggregation as `dapo`; TRL's is per micro-batch).
     Bnpo,
     /// Token sum over a constant (sequences × max_completion_length): no length bias (Dr. GRPO).
     DrGrpo,
@@ -39,12 +48,13 @@ pub struct LossConfig {
     pub max_completion_length: usize,
 }
 
-/// Where a micro-batch sits in its optimizer step.
+/// The totals of a micro-batch's optimizer step (all micro-batches, all ranks).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepScale {
-    pub micro_batches: usize,
-    /// Completion tokens (mask sum) of the whole step: the `dapo` normaliser.
-    pub step_tokens: f64,
+    /// Completions (S), those without loss tokens included.
+    pub sequences: usize,
+    /// Loss tokens (T, the mask sum).
+    pub tokens: f64,
 }
 
 /// (batch, tokens) tensors of one micro-batch, all of one float kind.
@@ -118,7 +128,8 @@ fn sum(t: &Tensor) -> f64 {
     t.sum(t.kind()).double_value(&[])
 }
 
-/// The micro-batch's share of the step loss (differentiable) and its stats.
+/// The micro-batch's share of the step loss (differentiable) and its stats;
+/// the shares of a step's micro-batches add up to its loss.
 pub fn policy_loss(cfg: &LossConfig, x: &LossInputs, scale: &StepScale) -> (Tensor, LossStats) {
     let adv = x.advantages.unsqueeze(1);
     let ratio = (x.logps - x.old_logps).exp();
@@ -135,18 +146,14 @@ pub fn policy_loss(cfg: &LossConfig, x: &LossInputs, scale: &StepScale) -> (Tens
         _ => -surrogate,
     };
     let masked = &per_token * x.mask;
-    let micro = scale.micro_batches.max(1) as f64;
+    let sequences = scale.sequences.max(1) as f64;
     let loss = match cfg.loss_type {
         LossType::Grpo => {
             let lens = x.mask.sum_dim_intlist([-1i64].as_slice(), false, x.mask.kind()).clamp_min(1.0);
-            (masked.sum_dim_intlist([-1i64].as_slice(), false, masked.kind()) / lens).mean(masked.kind()) / micro
+            (masked.sum_dim_intlist([-1i64].as_slice(), false, masked.kind()) / lens).sum(masked.kind()) / sequences
         }
-        LossType::Bnpo => masked.sum(masked.kind()) / sum(x.mask).max(1.0) / micro,
-        LossType::DrGrpo => {
-            let seqs = x.mask.size()[0] as f64;
-            masked.sum(masked.kind()) / (seqs * cfg.max_completion_length as f64) / micro
-        }
-        LossType::Dapo => masked.sum(masked.kind()) / scale.step_tokens.max(1.0),
+        LossType::Bnpo | LossType::Dapo => masked.sum(masked.kind()) / scale.tokens.max(1.0),
+        LossType::DrGrpo => masked.sum(masked.kind()) / (sequences * cfg.max_completion_length as f64),
     };
     tch::no_grad(|| {
         let r = ratio.detach();
@@ -199,7 +206,12 @@ mod tests {
         }
     }
 
-    fn run(c: &Case, loss_type: LossType, beta: f64, micro_batches: usize, eps_high: f64) -> (f64, LossStats) {
+    /// The case as the whole step.
+    const WHOLE: StepScale = StepScale { sequences: 2, tokens: 5.0 };
+    /// The case as half of a step of 4 sequences and 10 tokens.
+    const HALF: StepScale = StepScale { sequences: 4, tokens: 10.0 };
+
+    fn run(c: &Case, loss_type: LossType, beta: f64, scale: StepScale, eps_high: f64) -> (f64, LossStats) {
         let cfg = LossConfig { loss_type, epsilon_low: 0.2, epsilon_high: eps_high, beta, max_completion_length: 4 };
         let x = LossInputs {
             logps: &c.logps,
@@ -208,7 +220,7 @@ mod tests {
             advantages: &c.adv,
             mask: &c.mask,
         };
-        let (loss, stats) = policy_loss(&cfg, &x, &StepScale { micro_batches, step_tokens: 10.0 });
+        let (loss, stats) = policy_loss(&cfg, &x, &scale);
         (loss.double_value(&[]), stats)
     }
 
@@ -220,15 +232,15 @@ mod tests {
     fn every_loss_type_against_hand_computed_values() {
         let c = case();
         // Token losses: row 0 [−1.2, −0.9], row 1 [1.6, 2.2, 4.0]; sum 5.7 over 5 tokens.
-        close(run(&c, LossType::Grpo, 0.0, 1, 0.2).0, (-2.1 / 2.0 + 7.8 / 3.0) / 2.0);
-        close(run(&c, LossType::Bnpo, 0.0, 1, 0.2).0, 5.7 / 5.0);
-        close(run(&c, LossType::DrGrpo, 0.0, 1, 0.2).0, 5.7 / (2.0 * 4.0));
-        close(run(&c, LossType::Dapo, 0.0, 1, 0.2).0, 5.7 / 10.0);
-        // Two micro-batches in the step: all but dapo halve.
-        close(run(&c, LossType::Grpo, 0.0, 2, 0.2).0, (-2.1 / 2.0 + 7.8 / 3.0) / 4.0);
-        close(run(&c, LossType::Bnpo, 0.0, 2, 0.2).0, 5.7 / 10.0);
-        close(run(&c, LossType::DrGrpo, 0.0, 2, 0.2).0, 5.7 / 16.0);
-        close(run(&c, LossType::Dapo, 0.0, 2, 0.2).0, 5.7 / 10.0);
+        close(run(&c, LossType::Grpo, 0.0, WHOLE, 0.2).0, (-2.1 / 2.0 + 7.8 / 3.0) / 2.0);
+        close(run(&c, LossType::Bnpo, 0.0, WHOLE, 0.2).0, 5.7 / 5.0);
+        close(run(&c, LossType::DrGrpo, 0.0, WHOLE, 0.2).0, 5.7 / (2.0 * 4.0));
+        close(run(&c, LossType::Dapo, 0.0, WHOLE, 0.2).0, 5.7 / 5.0);
+        // Half of a step: divided by the step's sequences and tokens.
+        close(run(&c, LossType::Grpo, 0.0, HALF, 0.2).0, (-2.1 / 2.0 + 7.8 / 3.0) / 4.0);
+        close(run(&c, LossType::Bnpo, 0.0, HALF, 0.2).0, 5.7 / 10.0);
+        close(run(&c, LossType::DrGrpo, 0.0, HALF, 0.2).0, 5.7 / 16.0);
+        close(run(&c, LossType::Dapo, 0.0, HALF, 0.2).0, 5.7 / 10.0);
     }
 
     #[test]
@@ -238,25 +250,25 @@ mod tests {
         let (k1, k2) = (1.0 - LN2, LN2 - 0.5); // row 0 token 1, row 1 token 0
         let row0 = -2.1 + beta * k1;
         let row1 = 7.8 + beta * k2;
-        close(run(&c, LossType::Grpo, beta, 1, 0.2).0, (row0 / 2.0 + row1 / 3.0) / 2.0);
-        close(run(&c, LossType::Bnpo, beta, 1, 0.2).0, (row0 + row1) / 5.0);
-        let (_, stats) = run(&c, LossType::Bnpo, beta, 1, 0.2);
+        close(run(&c, LossType::Grpo, beta, WHOLE, 0.2).0, (row0 / 2.0 + row1 / 3.0) / 2.0);
+        close(run(&c, LossType::Bnpo, beta, WHOLE, 0.2).0, (row0 + row1) / 5.0);
+        let (_, stats) = run(&c, LossType::Bnpo, beta, WHOLE, 0.2);
         close(stats.kl, 0.5);
         close(stats.per_token(stats.kl), 0.1);
         // beta = 0: no KL term and no KL statistic.
-        assert_eq!(run(&c, LossType::Bnpo, 0.0, 1, 0.2).1.kl, 0.0);
+        assert_eq!(run(&c, LossType::Bnpo, 0.0, WHOLE, 0.2).1.kl, 0.0);
     }
 
     #[test]
     fn clip_ratios_count_only_binding_clips() {
-        let (_, s) = run(&case(), LossType::Grpo, 0.0, 1, 0.2);
+        let (_, s) = run(&case(), LossType::Grpo, 0.0, WHOLE, 0.2);
         assert_eq!((s.tokens, s.low_clipped, s.high_clipped, s.region_clipped), (5.0, 1.0, 1.0, 2.0));
         // A wider upper bound (DAPO's clip-higher): 1.5 is still clipped at 1.28,
         // and the loss of that token becomes −1.28.
-        let (loss, s) = run(&case(), LossType::Bnpo, 0.0, 1, 0.28);
+        let (loss, s) = run(&case(), LossType::Bnpo, 0.0, WHOLE, 0.28);
         close(loss, (5.7 - 0.08) / 5.0);
         assert_eq!(s.high_clipped, 1.0);
-        let (_, s) = run(&case(), LossType::Bnpo, 0.0, 1, 0.6);
+        let (_, s) = run(&case(), LossType::Bnpo, 0.0, WHOLE, 0.6);
         assert_eq!((s.high_clipped, s.region_clipped), (0.0, 1.0));
     }
 
@@ -266,8 +278,58 @@ mod tests {
         // Row 1 fully masked (a truncated completion under mask_truncated_completions).
         c.mask = t2(&[[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]);
         // grpo: row 1 mean is 0/1 = 0 and still counts as a sequence.
-        close(run(&c, LossType::Grpo, 0.0, 1, 0.2).0, (-2.1 / 2.0) / 2.0);
-        close(run(&c, LossType::Bnpo, 0.0, 1, 0.2).0, -2.1 / 2.0);
+        let scale = StepScale { sequences: 2, tokens: 2.0 };
+        close(run(&c, LossType::Grpo, 0.0, scale, 0.2).0, (-2.1 / 2.0) / 2.0);
+        close(run(&c, LossType::Bnpo, 0.0, scale, 0.2).0, -2.1 / 2.0);
+    }
+
+    #[test]
+    fn a_step_has_the_same_loss_and_gradient_however_it_is_cut_into_micro_batches() {
+        // 10 completions (the mini recipe's 2 prompts × 5) of different
+        // lengths, one with no loss token (a masked truncated completion).
+        tch::manual_seed(7);
+        let (n, len) = (10i64, 6i64);
+        let opts = (Kind::Double, tch::Device::Cpu);
+        let logps = Tensor::randn([n, len], opts) * 0.3 - 1.0;
+        let old = &logps + Tensor::randn([n, len], opts) * 0.2;
+        let reference = &logps + Tensor::randn([n, len], opts) * 0.2;
+        let adv = Tensor::randn([n], opts);
+        let lengths = [6, 1, 4, 6, 2, 5, 3, 6, 0, 4];
+        let mask: Vec<f64> = lengths.iter().flat_map(|&l| (0..len).map(move |t| f64::from(u8::from(t < l)))).collect();
+        let mask = Tensor::from_slice(&mask).view([n, len]);
+        let scale = StepScale { sequences: n as usize, tokens: sum(&mask) };
+        for loss_type in [LossType::Grpo, LossType::Bnpo, LossType::DrGrpo, LossType::Dapo] {
+            let cfg =
+                LossConfig { loss_type, epsilon_low: 0.2, epsilon_high: 0.28, beta: 0.04, max_completion_length: 8 };
+            // The summed loss and the gradient w.r.t. the log-probs with micro-batches of `size`.
+            let step = |size: i64| {
+                let leaf = logps.detach().copy().set_requires_grad(true);
+                let mut total = 0.0;
+                for start in (0..n).step_by(size as usize) {
+                    let k = size.min(n - start);
+                    let part = |t: &Tensor| t.narrow(0, start, k);
+                    let x = LossInputs {
+                        logps: &part(&leaf),
+                        old_logps: &part(&old),
+                        ref_logps: Some(&part(&reference)),
+                        advantages: &part(&adv),
+                        mask: &part(&mask),
+                    };
+                    let (loss, _) = policy_loss(&cfg, &x, &scale);
+                    loss.backward();
+                    total += loss.double_value(&[]);
+                }
+                (total, leaf.grad())
+            };
+            let (whole, grad) = step(n);
+            assert!(grad.abs().max().double_value(&[]) > 1e-3, "{loss_type:?}: a zero gradient checks nothing");
+            for size in [1, 3, 8] {
+                let (loss, g) = step(size);
+                assert!((loss - whole).abs() < 1e-12, "{loss_type:?}, micro-batches of {size}: loss {loss} vs {whole}");
+                let diff = (&g - &grad).abs().max().double_value(&[]);
+                assert!(diff < 1e-12, "{loss_type:?}, micro-batches of {size}: gradients differ by {diff}");
+            }
+        }
     }
 
     #[test]

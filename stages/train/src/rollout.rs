@@ -139,9 +139,9 @@ pub struct RoundTotals {
     pub rewards: Vec<f64>,
     pub lengths: Vec<usize>,
     pub truncated: Vec<bool>,
-    /// Micro-batches over all ranks (the loss of each is divided by it).
-    pub micro_batches: usize,
-    /// Completion tokens in the loss over all ranks (the `dapo` normaliser).
+    /// Completions over all ranks (the `grpo` and `dr_grpo` normaliser).
+    pub sequences: usize,
+    /// Completion tokens in the loss over all ranks (the `bnpo` and `dapo` normaliser).
     pub loss_tokens: f64,
 }
 
@@ -259,6 +259,19 @@ pub struct Sampler<'a> {
     pub seed: u64,
 }
 
+/// This rank's share of a round, sampled: its contiguous shard of the
+/// round's prompts and their completions.
+pub struct Sampled {
+    pub round: usize,
+    /// This rank's prompts, as positions in the round.
+    pub shard: std::ops::Range<usize>,
+    /// Dataset row of each of this rank's prompts.
+    pub rows: Vec<usize>,
+    pub prompts: Vec<EncodedPrompt>,
+    /// `prompt` indexes `prompts`.
+    pub completions: Vec<Completion>,
+}
+
 /// Generate, score and lay out round `round` for the given dataset rows
 /// (the whole round: each rank of `comm` takes its shard).
 pub fn rollout(
@@ -268,10 +281,23 @@ pub fn rollout(
     round: usize,
     comm: &mut dyn Collective,
 ) -> anyhow::Result<Rollout> {
+    let sampled = sample(spec, sampler, round_rows, round, comm.rank(), comm.world_size())?;
+    lay_out(spec, sampler, sampled, comm)
+}
+
+/// Sample rank `rank` of `world`'s shard of round `round` (no collective).
+pub fn sample(
+    spec: &RolloutSpec,
+    sampler: &Sampler,
+    round_rows: Vec<usize>,
+    round: usize,
+    rank: usize,
+    world: usize,
+) -> anyhow::Result<Sampled> {
     let Sampler { model, tokenizer, ref encoder, data, seed } = *sampler;
     let group = spec.num_generations;
-    let mine = dist::shard(round_rows.len(), comm.rank(), comm.world_size());
-    let rows = round_rows[mine.clone()].to_vec();
+    let shard = dist::shard(round_rows.len(), rank, world);
+    let rows = round_rows[shard.clone()].to_vec();
     let prompts: Vec<EncodedPrompt> = rows.iter().map(|&r| encoder.encode(&data[r])).collect::<anyhow::Result<_>>()?;
     let refs: Vec<&EncodedPrompt> = prompts.iter().collect();
     let pad = i64::from(tokenizer.pad_id);
@@ -281,7 +307,7 @@ pub fn rollout(
         let (input_ids, attention_mask, pixel_values, grid) = prompt_batch(&refs, pad, model);
         let cfg = GenerationConfig {
             seed: round_seed(seed, round),
-            row_streams: Some(mine.start * group),
+            row_streams: Some(shard.start * group),
             num_return_sequences: group,
             ..spec.generation.clone()
         };
@@ -293,6 +319,21 @@ pub fn rollout(
         };
         generate(model, Some(tokenizer), &batch, &cfg)?
     };
+    Ok(Sampled { round, shard, rows, prompts, completions })
+}
+
+/// Score this rank's completions, gather the round's rewards (advantages
+/// and metrics cover the whole round) and the loss normalisers, and cut
+/// the completions into micro-batches. Collective.
+pub fn lay_out(
+    spec: &RolloutSpec,
+    sampler: &Sampler,
+    sampled: Sampled,
+    comm: &mut dyn Collective,
+) -> anyhow::Result<Rollout> {
+    let Sampled { round, shard, rows, prompts, completions } = sampled;
+    let (model, data) = (sampler.model, sampler.data);
+    let group = spec.num_generations;
     let mut scores = Vec::with_capacity(completions.len());
     let mut rewards = Vec::with_capacity(completions.len());
     for c in &completions {
@@ -312,7 +353,7 @@ pub fn rollout(
     };
     let mut totals = RoundTotals::join(dist::all_gather_json(comm, &share)?);
     let all = advantages(&totals.rewards, group, spec.scale_rewards);
-    let local = mine.start * group..mine.end * group;
+    let local = shard.start * group..shard.end * group;
     let adv = Advantages { values: all.values[local].to_vec(), frac_zero_std: all.frac_zero_std };
     let seqs: Vec<usize> = (0..completions.len()).collect();
     let layout = Layout {
@@ -320,15 +361,15 @@ pub fn rollout(
         prompts: &prompts,
         completions: &completions,
         advantages: &adv.values,
-        pad,
+        pad: i64::from(sampler.tokenizer.pad_id),
         mask_truncated: spec.mask_truncated_completions,
         model,
     };
     let micro: Vec<MicroBatch> =
         seqs.chunks(spec.micro_batch_size.max(1)).map(|chunk| layout.micro_batch(chunk)).collect();
     let loss_tokens: f64 = micro.iter().map(|m| m.loss_mask.sum(Kind::Double).double_value(&[])).sum();
-    let sums = dist::all_reduce_f64(comm, &[micro.len() as f64, loss_tokens])?;
-    (totals.micro_batches, totals.loss_tokens) = (sums[0].round() as usize, sums[1]);
+    totals.sequences = totals.rewards.len();
+    totals.loss_tokens = dist::all_reduce_f64(comm, &[loss_tokens])?[0];
     Ok(Rollout {
         round,
         rows,

@@ -15,8 +15,10 @@
 //! several data-parallel ranks every rank takes a contiguous shard of the
 //! global batch and the gradients are summed across ranks, so the step is the
 //! single-process step up to float rounding.
-
-use std::time::Instant;
+//!
+//! The loop (ranks, AdamW, resume, clipping, metrics, checkpoints, the
+//! output) is [`trainer::run`]; this module supplies the examples and the
+//! loss ([`SftSteps`]).
 
 use anyhow::{Context as _, bail};
 use rand::seq::SliceRandom as _;
@@ -28,18 +30,16 @@ use stage_api::{
 use stages_task::dataset::{VqaRow, read_split};
 use stages_task::prompt::PromptVariant;
 use stages_vlm::chat::ChatTokenizer;
-use stages_vlm::checkpoint::copy_aux_files;
-use stages_vlm::device::{DeviceChoice, device_and_kind};
+use stages_vlm::device::DeviceChoice;
 use stages_vlm::processor::ImageProcessor;
-use stages_vlm::{Batch, Pretrained, Qwen25Vl};
+use stages_vlm::{Batch, Qwen25Vl};
 use tch::{Kind, Reduction, Tensor};
 
-use crate::dist;
+use crate::dist::{self, Collective};
 use crate::memory::SftSettings;
-use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
+use crate::optim::{AdamWConfig, LrSchedule};
 use crate::prompt::PromptEncoder;
-use crate::resume::{self, TrainState};
-use crate::setup::{ThreadsGuard, Trainable, regex_union};
+use crate::trainer::{self, Algorithm as _, LoopSettings, Metrics, Position, Setup, regex_union};
 
 /// Label of tokens that carry no loss (prompt, image, padding).
 pub const IGNORE: i64 = -100;
@@ -153,14 +153,16 @@ impl StageKind for Sft {
     const KIND: &'static str = "sft";
     // 2: the vision patch embedding trains when `trainable` matches it.
     // 3: the step loss is the mean over all its tokens (was: mean of micro-batch means).
-    const VERSION: u32 = 3;
+    // 4: outputs hold results only: no tokens_per_s in metrics.jsonl, no
+    // resumed_from_step in trainable.json (run facts go to provenance.json).
+    const VERSION: u32 = 4;
     const DISTRIBUTED: bool = true;
     const SUMMARY: &'static str =
         "Supervised fine-tuning of a Qwen2.5-VL checkpoint on a VQA split (loss on assistant tokens only)";
 
     fn inputs() -> &'static [InputSpec] {
         const I: &[InputSpec] = &[
-            InputSpec::one("model", "HF Qwen2.5-VL checkpoint directory (e.g. an init_model stage)"),
+            InputSpec::one("model", "HF Qwen2.5-VL or Qwen2-VL checkpoint directory (e.g. an init_model stage)"),
             InputSpec::one("data", "Parquet training split (e.g. `export.train`)"),
         ];
         I
@@ -214,121 +216,141 @@ impl StageKind for Sft {
         if rows.is_empty() {
             bail!("the training split is empty");
         }
-        let (device, kind) = device_and_kind(ctx, &p.dtype)?;
-        let _threads = ThreadsGuard::set(ctx.threads());
-        let mut comm = dist::connect(ctx, device)?;
-        let (rank, world) = (comm.rank(), comm.world_size());
-        let Pretrained { model, tokenizer, processor } = Pretrained::load(&model_dir, kind, device)?;
-        let trainable = Trainable::select(&model, &p.trainable)?;
-
-        let encoder = Encoder { tokenizer: &tokenizer, processor: &processor, params: p };
+        let (mut comm, setup) = Setup::start(ctx, &model_dir, &p.dtype, &p.trainable)?;
+        let encoder = Encoder { tokenizer: &setup.tokenizer, processor: &setup.processor, params: p };
         let examples: Vec<Example> =
             rows.iter().map(|r| encoder.encode(r)).collect::<anyhow::Result<_>>().context("building examples")?;
+        let mut steps = SftSteps::new(p, &setup.model, examples, comm.as_ref(), ctx.seed());
+        let total = steps.total_steps();
+        let settings = LoopSettings {
+            patterns: &p.trainable,
+            optimizer: AdamWConfig { beta1: p.betas[0], beta2: p.betas[1], eps: p.eps, weight_decay: p.weight_decay },
+            max_grad_norm: p.max_grad_norm,
+            schedule: LrSchedule::cosine(p.lr, (p.warmup_ratio * total as f64).ceil() as usize, total),
+            log_every: p.log_every,
+            checkpoint_every: p.checkpoint_every,
+            max_shard_mb: p.max_shard_mb,
+        };
+        trainer::run(ctx, &settings, &setup, comm.as_mut(), &mut steps)
+    }
+}
 
-        let global_batch = p.batch_size * p.grad_accum * world;
+/// SFT as a [`trainer::Algorithm`]: each optimizer step takes the next
+/// global batch of `batch_size × grad_accum × ranks` items of the epoch's
+/// seeded order; this rank backpropagates its contiguous shard of it in
+/// micro-batches of `batch_size`.
+pub struct SftSteps<'a> {
+    p: &'a SftParams,
+    model: &'a Qwen25Vl,
+    examples: Vec<Example>,
+    rank: usize,
+    world: usize,
+    global_batch: usize,
+    steps_per_epoch: usize,
+    total: usize,
+    seed: u64,
+    /// The data order of one epoch (re-derived from the seed: a resumed run draws the same).
+    order: Option<(usize, Vec<usize>)>,
+    /// The prepared step: its epoch, this rank's micro-batches, its global
+    /// loss-token count (the normaliser) and all its tokens (throughput).
+    epoch: usize,
+    micro: Vec<Vec<usize>>,
+    step_tokens: usize,
+    step_all_tokens: usize,
+}
+
+impl<'a> SftSteps<'a> {
+    pub fn new(
+        p: &'a SftParams,
+        model: &'a Qwen25Vl,
+        examples: Vec<Example>,
+        comm: &dyn Collective,
+        seed: u64,
+    ) -> Self {
+        let global_batch = p.batch_size * p.grad_accum * comm.world_size();
         let steps_per_epoch = examples.len().div_ceil(global_batch);
         let total = p.max_steps.unwrap_or(usize::MAX).min(steps_per_epoch * p.epochs).max(1);
-        let schedule = LrSchedule::cosine(p.lr, (p.warmup_ratio * total as f64).ceil() as usize, total);
-        let mut opt = AdamW::new(
-            trainable.tensors(&model),
-            AdamWConfig { beta1: p.betas[0], beta2: p.betas[1], eps: p.eps, weight_decay: p.weight_decay },
-        );
-
-        // Restart state: the order of every epoch is re-derived from the seed,
-        // so a checkpoint needs only the step (and the global batch it used).
-        let out = ctx.output_dir().to_path_buf();
-        let resume_dir = ctx.resume_dir()?.to_path_buf();
-        let fingerprint = stage_api::derive_seed(ctx.seed(), "sft/order");
-        let mut start = 0;
-        if let Some(ck) = resume::latest(&resume_dir)? {
-            let expected = (ck.state.step * global_batch, fingerprint);
-            if (ck.state.data_cursor, ck.state.next_sampling_seed) != expected || ck.state.step >= total {
-                bail!(
-                    "{}: step {} (items {}, seed tag {}) does not match this run (global batch {global_batch}, seed tag {fingerprint}, {total} steps)",
-                    ck.dir.display(),
-                    ck.state.step,
-                    ck.state.data_cursor,
-                    ck.state.next_sampling_seed
-                );
-            }
-            resume::restore(&ck, &model, &mut opt, &trainable.names, &out)?;
-            start = ck.state.step;
-            tracing::info!("resuming from the checkpoint at step {start} ({})", ck.dir.display());
+        Self {
+            p,
+            model,
+            examples,
+            rank: comm.rank(),
+            world: comm.world_size(),
+            global_batch,
+            steps_per_epoch,
+            total,
+            seed,
+            order: None,
+            epoch: 0,
+            micro: Vec::new(),
+            step_tokens: 0,
+            step_all_tokens: 0,
         }
+    }
 
-        ctx.progress().start("sft steps", total as u64);
-        ctx.progress().advance(start as u64);
-        let mut step = 0;
-        let (mut tokens, mut t0) = (0.0f64, Instant::now());
-        'epochs: for epoch in 0..p.epochs {
-            // Every rank draws the same order and takes its shard of each global batch.
-            let mut order: Vec<usize> = (0..examples.len()).collect();
+    /// The seeded order of `epoch` (every rank draws the same).
+    fn order(&mut self, epoch: usize, ctx: &StageContext) -> &[usize] {
+        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut order: Vec<usize> = (0..self.examples.len()).collect();
             order.shuffle(&mut ctx.rng(&format!("sft/order/{epoch}")));
-            for group in order.chunks(global_batch) {
-                if step < start {
-                    step += 1; // done before the checkpoint this run resumed from
-                    continue;
-                }
-                ctx.check_cancelled()?;
-                let step_tokens: usize = group.iter().map(|&i| examples[i].target_tokens()).sum();
-                let mine = &group[dist::shard(group.len(), rank, world)];
-                let mut loss_local = 0.0;
-                for idx in mine.chunks(p.batch_size) {
-                    let batch: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
-                    let loss = batch_loss_sum(&model, &batch)? / step_tokens.max(1) as f64;
-                    loss.backward();
-                    loss_local += loss.double_value(&[]);
-                }
-                let loss_sum = if world > 1 {
-                    // A rank with nothing left in a short last batch still takes part.
-                    dist::ensure_grads(opt.params());
-                    dist::all_reduce_grads(comm.as_mut(), opt.params())?;
-                    dist::all_reduce_f64(comm.as_mut(), &[loss_local])?[0]
-                } else {
-                    loss_local
-                };
-                tokens += group.iter().map(|&i| examples[i].ids.len()).sum::<usize>() as f64;
-                let grad_norm = clip_grad_norm(opt.params(), p.max_grad_norm);
-                let lr = schedule.at(step);
-                opt.step(lr);
-                step += 1;
-                ctx.progress().advance(1);
-                if ctx.is_main_rank() && (step % p.log_every.max(1) == 0 || step == total) {
-                    let secs = t0.elapsed().as_secs_f64().max(1e-9);
-                    ctx.metrics().record(&serde_json::json!({
-                        "step": step, "epoch": epoch, "loss": loss_sum, "lr": lr,
-                        "grad_norm": grad_norm, "tokens_per_s": tokens / secs,
-                    }))?;
-                    (tokens, t0) = (0.0, Instant::now());
-                }
-                if ctx.is_main_rank() && p.checkpoint_every > 0 && step % p.checkpoint_every == 0 && step < total {
-                    let state =
-                        TrainState::new(step, opt.steps(), step * global_batch, fingerprint, trainable.names.clone());
-                    resume::save_training(&resume_dir, &state, &model, &opt, vec![ctx.metrics().path().to_path_buf()])?;
-                }
-                if step >= total {
-                    break 'epochs;
-                }
-            }
+            self.order = Some((epoch, order));
         }
-        ctx.progress().finish();
-        if !ctx.is_main_rank() {
-            // Rank 0 saves the (identical) weights.
-            return Ok(());
-        }
+        self.order.as_ref().map_or(&[], |(_, o)| o.as_slice())
+    }
+}
 
-        model.save(&out, kind, p.max_shard_mb * 1024 * 1024)?;
-        copy_aux_files(&model_dir, &out)?;
-        std::fs::write(
-            out.join("trainable.json"),
-            serde_json::to_vec_pretty(&serde_json::json!({
-                "patterns": p.trainable, "tensors": trainable.names, "parameters": trainable.parameters,
-                "total_parameters": trainable.total_parameters,
-                "optimizer_steps": step, "examples": examples.len(), "ranks": world,
-                "resumed_from_step": start,
-            }))?,
-        )?;
+impl trainer::Algorithm for SftSteps<'_> {
+    fn phase(&self) -> &'static str {
+        "sft steps"
+    }
+
+    fn total_steps(&self) -> usize {
+        self.total
+    }
+
+    fn position(&self, done: usize) -> Position {
+        // The order of every epoch is re-derived from the seed: the step
+        // (and the global batch it used) is all a checkpoint needs.
+        Position {
+            data_cursor: done * self.global_batch,
+            sampling_seed: stage_api::derive_seed(self.seed, "sft/order"),
+        }
+    }
+
+    fn prepare(&mut self, step: usize, ctx: &StageContext, _comm: &mut dyn Collective) -> anyhow::Result<()> {
+        let (epoch, index) = (step / self.steps_per_epoch, step % self.steps_per_epoch);
+        let (global_batch, batch_size, rank, world) = (self.global_batch, self.p.batch_size, self.rank, self.world);
+        let group: Vec<usize> = self.order(epoch, ctx).chunks(global_batch).nth(index).unwrap_or_default().to_vec();
+        self.epoch = epoch;
+        self.step_tokens = group.iter().map(|&i| self.examples[i].target_tokens()).sum();
+        self.step_all_tokens = group.iter().map(|&i| self.examples[i].ids.len()).sum();
+        self.micro = group[dist::shard(group.len(), rank, world)].chunks(batch_size).map(<[usize]>::to_vec).collect();
         Ok(())
+    }
+
+    fn micro_batches(&self) -> usize {
+        self.micro.len()
+    }
+
+    fn loss(&mut self, micro: usize) -> anyhow::Result<Tensor> {
+        let batch: Vec<&Example> = self.micro[micro].iter().map(|&i| &self.examples[i]).collect();
+        Ok(batch_loss_sum(self.model, &batch)? / self.step_tokens.max(1) as f64)
+    }
+
+    fn metrics(&mut self, _comm: &mut dyn Collective) -> anyhow::Result<Metrics> {
+        let mut row = Metrics::new();
+        row.insert("epoch".into(), self.epoch.into());
+        Ok(row)
+    }
+
+    fn tokens(&self) -> Option<usize> {
+        Some(self.step_all_tokens)
+    }
+
+    fn summary(&self) -> Metrics {
+        let mut s = Metrics::new();
+        s.insert("examples".into(), self.examples.len().into());
+        s
     }
 }
 
@@ -439,9 +461,11 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::optim::{AdamW, clip_grad_norm};
     use stages_task::completion::{ResponseFormat, is_well_formed};
     use stages_task::prompt::THINK_TEMPLATE;
     use stages_vlm::InitModel;
+    use stages_vlm::Pretrained;
     use stages_vlm::init_model::InitModelParams;
 
     /// The model, tokenizer and processor of a checkpoint dir (f32, CPU).
@@ -480,6 +504,7 @@ mod tests {
             image: Some(png(56, 56, (i * 60) as u8)),
             problem: THINK_TEMPLATE.replace("{Question}", "Which lesion? A. airway B. emphysema"),
             answer: answer.into(),
+            answers: Vec::new(),
             options: vec!["A. airway".into(), "B. emphysema".into()],
             class: "airway".into(),
             class_name: "airway abnormalities".into(),

@@ -1,26 +1,31 @@
 //! GRPO on a tiny real model: the loss gradient against finite differences,
-//! MLP-only updates, and the stage end to end without a reference model.
+//! a step's independence of micro-batch size and rank count, MLP-only
+//! updates, and the stage end to end without a reference model.
 
 mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::Duration;
 
-use stage_api::{StageContext, StageKind};
+use stage_api::{DistInfo, StageContext, StageKind};
+use stages_task::answer::DEFAULT_ANSWER_REGEX;
 use stages_task::completion::ResponseFormat;
 use stages_task::dataset::read_split;
 use stages_task::prompt::PromptVariant;
 use stages_train::Grpo;
 use stages_train::advantages::ScaleRewards;
-use stages_train::grpo::{COMPLETIONS_JSONL, GrpoParams, Trainer, suppressed_tokens};
+use stages_train::dist::tcp::Tcp;
+use stages_train::dist::{self, Collective, Single};
+use stages_train::grpo::{COMPLETIONS_JSONL, GrpoLoss, GrpoParams, StepStats, suppressed_tokens};
 use stages_train::optim::{AdamW, AdamWConfig};
 use stages_train::policy_loss::{LossConfig, LossInputs, LossType, StepScale, policy_loss, token_logps};
 use stages_train::prompt::PromptEncoder;
 use stages_train::rewards::{Rewards, paper_weights};
-use stages_train::rollout::{RolloutSpec, Sampler, rollout};
-use stages_train::setup::Trainable;
-use stages_vlm::generate::GenerationConfig;
+use stages_train::rollout::{RolloutSpec, Sampled, Sampler, lay_out, rollout, sample};
+use stages_train::trainer::{ParamUpdate, Trainable};
+use stages_vlm::generate::{Completion, GenerationConfig};
 use stages_vlm::{Batch, Pretrained};
 use tch::{Device, Kind, Tensor};
 
@@ -87,7 +92,7 @@ fn grpo_loss_gradient_matches_finite_differences() {
     let reference = &now + Tensor::from_slice(&[0.2f64, -0.1, 0.4, 0.0, 0.0, -0.2, 0.1, 0.3, -0.4, 0.2]).view([2, c]);
     for loss_type in [LossType::Grpo, LossType::Bnpo, LossType::DrGrpo, LossType::Dapo] {
         let cfg = LossConfig { loss_type, epsilon_low: 0.2, epsilon_high: 0.28, beta: 0.04, max_completion_length: 8 };
-        let scale = StepScale { micro_batches: 2, step_tokens: 13.0 };
+        let scale = StepScale { sequences: 4, tokens: 13.0 };
         let loss_at = |lp: &Tensor| {
             let x =
                 LossInputs { logps: lp, old_logps: &old, ref_logps: Some(&reference), advantages: &adv, mask: &mask };
@@ -156,8 +161,7 @@ fn mlp_only_training_leaves_every_other_parameter_bit_identical() {
     let before: Vec<(String, Tensor)> = model.params.iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect();
 
     let data = read_split(split).unwrap();
-    let rewards =
-        Rewards::new(&paper_weights(), ResponseFormat::Think, stages_task::answer::DEFAULT_ANSWER_REGEX).unwrap();
+    let rewards = Rewards::new(&paper_weights(), ResponseFormat::Think, DEFAULT_ANSWER_REGEX).unwrap();
     let spec = spec(&rewards, suppressed_tokens(&model));
     let sampler = Sampler {
         model: &model,
@@ -175,14 +179,17 @@ fn mlp_only_training_leaves_every_other_parameter_bit_identical() {
     }
     let reference = model_dir.clone();
     let frozen = stages_vlm::Qwen25Vl::load(&reference, Kind::Float, Device::Cpu).unwrap();
-    let trainer = Trainer { p: &p, model: &model, reference: Some(&frozen), loss: p.loss_config() };
-    trainer.reference_logps(&mut r).unwrap();
+    let policy = GrpoLoss { p: &p, model: &model, reference: Some(&frozen), loss: p.loss_config() };
+    policy.reference_logps(&mut r).unwrap();
     let mut opt =
         AdamW::new(trainable.tensors(&model), AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
-    let stats = trainer.train_step(&mut r, 0).unwrap();
+    let mut stats = StepStats::new(0);
+    for i in 0..r.micro.len() {
+        policy.micro_loss(&mut r, i, 0, &mut stats).unwrap().backward();
+    }
     // Same weights generated and scored: the ratio is 1, the KL 0.
     assert!(stats.loss_stats.kl.abs() < 1e-9, "{}", stats.loss_stats.kl);
-    let (diff_mean, _) = stats.sampling_diff.unwrap();
+    let (diff_mean, _) = stats.sampling_diff().unwrap();
     assert!(diff_mean < 1e-4, "training log-probs differ from the sampler's by {diff_mean}");
     opt.step(1e-3);
     assert!(opt.moments().keys().all(|k| k.contains(".mlp.")), "optimizer state only for trainable tensors");
@@ -193,6 +200,132 @@ fn mlp_only_training_leaves_every_other_parameter_bit_identical() {
         } else {
             assert!(same, "{name} is frozen but changed");
             assert!(!model.params[name].grad().defined(), "{name} got a gradient");
+        }
+    }
+}
+
+/// Rank 0's view of one GRPO step over fixed completions: the step loss
+/// (summed over micro-batches and ranks) and the synced gradient of the
+/// trainable tensors, flattened, per loss type.
+fn step_on_ranks(world: usize, micro_batch_size: usize, completions: &[Completion]) -> Vec<(f64, Vec<f32>)> {
+    let (model_dir, split) = fixture();
+    let rendezvous = tempfile::tempdir().unwrap();
+    let rendezvous = rendezvous.path();
+    let mut per_rank: Vec<Vec<(f64, Vec<f32>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                s.spawn(move || {
+                    let mut comm: Box<dyn Collective> = if world == 1 {
+                        Box::new(Single)
+                    } else {
+                        let info =
+                            DistInfo { rank, world_size: world, rendezvous: rendezvous.into(), token: "t".into() };
+                        Box::new(Tcp::connect(&info, Duration::from_secs(60), &|| false).unwrap())
+                    };
+                    let Pretrained { model, tokenizer, processor } =
+                        Pretrained::load(model_dir, Kind::Float, Device::Cpu).unwrap();
+                    let p = GrpoParams { beta: 0.0, num_generations: GROUP, ..Default::default() };
+                    let trainable = Trainable::select(&model, &p.trainable).unwrap();
+                    let data = read_split(split).unwrap();
+                    let rewards = Rewards::new(&paper_weights(), ResponseFormat::Think, DEFAULT_ANSWER_REGEX).unwrap();
+                    let spec = RolloutSpec {
+                        num_generations: GROUP,
+                        micro_batch_size,
+                        ..spec(&rewards, suppressed_tokens(&model))
+                    };
+                    let encoder =
+                        PromptEncoder { tokenizer: &tokenizer, processor: &processor, variant: PromptVariant::Think };
+                    let sampler = Sampler { model: &model, tokenizer: &tokenizer, encoder, data: &data, seed: 1 };
+                    // This rank's shard of the round, as `sample` would have drawn it.
+                    let shard = dist::shard(ROUND_ROWS.len(), rank, world);
+                    let rows = ROUND_ROWS[shard.clone()].to_vec();
+                    let prompts = rows.iter().map(|&r| sampler.encoder.encode(&data[r]).unwrap()).collect();
+                    let mine = completions
+                        .iter()
+                        .filter(|c| shard.contains(&c.prompt))
+                        .map(|c| Completion { prompt: c.prompt - shard.start, ..c.clone() })
+                        .collect();
+                    let sampled = Sampled { round: 0, shard: shard.clone(), rows, prompts, completions: mine };
+                    let mut r = lay_out(&spec, &sampler, sampled, comm.as_mut()).unwrap();
+                    // Fixed advantages by place in the round: the tiny model's
+                    // rewards rarely differ within a group.
+                    for m in &mut r.micro {
+                        let adv: Vec<f32> = m.seqs.iter().map(|&i| fixed_advantage(shard.start * GROUP + i)).collect();
+                        m.advantages = Tensor::from_slice(&adv);
+                    }
+                    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+                    let mut update = ParamUpdate::new(trainable.tensors(&model), cfg, 0.0);
+                    LOSS_TYPES
+                        .iter()
+                        .map(|&loss_type| {
+                            let mut p = p.clone();
+                            p.loss_type = loss_type;
+                            let policy = GrpoLoss { p: &p, model: &model, reference: None, loss: p.loss_config() };
+                            for t in update.optimizer().params() {
+                                let mut g = t.grad();
+                                if g.defined() {
+                                    let _ = g.zero_();
+                                }
+                            }
+                            let mut stats = StepStats::new(0);
+                            let mut local = 0.0;
+                            for i in 0..r.micro.len() {
+                                let loss = policy.micro_loss(&mut r, i, 0, &mut stats).unwrap();
+                                loss.backward();
+                                local += loss.double_value(&[]);
+                            }
+                            update.sync_gradients(comm.as_mut()).unwrap();
+                            let loss = dist::all_reduce_f64(comm.as_mut(), &[local]).unwrap()[0];
+                            let grads: Vec<Tensor> = update.optimizer().params().map(|t| t.grad().view([-1])).collect();
+                            (loss, Vec::<f32>::try_from(&Tensor::cat(&grads, 0)).unwrap())
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    per_rank.swap_remove(0)
+}
+
+const GROUP: usize = 5;
+/// Three prompts × 5 completions: micro-batches of 8 leave a short one, and
+/// 2 ranks shard the round unevenly (10 + 5 completions).
+const ROUND_ROWS: [usize; 3] = [0, 4, 5];
+const LOSS_TYPES: [LossType; 4] = [LossType::Grpo, LossType::Bnpo, LossType::DrGrpo, LossType::Dapo];
+
+fn fixed_advantage(i: usize) -> f32 {
+    (i * 7 % 11) as f32 / 5.0 - 1.1
+}
+
+#[test]
+fn a_step_does_not_depend_on_the_micro_batch_size_nor_the_rank_count() {
+    // One round sampled once; every configuration trains on its completions.
+    let (model_dir, split) = fixture();
+    let Pretrained { model, tokenizer, processor } = Pretrained::load(model_dir, Kind::Float, Device::Cpu).unwrap();
+    let data = read_split(split).unwrap();
+    let rewards = Rewards::new(&paper_weights(), ResponseFormat::Think, DEFAULT_ANSWER_REGEX).unwrap();
+    let base = spec(&rewards, suppressed_tokens(&model));
+    let eos_token_ids = tokenizer.eos_ids.iter().map(|&e| i64::from(e)).collect();
+    let generation = GenerationConfig { eos_token_ids, ..base.generation.clone() };
+    let spec = RolloutSpec { num_generations: GROUP, generation, ..base };
+    let encoder = PromptEncoder { tokenizer: &tokenizer, processor: &processor, variant: PromptVariant::Think };
+    let sampler = Sampler { model: &model, tokenizer: &tokenizer, encoder, data: &data, seed: 1 };
+    let completions = sample(&spec, &sampler, ROUND_ROWS.to_vec(), 0, 0, 1).unwrap().completions;
+    let lengths: Vec<usize> = completions.iter().map(|c| c.token_ids.len()).collect();
+    assert_eq!(lengths.len(), 15);
+    assert!(lengths.iter().any(|&l| l != lengths[0]), "completions of one length check little: {lengths:?}");
+
+    let whole = step_on_ranks(1, 15, &completions);
+    for (world, micro_batch_size) in [(1, 1), (1, 3), (1, 8), (2, 8), (2, 3), (3, 8)] {
+        let got = step_on_ranks(world, micro_batch_size, &completions);
+        for (((loss, grad), (want_loss, want_grad)), loss_type) in got.iter().zip(&whole).zip(LOSS_TYPES) {
+            let at = format!("{loss_type:?}, {world} rank(s), micro-batches of {micro_batch_size}");
+            let scale = want_grad.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+            assert!(scale > 1e-6, "{at}: a zero gradient checks nothing");
+            assert!((loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1e-3), "{at}: loss {loss} vs {want_loss}");
+            let diff = grad.iter().zip(want_grad).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff <= 1e-4 * scale, "{at}: gradients differ by {diff} (largest entry {scale})");
         }
     }
 }

@@ -1,27 +1,22 @@
-//! A GRPO run killed between checkpoints resumes from the newest one and
-//! ends with bit-identical weights and logs. Its own test binary: libtorch's
+//! GRPO publishes the same bytes for the same settings: two runs agree, and
+//! a run killed between checkpoints resumes from the newest one and
+//! publishes exactly what an uninterrupted run does (where it resumed from
+//! goes to the notes for provenance.json). Its own test binary: libtorch's
 //! thread count is process-global, and every run here must use the same one.
 
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use stage_api::StageKind;
 use stages_train::Grpo;
 use stages_train::grpo::{COMPLETIONS_JSONL, GrpoParams};
+use support::{Dirs, Notes};
 
-fn run(model: &Path, split: &Path, out: &Path, resume: &Path, kill_after: Option<u64>) -> anyhow::Result<()> {
-    run_seeded(model, split, out, resume, kill_after, 23)
+fn run(model: &Path, split: &Path, out: &Path, resume: &Path, kill_after: Option<u64>) -> anyhow::Result<Notes> {
+    run_seeded(Dirs { model, split, out, resume }, kill_after, 23)
 }
 
-fn run_seeded(
-    model: &Path,
-    split: &Path,
-    out: &Path,
-    resume: &Path,
-    kill_after: Option<u64>,
-    seed: u64,
-) -> anyhow::Result<()> {
+fn run_seeded(dirs: Dirs, kill_after: Option<u64>, seed: u64) -> anyhow::Result<Notes> {
     let params = GrpoParams {
         steps: 6,
         prompts_per_step: 2,
@@ -35,20 +30,34 @@ fn run_seeded(
         lr: 1e-3,
         ..Default::default()
     };
-    Grpo::validate(&params).unwrap();
-    Grpo::run(&params, &mut support::training_context("grpo", out, model, split, resume, seed, kill_after)?)
+    support::train::<Grpo>(&params, dirs, seed, kill_after)
 }
 
-/// metrics.jsonl without the wall-clock column.
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    support::metrics_without(out, "step_time_s")
+/// A split and a tiny model SFT'd into the answer format (rewards differ).
+fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
+    let split = support::write_split(&dir.join("train"), 9);
+    (support::tiny_sft_model(dir, &split, 20), split)
 }
 
 #[test]
-fn killed_run_resumes_to_bit_identical_weights() {
+fn two_runs_publish_the_same_bytes() {
+    let _serial = support::serial();
     let dir = tempfile::tempdir().unwrap();
-    let split = support::write_split(&dir.path().join("train"), 9);
-    let model = support::tiny_sft_model(dir.path(), &split, 20);
+    let (model, split) = fixture(dir.path());
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let notes = run(&model, &split, &a, &dir.path().join("resume-a"), None).unwrap();
+    run(&model, &split, &b, &dir.path().join("resume-b"), None).unwrap();
+    support::assert_same_files(&a, &b);
+    // The timings went to the notes (provenance.json), not into the outputs.
+    assert_eq!(notes["timing"]["steps"], 6, "{notes:?}");
+    assert!(notes["timing"]["step_s_median"].as_f64().is_some_and(|t| t > 0.0), "{notes:?}");
+}
+
+#[test]
+fn killed_run_resumes_to_the_bytes_of_an_uninterrupted_run() {
+    let _serial = support::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (model, split) = fixture(dir.path());
 
     let full = dir.path().join("full");
     run(&model, &split, &full, &dir.path().join("resume-full"), None).unwrap();
@@ -68,21 +77,19 @@ fn killed_run_resumes_to_bit_identical_weights() {
     std::fs::create_dir_all(&foreign).unwrap();
     let copy = std::process::Command::new("cp").arg("-r").arg(resume.join("step-00000002")).arg(&foreign).status();
     assert!(copy.unwrap().success());
-    let e = run_seeded(&model, &split, &dir.path().join("foreign"), &foreign, None, 24).unwrap_err().to_string();
-    assert!(e.contains("do not match this run"), "{e}");
+    let dirs = Dirs { model: &model, split: &split, out: &dir.path().join("foreign"), resume: &foreign };
+    let e = run_seeded(dirs, None, 24).unwrap_err().to_string();
+    assert!(e.contains("does not match this run"), "{e}");
 
     // A new attempt (fresh output dir, as the engine gives) continues from step 2.
     let resumed = dir.path().join("resumed");
-    run(&model, &split, &resumed, &resume, None).unwrap();
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(resumed.join("trainable.json")).unwrap()).unwrap();
-    assert_eq!(summary["resumed_from_step"], 2);
-
+    let notes = run(&model, &split, &resumed, &resume, None).unwrap();
+    assert_eq!(notes["resumed_from_step"], 2);
+    support::assert_same_files(&full, &resumed);
     let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
-    assert!(weights(&full) == weights(&resumed), "resumed weights differ from the uninterrupted run");
     assert!(weights(&full) != std::fs::read(model.join("model.safetensors")).unwrap(), "training changed nothing");
-    assert_eq!(metrics(&resumed), metrics(&full));
-    assert_eq!(metrics(&full).len(), 6);
-    let completions = |d: &Path| std::fs::read_to_string(d.join(COMPLETIONS_JSONL)).unwrap();
-    assert_eq!(completions(&resumed), completions(&full));
+    let rows = std::fs::read_to_string(full.join("metrics.jsonl")).unwrap().lines().count();
+    assert_eq!(rows, 6);
+    let completions = std::fs::read_to_string(full.join(COMPLETIONS_JSONL)).unwrap();
+    assert_eq!(completions.lines().count(), 3 * 6, "3 rounds of 6 completions, each logged");
 }

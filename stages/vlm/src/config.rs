@@ -1,8 +1,9 @@
-//! Qwen2.5-VL `config.json` as written by HF transformers, and plain Qwen2 /
-//! Qwen2.5 causal-LM configs (`model_type = "qwen2"`, no `vision_config`):
-//! the same decoder without a vision tower (the judge's text-only models).
+//! Qwen2.5-VL and Qwen2-VL `config.json` as written by HF transformers, and
+//! plain Qwen2 / Qwen2.5 causal-LM configs (`model_type = "qwen2"`, no
+//! `vision_config`): the same decoder without a vision tower (the judge's
+//! text-only models).
 //!
-//! Two Qwen2.5-VL layouts exist: older checkpoints (e.g. the released 7B-Instruct) keep
+//! Two layouts exist for both VL models: older checkpoints (e.g. the released 7B-Instruct) keep
 //! the text-model fields at the top level; transformers >= 4.52 also writes a
 //! `text_config` object. We read text fields from `text_config` when present,
 //! else from the top level. Extra keys are ignored (HF writes dozens of
@@ -83,6 +84,70 @@ impl VisionConfig {
     }
 }
 
+/// The Qwen2-VL vision tower (HF `Qwen2VLVisionConfig`): a ViT of blocks
+/// with LayerNorm and a QuickGELU MLP, full attention everywhere, and a
+/// LayerNorm patch merger. Fields carry the HF names, which differ from Qwen2.5-VL's: the
+/// ViT width is `embed_dim` and `hidden_size` is the merger's output (the
+/// text model's width).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Qwen2VlVisionConfig {
+    pub depth: i64,
+    /// ViT width.
+    pub embed_dim: i64,
+    /// Output width of the merger = the text model's hidden size.
+    pub hidden_size: i64,
+    /// MLP width = `int(embed_dim * mlp_ratio)` (HF truncates).
+    pub mlp_ratio: f64,
+    pub num_heads: i64,
+    pub in_channels: i64,
+    pub patch_size: i64,
+    pub spatial_merge_size: i64,
+    pub temporal_patch_size: i64,
+}
+
+impl Qwen2VlVisionConfig {
+    pub fn head_dim(&self) -> i64 {
+        self.embed_dim / self.num_heads
+    }
+    /// `fc1` output width (HF `mlp_hidden_dim = int(embed_dim * mlp_ratio)`).
+    pub fn intermediate_size(&self) -> i64 {
+        (self.embed_dim as f64 * self.mlp_ratio) as i64
+    }
+    /// Values per flattened patch: channels x temporal x patch x patch (1176).
+    pub fn patch_dim(&self) -> i64 {
+        self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+    }
+    pub fn merge_unit(&self) -> i64 {
+        self.spatial_merge_size * self.spatial_merge_size
+    }
+}
+
+/// The vision tower of a VL checkpoint, by architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum VisionTowerConfig {
+    /// `qwen2_5_vl`: window attention, RMSNorm + gated-SiLU blocks.
+    Qwen2_5Vl(VisionConfig),
+    /// `qwen2_vl`: full attention, LayerNorm + QuickGELU blocks.
+    Qwen2Vl(Qwen2VlVisionConfig),
+}
+
+impl VisionTowerConfig {
+    /// Side of the square of patches merged into one visual token (2).
+    pub fn spatial_merge_size(&self) -> i64 {
+        match self {
+            Self::Qwen2_5Vl(v) => v.spatial_merge_size,
+            Self::Qwen2Vl(v) => v.spatial_merge_size,
+        }
+    }
+    /// Values per processor row (1176).
+    pub fn patch_dim(&self) -> i64 {
+        match self {
+            Self::Qwen2_5Vl(v) => v.patch_dim(),
+            Self::Qwen2Vl(v) => v.patch_dim(),
+        }
+    }
+}
+
 /// The special tokens that place images in the text (VL checkpoints only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VisionTokens {
@@ -92,14 +157,15 @@ pub struct VisionTokens {
     pub vision_end_token_id: i64,
 }
 
-/// A Qwen2.5-VL config, or a Qwen2 text config (`vision` and `tokens` None).
+/// A Qwen2.5-VL or Qwen2-VL config, or a Qwen2 text config (`vision` and
+/// `tokens` None).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Qwen25VlConfig {
     /// Which architecture the checkpoint is: what the model dispatches on.
     pub model_type: ModelType,
     pub text: TextConfig,
     /// None for a text-only Qwen2 causal LM.
-    pub vision: Option<VisionConfig>,
+    pub vision: Option<VisionTowerConfig>,
     pub tokens: Option<VisionTokens>,
     pub bos_token_id: Option<i64>,
     pub eos_token_id: Vec<i64>,
@@ -141,8 +207,8 @@ impl Reader<'_> {
 }
 
 /// The architectures this crate runs, by HF `config.json` `model_type`.
-/// A new one (e.g. `qwen2_vl`) is a variant here, its parsing below, and its
-/// modules beside `qwen2_5_vl/`.
+/// A new one is a variant here, its parsing below, and its modules beside
+/// `qwen2_5_vl/` and `qwen2_vl/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ModelType {
     /// `qwen2_5_vl`: HF `Qwen2_5_VLForConditionalGeneration`.
@@ -150,16 +216,20 @@ pub enum ModelType {
     /// `qwen2`: a Qwen2 / Qwen2.5 causal LM (HF `Qwen2ForCausalLM`), the
     /// Qwen2.5-VL text decoder without a vision tower.
     Qwen2,
+    /// `qwen2_vl`: HF `Qwen2VLForConditionalGeneration` (e.g. MedVLM-R1,
+    /// Med-R1): the same text decoder, a Qwen2-VL vision tower.
+    Qwen2Vl,
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 2] = [ModelType::Qwen2_5Vl, ModelType::Qwen2];
+    pub const ALL: [ModelType; 3] = [ModelType::Qwen2_5Vl, ModelType::Qwen2, ModelType::Qwen2Vl];
 
     /// The `model_type` string of `config.json`.
     pub fn name(self) -> &'static str {
         match self {
             ModelType::Qwen2_5Vl => "qwen2_5_vl",
             ModelType::Qwen2 => "qwen2",
+            ModelType::Qwen2Vl => "qwen2_vl",
         }
     }
 
@@ -167,7 +237,7 @@ impl ModelType {
         Self::ALL.into_iter().find(|t| t.name() == name)
     }
 
-    /// `"qwen2_5_vl", "qwen2"`: for error messages.
+    /// `"qwen2_5_vl", "qwen2", "qwen2_vl"`: for error messages.
     pub fn supported() -> String {
         Self::ALL.map(|t| format!("{:?}", t.name())).join(", ")
     }
@@ -199,75 +269,15 @@ impl Qwen25VlConfig {
         match model_type {
             ModelType::Qwen2 => Self::text_only(raw, path),
             ModelType::Qwen2_5Vl => Self::qwen2_5_vl(raw, path),
+            ModelType::Qwen2Vl => Self::qwen2_vl(raw, path),
         }
     }
 
     /// A Qwen2.5-VL config (HF `Qwen2_5_VLConfig`).
     fn qwen2_5_vl(raw: Value, path: &Path) -> Result<Self, ConfigError> {
-        let r = Reader { path };
-        // Text fields: `text_config` when present (newer transformers), else top level.
-        let t = match raw.get("text_config") {
-            Some(tc @ Value::Object(_)) => tc,
-            _ => &raw,
-        };
-        let act = t.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
-        if act != "silu" {
-            return Err(r.err("hidden_act", format!("only \"silu\" is supported, got {act:?}")));
-        }
-        let rope = t.get("rope_scaling").or_else(|| raw.get("rope_scaling")).or_else(|| t.get("rope_parameters"));
-        let rope = rope.ok_or_else(|| {
-            r.err("rope_scaling", "missing (expected {\"type\": \"mrope\", \"mrope_section\": [t, h, w]})")
-        })?;
-        let rope_type = rope.get("rope_type").or_else(|| rope.get("type")).and_then(Value::as_str).unwrap_or("default");
-        if !matches!(rope_type, "mrope" | "default") {
-            return Err(r.err("rope_scaling.type", format!("only mrope is supported, got {rope_type:?}")));
-        }
-        let section = rope
-            .get("mrope_section")
-            .and_then(Value::as_array)
-            .ok_or_else(|| r.err("rope_scaling.mrope_section", "missing (expected 3 integers)"))?;
-        let section: Vec<i64> = section.iter().filter_map(Value::as_i64).collect();
-        let mrope_section: [i64; 3] = section
-            .as_slice()
-            .try_into()
-            .map_err(|_| r.err("rope_scaling.mrope_section", "expected exactly 3 integers"))?;
-        let rope_theta = match t.get("rope_theta") {
-            Some(_) => r.float(t, "rope_theta")?,
-            None => rope.get("rope_theta").and_then(Value::as_f64).ok_or_else(|| r.err("rope_theta", "missing"))?,
-        };
-        let tie = raw
-            .get("tie_word_embeddings")
-            .or_else(|| t.get("tie_word_embeddings"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let text = TextConfig {
-            vocab_size: r.positive(t, "vocab_size")?,
-            hidden_size: r.positive(t, "hidden_size")?,
-            intermediate_size: r.positive(t, "intermediate_size")?,
-            num_hidden_layers: r.positive(t, "num_hidden_layers")?,
-            num_attention_heads: r.positive(t, "num_attention_heads")?,
-            num_key_value_heads: r.positive(t, "num_key_value_heads")?,
-            rms_norm_eps: r.float(t, "rms_norm_eps")?,
-            rope_theta,
-            mrope_section,
-            max_position_embeddings: r.int_or(t, "max_position_embeddings", 128_000)?,
-            tie_word_embeddings: tie,
-        };
-        if text.hidden_size % text.num_attention_heads != 0 {
-            return Err(r.err("num_attention_heads", "must divide hidden_size"));
-        }
-        if text.num_attention_heads % text.num_key_value_heads != 0 {
-            return Err(r.err("num_key_value_heads", "must divide num_attention_heads"));
-        }
-        if 2 * mrope_section.iter().sum::<i64>() != text.head_dim() {
-            return Err(r.err(
-                "rope_scaling.mrope_section",
-                format!("sections must sum to head_dim / 2 = {}", text.head_dim() / 2),
-            ));
-        }
-
-        let v = r.get(&raw, "vision_config")?;
+        let text = vl_text_config(&raw, path)?;
         let vr = Reader { path };
+        let v = vr.get(&raw, "vision_config")?;
         let vact = v.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
         if vact != "silu" {
             return Err(vr.err("vision_config.hidden_act", format!("only \"silu\" is supported, got {vact:?}")));
@@ -281,10 +291,7 @@ impl Qwen25VlConfig {
                 return Err(vr.err("vision_config.fullatt_block_indexes", "missing (expected a list of block indexes)"));
             }
         };
-        let vf = |field: &str| -> Result<i64, ConfigError> {
-            vr.positive(v, field)
-                .map_err(|_| vr.err(&format!("vision_config.{field}"), "missing or not a positive integer"))
-        };
+        let vf = |field: &str| vision_positive(&vr, v, field);
         let vision = VisionConfig {
             depth: vf("depth")?,
             hidden_size: vf("hidden_size")?,
@@ -308,20 +315,87 @@ impl Qwen25VlConfig {
         if vision.hidden_size % vision.num_heads != 0 {
             return Err(vr.err("vision_config.num_heads", "must divide vision hidden_size"));
         }
+        Self::vl(raw, path, ModelType::Qwen2_5Vl, text, VisionTowerConfig::Qwen2_5Vl(vision))
+    }
+
+    /// A Qwen2-VL config (HF `Qwen2VLConfig`): the text half and the special
+    /// tokens as for Qwen2.5-VL; `vision_config` is `Qwen2VLVisionConfig`
+    /// (`embed_dim`, `mlp_ratio`, `hidden_size` = the text width, no window
+    /// fields). Absent `mlp_ratio`, `in_channels` and `hidden_act` take HF's
+    /// defaults (4, 3, `quick_gelu`); the released checkpoints write
+    /// `in_chans`, which transformers ignores in favour of `in_channels`.
+    fn qwen2_vl(raw: Value, path: &Path) -> Result<Self, ConfigError> {
+        let text = vl_text_config(&raw, path)?;
+        let vr = Reader { path };
+        let v = vr.get(&raw, "vision_config")?;
+        let vact = v.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu");
+        if vact != "quick_gelu" {
+            return Err(vr.err("vision_config.hidden_act", format!("only \"quick_gelu\" is supported, got {vact:?}")));
+        }
+        let vf = |field: &str| vision_positive(&vr, v, field);
+        let mlp_ratio = match v.get("mlp_ratio") {
+            None | Some(Value::Null) => 4.0,
+            Some(x) => x
+                .as_f64()
+                .filter(|r| *r > 0.0)
+                .ok_or_else(|| vr.err("vision_config.mlp_ratio", "expected a positive number"))?,
+        };
+        let in_channels = match v.get("in_channels").filter(|x| !x.is_null()) {
+            Some(_) => vf("in_channels")?,
+            None => vr.int_or(v, "in_chans", 3)?,
+        };
+        let vision = Qwen2VlVisionConfig {
+            depth: vf("depth")?,
+            embed_dim: vf("embed_dim")?,
+            hidden_size: vf("hidden_size")?,
+            mlp_ratio,
+            num_heads: vf("num_heads")?,
+            in_channels,
+            patch_size: vf("patch_size")?,
+            spatial_merge_size: vf("spatial_merge_size")?,
+            temporal_patch_size: vf("temporal_patch_size")?,
+        };
+        if vision.hidden_size != text.hidden_size {
+            return Err(vr.err("vision_config.hidden_size", format!("must equal hidden_size {}", text.hidden_size)));
+        }
+        // The 2D rotary gives each of row and column a quarter of head_dim.
+        if vision.embed_dim % vision.num_heads != 0 || vision.head_dim() % 4 != 0 {
+            return Err(
+                vr.err("vision_config.num_heads", "must divide embed_dim into heads whose size is a multiple of 4")
+            );
+        }
+        if vision.intermediate_size() <= 0 {
+            return Err(vr.err("vision_config.mlp_ratio", "embed_dim * mlp_ratio must be at least 1"));
+        }
+        Self::vl(raw, path, ModelType::Qwen2Vl, text, VisionTowerConfig::Qwen2Vl(vision))
+    }
+
+    /// The fields every VL config shares around its text and vision halves:
+    /// the special token ids and bos/eos.
+    fn vl(
+        raw: Value,
+        path: &Path,
+        model_type: ModelType,
+        text: TextConfig,
+        vision: VisionTowerConfig,
+    ) -> Result<Self, ConfigError> {
+        let r = Reader { path };
+        let t = text_object(&raw);
         let tok = |field: &str| -> Result<i64, ConfigError> {
             raw.get(field)
                 .or_else(|| t.get(field))
                 .and_then(Value::as_i64)
                 .ok_or_else(|| r.err(field, "missing token id"))
         };
+        let tokens = VisionTokens {
+            image_token_id: tok("image_token_id")?,
+            video_token_id: tok("video_token_id")?,
+            vision_start_token_id: tok("vision_start_token_id")?,
+            vision_end_token_id: tok("vision_end_token_id")?,
+        };
         Ok(Self {
-            model_type: ModelType::Qwen2_5Vl,
-            tokens: Some(VisionTokens {
-                image_token_id: tok("image_token_id")?,
-                video_token_id: tok("video_token_id")?,
-                vision_start_token_id: tok("vision_start_token_id")?,
-                vision_end_token_id: tok("vision_end_token_id")?,
-            }),
+            model_type,
+            tokens: Some(tokens),
             bos_token_id: raw.get("bos_token_id").or_else(|| t.get("bos_token_id")).and_then(Value::as_i64),
             eos_token_id: eos_ids(&raw, t),
             text,
@@ -410,6 +484,88 @@ impl Qwen25VlConfig {
     }
 }
 
+/// Where a VL config keeps its text fields: `text_config` when present
+/// (newer transformers), else the top level.
+fn text_object(raw: &Value) -> &Value {
+    match raw.get("text_config") {
+        Some(tc @ Value::Object(_)) => tc,
+        _ => raw,
+    }
+}
+
+/// The text half of a Qwen2.5-VL or Qwen2-VL config: the same decoder
+/// (HF `Qwen2_5_VLTextConfig` subclasses `Qwen2VLTextConfig`) with mRoPE
+/// sections from `rope_scaling.mrope_section`.
+fn vl_text_config(raw: &Value, path: &Path) -> Result<TextConfig, ConfigError> {
+    let r = Reader { path };
+    let t = text_object(raw);
+    let act = t.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
+    if act != "silu" {
+        return Err(r.err("hidden_act", format!("only \"silu\" is supported, got {act:?}")));
+    }
+    // HF gives layers past `max_window_layers` sliding-window attention only then.
+    if t.get("use_sliding_window").or_else(|| raw.get("use_sliding_window")).and_then(Value::as_bool) == Some(true) {
+        return Err(r.err("use_sliding_window", "sliding-window attention is not supported (expected false)"));
+    }
+    let rope = t.get("rope_scaling").or_else(|| raw.get("rope_scaling")).or_else(|| t.get("rope_parameters"));
+    let rope = rope.ok_or_else(|| {
+        r.err("rope_scaling", "missing (expected {\"type\": \"mrope\", \"mrope_section\": [t, h, w]})")
+    })?;
+    let rope_type = rope.get("rope_type").or_else(|| rope.get("type")).and_then(Value::as_str).unwrap_or("default");
+    if !matches!(rope_type, "mrope" | "default") {
+        return Err(r.err("rope_scaling.type", format!("only mrope is supported, got {rope_type:?}")));
+    }
+    let section = rope
+        .get("mrope_section")
+        .and_then(Value::as_array)
+        .ok_or_else(|| r.err("rope_scaling.mrope_section", "missing (expected 3 integers)"))?;
+    let section: Vec<i64> = section.iter().filter_map(Value::as_i64).collect();
+    let mrope_section: [i64; 3] = section
+        .as_slice()
+        .try_into()
+        .map_err(|_| r.err("rope_scaling.mrope_section", "expected exactly 3 integers"))?;
+    let rope_theta = match t.get("rope_theta") {
+        Some(_) => r.float(t, "rope_theta")?,
+        None => rope.get("rope_theta").and_then(Value::as_f64).ok_or_else(|| r.err("rope_theta", "missing"))?,
+    };
+    let tie = raw
+        .get("tie_word_embeddings")
+        .or_else(|| t.get("tie_word_embeddings"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let text = TextConfig {
+        vocab_size: r.positive(t, "vocab_size")?,
+        hidden_size: r.positive(t, "hidden_size")?,
+        intermediate_size: r.positive(t, "intermediate_size")?,
+        num_hidden_layers: r.positive(t, "num_hidden_layers")?,
+        num_attention_heads: r.positive(t, "num_attention_heads")?,
+        num_key_value_heads: r.positive(t, "num_key_value_heads")?,
+        rms_norm_eps: r.float(t, "rms_norm_eps")?,
+        rope_theta,
+        mrope_section,
+        max_position_embeddings: r.int_or(t, "max_position_embeddings", 128_000)?,
+        tie_word_embeddings: tie,
+    };
+    if text.hidden_size % text.num_attention_heads != 0 {
+        return Err(r.err("num_attention_heads", "must divide hidden_size"));
+    }
+    if text.num_attention_heads % text.num_key_value_heads != 0 {
+        return Err(r.err("num_key_value_heads", "must divide num_attention_heads"));
+    }
+    if 2 * mrope_section.iter().sum::<i64>() != text.head_dim() {
+        return Err(r.err(
+            "rope_scaling.mrope_section",
+            format!("sections must sum to head_dim / 2 = {}", text.head_dim() / 2),
+        ));
+    }
+    Ok(text)
+}
+
+/// A positive integer of `vision_config`, named `vision_config.<field>` in errors.
+fn vision_positive(r: &Reader, v: &Value, field: &str) -> Result<i64, ConfigError> {
+    r.positive(v, field).map_err(|_| r.err(&format!("vision_config.{field}"), "missing or not a positive integer"))
+}
+
 /// `eos_token_id` as a list (HF writes one id or several).
 fn eos_ids(raw: &Value, text: &Value) -> Vec<i64> {
     match raw.get("eos_token_id").or_else(|| text.get("eos_token_id")) {
@@ -444,7 +600,7 @@ mod tests {
         let p = Path::new("config.json");
         let c = Qwen25VlConfig::from_value(tiny_json(), p).unwrap();
         assert_eq!(c.text.head_dim(), 8);
-        assert_eq!(c.vision.as_ref().map(VisionConfig::patch_dim), Some(1176));
+        assert_eq!(c.vision.as_ref().map(VisionTowerConfig::patch_dim), Some(1176));
         assert_eq!(c.eos_token_id, vec![57]);
         assert!(c.text.tie_word_embeddings);
         let mut nested = tiny_json();
@@ -496,6 +652,95 @@ mod tests {
         }
         let vl = Qwen25VlConfig::from_value(tiny_json(), p).unwrap();
         assert!(!vl.is_text_only() && vl.tokens.is_some_and(|t| t.image_token_id == 60));
+    }
+
+    /// The layout of the released Qwen2-VL-2B-Instruct `config.json`
+    /// (top-level text fields, `in_chans`, no vision `hidden_act`), shrunk.
+    fn tiny_qwen2vl_json() -> Value {
+        serde_json::json!({
+            "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+            "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu",
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]},
+            "use_sliding_window": false, "sliding_window": 32768, "max_window_layers": 28,
+            "tie_word_embeddings": true, "bos_token_id": 56, "eos_token_id": 57,
+            "vision_start_token_id": 58, "vision_end_token_id": 59, "vision_token_id": 62,
+            "image_token_id": 60, "video_token_id": 61,
+            "vision_config": {"depth": 2, "embed_dim": 16, "mlp_ratio": 4, "num_heads": 2, "in_chans": 3,
+                "hidden_size": 32, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+        })
+    }
+
+    #[test]
+    fn qwen2_vl_configs_parse_in_both_layouts_with_hf_defaults() {
+        let p = Path::new("config.json");
+        let c = Qwen25VlConfig::from_value(tiny_qwen2vl_json(), p).unwrap();
+        assert_eq!(c.model_type, ModelType::Qwen2Vl);
+        let Some(VisionTowerConfig::Qwen2Vl(v)) = &c.vision else { panic!("{:?}", c.vision) };
+        assert_eq!((v.embed_dim, v.intermediate_size(), v.head_dim(), v.in_channels), (16, 64, 8, 3));
+        assert_eq!((v.hidden_size, v.patch_dim(), v.merge_unit()), (32, 1176, 4));
+        assert_eq!(c.tokens.map(|t| (t.image_token_id, t.vision_start_token_id)), Some((60, 58)));
+        assert_eq!((c.text.mrope_section, c.text.head_dim(), c.eos_token_id.clone()), ([2, 1, 1], 8, vec![57]));
+
+        // transformers >= 4.52 nests the text fields under `text_config`.
+        let mut nested = tiny_qwen2vl_json();
+        let obj = nested.as_object_mut().unwrap();
+        let mut text = serde_json::Map::new();
+        for key in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "rope_scaling"] {
+            text.insert(key.into(), obj.remove(key).unwrap());
+        }
+        text.extend(
+            serde_json::json!({"num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+                "rope_theta": 1000000.0, "model_type": "qwen2_vl_text"})
+            .as_object()
+            .unwrap()
+            .clone(),
+        );
+        obj.insert("text_config".into(), Value::Object(text));
+        let c2 = Qwen25VlConfig::from_value(nested, p).unwrap();
+        assert_eq!((c2.text, c2.vision, c2.tokens), (c.text.clone(), c.vision.clone(), c.tokens));
+
+        // HF defaults: mlp_ratio 4, in_channels 3, hidden_act quick_gelu; a
+        // fractional ratio truncates like HF's int().
+        let mut j = tiny_qwen2vl_json();
+        let vc = j["vision_config"].as_object_mut().unwrap();
+        vc.remove("in_chans");
+        vc.insert("mlp_ratio".into(), serde_json::json!(1.5));
+        vc.insert("hidden_act".into(), "quick_gelu".into());
+        let c3 = Qwen25VlConfig::from_value(j, p).unwrap();
+        let Some(VisionTowerConfig::Qwen2Vl(v)) = &c3.vision else { panic!() };
+        assert_eq!((v.intermediate_size(), v.in_channels), (24, 3));
+    }
+
+    #[test]
+    fn qwen2_vl_bad_fields_name_the_field() {
+        let p = Path::new("/ckpt/config.json");
+        for (edit, needle) in [
+            (serde_json::json!({"vision_config": {"hidden_act": "gelu"}}), "vision_config.hidden_act"),
+            (serde_json::json!({"vision_config": {"hidden_size": 48}}), "vision_config.hidden_size"),
+            (serde_json::json!({"vision_config": {"embed_dim": null}}), "vision_config.embed_dim"),
+            (serde_json::json!({"vision_config": {"num_heads": 3}}), "vision_config.num_heads"),
+            (serde_json::json!({"vision_config": {"mlp_ratio": "4"}}), "vision_config.mlp_ratio"),
+            (serde_json::json!({"use_sliding_window": true}), "use_sliding_window"),
+            (serde_json::json!({"image_token_id": null}), "image_token_id"),
+            (serde_json::json!({"rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 1]}}), "mrope_section"),
+        ] {
+            let mut j = tiny_qwen2vl_json();
+            for (k, v) in edit.as_object().unwrap() {
+                match v {
+                    Value::Object(o) => o.iter().for_each(|(k2, v2)| j[k][k2] = v2.clone()),
+                    _ => j[k] = v.clone(),
+                }
+            }
+            let e = Qwen25VlConfig::from_value(j, p).unwrap_err().to_string();
+            assert!(e.contains("/ckpt/config.json") && e.contains(needle), "{needle}: {e}");
+        }
+        // A Qwen2.5-VL vision_config under model_type qwen2_vl is not silently accepted.
+        let mut j = tiny_json();
+        j["model_type"] = "qwen2_vl".into();
+        let e = Qwen25VlConfig::from_value(j, p).unwrap_err().to_string();
+        assert!(e.contains("vision_config.embed_dim"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Stage `init_model`: a small Qwen2.5-VL with random weights and a
-//! byte-level BPE tokenizer trained on the recipe's own text, saved in the HF
-//! checkpoint layout (so the mini recipe needs no model hub).
+//! Stage `init_model`: a small Qwen2.5-VL (or, with `model_type =
+//! "qwen2_vl"`, Qwen2-VL) with random weights and a byte-level BPE tokenizer
+//! trained on the recipe's own text, saved in the HF checkpoint layout (so
+//! the mini recipe needs no model hub).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -44,9 +45,25 @@ Your task: 1. Think through the question step by step, enclose your reasoning pr
 2. Then provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags. \
 3. No extra information or text outside of these tags.\n";
 
+/// The `model_type` of `init_model` when a recipe names none.
+const DEFAULT_MODEL_TYPE: &str = "qwen2_5_vl";
+
+fn is_default_model_type(t: &str) -> bool {
+    t == DEFAULT_MODEL_TYPE
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct InitModelParams {
+    /// Architecture: "qwen2_5_vl" or "qwen2_vl" (full attention, LayerNorm +
+    /// QuickGELU vision blocks: `window_size` and `fullatt_block_indexes` do
+    /// not apply).
+    // Left out of the params JSON at its default, so the cache keys of
+    // recipes written before it existed do not move (the schema still
+    // documents the default).
+    #[serde(skip_serializing_if = "is_default_model_type")]
+    #[schemars(extend("default" = DEFAULT_MODEL_TYPE))]
+    pub model_type: String,
     /// Text model width.
     pub hidden_size: i64,
     /// Text MLP width.
@@ -86,6 +103,7 @@ pub struct InitModelParams {
 impl Default for InitModelParams {
     fn default() -> Self {
         Self {
+            model_type: DEFAULT_MODEL_TYPE.into(),
             hidden_size: 64,
             intermediate_size: 128,
             num_hidden_layers: 2,
@@ -185,8 +203,37 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> anyhow::Result<To
     Ok(tokenizer)
 }
 
-/// Build the HF `config.json` for the params and tokenizer ids.
+/// Build the HF `config.json` for the params and tokenizer ids: Qwen2.5-VL,
+/// or Qwen2-VL when `p.model_type` says so.
 pub fn model_config(p: &InitModelParams, tok: &Tokenizer) -> anyhow::Result<Value> {
+    let mut config = qwen2_5_vl_config(p, tok)?;
+    if p.model_type == "qwen2_vl" {
+        // The same text half and tokens; Qwen2VLVisionConfig for the tower.
+        config["architectures"] = json!(["Qwen2VLForConditionalGeneration"]);
+        config["model_type"] = "qwen2_vl".into();
+        config["vision_config"] = json!({
+            "depth": p.vision_depth,
+            "embed_dim": p.vision_hidden_size,
+            "hidden_size": p.hidden_size,
+            "mlp_ratio": qwen2_vl_mlp_ratio(p),
+            "num_heads": p.vision_num_heads,
+            "in_channels": 3,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "hidden_act": "quick_gelu",
+            "initializer_range": p.initializer_range
+        });
+    }
+    Ok(config)
+}
+
+/// Qwen2-VL sizes its vision MLP as `int(embed_dim * mlp_ratio)`.
+fn qwen2_vl_mlp_ratio(p: &InitModelParams) -> f64 {
+    p.vision_intermediate_size as f64 / p.vision_hidden_size as f64
+}
+
+fn qwen2_5_vl_config(p: &InitModelParams, tok: &Tokenizer) -> anyhow::Result<Value> {
     let id = |t: &str| tok.token_to_id(t).map(i64::from).with_context(|| format!("tokenizer lacks {t}"));
     Ok(json!({
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
@@ -299,8 +346,7 @@ impl StageKind for InitModel {
     type Params = InitModelParams;
     const KIND: &'static str = "init_model";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str =
-        "Create a small random Qwen2.5-VL checkpoint (HF layout) with a BPE tokenizer trained on the corpus";
+    const SUMMARY: &'static str = "Create a small random Qwen2.5-VL (or Qwen2-VL) checkpoint (HF layout) with a BPE tokenizer trained on the corpus";
 
     fn inputs() -> &'static [InputSpec] {
         const INPUTS: &[InputSpec] =
@@ -314,6 +360,20 @@ impl StageKind for InitModel {
 
     fn validate(p: &Self::Params) -> Result<(), ParamError> {
         let bad = |key: &str, msg: String| Err(ParamError::new(&[key], msg));
+        if !matches!(p.model_type.as_str(), "qwen2_5_vl" | "qwen2_vl") {
+            return bad("model_type", format!("expected \"qwen2_5_vl\" or \"qwen2_vl\", got {:?}", p.model_type));
+        }
+        if p.model_type == "qwen2_vl"
+            && p.vision_hidden_size > 0
+            && (p.vision_hidden_size as f64 * qwen2_vl_mlp_ratio(p)) as i64 != p.vision_intermediate_size
+        {
+            return bad(
+                "vision_intermediate_size",
+                "Qwen2-VL stores it as mlp_ratio = vision_intermediate_size / vision_hidden_size, \
+                 which must give it back (int(vision_hidden_size * mlp_ratio))"
+                    .into(),
+            );
+        }
         if storage_kind(&p.dtype).is_none() {
             return bad("dtype", format!("expected \"float32\" or \"bfloat16\", got {:?}", p.dtype));
         }
@@ -518,6 +578,59 @@ mod tests {
     }
 
     #[test]
+    fn qwen2_vl_checkpoint_has_hf_qwen2_vl_names_and_runs_with_an_image() {
+        use crate::generate::{GenerationConfig, generate};
+        use crate::model::VisionTower;
+        use crate::pretrained::Pretrained;
+        let dir = tempfile::tempdir().unwrap();
+        let texts: Vec<String> = BUILTIN_CORPUS.lines().map(str::to_string).collect();
+        let p = InitModelParams { model_type: "qwen2_vl".into(), vocab_size: 300, ..Default::default() };
+        InitModel::validate(&p).unwrap();
+        write_checkpoint(&p, &texts, 13, false, dir.path()).unwrap();
+        let cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["model_type"], "qwen2_vl");
+        let vc = &cfg["vision_config"];
+        assert_eq!((vc["embed_dim"].as_i64(), vc["mlp_ratio"].as_f64()), (Some(32), Some(2.0)));
+        let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let names = st.names();
+        assert!(names.contains(&"model.visual.blocks.1.mlp.fc1.weight"));
+        assert!(names.contains(&"model.visual.merger.ln_q.bias"));
+        assert!(names.iter().all(|n| !n.contains("gate_proj") || n.contains("language_model")), "{names:?}");
+
+        let Pretrained { model, tokenizer, processor } =
+            Pretrained::load(dir.path(), Kind::Float, Device::Cpu).unwrap();
+        assert!(matches!(model.visual, Some(VisionTower::Qwen2Vl(_))));
+        let rgb: Vec<u8> = (0..60 * 40 * 3).map(|i| (i * 7 % 251) as u8).collect();
+        let image = image::DynamicImage::ImageRgb8(image::RgbImage::from_raw(60, 40, rgb).unwrap());
+        let vis = processor.process(&[image]).unwrap();
+        let text = tokenizer.render(&[Message::user_with_images(1, "Which lesion?")], true).unwrap();
+        let text = ChatTokenizer::expand_image_pads(&text, &vis.tokens_per_image(processor.merge_size)).unwrap();
+        let enc = tokenizer.encode_batch(&[text]).unwrap();
+        let batch = Batch {
+            input_ids: &enc.input_ids,
+            attention_mask: &enc.attention_mask,
+            pixel_values: Some(&vis.pixel_values),
+            image_grid_thw: &vis.grid_thw,
+        };
+        let cfg = GenerationConfig { max_new_tokens: 4, stop_strings: vec![], ..Default::default() };
+        let out = generate(&model, Some(&tokenizer), &batch, &cfg).unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(out[0].logprobs.iter().all(|l| l.is_finite()));
+    }
+
+    #[test]
+    fn model_type_is_left_out_of_the_params_at_its_default() {
+        // The cache key hashes the serialized params: recipes without the
+        // key must keep the keys they had before it existed.
+        let v = serde_json::to_value(InitModelParams::default()).unwrap();
+        assert!(v.get("model_type").is_none(), "{v}");
+        let v = serde_json::to_value(InitModelParams { model_type: "qwen2_vl".into(), ..Default::default() }).unwrap();
+        assert_eq!(v["model_type"], "qwen2_vl");
+    }
+
+    #[test]
     fn bad_params_name_the_key() {
         let p = InitModelParams { mrope_section: [4, 4, 4], ..Default::default() };
         assert_eq!(InitModel::validate(&p).unwrap_err().path, vec!["mrope_section"]);
@@ -525,6 +638,21 @@ mod tests {
         let e = InitModel::validate(&p).unwrap_err();
         assert_eq!(e.path, vec!["dtype"]);
         assert!(e.message.contains("int8"));
+        let p = InitModelParams { model_type: "llava".into(), ..Default::default() };
+        let e = InitModel::validate(&p).unwrap_err();
+        assert_eq!(e.path, vec!["model_type"]);
+        assert!(e.message.contains("llava") && e.message.contains("qwen2_vl"), "{}", e.message);
+        let p = InitModelParams {
+            model_type: "qwen2_vl".into(),
+            vision_hidden_size: 48,
+            vision_intermediate_size: 100,
+            vision_num_heads: 3,
+            ..Default::default()
+        };
+        InitModel::validate(&p).unwrap();
+        // int(28 * (61 / 28)) = 60 in f64: the width would not survive the config.
+        let p = InitModelParams { vision_hidden_size: 28, vision_intermediate_size: 61, vision_num_heads: 7, ..p };
+        assert_eq!(InitModel::validate(&p).unwrap_err().path, vec!["vision_intermediate_size"]);
     }
 
     #[test]

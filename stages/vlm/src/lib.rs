@@ -1,7 +1,8 @@
-//! Qwen2.5-VL on tch (libtorch): config, checkpoint IO, the one checkpoint
-//! loader (`pretrained`), device/dtype choice, vision tower and text decoder
-//! named after their HF modules (`qwen2_5_vl`), image processor, tokenizer +
-//! chat template, batched generation, and the `init_model` stage.
+//! Qwen2.5-VL and Qwen2-VL on tch (libtorch): config, checkpoint IO, the one
+//! checkpoint loader (`pretrained`), device/dtype choice, vision towers and
+//! text decoder named after their HF modules (`qwen2_5_vl`, `qwen2_vl`),
+//! image processor, tokenizer + chat template, batched generation, and the
+//! `init_model` stage.
 // serde_json's json! macro needs a deeper limit for the HF config literal.
 #![recursion_limit = "256"]
 
@@ -18,10 +19,11 @@ pub mod nn;
 pub mod pretrained;
 pub mod processor;
 pub mod qwen2_5_vl;
+pub mod qwen2_vl;
 
-pub use config::{ModelType, Qwen25VlConfig};
+pub use config::{ModelType, Qwen25VlConfig, VisionTowerConfig};
 pub use device::DeviceChoice;
 pub use error::ModelError;
 pub use init_model::InitModel;
-pub use model::{Batch, Qwen25Vl};
+pub use model::{Batch, Qwen25Vl, VisionTower};
 pub use pretrained::Pretrained;

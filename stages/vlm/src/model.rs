@@ -3,8 +3,11 @@
 //! `language_model`, `get_rope_index`), flattened into one struct
 //! ([modeling_qwen2_5_vl.py](https://github.com/huggingface/transformers/blob/v4.57.6/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py)).
 //! Parameters are held by HF name so training can pick what to optimise. A
-//! plain Qwen2 causal-LM checkpoint loads as the same model without a vision
-//! tower; which towers exist is decided by `config.model_type`.
+//! Qwen2-VL checkpoint (HF `Qwen2VLForConditionalGeneration`,
+//! [modeling_qwen2_vl.py](https://github.com/huggingface/transformers/blob/v4.57.6/src/transformers/models/qwen2_vl/modeling_qwen2_vl.py))
+//! is the same model with its own vision tower; a plain Qwen2 causal-LM
+//! checkpoint is the same model without one. Which tower exists is decided
+//! by `config.model_type` (through the config's `vision`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,10 +18,11 @@ use stage_api::derive_seed;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, CheckpointError};
-use crate::config::{CONFIG_FILE, ModelType, Qwen25VlConfig};
+use crate::config::{CONFIG_FILE, Qwen25VlConfig, VisionTowerConfig};
 use crate::error::ModelError;
 use crate::nn::param;
-use crate::qwen2_5_vl::{KvCache, TextModel, VisionTransformer, rope_index};
+use crate::qwen2_5_vl::{self, KvCache, TextModel, rope_index};
+use crate::qwen2_vl;
 
 /// One batch of model inputs (already tokenised and processed).
 pub struct Batch<'a> {
@@ -50,13 +54,54 @@ impl DecodeState {
     }
 }
 
-/// Qwen2.5-VL for conditional generation (see the module docs).
+/// The `model.visual` of a VL checkpoint, by architecture.
+pub enum VisionTower {
+    /// HF `Qwen2_5_VisionTransformerPretrainedModel`.
+    Qwen2_5Vl(qwen2_5_vl::VisionTransformer),
+    /// HF `Qwen2VisionTransformerPretrainedModel`.
+    Qwen2Vl(qwen2_vl::VisionTransformer),
+}
+
+impl VisionTower {
+    fn load(params: &BTreeMap<String, Tensor>, config: &VisionTowerConfig) -> Result<Self, ModelError> {
+        Ok(match config {
+            VisionTowerConfig::Qwen2_5Vl(v) => Self::Qwen2_5Vl(qwen2_5_vl::VisionTransformer::load(params, v)?),
+            VisionTowerConfig::Qwen2Vl(v) => Self::Qwen2Vl(qwen2_vl::VisionTransformer::load(params, v)?),
+        })
+    }
+
+    fn param_shapes(config: &VisionTowerConfig, out: &mut BTreeMap<String, Vec<i64>>) {
+        match config {
+            VisionTowerConfig::Qwen2_5Vl(v) => qwen2_5_vl::VisionTransformer::param_shapes(v, out),
+            VisionTowerConfig::Qwen2Vl(v) => qwen2_vl::VisionTransformer::param_shapes(v, out),
+        }
+    }
+
+    /// Image features (sum of t*h*w/4 over images, text hidden size).
+    pub fn forward(&self, pixel_values: &Tensor, grids: &[[i64; 3]]) -> Result<Tensor, ModelError> {
+        match self {
+            Self::Qwen2_5Vl(v) => v.forward(pixel_values, grids),
+            Self::Qwen2Vl(v) => v.forward(pixel_values, grids),
+        }
+    }
+
+    /// The temporal mRoPE step between an image grid's frames in this
+    /// architecture's `get_rope_index`.
+    fn rope_frame_step(&self) -> i64 {
+        match self {
+            Self::Qwen2_5Vl(_) => 0,
+            Self::Qwen2Vl(_) => qwen2_vl::ROPE_FRAME_STEP,
+        }
+    }
+}
+
+/// Qwen2.5-VL (or Qwen2-VL, or Qwen2) for conditional generation (see the module docs).
 pub struct Qwen25Vl {
     pub config: Qwen25VlConfig,
     /// Every parameter by HF name (shared storage with the modules below).
     pub params: BTreeMap<String, Tensor>,
     /// `model.visual`; None for a text-only (Qwen2 causal LM) checkpoint.
-    pub visual: Option<VisionTransformer>,
+    pub visual: Option<VisionTower>,
     /// `model.language_model`.
     pub language_model: TextModel,
     /// `lm_head.weight`, or `embed_tokens` itself when the config ties them.
@@ -68,9 +113,8 @@ pub struct Qwen25Vl {
 /// Names and shapes of every parameter a config implies.
 pub fn param_shapes(config: &Qwen25VlConfig) -> BTreeMap<String, Vec<i64>> {
     let mut out = BTreeMap::new();
-    match config.model_type {
-        ModelType::Qwen2_5Vl => config.vision.iter().for_each(|v| VisionTransformer::param_shapes(v, &mut out)),
-        ModelType::Qwen2 => {}
+    if let Some(v) = &config.vision {
+        VisionTower::param_shapes(v, &mut out);
     }
     TextModel::param_shapes(&config.text, &mut out);
     if !config.text.tie_word_embeddings {
@@ -124,10 +168,7 @@ impl Qwen25Vl {
     pub fn from_params(config: Qwen25VlConfig, params: BTreeMap<String, Tensor>) -> Result<Self, ModelError> {
         let any = params.values().next().ok_or_else(|| ModelError::MissingParam("(no parameters)".into()))?;
         let (device, kind) = (any.device(), any.kind());
-        let visual = match config.model_type {
-            ModelType::Qwen2_5Vl => config.vision.as_ref().map(|v| VisionTransformer::load(&params, v)).transpose()?,
-            ModelType::Qwen2 => None,
-        };
+        let visual = config.vision.as_ref().map(|v| VisionTower::load(&params, v)).transpose()?;
         let language_model = TextModel::load(&params, &config.text)?;
         let lm_head = if config.text.tie_word_embeddings {
             language_model.embed_tokens.shallow_clone()
@@ -223,7 +264,7 @@ impl Qwen25Vl {
         let r = match (&self.visual, &self.config.vision, &self.config.tokens) {
             (Some(visual), Some(vcfg), Some(tokens)) => {
                 let n_pad = ids.eq(tokens.image_token_id).sum(Kind::Int64).int64_value(&[]);
-                let ms = vcfg.spatial_merge_size;
+                let ms = vcfg.spatial_merge_size();
                 let expected: i64 = batch.image_grid_thw.iter().map(|g| g[0] * g[1] * g[2] / (ms * ms)).sum();
                 if n_pad != expected {
                     return Err(ModelError::Input(format!(
@@ -238,7 +279,8 @@ impl Qwen25Vl {
                 } else if expected > 0 {
                     return Err(ModelError::Input("image_grid_thw given without pixel_values".into()));
                 }
-                rope_index(&rows, &mask, batch.image_grid_thw, tokens.image_token_id, tokens.vision_start_token_id, ms)
+                let (image, start) = (tokens.image_token_id, tokens.vision_start_token_id);
+                rope_index(&rows, &mask, batch.image_grid_thw, image, start, ms, visual.rope_frame_step())
             }
             _ => {
                 if batch.pixel_values.is_some() || !batch.image_grid_thw.is_empty() {
@@ -248,7 +290,7 @@ impl Qwen25Vl {
                 }
                 // Token ids are >= 0 (checked above): -1 never marks an image,
                 // so every position is the 1D `cumsum(mask) - 1` of HF.
-                rope_index(&rows, &mask, &[], -1, -1, 1)
+                rope_index(&rows, &mask, &[], -1, -1, 1, 0)
             }
         }
         .map_err(ModelError::Input)?;

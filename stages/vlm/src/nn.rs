@@ -94,3 +94,30 @@ pub fn inv_freq(dim: i64, theta: f64, device: tch::Device) -> Tensor {
     let exponent = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / dim as f64;
     Tensor::pow_scalar(theta, &exponent).reciprocal()
 }
+
+/// `torch.nn.LayerNorm` over the last dimension, with weight and bias (the
+/// Qwen2-VL vision blocks and patch merger; Qwen2.5-VL uses RMSNorm there).
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(params: &BTreeMap<String, Tensor>, prefix: &str, eps: f64) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: param(params, &format!("{prefix}.weight"))?,
+            bias: param(params, &format!("{prefix}.bias"))?,
+            eps,
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let width = self.weight.size();
+        x.layer_norm(width.as_slice(), Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// HF `QuickGELUActivation` (`hidden_act = "quick_gelu"`): `x * sigmoid(1.702 x)`.
+pub fn quick_gelu(x: &Tensor) -> Tensor {
+    x * (x * 1.702).sigmoid()
+}

@@ -23,7 +23,7 @@ pub fn per_class_bars(params: &ReportParams, rows: &[&EvalRun], classes: &[Strin
         .map(|e| {
             (
                 params.full_label(e.group.as_deref(), &e.id),
-                classes.iter().map(|c| e.metrics.per_class.get(c).map_or(0.0, |r| r.value)).collect(),
+                classes.iter().map(|c| e.metrics.class_headline(c).unwrap_or(0.0)).collect(),
             )
         })
         .collect();

@@ -15,12 +15,43 @@ pub(crate) fn write_eval(dir: &Path, accuracy_pattern: &[bool]) {
     write_eval_of(dir, accuracy_pattern, None);
 }
 
+/// The source of an eval of `model` on `dataset` (a data stage id), scored with `answer_match`.
+pub(crate) fn source_on(model: &str, dataset: &str, prompt: &str, answer_match: &str) -> Option<EvalSource> {
+    Some(EvalSource {
+        model: model.into(),
+        data: dataset.into(),
+        split: None,
+        prompt: prompt.into(),
+        dataset: Some(dataset.into()),
+        answer_match: Some(answer_match.into()),
+    })
+}
+
+/// A free-form eval whose items earn `credits` (partial credit allowed).
+pub(crate) fn write_scored(dir: &Path, credits: &[f64], source: Option<EvalSource>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let preds: Vec<Prediction> = credits
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let mut p = sample(&format!("q{i}"), "all", "<answer>x</answer>", c >= 1.0);
+            (p.options, p.predicted_class, p.credit) = (Vec::new(), None, Some(c));
+            p
+        })
+        .collect();
+    write_jsonl(&dir.join(PREDICTIONS_JSONL), &preds).unwrap();
+    let m = Metrics { source, ..metrics_of(&preds, CiMethod::Wilson) };
+    std::fs::write(dir.join(METRICS_JSON), serde_json::to_string(&m).unwrap()).unwrap();
+}
+
 pub(crate) fn source(model: &str, split: &str, prompt: &str) -> Option<EvalSource> {
     Some(EvalSource {
         model: model.into(),
         data: format!("export.{split}"),
         split: Some(split.into()),
         prompt: prompt.into(),
+        dataset: None,
+        answer_match: None,
     })
 }
 

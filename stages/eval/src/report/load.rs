@@ -55,6 +55,32 @@ impl EvalRun {
         self.metrics.source.as_ref().and_then(|s| s.split.as_deref())
     }
 
+    /// The dataset identity the eval scored (`source.dataset`), if recorded.
+    pub(crate) fn dataset(&self) -> Option<String> {
+        self.metrics.source.as_ref().map(|s| s.dataset())
+    }
+
+    /// The model stage the eval scored, if recorded.
+    pub(crate) fn model(&self) -> Option<&str> {
+        self.metrics.source.as_ref().map(|s| s.model.as_str())
+    }
+
+    /// The prompt variant the eval used, if recorded.
+    pub(crate) fn prompt(&self) -> Option<&str> {
+        self.metrics.source.as_ref().map(|s| s.prompt.as_str())
+    }
+
+    /// Whether a delta between the two evals means anything: both scored
+    /// the same dataset. Outputs from before the source was recorded know
+    /// no dataset; two such evals are taken as comparable (as they were).
+    pub(crate) fn same_dataset(&self, other: &EvalRun) -> bool {
+        match (&self.metrics.source, &other.metrics.source) {
+            (Some(a), Some(b)) => a.dataset() == b.dataset(),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
     /// Same run, same model, same prompt (both evals know their source).
     pub(crate) fn same_setting(&self, other: &EvalRun) -> bool {
         match (&self.metrics.source, &other.metrics.source) {

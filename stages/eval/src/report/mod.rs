@@ -13,6 +13,12 @@
 //! scored the same model with the same prompt as another eval becomes a
 //! "`<split>` acc" column of that eval's row instead of a row of its own.
 //!
+//! Deltas are only taken between evals of the same dataset (`source.dataset`
+//! in metrics.json): a CT eval is never compared with a general-VQA eval.
+//! `prompt_tables` lay evals out like the paper's Table 1 (models x think /
+//! no think on one dataset), `benchmark_tables` like its Table 2 (models x
+//! ChartQA / TextVQA, sample-weighted average, Δ vs the base model).
+//!
 //! The same [`Report`] renders `pipeline report RUN_A RUN_B ...` (the
 //! binary's `report compare`): every eval and training run then carries its
 //! run's label as a `group`, and tables show the runs as row groups.
@@ -37,5 +43,5 @@ pub(crate) mod fixtures;
 
 pub use load::{EvalRun, Example, TrainRun, attach_judge, load_eval, load_train};
 pub use model::Report;
-pub use params::{ReportParams, TableSpec};
+pub use params::{BenchmarkTableSpec, PromptTableSpec, ReportParams, TableSpec};
 pub use stage::ReportStage;

@@ -33,6 +33,12 @@ impl Report {
         };
         let classes = tables::row_classes(&rows);
         let mut all_tables = vec![tables::main_table(params, &evals, &lay, baseline)];
+        for spec in &params.prompt_tables {
+            all_tables.push(tables::prompt_table(params, &evals, spec)?);
+        }
+        for spec in &params.benchmark_tables {
+            all_tables.push(tables::benchmark_table(params, &evals, spec)?);
+        }
         all_tables.extend(tables::ablation_tables(params, &evals)?);
         all_tables.push(tables::per_class_table(params, &rows, &classes));
 
@@ -54,9 +60,9 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::report::fixtures::{source, write_eval, write_eval_of};
+    use crate::report::fixtures::{source, source_on, write_eval, write_eval_of, write_scored};
     use crate::report::load::{load_eval, load_train};
-    use crate::report::params::TableSpec;
+    use crate::report::params::{BenchmarkTableSpec, PromptTableSpec, TableSpec};
 
     #[test]
     fn bad_baseline_and_table_rows_are_named() {
@@ -166,7 +172,8 @@ mod tests {
         ];
         let report = Report::build(&ReportParams::default(), evals.clone(), &[]).unwrap();
         let md = report.markdown();
-        assert!(md.contains("| Model | n | Accuracy | train acc | Macro |"), "{md}");
+        // The nothink row is on the training split: a "Data" column appears.
+        assert!(md.contains("| Model | Data | n | Accuracy | train acc | Macro |"), "{md}");
         let row = |id: &str| md.lines().find(|l| l.starts_with(&format!("| {id} | "))).unwrap_or_default().to_string();
         assert!(row("eval").contains("| 75.00 [30.06, 95.44] | 83.33 [43.65, 96.99] |"), "{}", row("eval"));
         assert!(row("eval_base").contains("| 25.00 [4.56, 69.94] | - |"), "{}", row("eval_base"));
@@ -176,7 +183,114 @@ mod tests {
         // Without side splits every eval is a row.
         let p = ReportParams { side_splits: Vec::new(), ..Default::default() };
         let md = Report::build(&p, evals, &[]).unwrap().markdown();
-        assert!(md.contains("| Model | n | Accuracy | Macro |") && md.contains("| eval_train | 6 |"), "{md}");
+        assert!(md.contains("| Model | Data | n | Accuracy | Macro |"), "{md}");
+        assert!(md.contains("| eval_train | export.train | 6 |"), "{md}");
+    }
+
+    /// The row of the Markdown table that starts with `label`.
+    fn md_row(md: &str, table: &str, label: &str) -> Vec<String> {
+        let section = md.split("## ").find(|s| s.starts_with(table)).unwrap_or_default();
+        let line = section.lines().find(|l| l.starts_with(&format!("| {label} | "))).unwrap_or_default();
+        line.trim_matches('|').split(" | ").map(|c| c.trim().to_string()).collect()
+    }
+
+    #[test]
+    fn deltas_are_only_taken_between_evals_of_the_same_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_eval_of(&d.join("sft"), &[true, false, true, true], source("sft", "test", "think"));
+        write_eval_of(&d.join("grpo"), &[true, true, true, true], source("grpo", "test", "think"));
+        write_scored(&d.join("gen_sft"), &[1.0, 0.0, 0.0, 0.0], source_on("sft", "general", "no_think", "relaxed"));
+        write_scored(&d.join("gen_grpo"), &[1.0, 1.0, 0.0, 0.0], source_on("grpo", "general", "no_think", "relaxed"));
+        let evals = ["sft", "grpo", "gen_sft", "gen_grpo"]
+            .map(|id| load_eval(&format!("eval_{id}"), &d.join(id), 2).unwrap())
+            .to_vec();
+        let p = ReportParams {
+            baseline: Some("eval_sft".into()),
+            tables: vec![TableSpec { title: "Mixed".into(), rows: vec!["eval_sft".into(), "eval_gen_grpo".into()] }],
+            ..Default::default()
+        };
+        let md = Report::build(&p, evals, &[]).unwrap().markdown();
+        let main = "Accuracy (%, 95% CI) with deltas vs eval_sft (rows on other data";
+        assert!(md.contains(&format!("## {main}: vs the first row on theirs)")), "{md}");
+        let delta = |label: &str| md_row(&md, main, label).last().cloned().unwrap_or_default();
+        assert_eq!(md_row(&md, main, "eval_grpo")[1], "export.test");
+        assert_eq!(md_row(&md, main, "eval_gen_sft")[1], "general (relaxed)");
+        assert_eq!(delta("eval_grpo"), "+25.00", "vs the baseline, same data");
+        assert_eq!(delta("eval_gen_sft"), "+0.00", "the first general row is its own reference");
+        assert_eq!(delta("eval_gen_grpo"), "+25.00", "vs the general SFT row, never vs the CT baseline");
+        assert_eq!(md_row(&md, "Mixed", "eval_gen_grpo").last().map(String::as_str), Some("n/a (other data)"));
+    }
+
+    #[test]
+    fn paper_tables_place_evals_by_model_prompt_and_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ct = |m: &str, p: &str| source_on(m, "export.test", p, "choice");
+        write_eval_of(&d.join("base_think"), &[false, true, false, false], ct("base_model", "think"));
+        write_eval_of(&d.join("base_nothink"), &[true, true, false, false], ct("base_model", "no_think"));
+        write_eval_of(&d.join("grpo_think"), &[true, true, true, false], ct("grpo", "think"));
+        // Table 2: ChartQA (binary) and TextVQA (partial credit) per model.
+        write_scored(
+            &d.join("base_chart"),
+            &[1.0, 1.0, 0.0, 1.0],
+            source_on("base_model", "chartqa", "no_think", "chartqa"),
+        );
+        write_scored(
+            &d.join("base_text"),
+            &[1.0, 0.9, 0.6, 0.3, 1.0, 1.0],
+            source_on("base_model", "textvqa", "no_think", "vqa_accuracy"),
+        );
+        write_scored(&d.join("grpo_chart"), &[1.0, 0.0, 0.0, 1.0], source_on("grpo", "chartqa", "no_think", "chartqa"));
+        write_scored(
+            &d.join("grpo_text"),
+            &[1.0, 0.9, 0.9, 0.3, 1.0, 1.0],
+            source_on("grpo", "textvqa", "no_think", "vqa_accuracy"),
+        );
+        let ids = ["base_think", "base_nothink", "grpo_think", "base_chart", "base_text", "grpo_chart", "grpo_text"];
+        let evals: Vec<EvalRun> =
+            ids.iter().map(|id| load_eval(&format!("eval_{id}"), &d.join(id), 2).unwrap()).collect();
+        let labels =
+            [("base_model", "Qwen2.5-VL"), ("grpo", "MedReason-R1"), ("chartqa", "ChartQA"), ("textvqa", "TextVQA")];
+        let p = ReportParams {
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            prompt_tables: vec![PromptTableSpec { title: "T1".into(), dataset: "export.test".into(), models: vec![] }],
+            benchmark_tables: vec![BenchmarkTableSpec {
+                title: "T2".into(),
+                datasets: vec!["chartqa".into(), "textvqa".into()],
+                models: vec![],
+                base: Some("base_model".into()),
+                prompt: None,
+            }],
+            ..Default::default()
+        };
+        let md = Report::build(&p, evals.clone(), &[]).unwrap().markdown();
+        assert!(md.contains("## T1\n\n| Model | w think | w/o think |"), "{md}");
+        assert_eq!(md_row(&md, "T1", "Qwen2.5-VL"), ["Qwen2.5-VL", "25.00 [4.56, 69.94]", "50.00 [15.00, 85.00]"]);
+        assert_eq!(md_row(&md, "T1", "MedReason-R1"), ["MedReason-R1", "75.00 [30.06, 95.44]", "-"]);
+        assert!(
+            md.contains("| Model | ChartQA (n=4) | TextVQA (n=6) | Weighted avg. | Δ vs Qwen2.5-VL (pp) |"),
+            "{md}"
+        );
+        // Base: ChartQA 3/4, TextVQA mean(1, .9, .6, .3, 1, 1) = 0.8; weighted (3 + 4.8) / 10 = 0.78.
+        // GRPO: ChartQA 2/4, TextVQA 5.1/6 = 0.85; weighted (2 + 5.1) / 10 = 0.71; Δ = -7.00 pp.
+        let base = md_row(&md, "T2", "Qwen2.5-VL");
+        assert_eq!((base[1].split(' ').next(), base[2].split(' ').next()), (Some("75.00"), Some("80.00")));
+        assert_eq!(&base[3..], ["78.00", "+0.00"]);
+        let grpo = md_row(&md, "T2", "MedReason-R1");
+        assert_eq!(&grpo[3..], ["71.00", "-7.00"], "{grpo:?}");
+        // The main table shows the TextVQA rows' VQA accuracy, not the full-credit fraction (3/6).
+        assert!(md_row(&md, "Accuracy", "eval_base_text")[3].starts_with("80.00 "), "{md}");
+
+        // A dataset no eval scored is named.
+        let mut bad = p.clone();
+        bad.benchmark_tables[0].datasets.push("docvqa".into());
+        let err = format!("{:#}", Report::build(&bad, evals.clone(), &[]).err().unwrap());
+        assert!(err.contains("\"T2\"") && err.contains("no eval scored dataset `docvqa`"), "{err}");
+        let mut bad = p;
+        bad.prompt_tables[0].models = vec!["sft".into()];
+        let err = format!("{:#}", Report::build(&bad, evals, &[]).err().unwrap());
+        assert!(err.contains("model `sft` has no eval here"), "{err}");
     }
 
     #[test]

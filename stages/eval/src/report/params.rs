@@ -17,15 +17,62 @@ pub struct TableSpec {
     pub rows: Vec<String>,
 }
 
+/// A table shaped like the paper's Table 1: one row per model, one column
+/// per prompt variant (`think` "w think", `no_think` "w/o think", then
+/// `cot_forcing` and `dataset` when present), from the evals of one dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromptTableSpec {
+    pub title: String,
+    /// Dataset identity of the evals placed (their `source.dataset` in
+    /// metrics.json: the data input without its sweep variant, e.g. `export.test`).
+    pub dataset: String,
+    /// Model stage ids (the evals' `model` input), in row order; default:
+    /// every model with an eval on `dataset`, in eval order. Row labels come
+    /// from `labels` (by model id).
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+/// A table shaped like the paper's Table 2: one row per model, one column
+/// per benchmark dataset, their sample-weighted average (weights: items
+/// scored) and its delta vs `base`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BenchmarkTableSpec {
+    pub title: String,
+    /// Dataset identities, one column each (headings from `labels`, by dataset id).
+    pub datasets: Vec<String>,
+    /// Model stage ids in row order; default: every model with an eval on
+    /// one of `datasets`, in eval order.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Model the Δ column is taken against (default: the first row).
+    #[serde(default)]
+    pub base: Option<String>,
+    /// Only evals with this prompt variant (default: the first eval of each
+    /// model and dataset).
+    #[serde(default)]
+    pub prompt: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReportParams {
     /// Heading of the report.
     pub title: String,
-    /// Eval row id the deltas of the main table are taken against (default: the first eval).
+    /// Eval row id the deltas of the main table are taken against (default:
+    /// the first eval). Deltas are only taken between evals of the same
+    /// dataset: rows on other data are compared with the first row on theirs.
     pub baseline: Option<String>,
-    /// Display names for row ids (e.g. `"eval_base" = "Qwen2.5-VL (zero-shot)"`).
+    /// Display names for eval ids (e.g. `"eval_base" = "Qwen2.5-VL (zero-shot)"`),
+    /// model ids (rows of `prompt_tables` / `benchmark_tables`) and dataset
+    /// ids (columns of `benchmark_tables`).
     pub labels: BTreeMap<String, String>,
+    /// Tables shaped like the paper's Table 1 (models x think / no think).
+    pub prompt_tables: Vec<PromptTableSpec>,
+    /// Tables shaped like the paper's Table 2 (models x benchmarks, weighted average, Δ vs base).
+    pub benchmark_tables: Vec<BenchmarkTableSpec>,
     /// Extra ablation tables.
     pub tables: Vec<TableSpec>,
     /// Training metrics to plot (empty: every numeric key of metrics.jsonl;
@@ -45,6 +92,8 @@ impl Default for ReportParams {
             title: "MedReason-R1 pipeline report".into(),
             baseline: None,
             labels: BTreeMap::new(),
+            prompt_tables: Vec::new(),
+            benchmark_tables: Vec::new(),
             tables: Vec::new(),
             train_metrics: Vec::new(),
             gallery: 4,

@@ -37,7 +37,10 @@ impl StageKind for ReportStage {
     // v2: train-side accuracy columns, per-stage training curves with std bands.
     // v3: report.html rendered by a minijinja template (HTML autoescape: `'`
     //     and `/` in text are escaped too; the CSS is on several lines).
-    const VERSION: u32 = 3;
+    // v4: each eval's headline score (VQA accuracy where partial credit),
+    //     deltas only between evals of the same dataset (a "Data" column when
+    //     rows differ), `prompt_tables` (Table 1) and `benchmark_tables` (Table 2).
+    const VERSION: u32 = 4;
     const SUMMARY: &'static str = "report.md + self-contained report.html: accuracy/consistency tables, per-class and confusion plots, training curves, examples";
 
     fn inputs() -> &'static [InputSpec] {
@@ -62,6 +65,18 @@ impl StageKind for ReportStage {
     fn validate(p: &Self::Params) -> Result<(), ParamError> {
         if let Some(i) = p.tables.iter().position(|t| t.rows.is_empty()) {
             return Err(ParamError::new(&["tables"], format!("table {i} (\"{}\") has no rows", p.tables[i].title)));
+        }
+        if let Some(i) = p.prompt_tables.iter().position(|t| t.dataset.is_empty()) {
+            return Err(ParamError::new(
+                &["prompt_tables"],
+                format!("table {i} (\"{}\"): `dataset` is empty", p.prompt_tables[i].title),
+            ));
+        }
+        if let Some(i) = p.benchmark_tables.iter().position(|t| t.datasets.is_empty()) {
+            return Err(ParamError::new(
+                &["benchmark_tables"],
+                format!("table {i} (\"{}\") has no `datasets`", p.benchmark_tables[i].title),
+            ));
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use cudarc::nccl::result as nccl;
 use cudarc::nccl::sys;
 use tch::{Kind, Tensor};
 
-use super::Collective;
+use super::collective::Collective;
 use super::tcp::Tcp;
 
 pub struct Nccl {

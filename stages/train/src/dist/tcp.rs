@@ -17,7 +17,7 @@ use stage_api::RENDEZVOUS_ABANDONED;
 use stage_api::host_name;
 use tch::Tensor;
 
-use super::{Collective, flatten_f32, unflatten_into};
+use super::collective::{Collective, flatten_f32, unflatten_into};
 
 /// How long ranks wait for each other to show up (model loading included).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(900);
@@ -283,7 +283,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dist::{all_gather_json, all_reduce_f64};
+    use crate::dist::collective::{all_gather_json, all_reduce_f64};
 
     fn group(dir: &Path, world: usize) -> Vec<DistInfo> {
         (0..world)
@@ -370,7 +370,7 @@ mod tests {
 #[cfg(test)]
 mod grad_tests {
     use super::*;
-    use crate::dist::all_reduce_grads;
+    use crate::dist::collective::all_reduce_grads;
 
     #[test]
     fn gradients_are_summed_in_place() {

@@ -67,16 +67,63 @@ pub fn training_context(
     builder.build()
 }
 
-/// `metrics.jsonl` of `out` without the wall-clock column `timing`.
-pub fn metrics_without(out: &Path, timing: &str) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove(timing);
-            v
-        })
-        .collect()
+/// What a training stage noted for its provenance.json.
+pub type Notes = serde_json::Map<String, serde_json::Value>;
+
+/// Where a training run of a test reads and writes.
+pub struct Dirs<'a> {
+    pub model: &'a Path,
+    pub split: &'a Path,
+    pub out: &'a Path,
+    pub resume: &'a Path,
+}
+
+/// Validate `params` and run the training stage `K` in `dirs`, cancelled
+/// after `kill_after` steps when given; the notes it made.
+pub fn train<K: StageKind>(
+    params: &K::Params,
+    dirs: Dirs,
+    seed: u64,
+    kill_after: Option<u64>,
+) -> anyhow::Result<Notes> {
+    K::validate(params).unwrap();
+    let Dirs { model, split, out, resume } = dirs;
+    let mut ctx = training_context(K::KIND, out, model, split, resume, seed, kill_after)?;
+    K::run(params, &mut ctx)?;
+    Ok(ctx.notes())
+}
+
+/// Every file under `dir` (relative path -> bytes).
+pub fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// `a` and `b` hold the same files with the same bytes.
+pub fn assert_same_files(a: &Path, b: &Path) {
+    let (fa, fb) = (files(a), files(b));
+    assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>(), "{} vs {}", a.display(), b.display());
+    let differ: Vec<&String> = fa.keys().filter(|k| fa[*k] != fb[*k]).collect();
+    assert!(differ.is_empty(), "{} and {} differ in {differ:?}", a.display(), b.display());
+}
+
+/// Serialises the tests of one binary that train: libtorch's thread count
+/// is process-global, and a run's floats depend on it.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub const OPTIONS: [&str; 3] = ["A. airway abnormalities", "B. emphysema", "C. ground-glass opacity"];
@@ -108,6 +155,7 @@ pub fn write_split(dir: &Path, n: usize) -> PathBuf {
                 image: Some(png(56, (i % 3 * 100) as u8)),
                 problem: problem.clone(),
                 answer: ["A", "B", "C"][i % 3].to_string(),
+                answers: Vec::new(),
                 options: OPTIONS.map(String::from).to_vec(),
                 class: class.to_string(),
                 class_name: class_name.to_string(),

@@ -43,7 +43,7 @@ use std::collections::BTreeMap;
 use regex::Regex;
 use stage_api::{MemoryTerm, Phase};
 
-use crate::config::{Qwen25VlConfig, TextConfig, VisionConfig};
+use crate::config::{Qwen25VlConfig, TextConfig, VisionTowerConfig};
 use crate::model::param_shapes;
 
 /// The element type of the weights.
@@ -390,27 +390,118 @@ fn text_layer_trains(set: &TrainableSet, layer: u64) -> LayerTrains {
 fn vision_block_trains(set: &TrainableSet, block: u64) -> LayerTrains {
     let p = format!("model.visual.blocks.{block}");
     let any = |subs: &[&str]| subs.iter().any(|s| set.any_under(&format!("{p}.{s}")));
+    // Qwen2.5-VL's gated MLP (gate/up/down) or Qwen2-VL's fc1/fc2.
     LayerTrains {
         norm1: any(&["norm1."]),
         qkv: any(&["attn.qkv."]),
         o: any(&["attn.proj."]),
         norm2: any(&["norm2."]),
-        gate_up: any(&["mlp.gate_proj.", "mlp.up_proj."]),
-        down: any(&["mlp.down_proj."]),
+        gate_up: any(&["mlp.gate_proj.", "mlp.up_proj.", "mlp.fc1."]),
+        down: any(&["mlp.down_proj.", "mlp.fc2."]),
     }
 }
 
-/// Saved bytes of one pre-norm attention + gated-MLP layer over `t` tokens.
+/// How a pre-norm block normalises and what its MLP saves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    /// RMSNorm (f32 input saved; the weight's grad needs the normed value)
+    /// and the gated SiLU MLP (gate output, silu(gate), up: 3 × I wide).
+    /// The text decoder and Qwen2.5-VL's vision blocks.
+    RmsGated,
+    /// LayerNorm (the input in the model dtype; mean and rstd are
+    /// negligible) and `fc2(quick_gelu(fc1(x)))`: fc1's output and
+    /// sigmoid(1.702 x), 2 × I wide. Qwen2-VL's vision blocks.
+    LayerNormPlain,
+}
+
+impl BlockKind {
+    /// Bytes per element of the norm's saved input.
+    fn norm_input_bytes(self, s: u64) -> u64 {
+        match self {
+            BlockKind::RmsGated => 4,
+            BlockKind::LayerNormPlain => s,
+        }
+    }
+
+    /// Extra saved for a trainable norm weight, per element.
+    fn norm_weight_bytes(self, s: u64) -> u64 {
+        match self {
+            BlockKind::RmsGated => s,
+            BlockKind::LayerNormPlain => 0,
+        }
+    }
+
+    /// I-wide tensors the MLP's activation saves.
+    fn mlp_intermediates(self) -> u64 {
+        match self {
+            BlockKind::RmsGated => 3,
+            BlockKind::LayerNormPlain => 2,
+        }
+    }
+}
+
+/// The vision tower's widths, of either architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VisionDims {
+    pub depth: u64,
+    /// ViT width.
+    pub d: u64,
+    /// MLP width.
+    pub i: u64,
+    pub heads: u64,
+    pub patch_dim: u64,
+    pub block: BlockKind,
+}
+
+impl VisionDims {
+    pub fn of(v: &VisionTowerConfig) -> Self {
+        let u = |x: i64| x.max(0) as u64;
+        match v {
+            VisionTowerConfig::Qwen2_5Vl(c) => Self {
+                depth: u(c.depth),
+                d: u(c.hidden_size),
+                i: u(c.intermediate_size),
+                heads: u(c.num_heads),
+                patch_dim: u(c.patch_dim()),
+                block: BlockKind::RmsGated,
+            },
+            VisionTowerConfig::Qwen2Vl(c) => Self {
+                depth: u(c.depth),
+                d: u(c.embed_dim),
+                i: u(c.intermediate_size()),
+                heads: u(c.num_heads),
+                patch_dim: u(c.patch_dim()),
+                block: BlockKind::LayerNormPlain,
+            },
+        }
+    }
+}
+
+/// The widths of one layer's saved tensors: `t` tokens, width `h`, MLP
+/// width `i`, element bytes `s`.
+#[derive(Debug, Clone, Copy)]
+struct LayerShape {
+    t: u64,
+    h: u64,
+    i: u64,
+    s: u64,
+    kind: BlockKind,
+}
+
+/// Saved bytes of one pre-norm attention + MLP layer.
 /// `attention` gives what the attention core saves when its input is live.
 /// Returns (saved bytes, output live).
-fn layer_saved(w: LayerTrains, in_live: bool, t: u64, h: u64, i: u64, s: u64, attention: u64) -> (u64, bool) {
+fn layer_saved(w: LayerTrains, in_live: bool, shape: LayerShape, attention: u64) -> (u64, bool) {
+    let LayerShape { t, h, i, s, kind } = shape;
+    let (norm_in, norm_w) = (kind.norm_input_bytes(s), kind.norm_weight_bytes(s));
     let mut b = 0;
-    // RMSNorm: the f32 input (pow and the scaling mul); its weight's grad needs the normed value.
+    // RMSNorm: the f32 input (pow and the scaling mul); its weight's grad
+    // needs the normed value. LayerNorm: its input.
     if in_live {
-        b += t * h * 4;
+        b += t * h * norm_in;
     }
     if w.norm1 {
-        b += t * h * s;
+        b += t * h * norm_w;
     }
     if w.qkv {
         b += t * h * s; // the q/k/v projections' shared input
@@ -424,20 +515,21 @@ fn layer_saved(w: LayerTrains, in_live: bool, t: u64, h: u64, i: u64, s: u64, at
     }
     let x2_live = attn_live || w.o;
     if x2_live {
-        b += t * h * 4;
+        b += t * h * norm_in;
     }
     if w.norm2 {
-        b += t * h * s;
+        b += t * h * norm_w;
     }
     let mlp_in_live = x2_live || w.norm2;
     if w.gate_up {
         b += t * h * s;
     }
     if mlp_in_live || w.gate_up {
-        b += 3 * t * i * s; // gate output (silu's input), silu(gate), up
+        // gate output (silu's input), silu(gate), up; or fc1's output and its sigmoid
+        b += kind.mlp_intermediates() * t * i * s;
     }
     if w.down {
-        b += t * i * s; // silu(gate) · up, down_proj's input
+        b += t * i * s; // the activation's product, down_proj's (fc2's) input
     }
     (b, mlp_in_live || w.gate_up || w.down)
 }
@@ -465,22 +557,24 @@ impl TrainSetup<'_> {
 
     /// Vision-tower activations (saved when a vision tensor trains) and the
     /// frozen tower's forward transient.
-    fn vision_pass(&self, p: &Pass, v: &VisionConfig) -> (u64, u64, u64) {
+    fn vision_pass(&self, p: &Pass, v: &VisionDims) -> (u64, u64, u64) {
         let s = self.s();
         let n = p.batch * p.patches;
         if n == 0 {
             return (0, 0, 0);
         }
-        let (d, i, heads) = (v.hidden_size.max(0) as u64, v.intermediate_size.max(0) as u64, v.num_heads.max(0) as u64);
-        // Fused (flash) attention per window: q, k, v, output, log-sum-exp.
+        let (d, i, heads) = (v.d, v.i, v.heads);
+        let shape = LayerShape { t: n, h: d, i, s, kind: v.block };
+        // Fused (flash) attention per window (Qwen2-VL: over the whole
+        // image, still O(n)): q, k, v, output, log-sum-exp.
         let attention = 4 * n * d * s + heads * n * 4;
         let mut live = self.trainable.any_under("model.visual.patch_embed.");
         let mut saved = 0;
         let mut saved_blocks = 0;
         let mut largest_block = 0;
-        for b in 0..v.depth.max(0) as u64 {
+        for b in 0..v.depth {
             let w = vision_block_trains(self.trainable, b);
-            let (bytes, out) = layer_saved(w, live, n, d, i, s, attention);
+            let (bytes, out) = layer_saved(w, live, shape, attention);
             if bytes > 0 {
                 saved_blocks += 1;
             }
@@ -497,8 +591,8 @@ impl TrainSetup<'_> {
             saved += n * d * 4 + 3 * n * d * s;
         }
         // The frozen tower: one block's intermediates at a time, no grad.
-        let forward = n * (3 * i * s + 6 * d * 4);
-        (saved, forward, n * v.patch_dim().max(0) as u64 * 4)
+        let forward = n * (v.block.mlp_intermediates() * i * s + 6 * d * 4);
+        (saved, forward, n * v.patch_dim * 4)
     }
 
     /// One micro-batch forward and backward: inputs, saved activations,
@@ -509,7 +603,7 @@ impl TrainSetup<'_> {
         let mut terms = Vec::new();
 
         let (vision_saved, vision_forward, pixels) = match &self.config.vision {
-            Some(v) => self.vision_pass(p, v),
+            Some(v) => self.vision_pass(p, &VisionDims::of(v)),
             None => (0, 0, 0),
         };
         // Pixel values (f32 on the host, cast to the model dtype) and the ids.
@@ -531,7 +625,8 @@ impl TrainSetup<'_> {
         let (mut saved, mut live_layers, mut largest) = (0, 0, 0);
         for layer in 0..dims.layers {
             let w = text_layer_trains(self.trainable, layer);
-            let (bytes, out) = layer_saved(w, live, t, h, dims.i, s, attention);
+            let shape = LayerShape { t, h, i: dims.i, s, kind: BlockKind::RmsGated };
+            let (bytes, out) = layer_saved(w, live, shape, attention);
             if live || w.any() {
                 live_layers += 1;
             }
@@ -823,7 +918,8 @@ mod tests {
         // 4 live layers' inputs + the largest (a fully live) layer + final norm.
         let live_layer = {
             let w = text_layer_trains(&trainable, 1);
-            layer_saved(w, true, t, h, 6, 4, base.text_attention_saved(&p, &TextDims::of(&cfg.text))).0
+            let shape = LayerShape { t, h, i: 6, s: 4, kind: BlockKind::RmsGated };
+            layer_saved(w, true, shape, base.text_attention_saved(&p, &TextDims::of(&cfg.text))).0
         };
         assert_eq!(ck, 4 * t * h * 4 + live_layer + t * h * 4);
     }

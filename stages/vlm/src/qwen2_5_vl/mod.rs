@@ -7,11 +7,10 @@
 //! the two towers is `Qwen25Vl` in `model.rs`, which imports these modules
 //! (never the reverse).
 //!
-//! The text decoder and, for images, `get_rope_index` are Qwen2-VL's (HF's
-//! `Qwen2_5_VLModel` inherits `Qwen2VLModel`; its own `get_rope_index`
-//! differs only for video). A Qwen2-VL vision tower (LayerNorm + QuickGELU
-//! blocks, full attention everywhere) would sit beside this one as
-//! `qwen2_vl/vision.rs`, chosen by `config.model_type`.
+//! The text decoder, the patch embedding, the vision rotary and attention,
+//! and for images `get_rope_index` are Qwen2-VL's too (HF's Qwen2.5-VL
+//! classes inherit them); `crate::qwen2_vl` re-exports them beside its own
+//! vision tower (LayerNorm + QuickGELU blocks, full attention everywhere).
 
 pub mod rope_index;
 pub mod text;

@@ -1,7 +1,12 @@
 //! 3D (temporal, height, width) position ids for multimodal RoPE: HF
 //! `Qwen2_5_VLModel.get_rope_index`
 //! ([modeling_qwen2_5_vl.py](https://github.com/huggingface/transformers/blob/v4.57.6/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py))
-//! for images (videos are not supported).
+//! and `Qwen2VLModel.get_rope_index`
+//! ([modeling_qwen2_vl.py](https://github.com/huggingface/transformers/blob/v4.57.6/src/transformers/models/qwen2_vl/modeling_qwen2_vl.py))
+//! for images (videos are not supported). The two differ only in the
+//! temporal index of a grid's frames: Qwen2-VL counts them (`arange(t)`),
+//! Qwen2.5-VL scales that by `second_per_grid_t * tokens_per_second`, which
+//! is 0 for images. Processed images have one frame (t = 1), where both agree.
 
 /// Position ids for one batch: `ids[axis][row][col]`, plus the per-row delta
 /// (max position + 1 - padded length) that continues positions when decoding.
@@ -17,6 +22,8 @@ pub struct RopeIndex {
 /// Padding positions (mask 0) get 1, as in HF.
 ///
 /// `grids` are the images' (t, h, w) patch grids in order of appearance.
+/// `frame_step` is the temporal position step between an image grid's
+/// frames: 0 for Qwen2.5-VL, 1 for Qwen2-VL (see the module docs).
 pub fn rope_index(
     input_ids: &[Vec<i64>],
     attention_mask: &[Vec<i64>],
@@ -24,6 +31,7 @@ pub fn rope_index(
     image_token_id: i64,
     vision_start_token_id: i64,
     merge: i64,
+    frame_step: i64,
 ) -> Result<RopeIndex, String> {
     let rows = input_ids.len();
     let mut ids: [Vec<Vec<i64>>; 3] = Default::default();
@@ -53,17 +61,17 @@ pub fn rope_index(
                 }
             }
             let base = next + (ed - st) as i64;
-            // Images have no time axis: the temporal offset is 0 for every frame.
-            for _ in 0..t {
+            for f in 0..t {
                 for y in 0..gh {
                     for x in 0..gw {
-                        pos[0].push(base);
+                        pos[0].push(base + f * frame_step);
                         pos[1].push(base + y);
                         pos[2].push(base + x);
                     }
                 }
             }
-            next = base + gh.max(gw).max(1);
+            // HF: the next text starts at the largest position so far + 1.
+            next = base + ((t - 1) * frame_step + 1).max(gh).max(gw);
             st = ed + (t * gh * gw) as usize;
         }
         if st < tokens.len() {
@@ -109,18 +117,45 @@ mod tests {
         let (vs, img) = (10, 11);
         let row = vec![0, 5, vs, img, img, img, img, img, img, 12, 6];
         let mask = vec![0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1];
-        let r = rope_index(&[row], &[mask], &[[1, 4, 6]], img, vs, 2).unwrap();
-        assert_eq!(r.ids[0][0], vec![1, 0, 1, 2, 2, 2, 2, 2, 2, 5, 6]);
-        assert_eq!(r.ids[1][0], vec![1, 0, 1, 2, 2, 2, 3, 3, 3, 5, 6]);
-        assert_eq!(r.ids[2][0], vec![1, 0, 1, 2, 3, 4, 2, 3, 4, 5, 6]);
-        assert_eq!(r.deltas, vec![7 - 11]);
+        for frame_step in [0, 1] {
+            let r = rope_index(
+                std::slice::from_ref(&row),
+                std::slice::from_ref(&mask),
+                &[[1, 4, 6]],
+                img,
+                vs,
+                2,
+                frame_step,
+            )
+            .unwrap();
+            assert_eq!(r.ids[0][0], vec![1, 0, 1, 2, 2, 2, 2, 2, 2, 5, 6]);
+            assert_eq!(r.ids[1][0], vec![1, 0, 1, 2, 2, 2, 3, 3, 3, 5, 6]);
+            assert_eq!(r.ids[2][0], vec![1, 0, 1, 2, 3, 4, 2, 3, 4, 5, 6]);
+            assert_eq!(r.deltas, vec![7 - 11]);
+        }
+    }
+
+    #[test]
+    fn frames_of_a_grid_advance_time_only_for_qwen2_vl() {
+        // <vs>, a 3-frame 2x2-patch grid (1x1 merged per frame), b.
+        let (vs, img) = (10, 11);
+        let row = vec![vs, img, img, img, 6];
+        let mask = vec![1; 5];
+        // Qwen2-VL: t = arange(3); the text after starts at max + 1 = 1 + 2 + 1.
+        let r =
+            rope_index(std::slice::from_ref(&row), std::slice::from_ref(&mask), &[[3, 2, 2]], img, vs, 2, 1).unwrap();
+        assert_eq!(r.ids[0][0], vec![0, 1, 2, 3, 4]);
+        assert_eq!(r.ids[1][0], vec![0, 1, 1, 1, 4]);
+        // Qwen2.5-VL images: no time, every frame at t = 1.
+        let r = rope_index(&[row], &[mask], &[[3, 2, 2]], img, vs, 2, 0).unwrap();
+        assert_eq!(r.ids[0][0], vec![0, 1, 1, 1, 2]);
     }
 
     #[test]
     fn mismatched_grid_is_an_error() {
-        let e = rope_index(&[vec![10, 11, 11]], &[vec![1, 1, 1]], &[[1, 4, 4]], 11, 10, 2).unwrap_err();
+        let e = rope_index(&[vec![10, 11, 11]], &[vec![1, 1, 1]], &[[1, 4, 4]], 11, 10, 2, 0).unwrap_err();
         assert!(e.contains("do not match"), "{e}");
-        let e = rope_index(&[vec![10, 11]], &[vec![1, 1]], &[], 11, 10, 2).unwrap_err();
+        let e = rope_index(&[vec![10, 11]], &[vec![1, 1]], &[], 11, 10, 2, 0).unwrap_err();
         assert!(e.contains("more images"), "{e}");
     }
 }

@@ -222,8 +222,8 @@ pub fn window_index(cfg: &VisionConfig, grids: &[[i64; 3]]) -> WindowIndex {
 }
 
 /// The `pos_ids` of HF `rot_pos_emb`: (row, col) of every patch, in the
-/// merge-block order the processor emits patches in.
-fn rot_pos_ids(ms: i64, grids: &[[i64; 3]]) -> Vec<i64> {
+/// merge-block order the processor emits patches in (Qwen2-VL's too).
+pub(crate) fn rot_pos_ids(ms: i64, grids: &[[i64; 3]]) -> Vec<i64> {
     let mut pos = Vec::new();
     for &[t, h, w] in grids {
         for _ in 0..t {
@@ -242,8 +242,9 @@ fn rot_pos_ids(ms: i64, grids: &[[i64; 3]]) -> Vec<i64> {
     pos
 }
 
-/// HF `cu_seqlens` of the full-attention blocks: one segment per image frame.
-fn full_cu_seqlens(grids: &[[i64; 3]]) -> Vec<i64> {
+/// HF `cu_seqlens` of the full-attention blocks: one segment per image frame
+/// (every block of Qwen2-VL).
+pub(crate) fn full_cu_seqlens(grids: &[[i64; 3]]) -> Vec<i64> {
     let mut full = vec![0i64];
     for &[t, h, w] in grids {
         for _ in 0..t {
@@ -252,6 +253,27 @@ fn full_cu_seqlens(grids: &[[i64; 3]]) -> Vec<i64> {
         }
     }
     full
+}
+
+/// Check that `pixel_values` (N, `patch_dim`) and `grids` agree and that
+/// every grid side is a positive multiple of the merge size (both towers).
+pub(crate) fn check_pixel_input(
+    pixel_values: &Tensor,
+    grids: &[[i64; 3]],
+    patch_dim: i64,
+    ms: i64,
+) -> Result<(), ModelError> {
+    let size = pixel_values.size();
+    let n: i64 = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+    if size.len() != 2 || size[1] != patch_dim || size[0] != n {
+        return Err(ModelError::Input(format!(
+            "pixel_values has shape {size:?}, expected [{n}, {patch_dim}] for image_grid_thw {grids:?}"
+        )));
+    }
+    if let Some(g) = grids.iter().find(|g| g[0] < 1 || g[1] % ms != 0 || g[2] % ms != 0 || g[1] < ms || g[2] < ms) {
+        return Err(ModelError::Input(format!("image_grid_thw {g:?}: h and w must be positive multiples of {ms}")));
+    }
+    Ok(())
 }
 
 impl VisionTransformer {
@@ -300,20 +322,7 @@ impl VisionTransformer {
 
     /// Check that `pixel_values` (N, 1176) and `grids` agree.
     pub fn check_input(&self, pixel_values: &Tensor, grids: &[[i64; 3]]) -> Result<(), ModelError> {
-        let cfg = &self.config;
-        let ms = cfg.spatial_merge_size;
-        let size = pixel_values.size();
-        let n: i64 = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
-        if size.len() != 2 || size[1] != cfg.patch_dim() || size[0] != n {
-            return Err(ModelError::Input(format!(
-                "pixel_values has shape {size:?}, expected [{n}, {}] for image_grid_thw {grids:?}",
-                cfg.patch_dim()
-            )));
-        }
-        if let Some(g) = grids.iter().find(|g| g[0] < 1 || g[1] % ms != 0 || g[2] % ms != 0 || g[1] < ms || g[2] < ms) {
-            return Err(ModelError::Input(format!("image_grid_thw {g:?}: h and w must be positive multiples of {ms}")));
-        }
-        Ok(())
+        check_pixel_input(pixel_values, grids, self.config.patch_dim(), self.config.spatial_merge_size)
     }
 
     /// Rotation angles (patches, head_dim / 2) of every patch (HF `rot_pos_emb`).
