@@ -102,12 +102,12 @@ fn main() -> anyhow::Result<()> {
             for checkpointing in [false, true] {
                 let w = Where { ranks: ranks as u64, cuda: true, data: None, shard, checkpointing };
                 let pred = if is_sft {
-                    let settings = sft.memory_settings();
+                    let settings = sft.memory_settings().map_err(anyhow::Error::msg)?;
                     let (len, _) = plan_lengths(&model, &view, sft.prompt, settings.target_tokens);
                     sft_prediction(&settings, &model, Precision::Bf16, len, &w)
                 } else {
                     let (len, _) = plan_lengths(&model, &view, grpo.prompt, grpo.max_completion_length as u64);
-                    grpo_prediction(&grpo.memory_settings(), &model, Precision::Bf16, len, &w)
+                    grpo_prediction(&grpo.memory_settings().map_err(anyhow::Error::msg)?, &model, Precision::Bf16, len, &w)
                 }
                 .map_err(anyhow::Error::msg)?;
                 let Some(pool) = pred.gpu.as_ref() else { anyhow::bail!("a CUDA prediction has a GPU pool") };

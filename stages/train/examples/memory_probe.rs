@@ -287,8 +287,8 @@ fn measure(mode: &str, dir: &Path, a: &Args) -> anyhow::Result<()> {
     let precision = if r.cuda { Precision::Bf16 } else { Precision::F32 };
     let w = Where { ranks: 1, cuda: r.cuda, data: Some(split_size(&data)?), shard: Shard::None, checkpointing: false };
     let pred: MemoryPrediction = match mode {
-        "sft" => sft_prediction(&r.sft.memory_settings(), &model, precision, len, &w),
-        _ => grpo_prediction(&r.grpo.memory_settings(), &model, precision, len, &w),
+        "sft" => sft_prediction(&r.sft.memory_settings().map_err(anyhow::Error::msg)?, &model, precision, len, &w),
+        _ => grpo_prediction(&r.grpo.memory_settings().map_err(anyhow::Error::msg)?, &model, precision, len, &w),
     }
     .map_err(anyhow::Error::msg)?;
     if r.cuda {

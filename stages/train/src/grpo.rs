@@ -40,7 +40,7 @@ use tch::Tensor;
 
 use crate::advantages::{ScaleRewards, mean_std};
 use crate::dist::{self, Collective};
-use crate::memory::GrpoSettings;
+use crate::memory::{GrpoSettings, Parallel};
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::policy_loss::{LossConfig, LossInputs, LossStats, LossType, StepScale, policy_loss, token_logps};
 use crate::prompt::PromptEncoder;
@@ -201,8 +201,8 @@ impl GrpoParams {
     }
 
     /// What the memory prediction reads (`crate::memory`).
-    pub fn memory_settings(&self) -> GrpoSettings<'_> {
-        GrpoSettings {
+    pub fn memory_settings(&self) -> Result<GrpoSettings<'_>, String> {
+        Ok(GrpoSettings {
             trainable: &self.trainable,
             dtype: &self.dtype,
             prompts_per_step: self.prompts_per_step as u64,
@@ -212,7 +212,8 @@ impl GrpoParams {
             reference: self.beta != 0.0,
             max_shard_mb: self.max_shard_mb,
             prompt: self.prompt,
-        }
+            parallel: Parallel::of_params(self)?,
+        })
     }
 
     fn schedule(&self) -> LrSchedule {
@@ -257,7 +258,7 @@ impl StageKind for Grpo {
     }
 
     fn memory(p: &GrpoParams, plan: &PlanView) -> MemoryEstimate {
-        crate::memory::grpo_memory(&p.memory_settings(), plan)
+        crate::memory::grpo_memory(p.memory_settings(), plan)
     }
 
     fn plan_output(_: &GrpoParams, plan: &PlanView) -> PlanOutput {

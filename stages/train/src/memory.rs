@@ -14,6 +14,8 @@
 use std::path::Path;
 
 use regex::Regex;
+use schemars::JsonSchema;
+use serde::Serialize;
 use stage_api::{DeviceRequest, MemoryEstimate, MemoryPool, MemoryPrediction, MemoryTerm, Phase, PlanOutput, PlanView};
 use stages_task::prompt::{NO_THINK_TEMPLATE, PromptVariant, THINK_TEMPLATE};
 use stages_vlm::memory::plan as vplan;
@@ -35,6 +37,50 @@ pub struct Lengths {
     pub completion: u64,
 }
 
+/// The ZeRO level and activation checkpointing of a training stage, read
+/// from its params by name (`shard`, `gradient_checkpointing`) whichever
+/// params type carries them: absent means `"none"` and `false`. The fix
+/// hints name a setting only where the params accept it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Parallel {
+    pub shard: Shard,
+    pub checkpointing: bool,
+    /// The params accept `shard`.
+    pub has_shard: bool,
+    /// The params accept `gradient_checkpointing`.
+    pub has_checkpointing: bool,
+}
+
+impl Parallel {
+    /// From a stage's params (their serialized form and schema).
+    pub fn of_params<P: Serialize + JsonSchema>(params: &P) -> Result<Self, String> {
+        let value = serde_json::to_value(params).map_err(|e| format!("params: {e}"))?;
+        Self::from_json(&value, &stage_api::params::param_names::<P>())
+    }
+
+    /// From serialized params and the names the params type accepts.
+    pub fn from_json(params: &serde_json::Value, names: &[String]) -> Result<Self, String> {
+        use serde_json::Value;
+        let shard = match params.get("shard") {
+            None | Some(Value::Null) => Shard::None,
+            Some(Value::String(v)) => match v.as_str() {
+                "none" => Shard::None,
+                "optimizer" => Shard::Optimizer,
+                "gradients" => Shard::Gradients,
+                other => return Err(format!("`shard` = {other:?}: expected \"none\", \"optimizer\" or \"gradients\"")),
+            },
+            Some(other) => return Err(format!("`shard` = {other}: expected a string")),
+        };
+        let checkpointing = match params.get("gradient_checkpointing") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => return Err(format!("`gradient_checkpointing` = {other}: expected true or false")),
+        };
+        let has = |n: &str| names.iter().any(|k| k == n);
+        Ok(Self { shard, checkpointing, has_shard: has("shard"), has_checkpointing: has("gradient_checkpointing") })
+    }
+}
+
 /// What an SFT prediction reads of the stage's params (`SftParams::memory_settings`).
 #[derive(Debug, Clone, Copy)]
 pub struct SftSettings<'a> {
@@ -46,6 +92,7 @@ pub struct SftSettings<'a> {
     pub prompt: PromptVariant,
     /// Target tokens per row (estimated at plan time).
     pub target_tokens: u64,
+    pub parallel: Parallel,
 }
 
 /// What a GRPO prediction reads of the stage's params (`GrpoParams::memory_settings`).
@@ -61,6 +108,7 @@ pub struct GrpoSettings<'a> {
     pub reference: bool,
     pub max_shard_mb: u64,
     pub prompt: PromptVariant,
+    pub parallel: Parallel,
 }
 
 /// Where and how a prediction's stage runs.
@@ -76,25 +124,26 @@ pub struct Where {
     pub checkpointing: bool,
 }
 
-fn levers_sft() -> Levers {
+/// The settings the fix hints may name: only those the params accept (and
+/// only a higher ZeRO level than the one set).
+fn levers_sft(par: &Parallel) -> Levers {
     Levers {
         micro_batch: Some("batch_size".into()),
-        // ZeRO and activation checkpointing are not params yet.
-        checkpointing: None,
-        shard_optimizer: None,
-        shard_gradients: None,
+        checkpointing: (par.has_checkpointing && !par.checkpointing).then(|| "gradient_checkpointing = true".into()),
+        shard_optimizer: (par.has_shard && par.shard == Shard::None).then(|| "shard = \"optimizer\"".into()),
+        shard_gradients: (par.has_shard && par.shard != Shard::Gradients).then(|| "shard = \"gradients\"".into()),
         trainable: Some("fewer `trainable` tensors".into()),
         generation_batch: None,
         generation_length: None,
     }
 }
 
-fn levers_grpo() -> Levers {
+fn levers_grpo(par: &Parallel) -> Levers {
     Levers {
         micro_batch: Some("micro_batch_size".into()),
         generation_batch: Some("prompts_per_step (per rank) or num_generations".into()),
         generation_length: Some("max_completion_length".into()),
-        ..levers_sft()
+        ..levers_sft(par)
     }
 }
 
@@ -102,14 +151,6 @@ fn trainable_set(table: &ParamTable, patterns: &[String]) -> Result<TrainableSet
     let union = regex_union(patterns)?;
     let re = Regex::new(&union).map_err(|e| e.to_string())?;
     Ok(table.select(&re))
-}
-
-/// The ZeRO level and checkpointing of a stage. Neither is a param yet: when
-/// `SftParams`/`GrpoParams` gain `shard` and `gradient_checkpointing`, read
-/// them here (one line each) and name them in the levers above
-/// (`shard_optimizer: Some("shard = \"optimizer\"")`, ...).
-fn parallel_settings() -> (Shard, bool) {
-    (Shard::None, false)
 }
 
 /// Host memory besides the model: the process and its data.
@@ -157,7 +198,7 @@ pub fn sft_prediction(
         shard: w.shard,
         checkpointing: w.checkpointing,
     };
-    let levers = levers_sft();
+    let levers = levers_sft(&Parallel { shard: w.shard, checkpointing: w.checkpointing, ..p.parallel });
     let pass = Pass { batch: p.batch_size, seq: lengths.prompt + lengths.completion, patches: lengths.patches };
     let device = MemoryPool {
         resident: setup.model_states(false, &levers),
@@ -209,7 +250,7 @@ pub fn grpo_prediction(
         shard: w.shard,
         checkpointing: w.checkpointing,
     };
-    let levers = levers_grpo();
+    let levers = levers_grpo(&Parallel { shard: w.shard, checkpointing: w.checkpointing, ..p.parallel });
     let (s, vocab) = (precision.bytes(), model.config.text.vocab_size.max(0) as u64);
     let prompts = p.prompts_per_step.div_ceil(w.ranks.max(1));
     let g = p.num_generations;
@@ -301,27 +342,42 @@ pub fn plan_lengths(
     (Lengths { prompt: text + image, patches, completion }, note)
 }
 
-pub fn plan_where(view: &PlanView) -> Where {
+pub fn plan_where(view: &PlanView, parallel: &Parallel) -> Where {
     let data = view.inputs.published("data").and_then(|d| stages_task::dataset::split_size(d).ok());
-    let (shard, checkpointing) = parallel_settings();
-    Where { ranks: view.ranks as u64, cuda: view.device == DeviceRequest::Cuda, data, shard, checkpointing }
+    Where {
+        ranks: view.ranks as u64,
+        cuda: view.device == DeviceRequest::Cuda,
+        data,
+        shard: parallel.shard,
+        checkpointing: parallel.checkpointing,
+    }
 }
 
 /// `StageKind::memory` of `sft`.
-pub fn sft_memory(p: &SftSettings, view: &PlanView) -> MemoryEstimate {
+pub fn sft_memory(p: Result<SftSettings, String>, view: &PlanView) -> MemoryEstimate {
+    let p = match p {
+        Ok(p) => p,
+        Err(reason) => return MemoryEstimate::Unknown { reason },
+    };
+    let p = &p;
     estimate(view, p.dtype, |model, precision| {
         let (lengths, note) = plan_lengths(model, view, p.prompt, p.target_tokens);
-        let mut pred = sft_prediction(p, model, precision, lengths, &plan_where(view))?;
+        let mut pred = sft_prediction(p, model, precision, lengths, &plan_where(view, &p.parallel))?;
         pred.notes.push(note);
         Ok(pred)
     })
 }
 
 /// `StageKind::memory` of `grpo`.
-pub fn grpo_memory(p: &GrpoSettings, view: &PlanView) -> MemoryEstimate {
+pub fn grpo_memory(p: Result<GrpoSettings, String>, view: &PlanView) -> MemoryEstimate {
+    let p = match p {
+        Ok(p) => p,
+        Err(reason) => return MemoryEstimate::Unknown { reason },
+    };
+    let p = &p;
     estimate(view, p.dtype, |model, precision| {
         let (lengths, note) = plan_lengths(model, view, p.prompt, p.max_completion_length);
-        let mut pred = grpo_prediction(p, model, precision, lengths, &plan_where(view))?;
+        let mut pred = grpo_prediction(p, model, precision, lengths, &plan_where(view, &p.parallel))?;
         pred.notes.push(note);
         Ok(pred)
     })
@@ -349,5 +405,91 @@ fn estimate(
     match vplan::ModelFacts::read(dir).and_then(|m| f(&m, precision)) {
         Ok(p) => MemoryEstimate::Predicted(p),
         Err(e) => MemoryEstimate::Unknown { reason: e },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::sft::SftParams;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn parallel_settings_are_read_by_name_with_defaults_when_absent() {
+        let both = names(&["shard", "gradient_checkpointing", "lr"]);
+        let none = Parallel::from_json(&json!({"lr": 1e-5}), &both).unwrap();
+        assert_eq!((none.shard, none.checkpointing), (Shard::None, false));
+        assert!(none.has_shard && none.has_checkpointing);
+        let set = Parallel::from_json(&json!({"shard": "gradients", "gradient_checkpointing": true}), &both).unwrap();
+        assert_eq!((set.shard, set.checkpointing), (Shard::Gradients, true));
+        let zero1 = Parallel::from_json(&json!({"shard": "optimizer"}), &both).unwrap();
+        assert_eq!(zero1.shard, Shard::Optimizer);
+        let err = Parallel::from_json(&json!({"shard": "zero3"}), &both).unwrap_err();
+        assert!(err.contains("`shard`") && err.contains("\"optimizer\""), "{err}");
+        let err = Parallel::from_json(&json!({"gradient_checkpointing": "yes"}), &both).unwrap_err();
+        assert!(err.contains("`gradient_checkpointing`"), "{err}");
+        // Params without the settings: nothing to name in a fix hint.
+        let old = Parallel::from_json(&json!({}), &names(&["lr"])).unwrap();
+        assert!(!old.has_shard && !old.has_checkpointing);
+        // The real params type: its defaults are the unsharded, uncheckpointed run.
+        let sft = Parallel::of_params(&SftParams::default()).unwrap();
+        assert_eq!((sft.shard, sft.checkpointing), (Shard::None, false));
+        let accepts = stage_api::params::param_names::<SftParams>();
+        assert_eq!(sft.has_shard, accepts.iter().any(|n| n == "shard"));
+    }
+
+    fn settings<'a>(trainable: &'a [String], parallel: Parallel) -> SftSettings<'a> {
+        SftSettings {
+            trainable,
+            dtype: "auto",
+            batch_size: 4,
+            max_shard_mb: 2048,
+            prompt: PromptVariant::NoThink,
+            target_tokens: 8,
+            parallel,
+        }
+    }
+
+    fn term<'a>(pool: &'a MemoryPool, name: &str) -> Option<&'a MemoryTerm> {
+        let phases = pool.phases.iter().flat_map(|p| p.terms.iter());
+        pool.resident.iter().chain(phases).find(|t| t.name == name)
+    }
+
+    /// The 7B config on 4 ranks: the ZeRO level and checkpointing move the
+    /// terms, and the fix hints name a setting only where the params have it.
+    #[test]
+    fn shard_and_checkpointing_move_the_terms_and_the_hints() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen2_5_vl_7b");
+        let model = vplan::ModelFacts::read(&dir).unwrap();
+        let trainable = vec![r"^model\.language_model\.layers\.\d+\.mlp\.".to_string()];
+        let len = Lengths { prompt: 600, patches: 2048, completion: 8 };
+        let at = |shard, checkpointing| Where { ranks: 4, cuda: true, data: None, shard, checkpointing };
+        let gpu = |par: Parallel, w: Where| {
+            sft_prediction(&settings(&trainable, par), &model, Precision::Bf16, len, &w).unwrap().gpu.unwrap()
+        };
+        let with = Parallel { has_shard: true, has_checkpointing: true, ..Parallel::default() };
+        let plain = gpu(with, at(Shard::None, false));
+        let moments = term(&plain, "optimizer moments").unwrap();
+        assert_eq!(moments.bytes, 5_703_204_864 * 8);
+        assert_eq!(moments.fix.as_deref(), Some("shard = \"optimizer\""));
+        let act = term(&plain, "activations").unwrap();
+        assert_eq!(act.fix.as_deref(), Some("gradient_checkpointing = true"));
+        // Without the params, the same terms point at what exists.
+        let old = gpu(Parallel::default(), at(Shard::None, false));
+        assert_eq!(old.peak_bytes(), plain.peak_bytes());
+        assert_eq!(term(&old, "optimizer moments").unwrap().fix.as_deref(), Some("fewer `trainable` tensors"));
+        assert_eq!(term(&old, "activations").unwrap().fix.as_deref(), Some("batch_size"));
+
+        let zero1 = gpu(with, at(Shard::Optimizer, false));
+        assert_eq!(term(&zero1, "optimizer moments").unwrap().bytes, 5_703_204_864 / 4 * 8);
+        assert_eq!(term(&zero1, "gradients").unwrap().fix.as_deref(), Some("shard = \"gradients\""));
+        assert!(zero1.peak_bytes() < plain.peak_bytes());
+        let ckpt = gpu(with, at(Shard::Optimizer, true));
+        assert!(term(&ckpt, "activations").unwrap().bytes < term(&zero1, "activations").unwrap().bytes / 4);
     }
 }

@@ -36,7 +36,7 @@ use stages_vlm::{Batch, Qwen25Vl};
 use tch::{Kind, Reduction, Tensor};
 
 use crate::dist::{self, Collective};
-use crate::memory::SftSettings;
+use crate::memory::{Parallel, SftSettings};
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::prompt::PromptEncoder;
 use crate::trainer::{self, Algorithm as _, LoopSettings, Metrics, Position, Setup, regex_union};
@@ -129,20 +129,21 @@ impl Default for SftParams {
 impl SftParams {
     /// What the memory prediction reads (`crate::memory`); the target's
     /// tokens estimated from its characters (3 per token).
-    pub fn memory_settings(&self) -> SftSettings<'_> {
+    pub fn memory_settings(&self) -> Result<SftSettings<'_>, String> {
         let chars = match self.target {
             Target::Answer => "<answer> X </answer><|im_end|>".len(),
             // `{class_name}` becomes a class name of up to ~30 characters.
             Target::ThinkAnswer => self.think_text.len() + "<think></think>\n<answer> X </answer><|im_end|>".len() + 30,
         } as u64;
-        SftSettings {
+        Ok(SftSettings {
             trainable: &self.trainable,
             dtype: &self.dtype,
             batch_size: self.batch_size as u64,
             max_shard_mb: self.max_shard_mb,
             prompt: self.prompt,
             target_tokens: chars.div_ceil(3),
-        }
+            parallel: Parallel::of_params(self)?,
+        })
     }
 }
 
@@ -178,7 +179,7 @@ impl StageKind for Sft {
     }
 
     fn memory(p: &SftParams, plan: &PlanView) -> MemoryEstimate {
-        crate::memory::sft_memory(&p.memory_settings(), plan)
+        crate::memory::sft_memory(p.memory_settings(), plan)
     }
 
     fn plan_output(_: &SftParams, plan: &PlanView) -> PlanOutput {

@@ -83,6 +83,10 @@ impl Precision {
     }
 }
 
+/// Values per ZeRO collective call (`trainer::zero::BUCKET_ELEMENTS` of the
+/// sharding work: 32 Mi).
+pub const ZERO_BUCKET_ELEMENTS: u64 = 1 << 25;
+
 /// How the optimizer state and gradients are split over the ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Shard {
@@ -91,7 +95,8 @@ pub enum Shard {
     None,
     /// ZeRO-1: each rank owns 1/N of the moments and f32 masters.
     Optimizer,
-    /// ZeRO-2: also 1/N of the gradients (buckets reduce-scattered in backward).
+    /// ZeRO-2: also 1/N of the gradients between micro-batches (each
+    /// micro-batch's full gradients reduce-scattered, then freed).
     Gradients,
 }
 
@@ -214,15 +219,17 @@ impl TrainSetup<'_> {
         } else {
             levers.shard_optimizer.clone().or_else(|| levers.trainable.clone())
         };
+        // The sharded levels (`stages/train/src/trainer/zero.rs`) keep each
+        // rank's 1/N of the summed gradients in f32. tch has no backward
+        // hooks, so a micro-batch's backward still materialises every
+        // full-size gradient: `optimizer` keeps them across the step's
+        // micro-batches, `gradients` reduce-scatters and frees them after
+        // each one (then they are a term of the training pass, not resident).
         if self.shard == Shard::Gradients && n > 1 {
-            // Each rank keeps its 1/N of the reduced gradients plus the
-            // bucket being reduced; at most one decoder layer's gradients
-            // exist unreduced at a time (buckets follow the backward order).
-            let bucket = self.largest_layer_trainable();
             out.push(term(
-                "gradients",
-                pt.div_ceil(n) * s + bucket * s,
-                format!("(Ψₜ {pt} / {n} ranks + one layer's bucket {bucket}) × {s} B"),
+                "gradient shard",
+                pt.div_ceil(n) * 4,
+                format!("Ψₜ {pt} / {n} ranks × 4 B (f32 sums)"),
                 &levers.trainable,
             ));
         } else {
@@ -232,6 +239,14 @@ impl TrainSetup<'_> {
                 levers.trainable.clone()
             };
             out.push(term("gradients", pt * s, format!("Ψₜ {pt} × {s} B"), &fix));
+            if sharded_opt {
+                out.push(term(
+                    "gradient shard",
+                    pt.div_ceil(n) * 4,
+                    format!("Ψₜ {pt} / {n} ranks × 4 B (f32 sums)"),
+                    &levers.trainable,
+                ));
+            }
         }
         out.push(term("optimizer moments", share(pt) * 8, format!("Ψₜ {pt}{over_n} × 8 B (f32 m, v)"), &opt_fix));
         if s < 4 {
@@ -248,26 +263,13 @@ impl TrainSetup<'_> {
         out
     }
 
-    /// Trainable parameters of the largest decoder layer / vision block (a
-    /// ZeRO-2 bucket).
-    fn largest_layer_trainable(&self) -> u64 {
-        let mut per: BTreeMap<String, u64> = BTreeMap::new();
-        for name in &self.trainable.names {
-            let key = layer_key(name);
-            *per.entry(key).or_default() += self.table.tensors.get(name).copied().unwrap_or(0);
-        }
-        per.values().copied().max().unwrap_or(0)
-    }
-
-    /// After the backward pass: the gradient all-reduce's (or ZeRO-1
-    /// reduce-scatter's) flat buffer and the AdamW step's per-tensor
-    /// temporaries.
+    /// After the backward pass: unsharded, the gradient all-reduce's flat
+    /// buffer and AdamW's per-tensor temporaries; sharded, one
+    /// reduce-scatter / all-gather bucket and AdamW on the rank's flat part.
     pub fn optimizer_step(&self) -> Phase {
-        let (s, pt, big) = (self.s(), self.trainable.params, self.trainable.largest);
+        let (s, n, pt, big) = (self.s(), self.n(), self.trainable.params, self.trainable.largest);
         let mut terms = Vec::new();
-        // ZeRO-1 is assumed to reduce-scatter one flat copy as today's
-        // all-reduce does; ZeRO-2 reduces buckets during backward instead.
-        if self.n() > 1 && self.shard != Shard::Gradients {
+        if n > 1 && self.shard == Shard::None {
             terms.push(if self.cuda {
                 MemoryTerm::new(
                     "all-reduce buffer",
@@ -283,25 +285,32 @@ impl TrainSetup<'_> {
                 )
             });
         }
-        // m, v updates and the f32 update of the largest tensor: ~5 f32 copies.
-        terms.push(MemoryTerm::new(
-            "optimizer step temporaries",
-            big * 4 * 5,
-            format!("5 f32 temporaries of the largest trainable tensor ({big})"),
-        ));
+        if n > 1 && self.shard != Shard::None {
+            // One bucket of every rank's chunks in and the rank's chunk out.
+            let bucket = ZERO_BUCKET_ELEMENTS.min(pt.div_ceil(n) * n);
+            terms.push(MemoryTerm::new(
+                "collective bucket",
+                bucket * 4 + bucket.div_ceil(n) * 4,
+                format!("reduce-scatter / all-gather bucket: {bucket} values × 4 B + its 1/{n}"),
+            ));
+            // m, v, g², the denominator and the update over the flat part,
+            // and the new values in the weights' dtype.
+            let part = pt.div_ceil(n);
+            terms.push(MemoryTerm::new(
+                "optimizer step temporaries",
+                part * (4 * 5 + s),
+                format!("5 f32 temporaries + the {s}-byte values of the rank's part (Ψₜ {pt} / {n})"),
+            ));
+        } else {
+            // m, v updates and the f32 update of the largest tensor: ~5 f32 copies.
+            terms.push(MemoryTerm::new(
+                "optimizer step temporaries",
+                big * 4 * 5,
+                format!("5 f32 temporaries of the largest trainable tensor ({big})"),
+            ));
+        }
         Phase::new("optimizer step", terms)
     }
-}
-
-/// `model.language_model.layers.3` / `model.visual.blocks.7` / the name itself.
-fn layer_key(name: &str) -> String {
-    let parts: Vec<&str> = name.split('.').collect();
-    for (i, p) in parts.iter().enumerate() {
-        if (*p == "layers" || *p == "blocks") && i + 1 < parts.len() {
-            return parts[..=i + 1].join(".");
-        }
-    }
-    name.to_string()
 }
 
 /// One forward/backward pass of a micro-batch.
@@ -686,6 +695,18 @@ impl TrainSetup<'_> {
             "one layer's gradients (MLP or attention) + residual".into(),
             &levers.micro_batch,
         ));
+        if self.shard == Shard::Gradients && self.n() > 1 {
+            // Not resident at this level (see `model_states`): the
+            // micro-batch's own full-size gradients, freed after its
+            // reduce-scatter.
+            let pt = self.trainable.params;
+            terms.push(term(
+                "gradients",
+                pt * s,
+                format!("this micro-batch's full-size gradients: Ψₜ {pt} × {s} B"),
+                &levers.trainable,
+            ));
+        }
         let mut phase = Phase::new("training micro-batch", terms);
         // The frozen vision tower runs first: its transient peak is separate.
         let text_part = phase.bytes();
@@ -838,12 +859,35 @@ mod tests {
         );
         setup.shard = Shard::Optimizer;
         let zero1 = bytes(&setup.model_states(false, &Levers::default()));
-        assert_eq!(zero1[2], ("optimizer moments".into(), 8 * 18));
-        assert_eq!(zero1[3], ("f32 masters".into(), 4 * 18));
-        assert_eq!(zero1[1], ("gradients".into(), 2 * 72), "ZeRO-1 keeps full gradients");
+        assert_eq!(zero1[1], ("gradients".into(), 2 * 72), "ZeRO-1 keeps full gradients across micro-batches");
+        assert_eq!(zero1[2], ("gradient shard".into(), 4 * 18), "and the f32 sums of its quarter");
+        assert_eq!(zero1[3], ("optimizer moments".into(), 8 * 18));
+        assert_eq!(zero1[4], ("f32 masters".into(), 4 * 18));
         setup.shard = Shard::Gradients;
         let zero2 = bytes(&setup.model_states(false, &Levers::default()));
-        assert_eq!(zero2[1], ("gradients".into(), 2 * (18 + 72)), "1/N + one layer's bucket");
+        assert_eq!(zero2[1], ("gradient shard".into(), 4 * 18), "ZeRO-2: only the f32 quarter is resident");
+        assert!(zero2.iter().all(|(n, _)| n != "gradients"));
+        // ... and the full-size gradients belong to the micro-batch.
+        let pass = Pass { batch: 1, seq: 3, patches: 0 };
+        let phase = setup.training_pass(&pass, Loss::CrossEntropy, &Levers::default());
+        assert_eq!(phase.terms.iter().find(|t| t.name == "gradients").map(|t| t.bytes), Some(2 * 72));
+        setup.shard = Shard::Optimizer;
+        let phase = setup.training_pass(&pass, Loss::CrossEntropy, &Levers::default());
+        assert!(phase.terms.iter().all(|t| t.name != "gradients"));
+        // The step: ZeRO-1 runs AdamW on the flat quarter (18 values: 5 f32
+        // temporaries + the bf16 values) and one bucket (all 72 padded values
+        // + a quarter of them, f32); unsharded, the NCCL flat copy and the
+        // largest tensor's temporaries.
+        let step = |setup: &TrainSetup| bytes(&setup.optimizer_step().terms);
+        assert_eq!(
+            step(&setup),
+            vec![("collective bucket".into(), 72 * 4 + 18 * 4), ("optimizer step temporaries".into(), 18 * (20 + 2))]
+        );
+        setup.shard = Shard::None;
+        assert_eq!(
+            step(&setup),
+            vec![("all-reduce buffer".into(), 72 * 2), ("optimizer step temporaries".into(), 24 * 20)]
+        );
         // f32 weights need no master copy.
         setup.precision = Precision::F32;
         setup.shard = Shard::None;
@@ -986,7 +1030,7 @@ mod tests {
         let grpo = total(setup.model_states(true, &Levers::default()));
         assert!((grpo as f64 / 1e9 - 107.8).abs() < 0.05, "{grpo}");
         let zero1 = total(TrainSetup { shard: Shard::Optimizer, ..setup }.model_states(false, &Levers::default()));
-        // ZeRO-1 over 8 ranks: 16.6 + 11.4 + 68.4 / 8 GB.
-        assert_eq!(zero1, 2 * 8_292_166_656 + 2 * 5_703_204_864 + 12 * 5_703_204_864_u64.div_ceil(8));
+        // ZeRO-1 over 8 ranks: 16.6 + 11.4 + (45.6 + 22.8 + 22.8 f32 gradient sums) / 8 GB.
+        assert_eq!(zero1, 2 * 8_292_166_656 + 2 * 5_703_204_864 + 16 * 5_703_204_864_u64.div_ceil(8));
     }
 }
