@@ -158,3 +158,87 @@ fn memory_is_unknown_until_the_model_input_can_be_read() {
     // GRPO reads SFT's output, which has no stand-in while SFT's own input is missing.
     assert!(warnings_of(&plan, "grpo").iter().any(|w| w.contains("unknown until `sft` runs")), "{plan}");
 }
+
+/// A small recipe of its own: a tiny Qwen2-VL checkpoint (`model_type
+/// qwen2_vl`, the vlm parity fixture) imported, SFT and an eval on CUDA.
+fn small_recipe(dir: &Path, gpu_memory_gb: &str) -> PathBuf {
+    let model = root().join("stages/vlm/tests/fixtures/parity_qwen2vl/checkpoint");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let recipe = dir.join(format!("small_{gpu_memory_gb}.toml"));
+    let text = format!(
+        r#"[recipe]
+name = "memory_small"
+
+[executor]
+gpu_memory_gb = {gpu_memory_gb}
+
+[stage.base]
+kind = "files"
+path = "{model}"
+
+[stage.data]
+kind = "files"
+path = "{data}"
+
+[stage.sft]
+kind = "sft"
+model = "base"
+data = "data"
+device = "cuda"
+batch_size = 2
+
+[stage.eval]
+kind = "eval"
+model = "sft"
+data = "data"
+device = "cuda"
+"#,
+        model = model.display(),
+        data = data.display(),
+    );
+    std::fs::write(&recipe, text).expect("writing the recipe");
+    recipe
+}
+
+fn plan_small(dir: &Path, gpu_memory_gb: &str) -> String {
+    let recipe = small_recipe(dir, gpu_memory_gb);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["plan", &recipe.display().to_string(), "--cache-dir", &dir.join("cache").display().to_string()])
+        .env("PIPELINE_WORKSPACE", dir)
+        .output()
+        .expect("running pipeline");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "plan failed:\n{text}");
+    text
+}
+
+#[test]
+fn a_small_recipe_gets_the_column_and_a_warning_only_when_the_gpu_is_too_small() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The tiny model's SFT needs a few MiB per rank: 5 MiB of GPU is too little.
+    let low = plan_small(tmp.path(), "0.005");
+    let header = low.lines().next().unwrap_or_default();
+    assert!(header.contains("MEMORY/RANK"), "{low}");
+    for stage in ["sft", "eval"] {
+        let l = line(&low, stage);
+        assert!(l.contains("gpu ") && l.contains("M/5.1M !") && l.contains(" host "), "{stage}: {l}\n{low}");
+        let w = warnings_of(&low, stage).join("\n");
+        assert!(w.contains("does not fit: 5.1M") && w.contains("([executor] gpu_memory_gb = 0.005)"), "{w}");
+        assert!(w.contains("; biggest term: "), "{w}");
+    }
+    // SFT names the setting that shrinks its biggest term.
+    let w = warnings_of(&low, "sft").join("\n");
+    assert!(w.contains("to shrink it: "), "{w}");
+    assert!(low.contains("2 of 2 CUDA stages do not fit with headroom"), "{low}");
+    // The import stages have no model: their fixed memory, no GPU column.
+    assert!(!line(&low, "base").contains("gpu "), "{low}");
+
+    // A GPU that holds them: the same column, no memory warning.
+    let fits = plan_small(tmp.path(), "1");
+    for stage in ["sft", "eval"] {
+        assert!(line(&fits, stage).contains("M/1.0G host "), "{fits}");
+        assert!(warnings_of(&fits, stage).iter().all(|w| !w.contains("on the GPU")), "{fits}");
+    }
+    assert!(fits.contains("all 2 CUDA stages with a prediction fit with headroom"), "{fits}");
+}

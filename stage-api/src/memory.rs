@@ -152,9 +152,14 @@ impl MemoryEstimate {
     }
 }
 
-/// `12.3G` (GiB, one decimal; `0.4G` for small amounts).
+/// `12.3G` (GiB, one decimal); below 1 GiB `412.5M` (MiB), so small
+/// models do not read as `0.0G`.
 pub fn gib(bytes: u64) -> String {
-    format!("{:.1}G", bytes as f64 / GIB)
+    if bytes < 1 << 30 {
+        format!("{:.1}M", bytes as f64 / MIB as f64)
+    } else {
+        format!("{:.1}G", bytes as f64 / GIB)
+    }
 }
 
 /// Bytes rounded up to whole MiB (what `--mem` and admission count).
@@ -184,6 +189,8 @@ mod tests {
         assert_eq!(pool.biggest_term().unwrap().name, "moments");
         assert_eq!(gib(pool.peak_bytes()), "65.0G");
         assert_eq!(mib_ceil((1 << 20) + 1), 2);
+        assert_eq!(gib(3 << 19), "1.5M");
+        assert_eq!(gib(1 << 30), "1.0G");
     }
 
     #[test]
