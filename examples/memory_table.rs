@@ -7,8 +7,8 @@
 //!
 //! The stages' own plan-time lengths are used (image tokens from `render`'s
 //! pixel bound, prompt text from characters); `shard` and
-//! `gradient_checkpointing` are set here directly, since they are not
-//! params yet.
+//! `gradient_checkpointing` are set here directly for every row (the
+//! recipe's own values, once the params exist, are what `plan` uses).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,7 +16,7 @@ use std::path::Path;
 use pipeline_engine::recipe::load_recipe;
 use stage_api::memory::gib;
 use stage_api::plan::facts;
-use stage_api::{DeviceRequest, InputSource, MemoryEstimate, PlanFacts, PlanInput, PlanInputs, PlanView, Registry};
+use stage_api::{DeviceRequest, InputSource, MemoryEstimate, PlanFacts, PlanInput, PlanInputs, PlanView};
 use stages_eval::eval::EvalParams;
 use stages_train::grpo::GrpoParams;
 use stages_train::memory::{Where, grpo_prediction, plan_lengths, sft_prediction};
@@ -24,21 +24,10 @@ use stages_train::sft::SftParams;
 use stages_vlm::memory::plan::ModelFacts;
 use stages_vlm::memory::{Precision, Shard};
 
-fn registry() -> Registry {
-    Registry::new()
-        .register::<stages_basic::Files>()
-        .register::<stages_data::RexgctIndex>()
-        .register::<stages_data::LesionSlices>()
-        .register::<stages_data::Render>()
-        .register::<stages_data::Vqa>()
-        .register::<stages_data::Split>()
-        .register::<stages_data::ParquetExport>()
-        .register::<stages_train::Sft>()
-        .register::<stages_train::Grpo>()
-        .register::<stages_eval::Eval>()
-        .register::<stages_eval::Judge>()
-        .register::<stages_eval::ReportStage>()
-}
+// The binary's list of kinds (full.toml uses most of them).
+#[path = "../src/registry.rs"]
+mod registry;
+use registry::registry;
 
 fn params<T: serde::de::DeserializeOwned>(recipe: &pipeline_engine::recipe::Recipe, id: &str) -> anyhow::Result<T> {
     let decl = recipe.stage(id).ok_or_else(|| anyhow::anyhow!("full.toml has no stage `{id}`"))?;

@@ -221,11 +221,12 @@ impl TrainSetup<'_> {
         };
         // The sharded levels (`stages/train/src/trainer/zero.rs`) keep each
         // rank's 1/N of the summed gradients in f32. tch has no backward
-        // hooks, so a micro-batch's backward still materialises every
-        // full-size gradient: `optimizer` keeps them across the step's
-        // micro-batches, `gradients` reduce-scatters and frees them after
-        // each one (then they are a term of the training pass, not resident).
-        if self.shard == Shard::Gradients && n > 1 {
+        // hooks, so backward still materialises every full-size gradient;
+        // they are reduce-scattered and freed before the optimizer step
+        // (`optimizer`: once per step, `gradients`: after every
+        // micro-batch), so they are a term of the training pass
+        // (`training_pass`), not resident.
+        if sharded_opt {
             out.push(term(
                 "gradient shard",
                 pt.div_ceil(n) * 4,
@@ -234,19 +235,11 @@ impl TrainSetup<'_> {
             ));
         } else {
             let fix = if n > 1 {
-                levers.shard_gradients.clone().or_else(|| levers.trainable.clone())
+                levers.shard_optimizer.clone().or_else(|| levers.trainable.clone())
             } else {
                 levers.trainable.clone()
             };
             out.push(term("gradients", pt * s, format!("Ψₜ {pt} × {s} B"), &fix));
-            if sharded_opt {
-                out.push(term(
-                    "gradient shard",
-                    pt.div_ceil(n) * 4,
-                    format!("Ψₜ {pt} / {n} ranks × 4 B (f32 sums)"),
-                    &levers.trainable,
-                ));
-            }
         }
         out.push(term("optimizer moments", share(pt) * 8, format!("Ψₜ {pt}{over_n} × 8 B (f32 m, v)"), &opt_fix));
         if s < 4 {
@@ -261,6 +254,46 @@ impl TrainSetup<'_> {
             ));
         }
         out
+    }
+
+    /// The full-size gradients of a sharded level during the training pass.
+    /// `optimizer` accumulates them over the step's micro-batches, so from
+    /// the second one on they coexist with all of a micro-batch's saved
+    /// activations. `gradients` frees them after each micro-batch: its
+    /// backward makes each layer's gradients as it frees that layer's saved
+    /// activations, so the pass peaks near max(activations, gradients)
+    /// plus a layer's gradients (assumed evenly spread over the layers).
+    fn pass_gradients(&self, activations: u64, levers: &Levers) -> MemoryTerm {
+        let (s, pt) = (self.s(), self.trainable.params);
+        let full = pt * s;
+        if self.shard == Shard::Gradients {
+            let layer = self.largest_layer_trainable() * s;
+            let bytes = (full.saturating_sub(activations) + layer).min(full);
+            term(
+                "gradients",
+                bytes,
+                format!(
+                    "this micro-batch's gradients beyond the activations backward frees: max(0, Ψₜ {pt} × {s} B − activations) + one layer's {layer} B"
+                ),
+                &levers.trainable,
+            )
+        } else {
+            term(
+                "gradients",
+                full,
+                format!("full-size gradients accumulated over the step's micro-batches: Ψₜ {pt} × {s} B"),
+                &levers.shard_gradients.clone().or_else(|| levers.trainable.clone()),
+            )
+        }
+    }
+
+    /// Trainable parameters of the largest decoder layer / vision block.
+    fn largest_layer_trainable(&self) -> u64 {
+        let mut per: BTreeMap<String, u64> = BTreeMap::new();
+        for name in &self.trainable.names {
+            *per.entry(layer_key(name)).or_default() += self.table.tensors.get(name).copied().unwrap_or(0);
+        }
+        per.values().copied().max().unwrap_or(0)
     }
 
     /// After the backward pass: unsharded, the gradient all-reduce's flat
@@ -311,6 +344,17 @@ impl TrainSetup<'_> {
         }
         Phase::new("optimizer step", terms)
     }
+}
+
+/// `model.language_model.layers.3` / `model.visual.blocks.7` / the name itself.
+fn layer_key(name: &str) -> String {
+    let parts: Vec<&str> = name.split('.').collect();
+    for (i, p) in parts.iter().enumerate() {
+        if (*p == "layers" || *p == "blocks") && i + 1 < parts.len() {
+            return parts[..=i + 1].join(".");
+        }
+    }
+    name.to_string()
 }
 
 /// One forward/backward pass of a micro-batch.
@@ -424,19 +468,21 @@ pub enum BlockKind {
 }
 
 impl BlockKind {
-    /// Bytes per element of the norm's saved input.
-    fn norm_input_bytes(self, s: u64) -> u64 {
+    /// What one norm saves over `t` × `h`: RMSNorm its f32 input when the
+    /// input is live and the normed value when its weight trains;
+    /// LayerNorm its input (in the model dtype) for either.
+    fn norm_saved(self, input_live: bool, weight_trains: bool, t: u64, h: u64, s: u64) -> u64 {
         match self {
-            BlockKind::RmsGated => 4,
-            BlockKind::LayerNormPlain => s,
-        }
-    }
-
-    /// Extra saved for a trainable norm weight, per element.
-    fn norm_weight_bytes(self, s: u64) -> u64 {
-        match self {
-            BlockKind::RmsGated => s,
-            BlockKind::LayerNormPlain => 0,
+            BlockKind::RmsGated => {
+                (if input_live { t * h * 4 } else { 0 }) + (if weight_trains { t * h * s } else { 0 })
+            }
+            BlockKind::LayerNormPlain => {
+                if input_live || weight_trains {
+                    t * h * s
+                } else {
+                    0
+                }
+            }
         }
     }
 
@@ -502,16 +548,7 @@ struct LayerShape {
 /// Returns (saved bytes, output live).
 fn layer_saved(w: LayerTrains, in_live: bool, shape: LayerShape, attention: u64) -> (u64, bool) {
     let LayerShape { t, h, i, s, kind } = shape;
-    let (norm_in, norm_w) = (kind.norm_input_bytes(s), kind.norm_weight_bytes(s));
-    let mut b = 0;
-    // RMSNorm: the f32 input (pow and the scaling mul); its weight's grad
-    // needs the normed value. LayerNorm: its input.
-    if in_live {
-        b += t * h * norm_in;
-    }
-    if w.norm1 {
-        b += t * h * norm_w;
-    }
+    let mut b = kind.norm_saved(in_live, w.norm1, t, h, s);
     if w.qkv {
         b += t * h * s; // the q/k/v projections' shared input
     }
@@ -523,12 +560,7 @@ fn layer_saved(w: LayerTrains, in_live: bool, shape: LayerShape, attention: u64)
         b += t * h * s;
     }
     let x2_live = attn_live || w.o;
-    if x2_live {
-        b += t * h * norm_in;
-    }
-    if w.norm2 {
-        b += t * h * norm_w;
-    }
+    b += kind.norm_saved(x2_live, w.norm2, t, h, s);
     let mlp_in_live = x2_live || w.norm2;
     if w.gate_up {
         b += t * h * s;
@@ -647,11 +679,15 @@ impl TrainSetup<'_> {
         let lm_head_trains =
             self.trainable.trains("lm_head.weight") || (self.config.text.tie_word_embeddings && embed_trains);
         let head_input = if lm_head_trains { t * h * s } else { 0 };
+        let act_bytes = if self.checkpointing {
+            live_layers * t * h * s + largest + final_norm + head_input + vision_saved
+        } else {
+            saved + final_norm + head_input + vision_saved
+        };
         if self.checkpointing {
-            let kept = live_layers * t * h * s;
             terms.push(term(
                 "activations",
-                kept + largest + final_norm + head_input + vision_saved,
+                act_bytes,
                 format!(
                     "checkpointed: {live_layers} layer inputs × T {t} × h {h} × {s} B + one layer recomputed + vision {vision_saved}"
                 ),
@@ -660,7 +696,7 @@ impl TrainSetup<'_> {
         } else {
             terms.push(term(
                 "activations",
-                saved + final_norm + head_input + vision_saved,
+                act_bytes,
                 format!("{live_layers} live layers over T = {b} × {l} tokens; vision {vision_saved}"),
                 &levers.checkpointing.clone().or_else(|| levers.micro_batch.clone()),
             ));
@@ -695,17 +731,8 @@ impl TrainSetup<'_> {
             "one layer's gradients (MLP or attention) + residual".into(),
             &levers.micro_batch,
         ));
-        if self.shard == Shard::Gradients && self.n() > 1 {
-            // Not resident at this level (see `model_states`): the
-            // micro-batch's own full-size gradients, freed after its
-            // reduce-scatter.
-            let pt = self.trainable.params;
-            terms.push(term(
-                "gradients",
-                pt * s,
-                format!("this micro-batch's full-size gradients: Ψₜ {pt} × {s} B"),
-                &levers.trainable,
-            ));
+        if self.shard != Shard::None && self.n() > 1 {
+            terms.push(self.pass_gradients(act_bytes, levers));
         }
         let mut phase = Phase::new("training micro-batch", terms);
         // The frozen vision tower runs first: its transient peak is separate.
@@ -859,21 +886,30 @@ mod tests {
         );
         setup.shard = Shard::Optimizer;
         let zero1 = bytes(&setup.model_states(false, &Levers::default()));
-        assert_eq!(zero1[1], ("gradients".into(), 2 * 72), "ZeRO-1 keeps full gradients across micro-batches");
-        assert_eq!(zero1[2], ("gradient shard".into(), 4 * 18), "and the f32 sums of its quarter");
-        assert_eq!(zero1[3], ("optimizer moments".into(), 8 * 18));
-        assert_eq!(zero1[4], ("f32 masters".into(), 4 * 18));
-        setup.shard = Shard::Gradients;
-        let zero2 = bytes(&setup.model_states(false, &Levers::default()));
-        assert_eq!(zero2[1], ("gradient shard".into(), 4 * 18), "ZeRO-2: only the f32 quarter is resident");
-        assert!(zero2.iter().all(|(n, _)| n != "gradients"));
-        // ... and the full-size gradients belong to the micro-batch.
+        assert_eq!(zero1[1], ("gradient shard".into(), 4 * 18), "the f32 sums of its quarter");
+        assert_eq!(zero1[2], ("optimizer moments".into(), 8 * 18));
+        assert_eq!(zero1[3], ("f32 masters".into(), 4 * 18));
+        assert!(zero1.iter().all(|(n, _)| n != "gradients"), "full gradients are freed before the step");
+        // ... and belong to the training pass: ZeRO-1 keeps all of them
+        // across micro-batches.
         let pass = Pass { batch: 1, seq: 3, patches: 0 };
-        let phase = setup.training_pass(&pass, Loss::CrossEntropy, &Levers::default());
-        assert_eq!(phase.terms.iter().find(|t| t.name == "gradients").map(|t| t.bytes), Some(2 * 72));
+        let grads = |setup: &TrainSetup| {
+            let phase = setup.training_pass(&pass, Loss::CrossEntropy, &Levers::default());
+            let act = phase.terms.iter().find(|t| t.name == "activations").map(|t| t.bytes).unwrap();
+            (phase.terms.iter().find(|t| t.name == "gradients").map(|t| t.bytes), act)
+        };
+        assert_eq!(grads(&setup).0, Some(2 * 72));
+        // ZeRO-2 here: the one layer's gradients (144 B) are smaller than
+        // its activations, so all of them are counted (the cap).
+        setup.shard = Shard::Gradients;
+        let (g, act) = grads(&setup);
+        assert!(act > 144);
+        assert_eq!(g, Some(144));
+        let zero2 = bytes(&setup.model_states(false, &Levers::default()));
+        assert_eq!(zero2, zero1, "the same resident states as ZeRO-1");
+        setup.shard = Shard::None;
+        assert_eq!(grads(&setup).0, None, "unsharded gradients are resident");
         setup.shard = Shard::Optimizer;
-        let phase = setup.training_pass(&pass, Loss::CrossEntropy, &Levers::default());
-        assert!(phase.terms.iter().all(|t| t.name != "gradients"));
         // The step: ZeRO-1 runs AdamW on the flat quarter (18 values: 5 f32
         // temporaries + the bf16 values) and one bucket (all 72 padded values
         // + a quarter of them, f32); unsharded, the NCCL flat copy and the
@@ -892,6 +928,61 @@ mod tests {
         setup.precision = Precision::F32;
         setup.shard = Shard::None;
         assert!(setup.model_states(false, &Levers::default()).iter().all(|t| t.name != "f32 masters"));
+    }
+
+    /// `hand_config` with a Qwen2-VL tower: ViT width 4, fc1 width 4 × 1.5 = 6.
+    fn hand_qwen2_vl() -> Qwen25VlConfig {
+        let json = serde_json::json!({
+            "model_type": "qwen2_vl",
+            "vocab_size": 10, "hidden_size": 4, "intermediate_size": 6,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 0, 0]},
+            "tie_word_embeddings": false,
+            "image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 7, "vision_end_token_id": 8,
+            "vision_config": {"depth": 1, "embed_dim": 4, "hidden_size": 4, "mlp_ratio": 1.5, "num_heads": 1,
+                "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+        });
+        Qwen25VlConfig::from_value(json, Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn a_qwen2_vl_tower_saves_layer_norm_inputs_and_two_fc1_wide_tensors() {
+        let cfg = hand_qwen2_vl();
+        let table = ParamTable::of(&cfg);
+        // Block: norm1/norm2 (w, b) 4·4, qkv 12·4+12, proj 4·4+4, fc1 6·4+6,
+        // fc2 4·6+4; merger: ln_q 2·4, mlp.0 16·16+16, mlp.2 4·16+4.
+        let block = 16 + 60 + 20 + 30 + 28;
+        assert_eq!(table.under("model.visual.blocks.0."), block);
+        assert_eq!(table.under("model.visual.merger."), 8 + 272 + 68);
+        // Only the vision block trains (f32): its input is not live (the
+        // patch embedding is frozen), every linear and norm trains.
+        let trainable = table.select(&Regex::new(r"^model\.visual\.blocks\.").unwrap());
+        let setup = TrainSetup {
+            config: &cfg,
+            table: &table,
+            trainable: &trainable,
+            precision: Precision::F32,
+            cuda: false,
+            ranks: 1,
+            shard: Shard::None,
+            checkpointing: false,
+        };
+        // 8 patches, no text beyond them matters for the vision term.
+        let (n, d, i) = (8_u64, 4_u64, 6_u64);
+        let (saved, forward, pixels) = setup.vision_pass(&Pass { batch: 1, seq: 4, patches: n }, &VisionDims::of(cfg.vision.as_ref().unwrap()));
+        // norm1's input (its weight trains) n·d·4; qkv input; attention q,
+        // k, v, out 4·n·d·4 + lse n·4; proj input; norm2's input (the
+        // residual); fc1 input; its output and sigmoid 2·n·i·4; fc2 input
+        // n·i·4. The merger then sees a live input: ln_q's input n·d·4 and
+        // three n·d-sized inputs.
+        let attention = 4 * n * d * 4 + n * 4;
+        let block_saved =
+            n * d * 4 + n * d * 4 + attention + n * d * 4 + n * d * 4 + n * d * 4 + 2 * n * i * 4 + n * i * 4;
+        assert_eq!(saved, block_saved + n * d * 4 + 3 * n * d * 4);
+        // The frozen-tower transient: two fc1-wide tensors and six d-wide f32.
+        assert_eq!(forward, n * (2 * i * 4 + 6 * d * 4));
+        assert_eq!(pixels, n * 1176 * 4);
     }
 
     #[test]
@@ -1030,7 +1121,28 @@ mod tests {
         let grpo = total(setup.model_states(true, &Levers::default()));
         assert!((grpo as f64 / 1e9 - 107.8).abs() < 0.05, "{grpo}");
         let zero1 = total(TrainSetup { shard: Shard::Optimizer, ..setup }.model_states(false, &Levers::default()));
-        // ZeRO-1 over 8 ranks: 16.6 + 11.4 + (45.6 + 22.8 + 22.8 f32 gradient sums) / 8 GB.
-        assert_eq!(zero1, 2 * 8_292_166_656 + 2 * 5_703_204_864 + 16 * 5_703_204_864_u64.div_ceil(8));
+        // ZeRO-1 over 8 ranks: 16.6 + (45.6 + 22.8 + 22.8 f32 gradient sums) / 8 GB
+        // (the bf16 gradients, 11.4 GB, are a term of the training pass).
+        assert_eq!(zero1, 2 * 8_292_166_656 + 16 * 5_703_204_864_u64.div_ceil(8));
+
+        // The training pass of one 100-token row (text only): ZeRO-1 holds
+        // all 11.4 GB of bf16 MLP gradients next to the activations; ZeRO-2
+        // only what backward makes beyond the activations it frees, plus one
+        // layer's MLP gradients (3 × 3584 × 18944 × 2 B).
+        let pass = Pass { batch: 1, seq: 100, patches: 0 };
+        let grads_of = |shard| {
+            let phase = TrainSetup { shard, ..setup.clone() }.training_pass(
+                &pass,
+                Loss::CrossEntropy,
+                &Levers::default(),
+            );
+            let find = |n: &str| phase.terms.iter().find(|t| t.name == n).map(|t| t.bytes);
+            (find("gradients"), find("activations").unwrap_or(0))
+        };
+        let (layer, all) = (3 * 3584 * 18944 * 2_u64, 28 * 3 * 3584 * 18944 * 2_u64);
+        let (g1, act) = grads_of(Shard::Optimizer);
+        assert_eq!(g1, Some(all));
+        assert!(act < all / 10, "{act}");
+        assert_eq!(grads_of(Shard::Gradients).0, Some(all - act + layer));
     }
 }
