@@ -96,7 +96,13 @@ fn main() -> anyhow::Result<()> {
                     sft_prediction(&settings, &model, Precision::Bf16, len, &w)
                 } else {
                     let (len, _) = plan_lengths(&model, &view, grpo.prompt, grpo.max_completion_length as u64);
-                    grpo_prediction(&grpo.memory_settings().map_err(anyhow::Error::msg)?, &model, Precision::Bf16, len, &w)
+                    grpo_prediction(
+                        &grpo.memory_settings().map_err(anyhow::Error::msg)?,
+                        &model,
+                        Precision::Bf16,
+                        len,
+                        &w,
+                    )
                 }
                 .map_err(anyhow::Error::msg)?;
                 let Some(pool) = pred.gpu.as_ref() else { anyhow::bail!("a CUDA prediction has a GPU pool") };

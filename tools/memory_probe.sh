@@ -6,7 +6,7 @@
 # (freed tensors go straight back to the OS, so RSS tracks live memory).
 # One case at a time, niced; the largest needs ≈ 5 GiB.
 #
-#   tools/memory_probe.sh OUT_DIR [tiny|small|medium ...]   -> OUT_DIR/probe.jsonl
+#   tools/memory_probe.sh OUT_DIR [tiny|small|medium|small_q2vl ...]   -> OUT_DIR/probe.jsonl
 set -euo pipefail
 out=${1:?usage: tools/memory_probe.sh OUT_DIR [sizes...]}
 shift
@@ -21,6 +21,8 @@ shape() {
     tiny) echo "hidden=128 inter=352 layers=4 heads=4 kv=1 vocab=4096 vdepth=2 vhidden=64 vinter=128 vheads=2" ;;
     small) echo "hidden=512 inter=1408 layers=8 heads=8 kv=2 vocab=16384 vdepth=4 vhidden=256 vinter=512 vheads=4" ;;
     medium) echo "hidden=1024 inter=2816 layers=16 heads=16 kv=4 vocab=32000 vdepth=8 vhidden=512 vinter=1024 vheads=8" ;;
+    # Qwen2-VL (LayerNorm + fc1/QuickGELU/fc2 vision blocks, full attention) at the small shape.
+    small_q2vl) echo "model_type=qwen2_vl hidden=512 inter=1408 layers=8 heads=8 kv=2 vocab=16384 vdepth=4 vhidden=256 vinter=512 vheads=4" ;;
   esac
 }
 
@@ -30,6 +32,7 @@ cases() {
     tiny) printf '%s\n' "sft|batch=4 side=224" "sft|batch=4 side=224 trainable=." "grpo|prompts=2 gens=4 micro=4 completion=64 side=224" ;;
     small) printf '%s\n' "sft|batch=4 side=336" "sft|batch=2 side=336 trainable=." "grpo|prompts=2 gens=4 micro=4 completion=64 side=336" ;;
     medium) printf '%s\n' "sft|batch=2 side=336" "grpo|prompts=1 gens=4 micro=2 completion=48 side=336" ;;
+    small_q2vl) printf '%s\n' "sft|batch=2 side=336 trainable=." "sft|batch=4 side=336" ;;
   esac
 }
 

@@ -155,11 +155,7 @@ impl MemoryEstimate {
 /// `12.3G` (GiB, one decimal); below 1 GiB `412.5M` (MiB), so small
 /// models do not read as `0.0G`.
 pub fn gib(bytes: u64) -> String {
-    if bytes < 1 << 30 {
-        format!("{:.1}M", bytes as f64 / MIB as f64)
-    } else {
-        format!("{:.1}G", bytes as f64 / GIB)
-    }
+    if bytes < 1 << 30 { format!("{:.1}M", bytes as f64 / MIB as f64) } else { format!("{:.1}G", bytes as f64 / GIB) }
 }
 
 /// Bytes rounded up to whole MiB (what `--mem` and admission count).

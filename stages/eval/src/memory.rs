@@ -49,12 +49,14 @@ pub fn eval_memory(p: &EvalSettings, view: &PlanView) -> MemoryEstimate {
         ..Default::default()
     };
     let mut rollout = generation(&model.config, precision, rows, 1, prompt, p.max_new_tokens, &levers);
-    rollout.terms.push(MemoryTerm::new(
-        "batch inputs",
-        rows * patches * model.patch_dim() * (4 + s),
-        format!("pixel values of {rows} images ({patches} patches, f32 and {})", precision.name()),
-    )
-    .with_fix("batch_size"));
+    rollout.terms.push(
+        MemoryTerm::new(
+            "batch inputs",
+            rows * patches * model.patch_dim() * (4 + s),
+            format!("pixel values of {rows} images ({patches} patches, f32 and {})", precision.name()),
+        )
+        .with_fix("batch_size"),
+    );
     let device = MemoryPool {
         resident: vec![MemoryTerm::new("weights", psi * s, format!("Ψ {psi} × {s} B ({})", precision.name()))],
         phases: vec![rollout],

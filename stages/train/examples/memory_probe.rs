@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Shape keys (`make`): hidden, inter, layers, heads, kv, vocab, vdepth,
-//! vhidden, vinter, vheads. Run keys: batch, side (image side in pixels),
+//! vhidden, vinter, vheads, model_type (`qwen2_5_vl` or `qwen2_vl`). Run keys: batch, side (image side in pixels),
 //! trainable (regex), prompts, gens, micro, completion, shard_mb.
 //!
 //! `device=cuda` runs on the first GPU in the stages' CUDA dtype (bf16) and
@@ -108,6 +108,7 @@ fn make(dir: &Path, a: &Args) -> anyhow::Result<()> {
     let half = hidden / heads / 2;
     let side = half * 3 / 8;
     let params = InitModelParams {
+        model_type: a.get("model_type").cloned().unwrap_or_else(|| "qwen2_5_vl".into()),
         hidden_size: hidden,
         intermediate_size: arg(a, "inter", 128)? as i64,
         num_hidden_layers: arg(a, "layers", 2)? as i64,

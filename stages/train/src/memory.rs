@@ -187,7 +187,7 @@ pub fn sft_prediction(
     w: &Where,
 ) -> Result<MemoryPrediction, String> {
     let table = ParamTable::of(&model.config);
-    let trainable = trainable_set(&table, &p.trainable)?;
+    let trainable = trainable_set(&table, p.trainable)?;
     let setup = TrainSetup {
         config: &model.config,
         table: &table,
@@ -239,7 +239,7 @@ pub fn grpo_prediction(
     w: &Where,
 ) -> Result<MemoryPrediction, String> {
     let table = ParamTable::of(&model.config);
-    let trainable = trainable_set(&table, &p.trainable)?;
+    let trainable = trainable_set(&table, p.trainable)?;
     let setup = TrainSetup {
         config: &model.config,
         table: &table,

@@ -970,7 +970,8 @@ mod tests {
         };
         // 8 patches, no text beyond them matters for the vision term.
         let (n, d, i) = (8_u64, 4_u64, 6_u64);
-        let (saved, forward, pixels) = setup.vision_pass(&Pass { batch: 1, seq: 4, patches: n }, &VisionDims::of(cfg.vision.as_ref().unwrap()));
+        let (saved, forward, pixels) =
+            setup.vision_pass(&Pass { batch: 1, seq: 4, patches: n }, &VisionDims::of(cfg.vision.as_ref().unwrap()));
         // norm1's input (its weight trains) n·d·4; qkv input; attention q,
         // k, v, out 4·n·d·4 + lse n·4; proj input; norm2's input (the
         // residual); fc1 input; its output and sigmoid 2·n·i·4; fc2 input
@@ -1131,11 +1132,8 @@ mod tests {
         // layer's MLP gradients (3 × 3584 × 18944 × 2 B).
         let pass = Pass { batch: 1, seq: 100, patches: 0 };
         let grads_of = |shard| {
-            let phase = TrainSetup { shard, ..setup.clone() }.training_pass(
-                &pass,
-                Loss::CrossEntropy,
-                &Levers::default(),
-            );
+            let phase =
+                TrainSetup { shard, ..setup.clone() }.training_pass(&pass, Loss::CrossEntropy, &Levers::default());
             let find = |n: &str| phase.terms.iter().find(|t| t.name == n).map(|t| t.bytes);
             (find("gradients"), find("activations").unwrap_or(0))
         };
