@@ -336,6 +336,9 @@ mod tests {
         let features = crate::schema::hf_features_json_of(&ROW_COLUMNS);
         crate::hf_disk::write_metadata(&saved, "t", "val", &features, &names).unwrap();
         assert_eq!(read_split(&saved).unwrap(), [a, b]);
+        // What a plan reads of it: both shards' rows and bytes.
+        let bytes: u64 = names.iter().map(|n| saved.join(n).metadata().unwrap().len()).sum();
+        assert_eq!(split_size(&saved).unwrap(), SplitSize { rows: 2, bytes });
     }
 
     #[test]
