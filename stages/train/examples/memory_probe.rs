@@ -10,7 +10,8 @@
 //!
 //! Shape keys (`make`): hidden, inter, layers, heads, kv, vocab, vdepth,
 //! vhidden, vinter, vheads, model_type (`qwen2_5_vl` or `qwen2_vl`). Run keys: batch, side (image side in pixels),
-//! trainable (regex), prompts, gens, micro, completion, shard_mb.
+//! trainable (regex), prompts, gens, micro, completion, shard_mb, ckpt (1:
+//! `gradient_checkpointing = true`, where the stages have it).
 //!
 //! `device=cuda` runs on the first GPU in the stages' CUDA dtype (bf16) and
 //! measures the GPU instead: the driver's used memory after the run minus
@@ -231,8 +232,27 @@ fn run_params(mode: &str, a: &Args) -> anyhow::Result<Run> {
         max_shard_mb: shard,
         ..Default::default()
     };
+    // `ckpt=1`: activation checkpointing, set by its param name so the probe
+    // builds whether or not the stages have the param yet (a stage without
+    // it rejects the key).
+    let (sft, grpo) = if arg(a, "ckpt", 0)? != 0 {
+        (with_param(&sft, "gradient_checkpointing", true)?, with_param(&grpo, "gradient_checkpointing", true)?)
+    } else {
+        (sft, grpo)
+    };
     let items = if mode == "sft" { 2 * batch } else { 2 * prompts };
     Ok(Run { sft, grpo, items, side: arg(a, "side", 56)? as u32, cuda })
+}
+
+/// `params` with one more key, through their serialized form.
+fn with_param<P: serde::Serialize + serde::de::DeserializeOwned>(
+    params: &P,
+    key: &str,
+    value: impl Into<serde_json::Value>,
+) -> anyhow::Result<P> {
+    let mut v = serde_json::to_value(params)?;
+    v[key] = value.into();
+    serde_json::from_value(v).with_context(|| format!("setting `{key}` (does this stage have the param yet?)"))
 }
 
 fn run_stage(mode: &str, model: &Path, data: &Path, out: &Path, r: &Run) -> anyhow::Result<()> {
@@ -286,7 +306,11 @@ fn measure(mode: &str, dir: &Path, a: &Args) -> anyhow::Result<()> {
     let len = lengths(mode, dir, &data, &r)?;
     let model = ModelFacts::read(dir).map_err(anyhow::Error::msg)?;
     let precision = if r.cuda { Precision::Bf16 } else { Precision::F32 };
-    let w = Where { ranks: 1, cuda: r.cuda, data: Some(split_size(&data)?), shard: Shard::None, checkpointing: false };
+    let checkpointing = match mode {
+        "sft" => r.sft.memory_settings().map_err(anyhow::Error::msg)?.parallel.checkpointing,
+        _ => r.grpo.memory_settings().map_err(anyhow::Error::msg)?.parallel.checkpointing,
+    };
+    let w = Where { ranks: 1, cuda: r.cuda, data: Some(split_size(&data)?), shard: Shard::None, checkpointing };
     let pred: MemoryPrediction = match mode {
         "sft" => sft_prediction(&r.sft.memory_settings().map_err(anyhow::Error::msg)?, &model, precision, len, &w),
         _ => grpo_prediction(&r.grpo.memory_settings().map_err(anyhow::Error::msg)?, &model, precision, len, &w),

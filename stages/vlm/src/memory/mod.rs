@@ -679,8 +679,13 @@ impl TrainSetup<'_> {
         let lm_head_trains =
             self.trainable.trains("lm_head.weight") || (self.config.text.tie_word_embeddings && embed_trains);
         let head_input = if lm_head_trains { t * h * s } else { 0 };
+        // Checkpointed (`activation_checkpointing.rs`): each live layer's
+        // input is kept, plus the chain's output and its gradient; the loss
+        // head runs and finishes its backward before any layer is
+        // recomputed, so the recomputed layer is counted only beyond the
+        // head's logits (below).
         let act_bytes = if self.checkpointing {
-            live_layers * t * h * s + largest + final_norm + head_input + vision_saved
+            (live_layers + 2) * t * h * s + final_norm + head_input + vision_saved
         } else {
             saved + final_norm + head_input + vision_saved
         };
@@ -689,7 +694,7 @@ impl TrainSetup<'_> {
                 "activations",
                 act_bytes,
                 format!(
-                    "checkpointed: {live_layers} layer inputs × T {t} × h {h} × {s} B + one layer recomputed + vision {vision_saved}"
+                    "checkpointed: ({live_layers} layer inputs + the last output and its gradient) × T {t} × h {h} × {s} B + vision {vision_saved}"
                 ),
                 &levers.micro_batch,
             ));
@@ -725,12 +730,24 @@ impl TrainSetup<'_> {
             }
         };
         terms.push(term("logits", logits, formula, &levers.micro_batch));
-        terms.push(term(
-            "backward transient",
-            self.text_backward_transient(p, &dims),
-            "one layer's gradients (MLP or attention) + residual".into(),
-            &levers.micro_batch,
-        ));
+        let transient = self.text_backward_transient(p, &dims);
+        if self.checkpointing {
+            terms.push(term(
+                "recomputed layer",
+                (largest + transient).saturating_sub(logits),
+                format!(
+                    "one layer recomputed ({largest} B) and its backward ({transient} B), beyond the finished loss head's logits"
+                ),
+                &levers.micro_batch,
+            ));
+        } else {
+            terms.push(term(
+                "backward transient",
+                transient,
+                "one layer's gradients (MLP or attention) + residual".into(),
+                &levers.micro_batch,
+            ));
+        }
         if self.shard != Shard::None && self.n() > 1 {
             terms.push(self.pass_gradients(act_bytes, levers));
         }
@@ -1048,16 +1065,28 @@ mod tests {
             phase.terms.iter().find(|t| t.name == "activations").unwrap().bytes
         };
         let full = act(&base);
-        let ck = act(&TrainSetup { checkpointing: true, ..base.clone() });
+        let checkpointed = TrainSetup { checkpointing: true, ..base.clone() };
+        let ck = act(&checkpointed);
         assert!(ck < full, "{ck} < {full}");
         let (t, h) = (16, 4);
-        // 4 live layers' inputs + the largest (a fully live) layer + final norm.
+        // 4 live layers' inputs + the chain's output and its gradient + final norm.
+        assert_eq!(ck, 4 * t * h * 4 + 2 * t * h * 4 + t * h * 4);
+        // One (fully live) layer recomputed with its backward, counted only
+        // beyond the loss head's logits, which are freed by then: B 2 × L 8
+        // × V 10 f32 logits + the shifted copy and log-softmax of 14
+        // positions.
         let live_layer = {
             let w = text_layer_trains(&trainable, 1);
             let shape = LayerShape { t, h, i: 6, s: 4, kind: BlockKind::RmsGated };
             layer_saved(w, true, shape, base.text_attention_saved(&p, &TextDims::of(&cfg.text))).0
         };
-        assert_eq!(ck, 4 * t * h * 4 + live_layer + t * h * 4);
+        let phase = checkpointed.training_pass(&p, Loss::CrossEntropy, &Levers::default());
+        let find = |n: &str| phase.terms.iter().find(|t| t.name == n).map(|t| t.bytes);
+        let logits = 2 * 8 * 10 * 4 + 14 * 10 * 8;
+        assert_eq!(find("logits"), Some(logits));
+        let transient = base.text_backward_transient(&p, &TextDims::of(&cfg.text));
+        assert_eq!(find("recomputed layer"), Some((live_layer + transient).saturating_sub(logits)));
+        assert_eq!(find("backward transient"), None);
     }
 
     #[test]
