@@ -7,6 +7,8 @@
 # One case at a time, niced; the largest needs ≈ 5 GiB.
 #
 #   tools/memory_probe.sh OUT_DIR [tiny|small|medium|small_q2vl ...]   -> OUT_DIR/probe.jsonl
+#   PROBE_ARGS=ckpt=1 tools/memory_probe.sh OUT_DIR ...   every case with activation
+#                                                           checkpointing (where the stages have it)
 set -euo pipefail
 out=${1:?usage: tools/memory_probe.sh OUT_DIR [sizes...]}
 shift
@@ -42,7 +44,7 @@ for size in $sizes; do
   while IFS='|' read -r mode args; do
     for malloc in default fixed; do
       if [ "$malloc" = fixed ]; then envs=(MALLOC_MMAP_THRESHOLD_=65536); else envs=(); fi
-      line=$(env "${envs[@]}" nice "$probe" "$mode" "$ckpt" $args | grep '^{"args"' | tail -1)
+      line=$(env "${envs[@]}" nice "$probe" "$mode" "$ckpt" $args ${PROBE_ARGS:-} | grep '^{"args"' | tail -1)
       echo "${line%\}}, \"size\": \"$size\", \"malloc\": \"$malloc\"}" | tee -a "$log"
     done
   done < <(cases "$size")
