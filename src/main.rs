@@ -92,7 +92,10 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Commands::Engine(cmd) => {
-            let env = pipeline_engine::EngineEnv::detect(tch::Cuda::device_count().max(0) as usize);
+            let cuda = tch::Cuda::device_count().max(0) as usize;
+            let mut env = pipeline_engine::EngineEnv::detect(cuda);
+            // What `plan` checks GPU stages against when the recipe declares no `gpu_memory_gb`.
+            env.gpu_memory_mb = if cuda > 0 { torch_runtime::cuda_device_memory_mb() } else { None };
             cli::execute(cmd, &registry::registry(), &env, cli.quiet)
         }
         Commands::Model(cmd) => cli::model::model_main(&cmd).map(|()| ExitCode::SUCCESS),

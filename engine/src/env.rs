@@ -13,16 +13,20 @@ pub struct EngineEnv {
     pub cores: usize,
     /// Memory available to stages, MiB.
     pub memory_mb: u64,
+    /// Memory of one local GPU in MiB as the device reports it (filled by
+    /// the binary); `None` without a GPU, or when stages run elsewhere.
+    pub gpu_memory_mb: Option<u64>,
 }
 
 impl EngineEnv {
     /// Cores from the OS (respects cgroup limits), memory from
-    /// `/proc/meminfo` (`MemAvailable`), with a conservative fallback.
+    /// `/proc/meminfo` (`MemAvailable`), with a conservative fallback. The
+    /// binary sets `gpu_memory_mb` when it can ask the device.
     pub fn detect(cuda_devices: usize) -> Self {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let memory_mb =
             std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| mem_available_mb(&text)).unwrap_or(4096);
-        Self { cuda_devices, stage_gpus: None, cores, memory_mb }
+        Self { cuda_devices, stage_gpus: None, cores, memory_mb, gpu_memory_mb: None }
     }
 
     /// CUDA devices stage `id` can use where it runs.

@@ -331,7 +331,7 @@ mod tests {
         let up_key = Digest::of_bytes(b"upstream");
         cache.publish(&up_key, staging, serde_json::json!({})).unwrap();
 
-        let env = EngineEnv { cuda_devices: 0, stage_gpus: None, cores: 1, memory_mb: 64 };
+        let env = EngineEnv { cuda_devices: 0, stage_gpus: None, cores: 1, memory_mb: 64, gpu_memory_mb: None };
         let spec = spec_reading(&cache, up_key, "b");
         spec.write(&cache).unwrap();
         // A binary whose `append` is another version computes another key: refused.

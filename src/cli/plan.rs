@@ -9,10 +9,12 @@ use bytesize::ByteSize;
 use pipeline_engine::EngineEnv;
 use pipeline_engine::index::RunIndex;
 use pipeline_engine::plan::canonical::normalize;
+use pipeline_engine::plan::memory::GpuCapacity;
 use pipeline_engine::plan::{Action, Plan, PlannedStage, Selection, StageGraph, make_plan};
 use pipeline_engine::provenance::Provenance;
 use pipeline_engine::recipe::{Recipe, load_recipe, resolve_stage_selector};
-use stage_api::{DeviceRequest, Registry};
+use stage_api::memory::gib;
+use stage_api::{DeviceRequest, MemoryEstimate, Registry};
 
 use super::args::{RecipeArgs, SelectArgs};
 use super::load::{env_for, load};
@@ -48,7 +50,28 @@ pub fn dag(recipe: &Path, sets: &[String], dot: bool, registry: &Registry) -> an
 fn resources_label(s: &PlannedStage) -> String {
     let cpu = if s.resources.cpu == 0 { "all".to_string() } else { s.resources.cpu.to_string() };
     let ranks = if s.ranks > 1 { format!(" ranks={}", s.ranks) } else { String::new() };
-    format!("cpu={cpu} mem={}M dev={}{ranks}", s.resources.memory_mb, device_label(&s.device))
+    format!("cpu={cpu} dev={}{ranks}", device_label(&s.device))
+}
+
+/// The MEMORY column, per rank: predicted (`gpu 61.2G/96.0G host 4.1G`,
+/// `!` when it does not fit), the kind's fixed estimate (`256M`), or `?`
+/// (the reason on its own line below the row).
+fn memory_label(s: &PlannedStage, cap: Option<&GpuCapacity>) -> String {
+    match &s.memory {
+        MemoryEstimate::Predicted(p) => {
+            let host = format!("host {}", gib(p.host_peak_bytes()));
+            match (p.gpu_peak_bytes(), cap, &s.gpu_fit) {
+                (Some(g), Some(cap), Some(fit)) => {
+                    let mark = if fit.is_ok() { "" } else { " !" };
+                    format!("gpu {}/{}{mark} {host}", gib(g), gib(cap.bytes))
+                }
+                (Some(g), _, _) => format!("gpu {} {host}", gib(g)),
+                (None, _, _) => host,
+            }
+        }
+        MemoryEstimate::NotModelled => format!("{}M", s.resources.memory_mb),
+        MemoryEstimate::Unknown { .. } => "?".into(),
+    }
 }
 
 /// `plan --json`: what the table shows, plus the full keys.
@@ -71,21 +94,49 @@ pub fn plan_json(plan: &Plan) -> serde_json::Value {
                     "device": device_label(&s.device),
                     "ranks": s.ranks,
                 },
+                "memory": memory_json(s),
                 "warnings": s.warnings,
             })
         })
         .collect();
-    serde_json::json!({ "stages": stages })
+    let gpu = plan.gpu_capacity.as_ref().map(|c| serde_json::json!({"bytes": c.bytes, "source": c.source}));
+    serde_json::json!({ "stages": stages, "gpu_memory": gpu })
+}
+
+/// `plan --json`'s memory of one stage: the estimate (per rank) with its
+/// peaks and the GPU fit.
+fn memory_json(s: &PlannedStage) -> serde_json::Value {
+    let mut v = serde_json::to_value(&s.memory).unwrap_or(serde_json::Value::Null);
+    if let (Some(p), Some(obj)) = (s.memory.prediction(), v.as_object_mut()) {
+        obj.insert("host_peak_bytes".into(), p.host_peak_bytes().into());
+        obj.insert("gpu_peak_bytes".into(), p.gpu_peak_bytes().into());
+        let fit = s.gpu_fit.as_ref().map(|f| match f {
+            Ok(note) => serde_json::json!({"fits": true, "note": note}),
+            Err(w) => serde_json::json!({"fits": false, "note": w}),
+        });
+        obj.insert("gpu_fit".into(), fit.unwrap_or(serde_json::Value::Null));
+    }
+    v
 }
 
 /// The `plan` table.
 pub fn render_plan(plan: &Plan) -> String {
-    let rows: Vec<[String; 5]> = plan
+    let cap = plan.gpu_capacity.as_ref();
+    let rows: Vec<[String; 6]> = plan
         .stages
         .iter()
-        .map(|s| [s.id.clone(), s.kind.clone(), s.action.as_str().to_string(), resources_label(s), s.reason.clone()])
+        .map(|s| {
+            [
+                s.id.clone(),
+                s.kind.clone(),
+                s.action.as_str().to_string(),
+                resources_label(s),
+                memory_label(s, cap),
+                s.reason.clone(),
+            ]
+        })
         .collect();
-    let header = ["STAGE", "KIND", "STATUS", "RESOURCES", "REASON"].map(String::from);
+    let header = ["STAGE", "KIND", "STATUS", "RESOURCES", "MEMORY/RANK", "REASON"].map(String::from);
     let mut widths = header.clone().map(|h| h.len());
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -93,29 +144,45 @@ pub fn render_plan(plan: &Plan) -> String {
         }
     }
     let mut out = String::new();
-    let line = |out: &mut String, r: &[String; 5]| {
+    let line = |out: &mut String, r: &[String; 6]| {
         let _ = writeln!(
             out,
-            "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}",
+            "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {:<w4$}  {}",
             r[0],
             r[1],
             r[2],
             r[3],
             r[4],
+            r[5],
             w0 = widths[0],
             w1 = widths[1],
             w2 = widths[2],
-            w3 = widths[3]
+            w3 = widths[3],
+            w4 = widths[4]
         );
     };
     line(&mut out, &header);
     for (r, s) in rows.iter().zip(&plan.stages) {
         line(&mut out, r);
         if s.action != Action::NotSelected {
+            if let MemoryEstimate::Unknown { reason } = &s.memory {
+                let _ = writeln!(out, "  memory: {reason} (admission assumes {}M)", s.resources.memory_mb);
+            }
             for w in &s.warnings {
                 let _ = writeln!(out, "  warning: {w}");
             }
         }
+    }
+    if let Some(cap) = cap {
+        let checked: Vec<&PlannedStage> =
+            plan.stages.iter().filter(|s| s.action != Action::NotSelected && s.gpu_fit.is_some()).collect();
+        let misfits = checked.iter().filter(|s| matches!(s.gpu_fit, Some(Err(_)))).count();
+        let verdict = match (checked.len(), misfits) {
+            (0, _) => "no CUDA stage with a prediction".to_string(),
+            (n, 0) => format!("all {n} CUDA stages with a prediction fit with headroom"),
+            (n, m) => format!("{m} of {n} CUDA stages do not fit with headroom (warnings above)"),
+        };
+        let _ = writeln!(out, "GPU memory per rank vs {} ({}): {verdict}", gib(cap.bytes), cap.source);
     }
     let count = |a: Action| plan.stages.iter().filter(|s| s.action == a).count();
     let _ = writeln!(
@@ -205,6 +272,7 @@ pub fn show(args: &RecipeArgs, stage: &str, registry: &Registry, env: &EngineEnv
         println!("key: {}", s.key.hex());
         println!("seed: {}", s.components.seed);
         println!("resources: {}", resources_label(s));
+        print!("{}", memory_breakdown(s, plan.gpu_capacity.as_ref()));
         println!("params: {}", serde_json::to_string_pretty(&normalize(&s.components.params))?);
         println!("inputs:");
         for (name, refs) in &s.components.inputs {
@@ -239,6 +307,65 @@ pub fn show(args: &RecipeArgs, stage: &str, registry: &Registry, env: &EngineEnv
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `show`'s memory section: every term of each pool with its formula, the
+/// phases (the peak one marked), the notes and the GPU fit.
+fn memory_breakdown(s: &PlannedStage, cap: Option<&GpuCapacity>) -> String {
+    let mut out = String::new();
+    let p = match &s.memory {
+        MemoryEstimate::Predicted(p) => p,
+        MemoryEstimate::NotModelled => {
+            let _ = writeln!(out, "memory: {}M (the kind's fixed estimate)", s.resources.memory_mb);
+            return out;
+        }
+        MemoryEstimate::Unknown { reason } => {
+            let _ = writeln!(out, "memory: {reason} (admission assumes {}M)", s.resources.memory_mb);
+            return out;
+        }
+    };
+    let ranks = if s.ranks > 1 { format!(", {} ranks", s.ranks) } else { String::new() };
+    let _ = writeln!(
+        out,
+        "memory per rank{ranks} (predicted; admission and Slurm --mem: {}M for all ranks):",
+        s.resources.memory_mb
+    );
+    let pools = [
+        ("GPU", p.gpu.as_ref()),
+        (if p.gpu.is_some() { "host" } else { "host (the stage runs on the CPU)" }, Some(&p.host)),
+    ];
+    for (name, pool) in pools {
+        let Some(pool) = pool else { continue };
+        let _ = writeln!(out, "  {name}: peak {}", gib(pool.peak_bytes()));
+        let term = |out: &mut String, indent: &str, t: &stage_api::MemoryTerm| {
+            let fix = t.fix.as_ref().map(|f| format!(" [shrink: {f}]")).unwrap_or_default();
+            let _ = writeln!(out, "{indent}{:<28} {:>8}  {}{fix}", t.name, gib(t.bytes), t.formula);
+        };
+        for t in &pool.resident {
+            term(&mut out, "    ", t);
+        }
+        let peak = pool.peak_phase().map(|p| p.name.clone());
+        for phase in &pool.phases {
+            let mark = if Some(&phase.name) == peak.as_ref() { " (peak)" } else { "" };
+            let _ = writeln!(out, "    while {}{mark}: +{}", phase.name, gib(phase.bytes()));
+            for t in &phase.terms {
+                term(&mut out, "      ", t);
+            }
+        }
+    }
+    for n in &p.notes {
+        let _ = writeln!(out, "  note: {n}");
+    }
+    match (&s.gpu_fit, cap) {
+        (Some(Ok(note)), Some(cap)) => {
+            let _ = writeln!(out, "  GPU: fits, {note} ({})", cap.source);
+        }
+        (Some(Err(w)), _) => {
+            let _ = writeln!(out, "  GPU: {w}");
+        }
+        _ => {}
+    }
+    out
 }
 
 /// Device a stage was resolved to, for display.

@@ -11,8 +11,10 @@
 
 pub mod context;
 pub mod dist;
+pub mod memory;
 pub mod param_error;
 pub mod params;
+pub mod plan;
 pub mod ranges;
 pub mod registry;
 pub mod resources;
@@ -20,7 +22,9 @@ pub mod stage;
 
 pub use context::{Artifact, LogProgress, MetricsSink, ProgressSink, StageContext, StageContextBuilder, derive_seed};
 pub use dist::{DistInfo, RENDEZVOUS_ABANDONED, host_name};
+pub use memory::{MemoryEstimate, MemoryPool, MemoryPrediction, MemoryTerm, Phase};
 pub use params::ParamError;
+pub use plan::{InputSource, PendingInput, PlanFacts, PlanInput, PlanInputs, PlanOutput, PlanView};
 pub use registry::Registry;
 pub use resources::{Device, DeviceRequest, Resources};
 pub use stage::{ConfiguredStage, DynStageKind, InputSpec, OutputSpec, StageDoc, StageKind, configure_params};

@@ -24,8 +24,11 @@ pub struct Resources {
     /// CPU threads for the stage's rayon pool; 0 = all cores.
     pub cpu: usize,
     pub device: DeviceRequest,
-    /// Rough peak memory estimate in MiB (shown by `plan`, used to avoid
-    /// co-scheduling stages that would not fit).
+    /// Peak host memory of the whole stage (all its ranks) in MiB: local
+    /// admission (stages that would not fit are not co-scheduled) and Slurm's
+    /// `--mem`. A kind's fixed value; the planner replaces it with the
+    /// prediction of [`StageKind::memory`](crate::StageKind::memory) when
+    /// there is one.
     pub memory_mb: u64,
     /// The stage computes with libtorch: the recipe's `numerics` setting
     /// applies to it (in reproducible mode its thread count is the recipe's

@@ -12,7 +12,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::context::StageContext;
+use crate::memory::MemoryEstimate;
 use crate::params::{ParamError, parse_params};
+use crate::plan::{PlanOutput, PlanView};
 use crate::resources::Resources;
 
 /// A named input of a stage kind. In a recipe, the stage table key `name`
@@ -102,6 +104,22 @@ pub trait StageKind: Send + Sync + 'static {
         Resources::default()
     }
 
+    /// Predicted memory per rank, from what the plan knows of the inputs
+    /// (e.g. the model config of a checkpoint input). When predicted, the
+    /// host peak (times the ranks) replaces `resources().memory_mb` for
+    /// admission and Slurm's `--mem`. Never part of the cache key.
+    fn memory(_params: &Self::Params, _plan: &PlanView) -> MemoryEstimate {
+        MemoryEstimate::NotModelled
+    }
+
+    /// What this stage's output will look like, for the plans of stages
+    /// downstream, before it runs: a stand-in directory with the same layout
+    /// (a `files` import: its source) and upper bounds on its data. Default:
+    /// no stand-in, the inputs' facts passed on.
+    fn plan_output(_params: &Self::Params, plan: &PlanView) -> PlanOutput {
+        PlanOutput::pass_through(plan)
+    }
+
     /// Files or directories outside the cache that this stage reads (e.g. a
     /// dataset root). Their content digests (stat-cached) enter the cache key,
     /// so editing them re-runs the stage. Relative paths are resolved against
@@ -165,6 +183,10 @@ pub trait ConfiguredStage: Send + Sync {
     }
     fn outputs(&self) -> Vec<OutputSpec>;
     fn resources(&self) -> Resources;
+    /// See [`StageKind::memory`].
+    fn memory(&self, plan: &PlanView) -> MemoryEstimate;
+    /// See [`StageKind::plan_output`].
+    fn plan_output(&self, plan: &PlanView) -> PlanOutput;
     /// See [`StageKind::DISTRIBUTED`].
     fn distributed(&self) -> bool;
     fn external_inputs(&self, recipe_dir: &Path) -> Vec<PathBuf>;
@@ -251,6 +273,12 @@ impl<K: StageKind> ConfiguredStage for Configured<K> {
     }
     fn resources(&self) -> Resources {
         K::resources(&self.params)
+    }
+    fn memory(&self, plan: &PlanView) -> MemoryEstimate {
+        K::memory(&self.params, plan)
+    }
+    fn plan_output(&self, plan: &PlanView) -> PlanOutput {
+        K::plan_output(&self.params, plan)
     }
     fn distributed(&self) -> bool {
         K::DISTRIBUTED

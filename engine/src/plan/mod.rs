@@ -7,6 +7,7 @@ pub mod components;
 pub mod device;
 pub mod graph;
 pub mod key;
+pub mod memory;
 pub mod planner;
 pub mod selection;
 

@@ -7,11 +7,12 @@ use std::collections::HashMap;
 
 use anyhow::Context as _;
 use pipeline_cache::{ActionRecord, Cache, Digest};
-use stage_api::{DeviceRequest, Resources};
+use stage_api::{DeviceRequest, MemoryEstimate, PlanOutput, Resources};
 
 use super::components::{Upstream, stage_components};
 use super::graph::StageGraph;
 use super::key::{KeyComponents, explain_change};
+use super::memory::{GpuCapacity, UpstreamOutput, gpu_fit, plan_device, plan_view_inputs, predict, resources_with};
 use super::selection::Selection;
 use crate::env::EngineEnv;
 use crate::index::RunIndex;
@@ -49,7 +50,16 @@ pub struct PlannedStage {
     pub forced: bool,
     /// The cached record when `action` is `Cached`.
     pub record: Option<ActionRecord>,
+    /// The kind's resources, `memory_mb` replaced by the predicted host
+    /// peak of all ranks when there is a prediction.
     pub resources: Resources,
+    /// Predicted memory per rank (never part of the key).
+    pub memory: MemoryEstimate,
+    /// How the GPU peak compares with the GPU's memory: `Ok(note)` fits,
+    /// `Err(warning)` does not (also in `warnings`); `None`: nothing to compare.
+    pub gpu_fit: Option<Result<String, String>>,
+    /// What the stage said about its output before running (stand-in, facts).
+    pub plan_output: PlanOutput,
     /// Data-parallel processes (`[executor.stage.<id>] ranks`; 1 for most stages).
     pub ranks: usize,
     /// The device the stage will get, or the reason it cannot run here.
@@ -61,6 +71,8 @@ pub struct PlannedStage {
 pub struct Plan {
     /// Topological order.
     pub stages: Vec<PlannedStage>,
+    /// The GPU memory CUDA stages were checked against, if known.
+    pub gpu_capacity: Option<GpuCapacity>,
 }
 
 impl Plan {
@@ -89,6 +101,7 @@ pub fn make_plan(
 ) -> anyhow::Result<Plan> {
     let index = RunIndex::new(cache.root(), &recipe.name);
     let decls: HashMap<&str, &StageDecl> = recipe.stages.iter().map(|s| (s.id.as_str(), s)).collect();
+    let gpu = GpuCapacity::pick(recipe.executor.gpu_memory_gb, env.gpu_memory_mb);
     let mut planned: Vec<PlannedStage> = Vec::with_capacity(graph.len());
     let mut pos: HashMap<String, usize> = HashMap::new();
     for id in graph.topo_order() {
@@ -129,8 +142,20 @@ pub fn make_plan(
                 }
             }
         };
-        pos.insert(id.to_string(), planned.len());
         let ranks = recipe.executor.stage_override(&decl.id, &decl.name).ranks.unwrap_or(1);
+        let inputs = plan_view_inputs(decl, &|up: &str| {
+            let p = &planned[*pos.get(up)?];
+            Some(match &p.record {
+                Some(rec) => UpstreamOutput::Published(cache.artifact_dir(&rec.key), p.plan_output.facts.clone()),
+                None => UpstreamOutput::Planned(p.plan_output.clone()),
+            })
+        });
+        let (memory, plan_output) = predict(decl, &inputs, ranks, plan_device(&device), recipe.dir());
+        let fit = gpu.as_ref().and_then(|cap| gpu_fit(&memory, cap));
+        if let Some(Err(w)) = &fit {
+            warnings.push(w.clone());
+        }
+        pos.insert(id.to_string(), planned.len());
         let resources = planned_resources(comps.numerics, decl.stage.resources(), ranks);
         planned.push(PlannedStage {
             id: id.to_string(),
@@ -141,13 +166,16 @@ pub fn make_plan(
             reason,
             forced: forced.is_some(),
             record,
-            resources,
+            resources: resources_with(resources, &memory, ranks),
+            memory,
+            gpu_fit: fit,
+            plan_output,
             ranks,
             device,
             warnings,
         });
     }
-    Ok(Plan { stages: planned })
+    Ok(Plan { stages: planned, gpu_capacity: gpu })
 }
 
 #[cfg(test)]
@@ -160,7 +188,7 @@ mod tests {
     fn keys(src: &str, sets: &[&str], cache: &Cache) -> BTreeMap<String, Digest> {
         let recipe = load(src, sets);
         let graph = StageGraph::from_recipe(&recipe).unwrap();
-        let env = EngineEnv { cuda_devices: 0, stage_gpus: None, cores: 2, memory_mb: 1024 };
+        let env = EngineEnv { cuda_devices: 0, stage_gpus: None, cores: 2, memory_mb: 1024, gpu_memory_mb: None };
         let plan = make_plan(&recipe, &graph, cache, &Selection::all(&graph), &env).unwrap();
         assert!(plan.stages.iter().all(|s| s.action == Action::Run && s.reason == "new stage"));
         plan.stages.iter().map(|s| (s.id.clone(), s.key)).collect()

@@ -144,6 +144,10 @@ pub struct ExecutorConfig {
     pub slurm: SlurmConfig,
     /// `[executor.stage.<name or id>]` overrides.
     pub stages: BTreeMap<String, StageOverride>,
+    /// `gpu_memory_gb`: the memory of one GPU where the stages run, in GiB;
+    /// `plan` checks each CUDA stage's predicted per-rank peak against it
+    /// (else against the local GPU's reported memory). Never in a key.
+    pub gpu_memory_gb: Option<f64>,
 }
 
 impl ExecutorConfig {

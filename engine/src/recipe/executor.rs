@@ -11,6 +11,8 @@
 //! poll_interval = 10         # seconds between squeue/sacct polls
 //! max_resubmits = 2          # lost jobs (NODE_FAIL, PREEMPTED, vanished) resubmitted
 //! log_dir = "/shared/logs"   # default: <cache>/logs/<run id>/slurm
+//! gpu_memory_gb = 96         # memory of one GPU where stages run (GiB): `plan` warns
+//!                            # before anything runs when a stage will not fit
 //!
 //! [executor.stage.sft]       # per-stage overrides of the stage's own resources
 //! ranks = 8                  # data-parallel processes (kinds that support it; both executors)
@@ -47,6 +49,7 @@ const EXECUTOR_KEYS: &[&str] = &[
     "poll_interval",
     "max_resubmits",
     "log_dir",
+    "gpu_memory_gb",
     "stage",
 ];
 const STAGE_KEYS: &[&str] = &["ranks", "cpus", "gpus", "mem", "time"];
@@ -181,6 +184,17 @@ pub(crate) fn parse_executor(
                     return Err(expected(sources, value, &what, "a number of seconds in (0, 3600]"));
                 }
                 slurm.poll_interval_s = seconds;
+            }
+            "gpu_memory_gb" => {
+                let gb = match value.value {
+                    NodeValue::Scalar(toml::Value::Integer(n)) => n as f64,
+                    NodeValue::Scalar(toml::Value::Float(x)) => x,
+                    _ => f64::NAN,
+                };
+                if !(gb.is_finite() && gb > 0.0) {
+                    return Err(expected(sources, value, &what, "a positive number of GiB (e.g. 80 for an H100)"));
+                }
+                cfg.gpu_memory_gb = Some(gb);
             }
             "extra_args" => {
                 let NodeValue::Array(items) = &value.value else {

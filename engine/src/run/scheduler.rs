@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use pipeline_cache::{ActionRecord, Cache};
-use stage_api::{Artifact, DeviceRequest};
+use stage_api::{Artifact, DeviceRequest, MemoryEstimate, Resources};
 
 use super::progress::RunProgress;
 use super::resources::{Capacity, Grant};
@@ -23,6 +23,7 @@ use crate::backend::interface::{Backend, ReadyStage, RunCtx};
 use crate::env::EngineEnv;
 use crate::index::{IndexEntry, RunIndex, file_safe, now_unix_ms};
 use crate::plan::components::final_components;
+use crate::plan::memory::{UpstreamOutput, plan_device, plan_view_inputs, predict, resources_with};
 use crate::plan::{Action, KeyComponents, Plan, PlannedStage, StageGraph};
 use crate::provenance::{git_revision, rfc3339};
 use crate::recipe::{Recipe, StageDecl};
@@ -85,6 +86,44 @@ struct Job<'p> {
 }
 
 impl Scheduler<'_> {
+    /// The planned resources, or, when the plan could not predict the
+    /// memory because an input was still to come, a prediction from the
+    /// upstreams' published outputs (they are all done by now).
+    fn resources_now(
+        &self,
+        planned: &PlannedStage,
+        decl: &StageDecl,
+        upstreams: &[usize],
+        states: &[State],
+        stages: &[PlannedStage],
+    ) -> Resources {
+        if !matches!(planned.memory, MemoryEstimate::Unknown { .. }) {
+            return planned.resources;
+        }
+        let published: HashMap<&str, (&ActionRecord, &PlannedStage)> = upstreams
+            .iter()
+            .filter_map(|&u| match &states[u] {
+                State::Done { record, .. } => Some((stages[u].id.as_str(), (record, &stages[u]))),
+                _ => None,
+            })
+            .collect();
+        let inputs = plan_view_inputs(decl, &|up: &str| {
+            published.get(up).map(|(rec, p)| {
+                UpstreamOutput::Published(self.cache.artifact_dir(&rec.key), p.plan_output.facts.clone())
+            })
+        });
+        let (estimate, _) = predict(decl, &inputs, planned.ranks, plan_device(&planned.device), self.recipe.dir());
+        if let Some(p) = estimate.prediction() {
+            tracing::info!(
+                "stage `{}`: predicted memory per rank now that its inputs exist: host {}{}",
+                planned.id,
+                stage_api::memory::gib(p.host_peak_bytes()),
+                p.gpu_peak_bytes().map(|g| format!(", GPU {}", stage_api::memory::gib(g))).unwrap_or_default()
+            );
+        }
+        resources_with(decl.stage.resources(), &estimate, planned.ranks)
+    }
+
     pub fn run(&self, plan: &Plan, opts: &RunOptions) -> anyhow::Result<RunOutcome> {
         let started = chrono::Utc::now();
         let clock = Instant::now();
@@ -183,7 +222,8 @@ impl Scheduler<'_> {
                             any_failed = true;
                             continue;
                         }
-                        let Some(grant) = pool.try_acquire_ranks(&planned.resources, device, ranks) else { continue };
+                        let resources = self.resources_now(planned, decl, &upstreams[i], &states, &plan.stages);
+                        let Some(grant) = pool.try_acquire_ranks(&resources, device, ranks) else { continue };
                         let mut upstream = HashMap::new();
                         for &u in &upstreams[i] {
                             if let State::Done { record, .. } = &states[u] {
@@ -442,7 +482,7 @@ mod tests {
         let recipe = crate::recipe::load_recipe_str(src, &dir.join("r.toml"), &[], registry).unwrap();
         let graph = StageGraph::from_recipe(&recipe).unwrap();
         let cache = Cache::open(&dir.join("cache")).unwrap();
-        let env = EngineEnv { cuda_devices: 0, stage_gpus: None, cores: 2, memory_mb: 1024 };
+        let env = EngineEnv { cuda_devices: 0, stage_gpus: None, cores: 2, memory_mb: 1024, gpu_memory_mb: None };
         let plan = make_plan(&recipe, &graph, &cache, &Selection::all(&graph), &env).unwrap();
         let warnings = plan.stages[0].warnings.join("; ");
         let workspace = Workspace { root: dir.to_path_buf() };

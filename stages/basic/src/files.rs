@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 use globset::GlobSet;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use stage_api::{ParamError, StageContext, StageKind};
+use stage_api::{ParamError, PlanOutput, PlanView, StageContext, StageKind};
 
 use crate::tree::{glob_set, list_files};
 
@@ -34,6 +34,13 @@ impl StageKind for Files {
 
     fn external_inputs(params: &FilesParams, recipe_dir: &Path) -> Vec<PathBuf> {
         vec![resolve(&params.path, recipe_dir)]
+    }
+
+    /// The output is a copy of `path` (the files `glob` keeps, at the same
+    /// relative paths): plans downstream read the source before the import runs.
+    fn plan_output(params: &FilesParams, plan: &PlanView) -> PlanOutput {
+        let src = resolve(&params.path, plan.recipe_dir);
+        PlanOutput { stand_in: src.is_dir().then_some(src), facts: Default::default() }
     }
 
     fn validate(params: &FilesParams) -> Result<(), ParamError> {
@@ -118,6 +125,20 @@ mod tests {
         let mut ctx = StageContext::builder("files", &out).recipe_dir(dir.path()).build().unwrap();
         Files::run(&p, &mut ctx).unwrap();
         assert_eq!(std::fs::read_to_string(out.join("labels.csv")).unwrap(), "x,y\n");
+    }
+
+    #[test]
+    fn the_source_directory_stands_in_for_the_import_before_it_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("ckpt")).unwrap();
+        std::fs::write(dir.path().join("one.csv"), "x").unwrap();
+        let inputs = stage_api::PlanInputs::default();
+        let view =
+            PlanView { inputs: &inputs, ranks: 1, device: stage_api::DeviceRequest::Cpu, recipe_dir: dir.path() };
+        let out = |p: &str| Files::plan_output(&params(Path::new(p), None), &view).stand_in;
+        assert_eq!(out("ckpt"), Some(dir.path().join("ckpt")));
+        assert_eq!(out("one.csv"), None, "a single file is no directory to stand in");
+        assert_eq!(out("missing"), None);
     }
 
     #[test]

@@ -38,7 +38,8 @@ use image::{GrayImage, Rgb, RgbImage};
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
+use stage_api::plan::facts;
+use stage_api::{InputSpec, ParamError, PlanOutput, PlanView, Resources, StageContext, StageKind};
 use stages_vlm_resize::smart_resize;
 
 use crate::components::BBox;
@@ -431,6 +432,16 @@ impl StageKind for Render {
     fn resources(_: &RenderParams) -> Resources {
         // One f32 CT per worker (512x512x332 = 350 MB).
         Resources { cpu: 0, memory_mb: 2048, ..Default::default() }
+    }
+
+    /// With `resize`, no image is larger than `max_pixels`: the bound the
+    /// model stages' memory predictions read downstream (as a plan fact).
+    fn plan_output(p: &RenderParams, plan: &PlanView) -> PlanOutput {
+        let mut out = PlanOutput::pass_through(plan);
+        if p.resize {
+            out.facts.set(facts::MAX_IMAGE_PIXELS, p.max_pixels);
+        }
+        out
     }
 
     fn validate(p: &RenderParams) -> Result<(), ParamError> {

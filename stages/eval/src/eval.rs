@@ -27,7 +27,7 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use stage_api::{DeviceRequest, InputSpec, ParamError, Resources, StageContext, StageKind};
+use stage_api::{DeviceRequest, InputSpec, MemoryEstimate, ParamError, PlanView, Resources, StageContext, StageKind};
 use stages_vlm::chat::{ChatTokenizer, Message};
 use stages_vlm::device::{DeviceChoice, device_and_kind};
 use stages_vlm::generate::{GenerationConfig, generate};
@@ -45,6 +45,7 @@ use crate::artifacts::{
     GALLERY_DIR, GALLERY_JSON, METRICS_JSON, PREDICTIONS_JSONL, PREDICTIONS_PARQUET, SERVED_JSON, artifact_id,
 };
 use crate::chat_api::{ApiKey, ChatClient};
+use crate::memory::EvalSettings;
 use crate::metrics::{CiMethod, EvalSource, ScoredItem, aggregate, dataset_identity};
 use crate::predictions::{Prediction, write_jsonl, write_parquet};
 use crate::served::{Hooks, Item, RequestSpec, Served, ServedParams, ServedRecord};
@@ -387,6 +388,24 @@ fn write_gallery(dir: &Path, rows: &[VqaRow], preds: &[Prediction], n: usize) ->
     std::fs::write(&path, serde_json::to_string_pretty(&kept)?).with_context(|| format!("writing {}", path.display()))
 }
 
+impl EvalParams {
+    /// What the memory prediction reads (`crate::memory`).
+    pub fn memory_settings(&self) -> EvalSettings<'_> {
+        let template = match self.prompt {
+            PromptVariant::NoThink => self.no_think_template.len(),
+            PromptVariant::Think | PromptVariant::CotForcing => self.think_template.len() + self.cot_prefill.len(),
+            PromptVariant::Dataset => 0,
+        };
+        let batch = self.limit.map_or(self.batch_size, |l| l.min(self.batch_size));
+        EvalSettings {
+            dtype: &self.dtype,
+            batch: batch as u64,
+            max_new_tokens: self.max_new_tokens as u64,
+            template_chars: template as u64,
+        }
+    }
+}
+
 /// Completions from the `model` input, `batch_size` prompts per generate call.
 fn generate_local(
     params: &EvalParams,
@@ -532,6 +551,14 @@ impl StageKind for Eval {
             EvalBackend::Http => crate::served::UNKEYED.to_vec(),
             // Irrelevant to a local run, but keyed as they always were.
             EvalBackend::Local => Vec::new(),
+        }
+    }
+
+    fn memory(p: &Self::Params, plan: &PlanView) -> MemoryEstimate {
+        match p.backend {
+            EvalBackend::Local => crate::memory::eval_memory(&p.memory_settings(), plan),
+            // The model lives on the server: the fixed request-thread budget stands.
+            EvalBackend::Http => MemoryEstimate::NotModelled,
         }
     }
 

@@ -19,6 +19,7 @@ pub mod chat_api;
 pub mod eval;
 pub mod general;
 pub mod judge;
+pub mod memory;
 pub mod metrics;
 pub mod plots;
 pub mod predictions;

@@ -111,6 +111,44 @@ pub fn rows_of_batch(cols: &BatchColumns<'_>, start: usize) -> Result<Vec<VqaRow
     Ok(rows)
 }
 
+/// How big a split is, from the Parquet footers (no row is decoded):
+/// what a plan can say about the rows a stage will hold in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitSize {
+    pub rows: u64,
+    /// The split's Parquet bytes (images are stored as encoded PNG/JPEG, so
+    /// close to the bytes the rows take once read).
+    pub bytes: u64,
+}
+
+/// [`SplitSize`] of a split directory (or one Parquet file). A
+/// `save_to_disk` directory has no footers: its Arrow stream shards are
+/// read through once to count the rows.
+pub fn split_size(dir: &Path) -> Result<SplitSize, DatasetError> {
+    let mut size = SplitSize { rows: 0, bytes: 0 };
+    if is_saved_dataset(dir) {
+        let ds = SavedDataset::open(dir)?;
+        for path in &ds.files {
+            let meta = std::fs::metadata(path)
+                .map_err(|e| DatasetError::File { path: path.clone(), message: e.to_string() })?;
+            size.bytes += meta.len();
+        }
+        for b in ds.batches() {
+            size.rows += b?.1.num_rows() as u64;
+        }
+        return Ok(size);
+    }
+    for path in parquet_files(dir)? {
+        let file_err = |e: &dyn std::fmt::Display| DatasetError::File { path: path.clone(), message: e.to_string() };
+        let file = File::open(&path).map_err(|e| file_err(&e))?;
+        size.bytes += file.metadata().map_err(|e| file_err(&e))?.len();
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| file_err(&format!("not a readable Parquet file: {e}")))?;
+        size.rows += builder.metadata().file_metadata().num_rows().max(0) as u64;
+    }
+    Ok(size)
+}
+
 /// Read every row of a split: Parquet files in name order, or the shards of
 /// a `save_to_disk` directory in `state.json` order; rows in file order.
 pub fn read_split(dir: &Path) -> Result<Vec<VqaRow>, DatasetError> {
@@ -254,6 +292,9 @@ mod tests {
         write_rows(&dir.path().join("test-00000-of-00002.parquet"), &[a, text_only.clone()]).unwrap();
         let rows = read_split(dir.path()).unwrap();
         assert_eq!(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a", "t", "b"]);
+        let size = split_size(dir.path()).unwrap();
+        let on_disk: u64 = parquet_files(dir.path()).unwrap().iter().map(|f| f.metadata().unwrap().len()).sum();
+        assert_eq!(size, SplitSize { rows: 3, bytes: on_disk }, "rows from the footers alone");
         assert_eq!(rows[0].image.as_deref(), Some(&[1u8, 2][..]));
         assert_eq!((rows[0].answer.as_str(), rows[0].class_name.as_str()), ("A", "airway abnormalities"));
         assert_eq!((&rows[1], &rows[2]), (&text_only, &b), "rows read back as written");
@@ -295,6 +336,9 @@ mod tests {
         let features = crate::schema::hf_features_json_of(&ROW_COLUMNS);
         crate::hf_disk::write_metadata(&saved, "t", "val", &features, &names).unwrap();
         assert_eq!(read_split(&saved).unwrap(), [a, b]);
+        // What a plan reads of it: both shards' rows and bytes.
+        let bytes: u64 = names.iter().map(|n| saved.join(n).metadata().unwrap().len()).sum();
+        assert_eq!(split_size(&saved).unwrap(), SplitSize { rows: 2, bytes });
     }
 
     #[test]

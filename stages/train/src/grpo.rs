@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Deserializer, Serialize};
 use stage_api::schemars::{self, JsonSchema};
-use stage_api::{InputSpec, ParamError, Resources, StageContext, StageKind};
+use stage_api::{InputSpec, MemoryEstimate, ParamError, PlanOutput, PlanView, Resources, StageContext, StageKind};
 use stages_task::answer::DEFAULT_ANSWER_REGEX;
 use stages_task::dataset::{VqaRow, read_split};
 use stages_task::prompt::PromptVariant;
@@ -40,6 +40,7 @@ use tch::Tensor;
 
 use crate::advantages::{ScaleRewards, mean_std};
 use crate::dist::{self, Collective};
+use crate::memory::{GrpoSettings, Parallel};
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::policy_loss::{LossConfig, LossInputs, LossStats, LossType, StepScale, policy_loss, token_logps};
 use crate::prompt::PromptEncoder;
@@ -242,6 +243,22 @@ impl GrpoParams {
         }
     }
 
+    /// What the memory prediction reads (`crate::memory`).
+    pub fn memory_settings(&self) -> Result<GrpoSettings<'_>, String> {
+        Ok(GrpoSettings {
+            trainable: &self.trainable,
+            dtype: &self.dtype,
+            prompts_per_step: self.prompts_per_step as u64,
+            num_generations: self.num_generations as u64,
+            micro_batch_size: self.micro_batch_size as u64,
+            max_completion_length: self.max_completion_length as u64,
+            reference: self.beta != 0.0,
+            max_shard_mb: self.max_shard_mb,
+            prompt: self.prompt,
+            parallel: Parallel::of_params(self)?,
+        })
+    }
+
     fn schedule(&self) -> LrSchedule {
         let warmup = (self.warmup_ratio * self.steps as f64).ceil() as usize;
         match self.lr_schedule {
@@ -287,7 +304,16 @@ impl StageKind for Grpo {
     }
 
     fn resources(p: &GrpoParams) -> Resources {
+        // Until `memory` can read the model config (see `crate::memory`).
         Resources { cpu: 0, device: p.device.request(), memory_mb: 4096, libtorch: true }
+    }
+
+    fn memory(p: &GrpoParams, plan: &PlanView) -> MemoryEstimate {
+        crate::memory::grpo_memory(p.memory_settings(), plan)
+    }
+
+    fn plan_output(_: &GrpoParams, plan: &PlanView) -> PlanOutput {
+        crate::memory::checkpoint_stand_in(plan)
     }
 
     fn validate(p: &GrpoParams) -> Result<(), ParamError> {

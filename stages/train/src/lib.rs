@@ -4,6 +4,7 @@
 pub mod advantages;
 pub mod dist;
 pub mod grpo;
+pub mod memory;
 pub mod optim;
 pub mod policy_loss;
 pub mod prompt;

@@ -24,7 +24,9 @@ use anyhow::{Context as _, bail};
 use rand::seq::SliceRandom as _;
 use serde::{Deserialize, Serialize};
 use stage_api::schemars::{self, JsonSchema};
-use stage_api::{InputSpec, OutputSpec, ParamError, Resources, StageContext, StageKind};
+use stage_api::{
+    InputSpec, MemoryEstimate, OutputSpec, ParamError, PlanOutput, PlanView, Resources, StageContext, StageKind,
+};
 use stages_task::dataset::{VqaRow, read_split};
 use stages_task::prompt::PromptVariant;
 use stages_vlm::chat::ChatTokenizer;
@@ -34,6 +36,7 @@ use stages_vlm::{Batch, LogitsSpan, Qwen25Vl};
 use tch::{Kind, Reduction, Tensor};
 
 use crate::dist::{self, Collective};
+use crate::memory::{Parallel, SftSettings};
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::prompt::PromptEncoder;
 use crate::trainer::{self, Algorithm as _, LoopSettings, Metrics, Position, Setup, ShardLevel, regex_union};
@@ -157,6 +160,27 @@ impl Default for SftParams {
     }
 }
 
+impl SftParams {
+    /// What the memory prediction reads (`crate::memory`); the target's
+    /// tokens estimated from its characters (3 per token).
+    pub fn memory_settings(&self) -> Result<SftSettings<'_>, String> {
+        let chars = match self.target {
+            Target::Answer => "<answer> X </answer><|im_end|>".len(),
+            // `{class_name}` becomes a class name of up to ~30 characters.
+            Target::ThinkAnswer => self.think_text.len() + "<think></think>\n<answer> X </answer><|im_end|>".len() + 30,
+        } as u64;
+        Ok(SftSettings {
+            trainable: &self.trainable,
+            dtype: &self.dtype,
+            batch_size: self.batch_size as u64,
+            max_shard_mb: self.max_shard_mb,
+            prompt: self.prompt,
+            target_tokens: chars.div_ceil(3),
+            parallel: Parallel::of_params(self)?,
+        })
+    }
+}
+
 pub struct Sft;
 
 impl StageKind for Sft {
@@ -187,7 +211,16 @@ impl StageKind for Sft {
     }
 
     fn resources(p: &SftParams) -> Resources {
+        // Until `memory` can read the model config (see `crate::memory`).
         Resources { cpu: 0, device: p.device.request(), memory_mb: 4096, libtorch: true }
+    }
+
+    fn memory(p: &SftParams, plan: &PlanView) -> MemoryEstimate {
+        crate::memory::sft_memory(p.memory_settings(), plan)
+    }
+
+    fn plan_output(_: &SftParams, plan: &PlanView) -> PlanOutput {
+        crate::memory::checkpoint_stand_in(plan)
     }
 
     fn validate(p: &SftParams) -> Result<(), ParamError> {

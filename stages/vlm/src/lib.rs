@@ -14,6 +14,7 @@ pub mod device;
 pub mod error;
 pub mod generate;
 pub mod init_model;
+pub mod memory;
 pub mod model;
 pub mod nn;
 pub mod pretrained;

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use pipeline_cache::ActionRecord;
+use stage_api::Resources;
 
 use super::interface::{Backend, ReadyStage, RunCtx};
 use crate::env::EngineEnv;
@@ -54,7 +55,8 @@ pub fn planning_env(recipe: &Recipe, env: &EngineEnv) -> EngineEnv {
         .iter()
         .map(|d| (d.id.clone(), stage_gpus(&recipe.executor.stage_override(&d.id, &d.name), &d.stage.resources())))
         .collect();
-    EngineEnv { stage_gpus: Some(gpus), ..env.clone() }
+    // The submitting host's GPU says nothing about the nodes'.
+    EngineEnv { stage_gpus: Some(gpus), gpu_memory_mb: None, ..env.clone() }
 }
 
 impl SlurmBackend {
@@ -114,7 +116,9 @@ impl Backend for SlurmBackend {
         let request = JobRequest::for_stage(
             &self.cfg,
             &self.executor.stage_override(id, &stage.decl.name),
-            &stage.planned.resources,
+            // The grant carries the memory the scheduler admitted (re-predicted
+            // once the upstreams exist, when the plan could not).
+            &Resources { memory_mb: stage.grant.memory_mb, ..stage.planned.resources },
             log_pattern.clone(),
             self.cwd.clone(),
             command,
