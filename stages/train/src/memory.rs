@@ -88,6 +88,8 @@ pub struct SftSettings<'a> {
     pub dtype: &'a str,
     /// Rows per forward/backward pass.
     pub batch_size: u64,
+    /// Passes per optimizer step (a rank encodes a step's rows at once).
+    pub grad_accum: u64,
     pub max_shard_mb: u64,
     pub prompt: PromptVariant,
     /// Target tokens per row (estimated at plan time).
@@ -204,13 +206,19 @@ pub fn sft_prediction(
         resident: setup.model_states(false, &levers),
         phases: vec![setup.training_pass(&pass, Loss::CrossEntropy, &levers), setup.optimizer_step()],
     };
-    // Every example is encoded up front, its pixel values kept in f32.
+    // A rank encodes its rows of one step when the step starts (pixel values
+    // in f32) and drops them before the next.
     let encoded = w.data.map(|d| {
         let per = lengths.patches * model.patch_dim() * 4 + (lengths.prompt + lengths.completion) * 16;
+        let rows = d.rows.min(p.batch_size * p.grad_accum.max(1));
         (
-            "encoded examples",
-            d.rows * per,
-            format!("{} rows × ({} patches × {} × 4 B + ids, labels)", d.rows, lengths.patches, model.patch_dim()),
+            "encoded examples (one step)",
+            rows * per,
+            format!(
+                "{rows} rows (batch_size × grad_accum) × ({} patches × {} × 4 B + ids, labels)",
+                lengths.patches,
+                model.patch_dim()
+            ),
         )
     });
     let save = vplan::save_shard_bytes(table.total() * precision.bytes(), p.max_shard_mb);
@@ -448,6 +456,7 @@ mod tests {
             trainable,
             dtype: "auto",
             batch_size: 4,
+            grad_accum: 4,
             max_shard_mb: 2048,
             prompt: PromptVariant::NoThink,
             target_tokens: 8,
