@@ -9,7 +9,10 @@
 # the reserved memory plus the CUDA context, an upper bound of "allocated"),
 # peak RSS, the stages' step times, decode ms per token, and SFT MFU.
 #
-#   tools/gpu_check.sh                        # CUDA, 7B shapes (needs ~50 GB GPU memory)
+#   tools/gpu_check.sh                        # CUDA, 7B shapes: needs an H200-class GPU
+#       (one unsharded rank: bf16 weights 16.6 GB + MLP gradients 11.4 + AdamW
+#       moments 45.6 + f32 masters 22.8 = 96 GB before activations for SFT,
+#       ~113 GB for GRPO with the reference MLPs; docs/scaling.md)
 #   tools/gpu_check.sh --device cpu --small   # the same script on a CPU, tiny model, ~2 min
 #
 # Options: --work DIR (default /tmp/gpu_check), --bin PATH (a prebuilt
@@ -34,7 +37,7 @@ while [ $# -gt 0 ]; do
     --completion) completion=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
     --peak-tflops) peak=$2; shift 2 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
