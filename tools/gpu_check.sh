@@ -37,7 +37,7 @@ while [ $# -gt 0 ]; do
     --completion) completion=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
     --peak-tflops) peak=$2; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
