@@ -180,6 +180,27 @@ fn host_pool(w: &Where, data_rows_extra: Option<(&str, u64, String)>, save: u64)
     (pool, notes)
 }
 
+/// What the vlm arithmetic needs of a training stage: the model, its
+/// trainable part and where/how it trains.
+fn train_setup<'a>(
+    model: &'a vplan::ModelFacts,
+    table: &'a ParamTable,
+    trainable: &'a TrainableSet,
+    precision: Precision,
+    w: &Where,
+) -> TrainSetup<'a> {
+    TrainSetup {
+        config: &model.config,
+        table,
+        trainable,
+        precision,
+        cuda: w.cuda,
+        ranks: w.ranks,
+        shard: w.shard,
+        checkpointing: w.checkpointing,
+    }
+}
+
 /// The SFT prediction at given lengths.
 pub fn sft_prediction(
     p: &SftSettings,
@@ -190,16 +211,7 @@ pub fn sft_prediction(
 ) -> Result<MemoryPrediction, String> {
     let table = ParamTable::of(&model.config);
     let trainable = trainable_set(&table, p.trainable)?;
-    let setup = TrainSetup {
-        config: &model.config,
-        table: &table,
-        trainable: &trainable,
-        precision,
-        cuda: w.cuda,
-        ranks: w.ranks,
-        shard: w.shard,
-        checkpointing: w.checkpointing,
-    };
+    let setup = train_setup(model, &table, &trainable, precision, w);
     let levers = levers_sft(&Parallel { shard: w.shard, checkpointing: w.checkpointing, ..p.parallel });
     let pass = Pass { batch: p.batch_size, seq: lengths.prompt + lengths.completion, patches: lengths.patches };
     let device = MemoryPool {
@@ -248,16 +260,7 @@ pub fn grpo_prediction(
 ) -> Result<MemoryPrediction, String> {
     let table = ParamTable::of(&model.config);
     let trainable = trainable_set(&table, p.trainable)?;
-    let setup = TrainSetup {
-        config: &model.config,
-        table: &table,
-        trainable: &trainable,
-        precision,
-        cuda: w.cuda,
-        ranks: w.ranks,
-        shard: w.shard,
-        checkpointing: w.checkpointing,
-    };
+    let setup = train_setup(model, &table, &trainable, precision, w);
     let levers = levers_grpo(&Parallel { shard: w.shard, checkpointing: w.checkpointing, ..p.parallel });
     let (s, vocab) = (precision.bytes(), model.config.text.vocab_size.max(0) as u64);
     let prompts = p.prompts_per_step.div_ceil(w.ranks.max(1));

@@ -172,6 +172,12 @@ mod tests {
             Self { weights, head: Tensor::randn([width], opts) }
         }
 
+        /// Same values in fresh tensors. (Not a second `new`: the seed is
+        /// process-wide and other tests draw from it in parallel.)
+        fn copy(&self) -> Self {
+            Self { weights: self.weights.iter().map(|(w, b)| (w.copy(), b.copy())).collect(), head: self.head.copy() }
+        }
+
         fn train(&self, which: &[usize], head: bool) {
             for (i, (w, b)) in self.weights.iter().enumerate() {
                 let _ = w.set_requires_grad(which.contains(&i));
@@ -230,7 +236,8 @@ mod tests {
         // ones (its input gradient must still flow); only the head.
         for (which, head) in [(vec![0, 1, 2, 3, 4], true), (vec![2, 4], false), (vec![0, 3], true), (vec![], true)] {
             // Fresh tensors (no gradient yet) for each pass, same values.
-            let [a, b] = [0, 1].map(|_| Chain::new(5, 6));
+            let a = Chain::new(5, 6);
+            let b = a.copy();
             a.train(&which, head);
             b.train(&which, head);
             let (plain_loss, plain) = a.run(&x, false);
