@@ -6,72 +6,31 @@
 //! lm_head; two non-square images of different sizes, left padding).
 //! Same checks and tolerances as the Qwen2.5-VL parity (`parity.rs`).
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod support;
 
-use stages_vlm::chat::{ChatTokenizer, Message};
+use std::path::Path;
+
 use stages_vlm::checkpoint::normalize_name;
-use stages_vlm::generate::{GenerationConfig, generate};
 use stages_vlm::processor::open_image;
-use stages_vlm::{Batch, ModelType, Pretrained, Qwen25Vl, VisionTower};
-use tch::{Device, Kind, Tensor};
+use stages_vlm::{ModelType, Pretrained, Qwen25Vl, VisionTower};
+use support::{
+    Fixture, assert_gradients_reach_only, assert_greedy_generation_matches, cached_decode_vs_full_forward,
+    fixture_logits, grids, max_abs_diff_on_mask,
+};
+use tch::{Device, Kind};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity_qwen2vl")
+fn fixture() -> Fixture {
+    Fixture::named("parity_qwen2vl")
 }
 
-fn checkpoint() -> PathBuf {
-    fixtures().join("checkpoint")
-}
-
-fn expected() -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(fixtures().join("expected.safetensors")).unwrap().into_iter().collect()
-}
-
-fn grids(t: &Tensor) -> Vec<[i64; 3]> {
-    let rows: Vec<Vec<i64>> = Vec::try_from(&t.to_kind(Kind::Int64)).unwrap();
-    rows.iter().map(|r| [r[0], r[1], r[2]]).collect()
-}
-
-fn max_abs_diff_on_mask(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
-    let m = mask.ne(0).unsqueeze(-1).expand_as(a);
-    (a - b).abs().masked_select(&m).max().double_value(&[])
-}
-
-#[derive(serde::Deserialize)]
-struct Meta {
-    model_type: String,
-    texts: Vec<String>,
-    greedy_tokens: Vec<Vec<i64>>,
-    max_new_tokens: usize,
-    prompts: Vec<Prompt>,
-}
-
-#[derive(serde::Deserialize)]
-struct Prompt {
-    image: String,
-    question: String,
-}
-
-fn meta() -> Meta {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap()
-}
-
-fn fixture_logits(model: &Qwen25Vl, exp: &HashMap<String, Tensor>) -> Tensor {
-    let grid = grids(&exp["image_grid_thw"]);
-    let batch = Batch {
-        input_ids: &exp["input_ids"],
-        attention_mask: &exp["attention_mask"],
-        pixel_values: Some(&exp["pixel_values"]),
-        image_grid_thw: &grid,
-    };
-    tch::no_grad(|| model.forward(&batch)).unwrap()
+fn checkpoint() -> std::path::PathBuf {
+    fixture().checkpoint()
 }
 
 #[test]
 fn qwen2vl_prefill_logits_match_transformers() {
-    let exp = expected();
-    assert_eq!(meta().model_type, "qwen2_vl");
+    let exp = fixture().expected();
+    assert_eq!(fixture().meta().model_type.as_deref(), Some("qwen2_vl"));
     let model = Qwen25Vl::load(&checkpoint(), Kind::Float, Device::Cpu).unwrap();
     assert_eq!(model.config.model_type, ModelType::Qwen2Vl);
     assert!(matches!(model.visual, Some(VisionTower::Qwen2Vl(_))), "a Qwen2-VL tower");
@@ -85,10 +44,10 @@ fn qwen2vl_prefill_logits_match_transformers() {
 
 #[test]
 fn qwen2vl_image_processor_matches_transformers() {
-    let exp = expected();
+    let exp = fixture().expected();
     let p = Pretrained::load(&checkpoint(), Kind::Float, Device::Cpu).unwrap();
     let images: Vec<_> =
-        ["image_a.png", "image_b.png"].iter().map(|f| open_image(&fixtures().join(f)).unwrap()).collect();
+        ["image_a.png", "image_b.png"].iter().map(|f| open_image(&fixture().file(f)).unwrap()).collect();
     let out = p.processor.process(&images).unwrap();
     assert_eq!(out.grid_thw, grids(&exp["image_grid_thw"]));
     let diff = (&out.pixel_values - &exp["pixel_values"]).abs().max().double_value(&[]);
@@ -103,60 +62,17 @@ fn qwen2vl_image_processor_matches_transformers() {
 /// compared with transformers.
 #[test]
 fn qwen2vl_eval_style_generation_through_pretrained_matches_transformers() {
-    let exp = expected();
-    let meta = meta();
     let Pretrained { model, tokenizer, processor } = Pretrained::load(&checkpoint(), Kind::Float, Device::Cpu).unwrap();
-    let images: Vec<_> = meta.prompts.iter().map(|p| open_image(&fixtures().join(&p.image)).unwrap()).collect();
-    let vis = processor.process(&images).unwrap();
-    let counts = vis.tokens_per_image(processor.merge_size);
-    let mut texts = Vec::new();
-    for (i, p) in meta.prompts.iter().enumerate() {
-        let rendered = tokenizer.render(&[Message::user_with_images(1, &p.question)], true).unwrap();
-        texts.push(ChatTokenizer::expand_image_pads(&rendered, &counts[i..i + 1]).unwrap());
-    }
-    assert_eq!(texts, meta.texts);
-    let enc = tokenizer.encode_batch(&texts).unwrap();
-    assert!(enc.input_ids.equal(&exp["input_ids"]), "input_ids differ from transformers");
-    assert!(enc.attention_mask.equal(&exp["attention_mask"]));
-
-    let pixel_values = vis.pixel_values.to_device(model.device).to_kind(model.kind);
-    let batch = Batch {
-        input_ids: &enc.input_ids,
-        attention_mask: &enc.attention_mask,
-        pixel_values: Some(&pixel_values),
-        image_grid_thw: &vis.grid_thw,
-    };
-    let cfg = GenerationConfig {
-        max_new_tokens: meta.max_new_tokens,
-        eos_token_ids: model.config.eos_token_id.clone(),
-        stop_strings: vec![],
-        ..Default::default()
-    };
-    let out = generate(&model, Some(&tokenizer), &batch, &cfg).unwrap();
-    let got: Vec<Vec<i64>> = out.iter().map(|c| c.token_ids.clone()).collect();
-    assert_eq!(got, meta.greedy_tokens);
-    assert!(out.iter().all(|c| c.logprobs.len() == c.token_ids.len() && c.logprobs.iter().all(|&l| l <= 0.0)));
+    assert_greedy_generation_matches(&fixture(), &model, &tokenizer, &processor);
 }
 
 /// A decode step with the KV cache equals a full forward over the longer
 /// sequence (cache, masks and Qwen2-VL's mRoPE deltas together).
 #[test]
 fn qwen2vl_cached_decode_matches_full_forward() {
-    let exp = expected();
+    let exp = fixture().expected();
     let model = Qwen25Vl::load(&checkpoint(), Kind::Float, Device::Cpu).unwrap();
-    let grid = grids(&exp["image_grid_thw"]);
-    let (ids, mask, pv) = (&exp["input_ids"], &exp["attention_mask"], &exp["pixel_values"]);
-    let batch = Batch { input_ids: ids, attention_mask: mask, pixel_values: Some(pv), image_grid_thw: &grid };
-    let next = Tensor::from_slice(&[7i64, 9]);
-    let step = tch::no_grad(|| {
-        let (_, mut state) = model.prefill(&batch, true).unwrap();
-        model.decode_step(&next, &mut state)
-    });
-    let ids2 = Tensor::cat(&[ids, &next.view([2, 1])], 1);
-    let mask2 = Tensor::cat(&[mask, &Tensor::ones([2, 1], (Kind::Int64, Device::Cpu))], 1);
-    let batch2 = Batch { input_ids: &ids2, attention_mask: &mask2, pixel_values: Some(pv), image_grid_thw: &grid };
-    let full = tch::no_grad(|| model.forward(&batch2)).unwrap();
-    let diff = (&step - full.select(1, -1)).abs().max().double_value(&[]);
+    let diff = cached_decode_vs_full_forward(&model, &exp);
     assert!(diff < 1e-4, "cached decode differs from the full forward by {diff}");
 }
 
@@ -166,7 +82,7 @@ fn qwen2vl_cached_decode_matches_full_forward() {
 /// has none, see stages/vlm/README.md.)
 #[test]
 fn qwen2vl_rust_saved_checkpoint_round_trips_with_hf_names() {
-    let exp = expected();
+    let exp = fixture().expected();
     let model = Qwen25Vl::load(&checkpoint(), Kind::Float, Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     model.save(dir.path(), Kind::Float, 0).unwrap();
@@ -212,26 +128,11 @@ fn qwen2vl_rust_saved_checkpoint_round_trips_with_hf_names() {
 /// selected parameters (its LayerNorm/QuickGELU blocks and merger included).
 #[test]
 fn qwen2vl_gradients_flow_to_selected_vision_parameters_only() {
-    let exp = expected();
+    let exp = fixture().expected();
     let model = Qwen25Vl::load(&checkpoint(), Kind::Float, Device::Cpu).unwrap();
     let selected = model.set_trainable(r"^model\.visual\.(blocks\.0\.(norm1|mlp\.fc1)|merger\.ln_q)\.").unwrap();
     assert_eq!(selected.len(), 6, "{selected:?}");
-    let grid = grids(&exp["image_grid_thw"]);
-    let batch = Batch {
-        input_ids: &exp["input_ids"],
-        attention_mask: &exp["attention_mask"],
-        pixel_values: Some(&exp["pixel_values"]),
-        image_grid_thw: &grid,
-    };
-    let logits = model.forward(&batch).unwrap();
-    logits.log_softmax(-1, Kind::Float).select(2, 5).sum(Kind::Float).backward();
-    for (name, p) in &model.params {
-        let has_grad = p.grad().defined();
-        assert_eq!(has_grad, selected.contains(name), "{name}");
-        if has_grad {
-            assert!(p.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} got a zero gradient");
-        }
-    }
+    assert_gradients_reach_only(&model, &selected, &exp);
 }
 
 /// A checkpoint of any other architecture is refused by name, listing the
