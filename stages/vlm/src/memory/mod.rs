@@ -836,6 +836,20 @@ mod tests {
     use super::*;
 
     /// A config small enough to count by hand.
+    /// One f32 rank on the CPU, nothing sharded or checkpointed.
+    fn plain_setup<'a>(cfg: &'a Qwen25VlConfig, table: &'a ParamTable, trainable: &'a TrainableSet) -> TrainSetup<'a> {
+        TrainSetup {
+            config: cfg,
+            table,
+            trainable,
+            precision: Precision::F32,
+            cuda: false,
+            ranks: 1,
+            shard: Shard::None,
+            checkpointing: false,
+        }
+    }
+
     fn hand_config() -> Qwen25VlConfig {
         let json = serde_json::json!({
             "model_type": "qwen2_5_vl",
@@ -878,16 +892,8 @@ mod tests {
         let cfg = hand_config();
         let table = ParamTable::of(&cfg);
         let trainable = table.select(&mlp_regex());
-        let mut setup = TrainSetup {
-            config: &cfg,
-            table: &table,
-            trainable: &trainable,
-            precision: Precision::Bf16,
-            cuda: true,
-            ranks: 4,
-            shard: Shard::None,
-            checkpointing: false,
-        };
+        let mut setup =
+            TrainSetup { precision: Precision::Bf16, cuda: true, ranks: 4, ..plain_setup(&cfg, &table, &trainable) };
         let bytes = |terms: &[MemoryTerm]| terms.iter().map(|t| (t.name.clone(), t.bytes)).collect::<Vec<_>>();
         let psi = table.total();
         let plain = setup.model_states(true, &Levers::default());
@@ -975,16 +981,7 @@ mod tests {
         // Only the vision block trains (f32): its input is not live (the
         // patch embedding is frozen), every linear and norm trains.
         let trainable = table.select(&Regex::new(r"^model\.visual\.blocks\.").unwrap());
-        let setup = TrainSetup {
-            config: &cfg,
-            table: &table,
-            trainable: &trainable,
-            precision: Precision::F32,
-            cuda: false,
-            ranks: 1,
-            shard: Shard::None,
-            checkpointing: false,
-        };
+        let setup = plain_setup(&cfg, &table, &trainable);
         // 8 patches, no text beyond them matters for the vision term.
         let (n, d, i) = (8_u64, 4_u64, 6_u64);
         let (saved, forward, pixels) =
@@ -1008,16 +1005,7 @@ mod tests {
         let cfg = hand_config();
         let table = ParamTable::of(&cfg);
         let trainable = table.select(&mlp_regex());
-        let setup = TrainSetup {
-            config: &cfg,
-            table: &table,
-            trainable: &trainable,
-            precision: Precision::F32,
-            cuda: false,
-            ranks: 1,
-            shard: Shard::None,
-            checkpointing: false,
-        };
+        let setup = plain_setup(&cfg, &table, &trainable);
         // One layer, MLP trainable, input not live (frozen embeddings and
         // vision): gate/up input T·h·4, gate out, silu, up, product T·I·4 each.
         let p = Pass { batch: 2, seq: 3, patches: 0 };
@@ -1049,16 +1037,7 @@ mod tests {
         cfg.text.num_hidden_layers = 4;
         let table = ParamTable::of(&cfg);
         let trainable = table.select(&mlp_regex());
-        let base = TrainSetup {
-            config: &cfg,
-            table: &table,
-            trainable: &trainable,
-            precision: Precision::F32,
-            cuda: false,
-            ranks: 1,
-            shard: Shard::None,
-            checkpointing: false,
-        };
+        let base = plain_setup(&cfg, &table, &trainable);
         let p = Pass { batch: 2, seq: 8, patches: 0 };
         let act = |s: &TrainSetup| {
             let phase = s.training_pass(&p, Loss::CrossEntropy, &Levers::default());
@@ -1133,16 +1112,8 @@ mod tests {
         let cfg = qwen_7b();
         let table = ParamTable::of(&cfg);
         let trainable = table.select(&mlp_regex());
-        let setup = TrainSetup {
-            config: &cfg,
-            table: &table,
-            trainable: &trainable,
-            precision: Precision::Bf16,
-            cuda: true,
-            ranks: 8,
-            shard: Shard::None,
-            checkpointing: false,
-        };
+        let setup =
+            TrainSetup { precision: Precision::Bf16, cuda: true, ranks: 8, ..plain_setup(&cfg, &table, &trainable) };
         let total = |terms: Vec<MemoryTerm>| terms.iter().map(|t| t.bytes).sum::<u64>();
         // 16.6 + 11.4 + 45.6 + 22.8 GB = 96.4 GB; GRPO + 11.4 GB reference.
         let sft = total(setup.model_states(false, &Levers::default()));
